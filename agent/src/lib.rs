@@ -1,1 +1,166 @@
+//! The Berth host agent: supervises game server processes on one host, speaks Arcus to them,
+//! serves the agent API on TCP 6824 and reports to the controller.
+//!
+//! Map: [`config`] (agent.toml), [`supervisor`] (the one task that owns all instances),
+//! [`process`] (the only code that spawns or signals), [`arcus_link`] (one Arcus client task
+//! per game), [`ports`], [`state`] (the re-adoption file), [`controller_link`], [`api`] (HTTP).
 
+pub mod api;
+pub mod arcus_link;
+pub mod config;
+pub mod controller_link;
+pub mod detect;
+pub mod metrics;
+pub mod ports;
+pub mod process;
+pub mod state;
+pub mod supervisor;
+pub mod template;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_protocol::agent_api::Capacity;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::supervisor::{HostFacts, Supervisor};
+
+/// Becomes `true` when the agent should stop. Games keep running when it does.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// How long in-flight API requests may take to finish at shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(
+        "cannot listen on {addr}: {source} (is another agent running? set listen in agent.toml)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the agent until `shutdown`. `on_ready` is called once the state is restored and the
+/// listener is bound (systemd's READY=1).
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), RunError> {
+    process::raise_nofile_limit();
+    let config = Arc::new(config);
+    let state = state::load(&config.state_dir)?;
+    let is_virtual = match config.is_virtual {
+        Some(v) => v,
+        None => {
+            let (v, why) = detect::is_virtual();
+            tracing::info!(is_virtual = v, reason = %why, "virtualisation detected");
+            v
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+    let facts = HostFacts {
+        host_id: None,
+        host_name: config.host_name.clone(),
+        region: config.region.clone(),
+        dc_location: config.dc_location.clone(),
+        is_virtual,
+    };
+    let (supervisor, handle) =
+        Supervisor::restore(config.clone(), facts, state, updates_tx, metrics.clone());
+    let agent_token = supervisor.agent_token().to_owned();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let sup_task = tokio::spawn(supervisor.run(shutdown.clone()));
+
+    let capacity = Capacity {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_bytes: {
+            let mut sys = sysinfo::System::new();
+            sys.refresh_memory();
+            sys.total_memory()
+        },
+    };
+    let (host_id_tx, host_id_rx) = watch::channel(None);
+    let link_task = match (&config.controller_url, &config.join_token) {
+        (Some(url), Some(join)) => {
+            let identity = controller_link::Identity {
+                controller_url: url.clone(),
+                join_token: join.clone(),
+                host_name: config.host_name.clone(),
+                region: config.region.clone(),
+                dc_location: config.dc_location.clone(),
+                is_virtual,
+                advertise_url: config.advertise_url.clone(),
+                addresses: config.addresses.clone(),
+                labels: config.labels.clone(),
+                capacity: capacity.clone(),
+                agent_token: agent_token.clone(),
+            };
+            Some(tokio::spawn(controller_link::run(
+                identity,
+                handle.clone(),
+                updates_rx,
+                host_id_tx,
+                metrics.clone(),
+                shutdown.clone(),
+            )))
+        }
+        _ => {
+            tracing::info!("no controller_url: running standalone");
+            // Nobody reads instance updates; drop them as they come.
+            tokio::spawn(async move {
+                let mut rx = updates_rx;
+                while rx.recv().await.is_some() {}
+            });
+            None
+        }
+    };
+
+    let mut tokens = config.api_tokens.clone();
+    tokens.push(agent_token);
+    let app = api::router(api::ApiState {
+        supervisor: handle,
+        tokens: tokens.into(),
+        metrics,
+        host: Arc::new(api::HostStatic {
+            host_name: config.host_name.clone(),
+            region: config.region.clone(),
+            dc_location: config.dc_location.clone(),
+            is_virtual,
+            labels: config.labels.clone(),
+            capacity,
+            controller_url: config.controller_url.clone().unwrap_or_default(),
+        }),
+        host_id: host_id_rx,
+        log_dir: config.log_dir.clone(),
+    });
+    tracing::info!(listen = %local, host_name = %config.host_name, "agent ready");
+    on_ready(local);
+    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN).await {
+        tracing::warn!(error = %e, "shutdown");
+    }
+    if let Some(t) = link_task {
+        t.abort();
+    }
+    let _ = sup_task.await;
+    Ok(())
+}

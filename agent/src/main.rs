@@ -1,1 +1,140 @@
-fn main() {}
+//! `berth-agent`: parse flags, validate the configuration before binding anything, start
+//! tracing, run, and map the outcome to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_agent::config::{Config, EXIT_CONFIG, LogFormat};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth-agent",
+    version,
+    about = "Berth host agent: runs and supervises game servers on this host"
+)]
+struct Cli {
+    /// Configuration file (agent.toml).
+    #[arg(long, short, env = "BERTH_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Override `listen`.
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Override `state_dir`.
+    #[arg(long, global = true)]
+    state_dir: Option<String>,
+    /// Override `controller_url`.
+    #[arg(long, global = true)]
+    controller_url: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Check the configuration and exit: 0 when valid, 78 naming the bad key otherwise.
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut overrides = Vec::new();
+    for (key, value) in [
+        ("listen", &cli.listen),
+        ("state_dir", &cli.state_dir),
+        ("controller_url", &cli.controller_url),
+    ] {
+        if let Some(v) = value {
+            overrides.push((key, v.clone()));
+        }
+    }
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &env, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth-agent: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if matches!(cli.command, Some(Cmd::Validate)) {
+        println!(
+            "configuration valid: host {} in {}/{}, listen {}, state in {}",
+            config.host_name,
+            config.region,
+            config.dc_location,
+            config.listen,
+            config.state_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping; games keep running");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            let _ = tx.send(true);
+        });
+        berth_agent::run(config, rx, |_| {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        })
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            eprintln!("berth-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent can still be stopped with SIGKILL; games survive
+        // that too.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}

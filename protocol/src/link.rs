@@ -47,7 +47,6 @@ pub struct RegisterResponse {
 pub struct HeartbeatRequest {
     pub host_id: u64,
     pub seq: u64,
-    pub instances: usize,
     /// The highest instance version the agent has produced; the controller asks for a full
     /// report when it is behind (it lost events).
     pub max_version: u64,

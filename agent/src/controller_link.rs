@@ -1,0 +1,330 @@
+//! The agent's link to the controller: register with the join token, heartbeat, and push
+//! instance changes in batches.
+//!
+//! While the controller is away the agent keeps running its games and keeps the latest
+//! snapshot of every changed instance (one per instance, so memory is bounded by the number of
+//! instances); when it is back, a full registration reconciles everything at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_http::{CallError, JsonClient};
+use berth_protocol::agent_api::{Capacity, InstanceView};
+use berth_protocol::link::{
+    EventsRequest, EventsResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, RemovedInstance,
+};
+use std::collections::BTreeMap;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::Shutdown;
+use crate::metrics::Metrics;
+use crate::supervisor::{SupervisorHandle, Update};
+
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Instances per events request, so one request stays well under the body limit.
+const BATCH: usize = 256;
+
+/// What the agent tells the controller about itself.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub controller_url: String,
+    pub join_token: String,
+    pub host_name: String,
+    pub region: String,
+    pub dc_location: String,
+    pub is_virtual: bool,
+    pub advertise_url: String,
+    pub addresses: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub agent_token: String,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    instances: HashMap<String, InstanceView>,
+    removed: HashMap<String, u64>,
+}
+
+impl Pending {
+    fn add(&mut self, u: Update) {
+        match u {
+            Update::Instance(v) => {
+                self.removed.remove(&v.id);
+                match self.instances.get(&v.id) {
+                    Some(old) if old.version > v.version => {}
+                    _ => {
+                        self.instances.insert(v.id.clone(), *v);
+                    }
+                }
+            }
+            Update::Removed { id, version } => {
+                self.instances.remove(&id);
+                self.removed.insert(id, version);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.instances.is_empty() && self.removed.is_empty()
+    }
+
+    /// Drops what a full report at these versions already covers.
+    fn covered_by(&mut self, report: &[InstanceView]) {
+        let versions: HashMap<&str, u64> =
+            report.iter().map(|v| (v.id.as_str(), v.version)).collect();
+        self.instances
+            .retain(|id, v| versions.get(id.as_str()).is_none_or(|r| v.version > *r));
+    }
+
+    fn take_batch(&mut self) -> (Vec<InstanceView>, Vec<RemovedInstance>) {
+        let ids: Vec<String> = self.instances.keys().take(BATCH).cloned().collect();
+        let instances = ids
+            .iter()
+            .filter_map(|id| self.instances.remove(id))
+            .collect();
+        let removed = self
+            .removed
+            .drain()
+            .map(|(id, version)| RemovedInstance { id, version })
+            .collect();
+        (instances, removed)
+    }
+
+    /// Puts a failed batch back, unless newer snapshots arrived meanwhile.
+    fn restore(&mut self, instances: Vec<InstanceView>, removed: Vec<RemovedInstance>) {
+        for v in instances {
+            if !self.instances.contains_key(&v.id) && !self.removed.contains_key(&v.id) {
+                self.instances.insert(v.id.clone(), v);
+            }
+        }
+        for r in removed {
+            if !self.instances.contains_key(&r.id) {
+                self.removed.entry(r.id).or_insert(r.version);
+            }
+        }
+    }
+}
+
+enum Next {
+    Reregister,
+    Shutdown,
+}
+
+/// Runs the link until shutdown.
+pub async fn run(
+    identity: Identity,
+    supervisor: SupervisorHandle,
+    mut updates: mpsc::UnboundedReceiver<Update>,
+    host_id_tx: watch::Sender<Option<u64>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let client = JsonClient::new();
+    let mut pending = Pending::default();
+    loop {
+        let Some(reg) = register(
+            &client,
+            &identity,
+            &supervisor,
+            &mut updates,
+            &mut pending,
+            &mut shutdown,
+        )
+        .await
+        else {
+            return;
+        };
+        supervisor.registered(reg.host_id).await;
+        host_id_tx.send_replace(Some(reg.host_id));
+        match connected(
+            &client,
+            &identity,
+            &reg,
+            &mut updates,
+            &mut pending,
+            &metrics,
+            &mut shutdown,
+        )
+        .await
+        {
+            Next::Reregister => continue,
+            Next::Shutdown => return,
+        }
+    }
+}
+
+/// Registers, retrying with backoff until it works or the agent stops.
+async fn register(
+    client: &JsonClient,
+    identity: &Identity,
+    supervisor: &SupervisorHandle,
+    updates: &mut mpsc::UnboundedReceiver<Update>,
+    pending: &mut Pending,
+    shutdown: &mut Shutdown,
+) -> Option<RegisterResponse> {
+    let url = format!("{}/v1/agent/register", identity.controller_url);
+    let mut backoff = BACKOFF_START;
+    let mut failures = 0u32;
+    loop {
+        let instances = supervisor.list().await?;
+        let req = RegisterRequest {
+            host_name: identity.host_name.clone(),
+            region: identity.region.clone(),
+            dc_location: identity.dc_location.clone(),
+            is_virtual: identity.is_virtual,
+            advertise_url: identity.advertise_url.clone(),
+            addresses: identity.addresses.clone(),
+            labels: identity.labels.clone(),
+            capacity: identity.capacity.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_token: identity.agent_token.clone(),
+            instances,
+        };
+        let result: Result<RegisterResponse, CallError> = client
+            .post(
+                &url,
+                Some(&identity.join_token),
+                None,
+                &req,
+                Duration::from_secs(10),
+            )
+            .await;
+        match result {
+            Ok(reg) => {
+                tracing::info!(
+                    host_id = reg.host_id,
+                    instances = req.instances.len(),
+                    "registered with the controller"
+                );
+                while let Ok(u) = updates.try_recv() {
+                    pending.add(u);
+                }
+                pending.covered_by(&req.instances);
+                return Some(reg);
+            }
+            Err(e) => {
+                failures += 1;
+                // First failure and then every ~30 s, so a long outage does not flood the log.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(error = %e, attempt = failures, "cannot register with the controller; games keep running, retrying");
+                }
+            }
+        }
+        let deadline = Instant::now() + backoff;
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                u = updates.recv() => match u {
+                    Some(u) => pending.add(u),
+                    None => return None,
+                },
+                _ = shutdown.changed() => return None,
+            }
+        }
+    }
+}
+
+async fn connected(
+    client: &JsonClient,
+    identity: &Identity,
+    reg: &RegisterResponse,
+    updates: &mut mpsc::UnboundedReceiver<Update>,
+    pending: &mut Pending,
+    metrics: &Metrics,
+    shutdown: &mut Shutdown,
+) -> Next {
+    let period = Duration::from_millis(reg.heartbeat_period_ms.clamp(100, 60_000));
+    let hb_url = format!("{}/v1/agent/heartbeat", identity.controller_url);
+    let ev_url = format!("{}/v1/agent/events", identity.controller_url);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut max_version = 0u64;
+    let mut hb_failures = 0u32;
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let can_flush = !pending.is_empty() && retry_at.is_none();
+        let retry_deadline = retry_at.unwrap_or_else(Instant::now);
+        tokio::select! {
+            _ = shutdown.changed() => return Next::Shutdown,
+            u = updates.recv() => {
+                let Some(u) = u else { return Next::Shutdown };
+                pending.add(u);
+                while let Ok(u) = updates.try_recv() {
+                    pending.add(u);
+                }
+            }
+            _ = tokio::time::sleep_until(retry_deadline), if retry_at.is_some() => {
+                retry_at = None;
+            }
+            _ = ticker.tick() => {
+                seq += 1;
+                let load = sysinfo::System::load_average();
+                let req = HeartbeatRequest {
+                    host_id: reg.host_id,
+                    seq,
+                    max_version,
+                    load_average: [load.one, load.five, load.fifteen],
+                };
+                let r: Result<HeartbeatResponse, CallError> =
+                    client.post(&hb_url, Some(&reg.host_token), None, &req, period.max(Duration::from_secs(1))).await;
+                match r {
+                    Ok(resp) => {
+                        metrics.heartbeats_ok.inc();
+                        if hb_failures > 0 {
+                            tracing::info!(failed = hb_failures, "controller reachable again");
+                        }
+                        hb_failures = 0;
+                        if resp.reregister {
+                            tracing::info!("controller asked for a full registration");
+                            return Next::Reregister;
+                        }
+                    }
+                    Err(CallError::Status { status: 401 | 403 | 404, .. }) => {
+                        tracing::warn!("controller no longer accepts this host's token; registering again");
+                        return Next::Reregister;
+                    }
+                    Err(e) => {
+                        metrics.heartbeats_failed.inc();
+                        hb_failures += 1;
+                        if hb_failures == 1 || hb_failures.is_multiple_of(30) {
+                            tracing::warn!(error = %e, failed = hb_failures, "heartbeat failed; games keep running");
+                        }
+                    }
+                }
+            }
+            () = std::future::ready(()), if can_flush => {
+                let (instances, removed) = pending.take_batch();
+                if let Some(m) = instances.iter().map(|v| v.version).max() {
+                    max_version = max_version.max(m);
+                }
+                let req = EventsRequest { host_id: reg.host_id, instances, removed };
+                let r: Result<EventsResponse, CallError> =
+                    client.post(&ev_url, Some(&reg.host_token), None, &req, Duration::from_secs(10)).await;
+                match r {
+                    Ok(resp) => {
+                        retry_at = None;
+                        if resp.reregister {
+                            return Next::Reregister;
+                        }
+                    }
+                    Err(CallError::Status { status: 401 | 403 | 404, .. }) => {
+                        pending.restore(req.instances, req.removed);
+                        return Next::Reregister;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "events not delivered; will retry");
+                        pending.restore(req.instances, req.removed);
+                        retry_at = Some(Instant::now() + BACKOFF_START);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1608 @@
+//! The supervisor: one task that owns every instance on this host.
+//!
+//! API handlers, Arcus links, exit watchers and timers all talk to it through [`Command`]; it
+//! applies each command to its state in order, so there is no lock and no two actors can
+//! disagree about an instance. Every change bumps the instance's version, is pushed to the
+//! controller link as a snapshot, and marks the state file dirty (written shortly after, in
+//! one batch).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use berth_protocol::agent_api::{
+    AllocateRequest, CommandRequest, DeallocateRequest, DeployRequest, InstanceView, Profile,
+};
+use berth_protocol::arcus::{LiveState, Message};
+use berth_protocol::metadata::{self, MetadataError};
+use berth_protocol::{InstanceStatus, KeyValue, ManagementProtocol, RuntimeState};
+use nix::sys::signal::Signal;
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::arcus_link::{self, LinkParams};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::ports::{PortError, PortPool};
+use crate::process::{self, ExitInfo, SpawnSpec};
+use crate::state::{Desired, PersistedAllocation, PersistedInstance, StateFile, StateWriter};
+use crate::template;
+
+/// Grace between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// A run shorter than this counts as a crash for restart backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Changes are written to the state file at most this long after they happen.
+const FLUSH_DELAY: Duration = Duration::from_millis(20);
+
+/// What the Arcus link (or the port probe of a `none` game) saw.
+#[derive(Debug)]
+pub enum LinkEvent {
+    Connected,
+    Disconnected {
+        reason: String,
+    },
+    ProtocolError {
+        reason: String,
+    },
+    Status(i32),
+    LiveState(LiveState),
+    ReverseMetadata(Vec<KeyValue>),
+    /// A `none` game's port accepts connections: it is online.
+    GamePortOpen,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Timer {
+    Restart,
+    Terminate,
+    Kill,
+    ConfirmTimeout { seq: u64 },
+}
+
+type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// Everything the supervisor can be asked or told. Closed: nothing else changes an instance.
+#[derive(Debug)]
+pub enum Command {
+    Deploy {
+        req: DeployRequest,
+        reply: Reply<InstanceView, DeployError>,
+    },
+    Remove {
+        id: String,
+        force: bool,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    Stop {
+        id: String,
+        timeout_seconds: Option<u32>,
+        force: bool,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    Start {
+        id: String,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    Allocate {
+        id: String,
+        req: AllocateRequest,
+        reply: Reply<InstanceView, AllocateError>,
+    },
+    Deallocate {
+        id: String,
+        req: DeallocateRequest,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    PushMetadata {
+        id: String,
+        metadata: Vec<KeyValue>,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    CustomCommand {
+        id: String,
+        req: CommandRequest,
+        reply: Reply<InstanceView, InstanceError>,
+    },
+    Get {
+        id: String,
+        reply: oneshot::Sender<Option<InstanceView>>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<InstanceView>>,
+    },
+    /// The controller gave us a host id.
+    Registered {
+        host_id: u64,
+    },
+    Exited {
+        id: String,
+        run: u64,
+        exit: ExitInfo,
+    },
+    Link {
+        id: String,
+        run: u64,
+        event: LinkEvent,
+    },
+    Timer {
+        id: String,
+        run: u64,
+        timer: Timer,
+    },
+}
+
+/// A change for the controller link.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Instance(Box<InstanceView>),
+    Removed { id: String, version: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("instance {0} already exists with a different profile")]
+    Conflict(String),
+    #[error("this host already runs {0} instances (max_instances)")]
+    HostFull(usize),
+    #[error(transparent)]
+    Ports(#[from] PortError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("instance {0} does not exist on this host")]
+    NotFound(String),
+    #[error(
+        "instance {0} is allocated (a match is in progress); deallocate it first or pass force=true"
+    )]
+    Allocated(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("instance {id} cannot receive messages: {reason}")]
+    Unreachable { id: String, reason: String },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocateError {
+    #[error("instance {0} does not exist on this host")]
+    NotOnHost(String),
+    #[error("instance {id} is not allocatable: {reason}")]
+    NotAllocatable { id: String, reason: String },
+    #[error("instance {0} is already being allocated")]
+    Allocating(String),
+    #[error("instance {0} is already allocated")]
+    AlreadyAllocated(String),
+    #[error("allocation of instance {id} aborted: {reason}")]
+    TimedOut { id: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// Facts about this host that games and templates see.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    pub host_id: Option<u64>,
+    pub host_name: String,
+    pub region: String,
+    pub dc_location: String,
+    pub is_virtual: bool,
+}
+
+/// The cloneable front of the supervisor, used by the API and the controller link.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+macro_rules! ask {
+    ($self:ident, $err:expr, $variant:ident { $($field:ident $(: $value:expr)?),* }) => {{
+        let (reply, rx) = oneshot::channel();
+        if $self.tx.send(Command::$variant { $($field $(: $value)?,)* reply }).await.is_err() {
+            return Err($err);
+        }
+        rx.await.unwrap_or(Err($err))
+    }};
+}
+
+impl SupervisorHandle {
+    pub async fn deploy(&self, req: DeployRequest) -> Result<InstanceView, DeployError> {
+        ask!(self, DeployError::ShuttingDown, Deploy { req })
+    }
+
+    pub async fn remove(&self, id: String, force: bool) -> Result<InstanceView, InstanceError> {
+        ask!(self, InstanceError::ShuttingDown, Remove { id, force })
+    }
+
+    pub async fn stop(
+        &self,
+        id: String,
+        timeout_seconds: Option<u32>,
+        force: bool,
+    ) -> Result<InstanceView, InstanceError> {
+        ask!(
+            self,
+            InstanceError::ShuttingDown,
+            Stop {
+                id,
+                timeout_seconds,
+                force
+            }
+        )
+    }
+
+    pub async fn start(&self, id: String) -> Result<InstanceView, InstanceError> {
+        ask!(self, InstanceError::ShuttingDown, Start { id })
+    }
+
+    pub async fn allocate(
+        &self,
+        id: String,
+        req: AllocateRequest,
+    ) -> Result<InstanceView, AllocateError> {
+        ask!(self, AllocateError::ShuttingDown, Allocate { id, req })
+    }
+
+    pub async fn deallocate(
+        &self,
+        id: String,
+        req: DeallocateRequest,
+    ) -> Result<InstanceView, InstanceError> {
+        ask!(self, InstanceError::ShuttingDown, Deallocate { id, req })
+    }
+
+    pub async fn push_metadata(
+        &self,
+        id: String,
+        metadata: Vec<KeyValue>,
+    ) -> Result<InstanceView, InstanceError> {
+        ask!(
+            self,
+            InstanceError::ShuttingDown,
+            PushMetadata { id, metadata }
+        )
+    }
+
+    pub async fn custom_command(
+        &self,
+        id: String,
+        req: CommandRequest,
+    ) -> Result<InstanceView, InstanceError> {
+        ask!(self, InstanceError::ShuttingDown, CustomCommand { id, req })
+    }
+
+    pub async fn get(&self, id: String) -> Option<InstanceView> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Get { id, reply }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Every instance; `None` when the supervisor has stopped.
+    pub async fn list(&self) -> Option<Vec<InstanceView>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::List { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn registered(&self, host_id: u64) {
+        let _ = self.tx.send(Command::Registered { host_id }).await;
+    }
+}
+
+/// An allocation waiting for the game's own status 5 (`confirmAllocation`).
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    allocation_id: Option<String>,
+    metadata: Vec<KeyValue>,
+    reply: Reply<InstanceView, AllocateError>,
+}
+
+enum Allocated {
+    Done,
+    AwaitingGame {
+        seq: u64,
+        allocation_id: Option<String>,
+        metadata: Vec<KeyValue>,
+    },
+}
+
+#[derive(Debug)]
+struct Instance {
+    id: String,
+    fleet_id: Option<u64>,
+    protocol: ManagementProtocol,
+    confirm_allocation: bool,
+    profile: Profile,
+    port: u16,
+    management_port: u16,
+    status: InstanceStatus,
+    state: RuntimeState,
+    desired: Desired,
+    /// Incremented at every spawn or adoption; events of older runs are stale.
+    run: u64,
+    pid: Option<u32>,
+    start_time: u64,
+    started_at: Option<u64>,
+    run_started: Option<Instant>,
+    pid_changed_at: Option<u64>,
+    stopped_at: Option<u64>,
+    created_at: u64,
+    updated_at: u64,
+    exit: Option<ExitInfo>,
+    restarts: u32,
+    crash_streak: u32,
+    /// Sender to the Arcus link (or the port probe of a `none` game) of the current run.
+    link: Option<mpsc::Sender<Message>>,
+    arcus_connected: bool,
+    live: Option<LiveState>,
+    metadata: Vec<KeyValue>,
+    reverse_metadata: Vec<KeyValue>,
+    allocation: Option<PersistedAllocation>,
+    pending: Option<Pending>,
+    version: u64,
+}
+
+impl Instance {
+    fn view(&self) -> InstanceView {
+        let (exit_code, exit_signal) = match self.exit {
+            Some(ExitInfo::Code(c)) => (Some(c), None),
+            Some(ExitInfo::Signal(s)) => (None, Some(s)),
+            _ => (None, None),
+        };
+        InstanceView {
+            id: self.id.clone(),
+            application_id: self.profile.application_id,
+            fleet_id: self.fleet_id,
+            profile_id: self.profile.id.clone(),
+            build: self.profile.build.clone(),
+            management_protocol: self.protocol,
+            port: self.port,
+            management_port: self.management_port,
+            status: self.status,
+            state: self.state,
+            pid: self.pid,
+            pid_changed_at: self.pid_changed_at,
+            started_at: self.started_at,
+            stopped_at: self.stopped_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            exit_code,
+            exit_signal,
+            restarts: self.restarts,
+            auto_restart: self.profile.auto_restart,
+            arcus_connected: self.arcus_connected,
+            num_players: self.live.as_ref().map(|l| l.players),
+            num_players_max: self.live.as_ref().map(|l| l.max_players),
+            live_host_name: self.live.as_ref().map(|l| l.name.clone()),
+            live_map: self.live.as_ref().map(|l| l.map.clone()),
+            live_rules: self.live.as_ref().map(|l| l.mode.clone()),
+            live_game_version: self.live.as_ref().map(|l| l.version.clone()),
+            metadata: self.metadata.clone(),
+            reverse_metadata: self.reverse_metadata.clone(),
+            allocation_id: self.allocation.as_ref().and_then(|a| a.id.clone()),
+            allocated_at: self.allocation.as_ref().map(|a| a.at),
+            version: self.version,
+        }
+    }
+
+    fn persisted(&self) -> PersistedInstance {
+        PersistedInstance {
+            id: self.id.clone(),
+            fleet_id: self.fleet_id,
+            management_protocol: self.protocol,
+            confirm_allocation: self.confirm_allocation,
+            profile: self.profile.clone(),
+            port: self.port,
+            management_port: self.management_port,
+            pid: self.pid,
+            start_time: self.start_time,
+            started_at: self.started_at,
+            pid_changed_at: self.pid_changed_at,
+            stopped_at: self.stopped_at,
+            created_at: self.created_at,
+            desired: self.desired,
+            restarts: self.restarts,
+            status: self.status,
+            allocation: self.allocation.clone(),
+            metadata: self.metadata.clone(),
+            reverse_metadata: self.reverse_metadata.clone(),
+        }
+    }
+
+    fn is_arcus(&self) -> bool {
+        self.protocol == ManagementProtocol::Arcus
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The supervisor task's state.
+pub struct Supervisor {
+    host: HostFacts,
+    config: Arc<Config>,
+    instances: HashMap<String, Instance>,
+    ports: PortPool,
+    tx: mpsc::Sender<Command>,
+    rx: mpsc::Receiver<Command>,
+    updates: mpsc::UnboundedSender<Update>,
+    writer: StateWriter,
+    generation: u64,
+    agent_token: String,
+    counter: u64,
+    next_seq: u64,
+    flush_at: Option<Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("instances", &self.instances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    /// Builds the supervisor from the state file, re-adopting every game that still runs.
+    /// The returned state has its generation bumped and must be persisted before serving.
+    pub fn restore(
+        config: Arc<Config>,
+        host: HostFacts,
+        mut state: StateFile,
+        updates: mpsc::UnboundedSender<Update>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, SupervisorHandle) {
+        let (tx, rx) = mpsc::channel(8192);
+        state.generation += 1;
+        let writer = StateWriter::start(config.state_dir.clone());
+        let mut sup = Self {
+            ports: PortPool::new(config.game_ports.clone(), config.management_ports.clone()),
+            host,
+            config,
+            instances: HashMap::new(),
+            tx: tx.clone(),
+            rx,
+            updates,
+            writer,
+            generation: state.generation,
+            agent_token: state.agent_token.clone(),
+            counter: 0,
+            next_seq: 0,
+            flush_at: None,
+            metrics,
+        };
+        let now = unix_now();
+        for p in state.instances {
+            sup.ports.mark_used(p.port);
+            sup.ports.mark_used(p.management_port);
+            let mut inst = Instance {
+                id: p.id.clone(),
+                fleet_id: p.fleet_id,
+                protocol: p.management_protocol,
+                confirm_allocation: p.confirm_allocation,
+                profile: p.profile,
+                port: p.port,
+                management_port: p.management_port,
+                status: InstanceStatus::Offline,
+                state: RuntimeState::Exited,
+                desired: p.desired,
+                run: 0,
+                pid: None,
+                start_time: 0,
+                started_at: p.started_at,
+                run_started: None,
+                pid_changed_at: p.pid_changed_at,
+                stopped_at: p.stopped_at,
+                created_at: p.created_at,
+                updated_at: now,
+                exit: None,
+                restarts: p.restarts,
+                crash_streak: 0,
+                link: None,
+                arcus_connected: false,
+                live: None,
+                metadata: p.metadata,
+                reverse_metadata: p.reverse_metadata,
+                allocation: p.allocation,
+                pending: None,
+                version: 0,
+            };
+            let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
+            match adopted {
+                Some(proc_) => {
+                    tracing::info!(instance_id = %inst.id, pid = proc_.pid, "re-adopted running game");
+                    sup.metrics.readopted.inc();
+                    inst.run = 1;
+                    inst.pid = Some(proc_.pid);
+                    inst.start_time = proc_.start_time;
+                    inst.run_started = Some(Instant::now());
+                    inst.state = RuntimeState::Running;
+                    // The game re-sends its status when the link is back; until then an
+                    // allocated game stays allocated and an idle one is not offered.
+                    inst.status = if inst.allocation.is_some() {
+                        InstanceStatus::Allocated
+                    } else {
+                        InstanceStatus::Starting
+                    };
+                    if inst.desired == Desired::Stopped {
+                        inst.state = RuntimeState::ShuttingDown;
+                    }
+                    sup.instances.insert(inst.id.clone(), inst);
+                    sup.watch(&p.id, proc_);
+                }
+                None => {
+                    if p.pid.is_some() {
+                        tracing::warn!(instance_id = %inst.id, "game exited while the agent was down");
+                        inst.stopped_at = Some(now);
+                        inst.allocation = None;
+                    }
+                    let id = inst.id.clone();
+                    let restart = inst.desired == Desired::Running && inst.profile.auto_restart;
+                    if inst.desired == Desired::Removed {
+                        sup.ports.release(inst.port);
+                        sup.ports.release(inst.management_port);
+                        continue;
+                    }
+                    sup.instances.insert(id.clone(), inst);
+                    if restart {
+                        sup.spawn_run(&id);
+                    }
+                }
+            }
+        }
+        let ids: Vec<String> = sup.instances.keys().cloned().collect();
+        for id in ids {
+            sup.changed(&id, true);
+        }
+        sup.flush_now();
+        let handle = SupervisorHandle { tx };
+        (sup, handle)
+    }
+
+    pub fn agent_token(&self) -> &str {
+        &self.agent_token
+    }
+
+    /// Runs until `shutdown` fires. Games are left running; the state is written first.
+    pub async fn run(mut self, mut shutdown: crate::Shutdown) {
+        loop {
+            let flush_at = self.flush_at;
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)).await }, if flush_at.is_some() => {
+                    self.flush_now();
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Persist synchronously: the writer task may not get another turn.
+        match serde_json::to_vec(&self.snapshot()) {
+            Ok(bytes) => {
+                if let Err(e) = crate::state::write_atomic(&self.config.state_dir, &bytes) {
+                    tracing::error!(error = %e, "state not saved at shutdown");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "state not serialised at shutdown"),
+        }
+        tracing::info!(
+            instances = self.instances.len(),
+            "supervisor stopped; games keep running"
+        );
+    }
+
+    fn snapshot(&self) -> StateFile {
+        StateFile {
+            format: 1,
+            generation: self.generation,
+            agent_token: self.agent_token.clone(),
+            instances: self.instances.values().map(Instance::persisted).collect(),
+        }
+    }
+
+    fn flush_now(&mut self) {
+        self.flush_at = None;
+        match serde_json::to_vec(&self.snapshot()) {
+            Ok(bytes) => self.writer.save(bytes),
+            Err(e) => tracing::error!(error = %e, "state not serialised"),
+        }
+    }
+
+    /// Records a change: new version, snapshot to the controller, state file later.
+    fn changed(&mut self, id: &str, persist: bool) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        self.counter += 1;
+        inst.version = (self.generation << 40) | self.counter;
+        inst.updated_at = unix_now();
+        let _ = self.updates.send(Update::Instance(Box::new(inst.view())));
+        if persist && self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + FLUSH_DELAY);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Deploy { req, reply } => {
+                let r = self.deploy(req);
+                let _ = reply.send(r);
+            }
+            Command::Remove { id, force, reply } => {
+                let r = self.remove(&id, force);
+                let _ = reply.send(r);
+            }
+            Command::Stop {
+                id,
+                timeout_seconds,
+                force,
+                reply,
+            } => {
+                let r = self.stop(&id, timeout_seconds, force, Desired::Stopped);
+                let _ = reply.send(r);
+            }
+            Command::Start { id, reply } => {
+                let r = self.start(&id);
+                let _ = reply.send(r);
+            }
+            Command::Allocate { id, req, reply } => self.allocate(id, req, reply),
+            Command::Deallocate { id, req, reply } => {
+                let r = self.deallocate(&id, req);
+                let _ = reply.send(r);
+            }
+            Command::PushMetadata {
+                id,
+                metadata,
+                reply,
+            } => {
+                let r = self.push_metadata(&id, metadata);
+                let _ = reply.send(r);
+            }
+            Command::CustomCommand { id, req, reply } => {
+                let r = self.custom_command(&id, req);
+                let _ = reply.send(r);
+            }
+            Command::Get { id, reply } => {
+                let _ = reply.send(self.instances.get(&id).map(Instance::view));
+            }
+            Command::List { reply } => {
+                let mut all: Vec<_> = self.instances.values().map(Instance::view).collect();
+                all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+                let _ = reply.send(all);
+            }
+            Command::Registered { host_id } => self.registered(host_id),
+            Command::Exited { id, run, exit } => self.exited(&id, run, exit),
+            Command::Link { id, run, event } => self.link_event(&id, run, event),
+            Command::Timer { id, run, timer } => self.timer(&id, run, timer),
+        }
+    }
+
+    fn deploy(&mut self, req: DeployRequest) -> Result<InstanceView, DeployError> {
+        let id = match req.id {
+            Some(id) => {
+                validate_id(&id).map_err(DeployError::Invalid)?;
+                id
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        if let Some(existing) = self.instances.get(&id) {
+            // A retried deploy of the same instance is answered, not repeated.
+            if existing.profile == req.profile
+                && existing.fleet_id == req.fleet_id
+                && existing.protocol == req.management_protocol
+                && existing.desired != Desired::Removed
+            {
+                return Ok(existing.view());
+            }
+            return Err(DeployError::Conflict(id));
+        }
+        if self.instances.len() >= self.config.max_instances {
+            return Err(DeployError::HostFull(self.config.max_instances));
+        }
+        validate_profile(&req.profile, &self.host).map_err(DeployError::Invalid)?;
+        let (port, management_port) = self.ports.reserve()?;
+        let now = unix_now();
+        let inst = Instance {
+            id: id.clone(),
+            fleet_id: req.fleet_id,
+            protocol: req.management_protocol,
+            confirm_allocation: req.confirm_allocation,
+            profile: req.profile,
+            port,
+            management_port,
+            status: InstanceStatus::Setup,
+            state: RuntimeState::Created,
+            desired: Desired::Running,
+            run: 0,
+            pid: None,
+            start_time: 0,
+            started_at: None,
+            run_started: None,
+            pid_changed_at: None,
+            stopped_at: None,
+            created_at: now,
+            updated_at: now,
+            exit: None,
+            restarts: 0,
+            crash_streak: 0,
+            link: None,
+            arcus_connected: false,
+            live: None,
+            metadata: Vec::new(),
+            reverse_metadata: Vec::new(),
+            allocation: None,
+            pending: None,
+            version: 0,
+        };
+        tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
+        self.instances.insert(id.clone(), inst);
+        self.spawn_run(&id);
+        self.changed(&id, true);
+        Ok(self.instances[&id].view())
+    }
+
+    /// Starts a process for the instance and its Arcus link.
+    fn spawn_run(&mut self, id: &str) {
+        let host = self.host.clone();
+        let log_dir = self.config.log_dir.clone();
+        let run_as = self.config.run_as.clone();
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        let vars = |name: &str| template_var(name, inst_vars(inst), &host);
+        let args: Result<Vec<String>, _> = inst
+            .profile
+            .args
+            .iter()
+            .map(|a| template::expand(a, &vars))
+            .collect();
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("BERTH_INSTANCE_ID".into(), inst.id.clone()),
+            ("BERTH_PORT".into(), inst.port.to_string()),
+            (
+                "BERTH_MANAGEMENT_PORT".into(),
+                inst.management_port.to_string(),
+            ),
+            (
+                "BERTH_HOST_ID".into(),
+                host.host_id.unwrap_or(0).to_string(),
+            ),
+        ];
+        let mut env_err = None;
+        for (k, v) in &inst.profile.env {
+            match template::expand(v, &vars) {
+                Ok(v) => env.push((k.clone(), v)),
+                Err(e) => env_err = Some(e),
+            }
+        }
+        let outcome = match (args, env_err) {
+            (Err(e), _) | (_, Some(e)) => Err(e.to_string()),
+            (Ok(args), None) => {
+                if let Err(e) = std::fs::create_dir_all(&log_dir) {
+                    tracing::warn!(error = %e, dir = %log_dir.display(), "cannot create log directory");
+                }
+                let log_path = log_path(&log_dir, &inst.id);
+                let working_dir = inst.profile.working_dir.as_deref().map(Path::new);
+                let spec = SpawnSpec {
+                    executable: Path::new(&inst.profile.executable),
+                    args: &args,
+                    env: &env,
+                    working_dir,
+                    log_path: &log_path,
+                    run_as: run_as.as_ref(),
+                    limits: &inst.profile.limits,
+                };
+                process::spawn(&spec).map_err(|e| e.to_string())
+            }
+        };
+        let now = unix_now();
+        inst.run += 1;
+        match outcome {
+            Ok(proc_) => {
+                tracing::info!(instance_id = %inst.id, pid = proc_.pid, run = inst.run, "game started");
+                inst.pid = Some(proc_.pid);
+                inst.start_time = proc_.start_time;
+                inst.started_at = Some(now);
+                inst.run_started = Some(Instant::now());
+                inst.pid_changed_at = Some(now);
+                inst.exit = None;
+                inst.status = InstanceStatus::Starting;
+                inst.state = RuntimeState::Running;
+                inst.live = None;
+                inst.arcus_connected = false;
+                let id = inst.id.clone();
+                self.watch(&id, proc_);
+            }
+            Err(reason) => {
+                tracing::error!(instance_id = %inst.id, error = %reason, "game could not be started");
+                self.metrics.spawn_failures.inc();
+                inst.pid = None;
+                inst.status = InstanceStatus::Offline;
+                inst.state = RuntimeState::Dead;
+                inst.stopped_at = Some(now);
+                let id = inst.id.clone();
+                let run = inst.run;
+                self.schedule_restart(&id, run);
+            }
+        }
+    }
+
+    /// Watches a (spawned or adopted) process and starts its link.
+    fn watch(&mut self, id: &str, proc_: process::Process) {
+        let host = self.host.clone();
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        let run = inst.run;
+        let tx = self.tx.clone();
+        let exit_id = inst.id.clone();
+        tokio::spawn(async move {
+            let exit = proc_.wait().await;
+            let _ = tx
+                .send(Command::Exited {
+                    id: exit_id,
+                    run,
+                    exit,
+                })
+                .await;
+        });
+        inst.link = Some(match inst.protocol {
+            ManagementProtocol::Arcus => arcus_link::start(
+                LinkParams {
+                    instance_id: inst.id.clone(),
+                    run,
+                    management_port: inst.management_port,
+                    host_information: host_information(&host),
+                    instance_information: instance_information(inst, &host),
+                },
+                self.tx.clone(),
+            ),
+            ManagementProtocol::None => {
+                probe_game_port(inst.id.clone(), run, inst.port, self.tx.clone())
+            }
+        });
+    }
+
+    fn schedule(&self, id: &str, run: u64, timer: Timer, after: Duration) {
+        let tx = self.tx.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Command::Timer { id, run, timer }).await;
+        });
+    }
+
+    fn schedule_restart(&mut self, id: &str, run: u64) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        if inst.desired != Desired::Running || !inst.profile.auto_restart {
+            return;
+        }
+        inst.crash_streak += 1;
+        let exp = inst.crash_streak.saturating_sub(1).min(16);
+        let delay = (BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_CAP);
+        inst.state = RuntimeState::Restarting;
+        tracing::info!(instance_id = %id, delay_ms = delay.as_millis() as u64, "restart scheduled");
+        self.schedule(id, run, Timer::Restart, delay);
+    }
+
+    fn exited(&mut self, id: &str, run: u64, exit: ExitInfo) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        if inst.run != run {
+            return;
+        }
+        let now = unix_now();
+        tracing::info!(instance_id = %id, pid = ?inst.pid, exit = ?exit, "game exited");
+        inst.pid = None;
+        inst.exit = Some(exit);
+        inst.stopped_at = Some(now);
+        inst.status = InstanceStatus::Offline;
+        inst.state = match exit {
+            ExitInfo::Code(0) | ExitInfo::Unknown => RuntimeState::Exited,
+            _ => RuntimeState::Dead,
+        };
+        inst.link = None;
+        inst.arcus_connected = false;
+        inst.live = None;
+        // A game that exits ends its match (i3D: the platform restarts it and it is free again).
+        if inst.allocation.take().is_some() {
+            inst.metadata.clear();
+        }
+        if let Some(p) = inst.pending.take() {
+            let _ = p.reply.send(Err(AllocateError::TimedOut {
+                id: id.to_owned(),
+                reason: "the game exited before confirming the allocation".to_owned(),
+            }));
+        }
+        if inst
+            .run_started
+            .take()
+            .is_some_and(|t| t.elapsed() >= HEALTHY_RUN)
+        {
+            inst.crash_streak = 0;
+        }
+        match inst.desired {
+            Desired::Removed => {
+                self.finish_remove(id);
+                return;
+            }
+            Desired::Running if inst.profile.auto_restart => {
+                inst.restarts += 1;
+                self.metrics.restarts.inc();
+                self.schedule_restart(id, run);
+            }
+            _ => {}
+        }
+        self.changed(id, true);
+    }
+
+    fn finish_remove(&mut self, id: &str) {
+        if let Some(mut inst) = self.instances.remove(id) {
+            self.ports.release(inst.port);
+            self.ports.release(inst.management_port);
+            self.counter += 1;
+            inst.version = (self.generation << 40) | self.counter;
+            inst.status = InstanceStatus::Inactive;
+            let _ = self.updates.send(Update::Removed {
+                id: id.to_owned(),
+                version: inst.version,
+            });
+            tracing::info!(instance_id = %id, "instance removed");
+            if self.flush_at.is_none() {
+                self.flush_at = Some(Instant::now() + FLUSH_DELAY);
+            }
+        }
+    }
+
+    fn timer(&mut self, id: &str, run: u64, timer: Timer) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        if inst.run != run {
+            return;
+        }
+        match timer {
+            Timer::Restart => {
+                if inst.pid.is_none() && inst.desired == Desired::Running {
+                    self.spawn_run(id);
+                    self.changed(id, true);
+                }
+            }
+            Timer::Terminate => {
+                if let Some(pid) = inst.pid {
+                    tracing::info!(instance_id = %id, pid, "soft stop timed out; sending SIGTERM");
+                    let _ = process::signal_group(pid, Signal::SIGTERM);
+                    inst.state = RuntimeState::ShuttingDown;
+                    self.schedule(id, run, Timer::Kill, KILL_GRACE);
+                    self.changed(id, false);
+                }
+            }
+            Timer::Kill => {
+                if let Some(pid) = inst.pid {
+                    tracing::warn!(instance_id = %id, pid, "game ignored SIGTERM; sending SIGKILL");
+                    let _ = process::signal_group(pid, Signal::SIGKILL);
+                }
+            }
+            Timer::ConfirmTimeout { seq } => {
+                if inst.pending.as_ref().is_some_and(|p| p.seq == seq)
+                    && let Some(p) = inst.pending.take()
+                {
+                    inst.status = InstanceStatus::Online;
+                    let _ = p.reply.send(Err(AllocateError::TimedOut {
+                        id: id.to_owned(),
+                        reason: "the game did not confirm the allocation (status 5) in time"
+                            .to_owned(),
+                    }));
+                    self.metrics.allocations_failed.inc();
+                    self.changed(id, false);
+                }
+            }
+        }
+    }
+
+    fn stop(
+        &mut self,
+        id: &str,
+        timeout_seconds: Option<u32>,
+        force: bool,
+        desired: Desired,
+    ) -> Result<InstanceView, InstanceError> {
+        let inst = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        if !force && (inst.allocation.is_some() || inst.pending.is_some()) && inst.pid.is_some() {
+            return Err(InstanceError::Allocated(id.to_owned()));
+        }
+        inst.desired = desired;
+        let run = inst.run;
+        let timeout = timeout_seconds
+            .unwrap_or(inst.profile.stop_timeout_seconds)
+            .max(1);
+        match inst.pid {
+            None => {
+                if desired == Desired::Removed {
+                    let view = inst.view();
+                    self.finish_remove(id);
+                    return Ok(view);
+                }
+                inst.state = RuntimeState::Exited;
+            }
+            Some(pid) => {
+                let soft = inst.is_arcus()
+                    && inst.arcus_connected
+                    && inst.link.as_ref().is_some_and(|l| {
+                        l.try_send(Message::SoftStop {
+                            timeout: timeout as i32,
+                        })
+                        .is_ok()
+                    });
+                if soft {
+                    tracing::info!(instance_id = %id, timeout, "soft stop sent");
+                    inst.state = RuntimeState::Draining;
+                    self.schedule(
+                        id,
+                        run,
+                        Timer::Terminate,
+                        Duration::from_secs(timeout.into()),
+                    );
+                } else {
+                    tracing::info!(instance_id = %id, pid, "sending SIGTERM");
+                    let _ = process::signal_group(pid, Signal::SIGTERM);
+                    inst.state = RuntimeState::ShuttingDown;
+                    self.schedule(id, run, Timer::Kill, KILL_GRACE);
+                }
+            }
+        }
+        self.changed(id, true);
+        Ok(self.instances[id].view())
+    }
+
+    fn remove(&mut self, id: &str, force: bool) -> Result<InstanceView, InstanceError> {
+        self.stop(id, None, force, Desired::Removed)
+    }
+
+    fn start(&mut self, id: &str) -> Result<InstanceView, InstanceError> {
+        let inst = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        if inst.desired == Desired::Removed {
+            return Err(InstanceError::Invalid(format!(
+                "instance {id} is being removed"
+            )));
+        }
+        inst.desired = Desired::Running;
+        inst.crash_streak = 0;
+        if inst.pid.is_none() {
+            self.spawn_run(id);
+        }
+        self.changed(id, true);
+        Ok(self.instances[id].view())
+    }
+
+    fn allocate(
+        &mut self,
+        id: String,
+        req: AllocateRequest,
+        reply: Reply<InstanceView, AllocateError>,
+    ) {
+        match self.try_allocate(&id, req) {
+            Ok(Allocated::AwaitingGame {
+                seq,
+                allocation_id,
+                metadata,
+            }) => {
+                // Answered when the game confirms, or by the timeout.
+                if let Some(inst) = self.instances.get_mut(&id) {
+                    inst.pending = Some(Pending {
+                        seq,
+                        allocation_id,
+                        metadata,
+                        reply,
+                    });
+                }
+            }
+            Ok(Allocated::Done) => {
+                self.metrics.allocations_ok.inc();
+                let _ = reply.send(Ok(self.instances[&id].view()));
+            }
+            Err(e) => {
+                self.metrics.allocations_failed.inc();
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn try_allocate(&mut self, id: &str, req: AllocateRequest) -> Result<Allocated, AllocateError> {
+        metadata::validate(&req.metadata).map_err(|e| AllocateError::Invalid(e.to_string()))?;
+        if let Some(m) = &req.game_metadata {
+            metadata::validate(m)
+                .map_err(|e: MetadataError| AllocateError::Invalid(format!("gameMetadata: {e}")))?;
+        }
+        let timeout = req
+            .timeout_ms
+            .map_or(self.config.allocation_timeout, Duration::from_millis)
+            .min(self.config.allocation_timeout);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let inst = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| AllocateError::NotOnHost(id.to_owned()))?;
+        match inst.status {
+            InstanceStatus::Allocating => return Err(AllocateError::Allocating(id.to_owned())),
+            InstanceStatus::Allocated => {
+                return Err(AllocateError::AlreadyAllocated(id.to_owned()));
+            }
+            InstanceStatus::Online => {}
+            other => {
+                return Err(AllocateError::NotAllocatable {
+                    id: id.to_owned(),
+                    reason: format!("its status is {other}, not 4 (online)"),
+                });
+            }
+        }
+        if inst.desired != Desired::Running {
+            return Err(AllocateError::NotAllocatable {
+                id: id.to_owned(),
+                reason: format!("it is {}", inst.state),
+            });
+        }
+        if inst.is_arcus() {
+            let Some(link) = inst.link.as_ref().filter(|_| inst.arcus_connected) else {
+                return Err(AllocateError::NotAllocatable {
+                    id: id.to_owned(),
+                    reason: "the Arcus link to the game is down".to_owned(),
+                });
+            };
+            // Both frames or neither: a half-sent allocation must not be reported as done.
+            if link.capacity() < 2 {
+                return Err(AllocateError::TimedOut {
+                    id: id.to_owned(),
+                    reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+                });
+            }
+            let _ = link.try_send(Message::Allocated(req.metadata.clone()));
+            if let Some(m) = &req.game_metadata {
+                let _ = link.try_send(Message::Metadata(m.clone()));
+            }
+        }
+        let now = unix_now();
+        inst.metadata = req.metadata.clone();
+        if inst.confirm_allocation && inst.is_arcus() {
+            inst.status = InstanceStatus::Allocating;
+            let run = inst.run;
+            self.schedule(id, run, Timer::ConfirmTimeout { seq }, timeout);
+            self.changed(id, false);
+            return Ok(Allocated::AwaitingGame {
+                seq,
+                allocation_id: req.allocation_id,
+                metadata: req.metadata,
+            });
+        }
+        inst.status = InstanceStatus::Allocated;
+        inst.allocation = Some(PersistedAllocation {
+            id: req.allocation_id,
+            at: now,
+            game_confirmed: false,
+        });
+        tracing::info!(instance_id = %id, "allocated");
+        self.changed(id, true);
+        Ok(Allocated::Done)
+    }
+
+    fn deallocate(
+        &mut self,
+        id: &str,
+        req: DeallocateRequest,
+    ) -> Result<InstanceView, InstanceError> {
+        let inst = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        if let (Some(want), Some(alloc)) = (&req.allocation_id, &inst.allocation)
+            && alloc.id.as_ref() != Some(want)
+        {
+            return Err(InstanceError::Invalid(format!(
+                "allocationId {want} is not the instance's allocation ({}); nothing was released",
+                alloc
+                    .id
+                    .as_deref()
+                    .unwrap_or("allocated by the game itself")
+            )));
+        }
+        if let Some(p) = inst.pending.take() {
+            let _ = p.reply.send(Err(AllocateError::TimedOut {
+                id: id.to_owned(),
+                reason: "deallocated before the game confirmed".to_owned(),
+            }));
+        }
+        let was_allocated = inst.allocation.take().is_some()
+            || matches!(
+                inst.status,
+                InstanceStatus::Allocating | InstanceStatus::Allocated
+            );
+        if was_allocated {
+            inst.metadata.clear();
+            if inst.pid.is_some() {
+                inst.status = InstanceStatus::Online;
+            }
+            if let Some(link) = &inst.link
+                && inst.arcus_connected
+            {
+                // Arcus has no "released" message; the Berth SDK treats this command as one.
+                let _ = link.try_send(Message::CustomCommand(vec![KeyValue::new(
+                    "command",
+                    "deallocated",
+                )]));
+            }
+            tracing::info!(instance_id = %id, "deallocated");
+            self.changed(id, true);
+        }
+        Ok(self.instances[id].view())
+    }
+
+    fn reachable_link(&self, id: &str) -> Result<&mpsc::Sender<Message>, InstanceError> {
+        let inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        if !inst.is_arcus() {
+            return Err(InstanceError::Invalid(format!(
+                "instance {id} uses management protocol none; the game cannot receive messages"
+            )));
+        }
+        inst.link
+            .as_ref()
+            .filter(|_| inst.arcus_connected)
+            .ok_or_else(|| InstanceError::Unreachable {
+                id: id.to_owned(),
+                reason: "the Arcus link to the game is down".to_owned(),
+            })
+    }
+
+    fn push_metadata(
+        &mut self,
+        id: &str,
+        pairs: Vec<KeyValue>,
+    ) -> Result<InstanceView, InstanceError> {
+        metadata::validate(&pairs).map_err(|e| InstanceError::Invalid(e.to_string()))?;
+        let link = self.reachable_link(id)?;
+        link.try_send(Message::Metadata(pairs.clone()))
+            .map_err(|_| InstanceError::Unreachable {
+                id: id.to_owned(),
+                reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+            })?;
+        let inst = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        for kv in pairs {
+            match inst.metadata.iter_mut().find(|m| m.key == kv.key) {
+                Some(m) => m.value = kv.value,
+                None => inst.metadata.push(kv),
+            }
+        }
+        self.changed(id, true);
+        Ok(self.instances[id].view())
+    }
+
+    fn custom_command(
+        &mut self,
+        id: &str,
+        req: CommandRequest,
+    ) -> Result<InstanceView, InstanceError> {
+        if req.command.is_empty() {
+            return Err(InstanceError::Invalid(
+                "command must not be empty".to_owned(),
+            ));
+        }
+        let mut data = vec![KeyValue::new("command", req.command)];
+        if let Some(a) = req.argument {
+            data.push(KeyValue::new("argument", a));
+        }
+        data.extend(req.data);
+        metadata::validate(&data).map_err(|e| InstanceError::Invalid(e.to_string()))?;
+        let link = self.reachable_link(id)?;
+        link.try_send(Message::CustomCommand(data))
+            .map_err(|_| InstanceError::Unreachable {
+                id: id.to_owned(),
+                reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+            })?;
+        Ok(self.instances[id].view())
+    }
+
+    fn registered(&mut self, host_id: u64) {
+        if self.host.host_id == Some(host_id) {
+            return;
+        }
+        self.host.host_id = Some(host_id);
+        let host = self.host.clone();
+        // Connected games learn the host id now, others when their link comes up.
+        for inst in self.instances.values() {
+            if let Some(link) = inst.link.as_ref().filter(|_| inst.arcus_connected) {
+                let _ = link.try_send(Message::HostInformation(host_information(&host)));
+                let _ = link.try_send(Message::InstanceInformation(instance_information(
+                    inst, &host,
+                )));
+            }
+        }
+    }
+
+    fn link_event(&mut self, id: &str, run: u64, event: LinkEvent) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        if inst.run != run || inst.pid.is_none() {
+            return;
+        }
+        let mut persist = false;
+        match event {
+            LinkEvent::Connected => {
+                tracing::debug!(instance_id = %id, "Arcus link up");
+                inst.arcus_connected = true;
+                self.metrics.arcus_connects.inc();
+            }
+            LinkEvent::Disconnected { reason } => {
+                tracing::info!(instance_id = %id, %reason, "Arcus link down");
+                inst.arcus_connected = false;
+            }
+            LinkEvent::ProtocolError { reason } => {
+                tracing::warn!(instance_id = %id, %reason, "Arcus protocol error; link closed");
+                self.metrics.arcus_protocol_errors.inc();
+                inst.arcus_connected = false;
+            }
+            LinkEvent::GamePortOpen => {
+                if inst.status == InstanceStatus::Starting {
+                    inst.status = InstanceStatus::Online;
+                }
+            }
+            LinkEvent::LiveState(state) => inst.live = Some(state),
+            LinkEvent::ReverseMetadata(data) => {
+                inst.reverse_metadata = data;
+                persist = true;
+            }
+            LinkEvent::Status(status) => {
+                persist = true;
+                match (status, inst.status) {
+                    // The game's own 4 after it confirmed: the match is over.
+                    (4, InstanceStatus::Allocated) => {
+                        if inst.allocation.as_ref().is_some_and(|a| a.game_confirmed) {
+                            tracing::info!(instance_id = %id, "game ended its match; allocatable again");
+                            inst.allocation = None;
+                            inst.metadata.clear();
+                            inst.status = InstanceStatus::Online;
+                        }
+                    }
+                    (4, InstanceStatus::Allocating) => {}
+                    (4, _) => inst.status = InstanceStatus::Online,
+                    (5, InstanceStatus::Allocating) => {
+                        if let Some(p) = inst.pending.take() {
+                            inst.status = InstanceStatus::Allocated;
+                            inst.allocation = Some(PersistedAllocation {
+                                id: p.allocation_id,
+                                at: unix_now(),
+                                game_confirmed: true,
+                            });
+                            inst.metadata = p.metadata;
+                            let view_id = id.to_owned();
+                            self.changed(&view_id, true);
+                            self.metrics.allocations_ok.inc();
+                            let _ = p.reply.send(Ok(self.instances[&view_id].view()));
+                            return;
+                        }
+                    }
+                    (5, InstanceStatus::Allocated) => {
+                        if let Some(a) = inst.allocation.as_mut() {
+                            a.game_confirmed = true;
+                        }
+                    }
+                    (5, _) => {
+                        // The game allocated itself (e.g. players joined directly): it is
+                        // not free, whatever the controller thinks.
+                        inst.status = InstanceStatus::Allocated;
+                        inst.allocation = Some(PersistedAllocation {
+                            id: None,
+                            at: unix_now(),
+                            game_confirmed: true,
+                        });
+                    }
+                    (3, InstanceStatus::Online) => inst.status = InstanceStatus::Starting,
+                    (3, _) => {}
+                    (other, _) => {
+                        tracing::warn!(instance_id = %id, status = other, "game reported an unknown status; ignored");
+                        return;
+                    }
+                }
+            }
+        }
+        self.changed(id, persist);
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || id.starts_with('.')
+    {
+        return Err(format!(
+            "id {id:?} must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_profile(p: &Profile, host: &HostFacts) -> Result<(), String> {
+    if p.executable.is_empty() {
+        return Err("profile.executable must not be empty".to_owned());
+    }
+    let exe = Path::new(&p.executable);
+    if exe.is_absolute() && !exe.is_file() {
+        return Err(format!(
+            "profile.executable {} does not exist on host {} (or is not a file)",
+            p.executable, host.host_name
+        ));
+    }
+    if let Some(dir) = &p.working_dir
+        && !Path::new(dir).is_dir()
+    {
+        return Err(format!(
+            "profile.workingDir {dir} is not a directory on host {}",
+            host.host_name
+        ));
+    }
+    let vars = |name: &str| template::VARIABLES.contains(&name).then(|| "0".to_owned());
+    for (i, a) in p.args.iter().enumerate() {
+        template::expand(a, &vars).map_err(|e| format!("profile.args[{i}]: {e}"))?;
+    }
+    for (k, v) in &p.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!(
+                "profile.env key {k:?} is not a valid variable name"
+            ));
+        }
+        template::expand(v, &vars).map_err(|e| format!("profile.env.{k}: {e}"))?;
+    }
+    if p.stop_timeout_seconds > 3600 {
+        return Err(format!(
+            "profile.stopTimeoutSeconds {} is over 3600",
+            p.stop_timeout_seconds
+        ));
+    }
+    Ok(())
+}
+
+struct InstVars {
+    port: u16,
+    management_port: u16,
+    id: String,
+    fleet_id: Option<u64>,
+    application_id: u32,
+    build: String,
+}
+
+fn inst_vars(inst: &Instance) -> InstVars {
+    InstVars {
+        port: inst.port,
+        management_port: inst.management_port,
+        id: inst.id.clone(),
+        fleet_id: inst.fleet_id,
+        application_id: inst.profile.application_id,
+        build: inst.profile.build.clone(),
+    }
+}
+
+fn template_var(name: &str, v: InstVars, host: &HostFacts) -> Option<String> {
+    Some(match name {
+        "port" => v.port.to_string(),
+        "managementPort" => v.management_port.to_string(),
+        "instanceId" => v.id,
+        "hostId" => host.host_id.unwrap_or(0).to_string(),
+        "hostName" => host.host_name.clone(),
+        "region" => host.region.clone(),
+        "dcLocation" => host.dc_location.clone(),
+        "fleetId" => v.fleet_id.unwrap_or(0).to_string(),
+        "applicationId" => v.application_id.to_string(),
+        "build" => v.build,
+        _ => return None,
+    })
+}
+
+fn host_information(host: &HostFacts) -> Map<String, Value> {
+    let id = host.host_id.unwrap_or(0);
+    let v = json!({
+        "id": id,
+        "serverId": id,
+        "serverName": host.host_name,
+        "region": host.region,
+        "dcLocation": host.dc_location,
+        "isVirtual": host.is_virtual,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn instance_information(inst: &Instance, host: &HostFacts) -> Map<String, Value> {
+    let v = json!({
+        "fleetId": inst.fleet_id.unwrap_or(0).to_string(),
+        "hostId": host.host_id.unwrap_or(0),
+        "isVirtual": host.is_virtual,
+        "instanceId": inst.id,
+        "applicationId": inst.profile.application_id,
+        "profile": inst.profile.id,
+        "build": inst.profile.build,
+        "port": inst.port,
+        "managementPort": inst.management_port,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+pub fn log_path(log_dir: &Path, id: &str) -> PathBuf {
+    log_dir.join(format!("{id}.log"))
+}
+
+/// For `none` games: online once the game port accepts a TCP connection. Ends when the
+/// supervisor drops the sender (new run, exit, removal).
+fn probe_game_port(
+    id: String,
+    run: u64,
+    port: u16,
+    events: mpsc::Sender<Command>,
+) -> mpsc::Sender<Message> {
+    let (tx, mut rx) = mpsc::channel::<Message>(1);
+    tokio::spawn(async move {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)) {
+                return;
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                let _ = events
+                    .send(Command::Link {
+                        id,
+                        run,
+                        event: LinkEvent::GamePortOpen,
+                    })
+                    .await;
+                // Keep the receiver alive until the run ends so sends never fail loudly.
+                while rx.recv().await.is_some() {}
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    tx
+}

@@ -1,0 +1,187 @@
+//! A pooled HTTP/1 JSON client. Connections are kept alive and reused, which matters on the
+//! allocation path (controller → agent) where a new TCP connection per call would dominate.
+
+use std::time::Duration;
+
+use berth_protocol::ErrorBody;
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Clone)]
+pub struct JsonClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Why a call did not produce the expected answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("invalid URL {0:?}")]
+    InvalidUrl(String),
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} did not answer within {ms} ms")]
+    TimedOut { url: String, ms: u128 },
+    #[error("{url} answered HTTP {status}: {}", body.as_ref().map_or(text.as_str(), |b| b.details.as_str()))]
+    Status {
+        url: String,
+        status: u16,
+        /// The error body, when the peer sent one in Berth's shape.
+        body: Option<Box<ErrorBody>>,
+        text: String,
+    },
+    #[error("{url} answered with unexpected JSON: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+impl Default for JsonClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonClient {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(512)
+            .build(connector);
+        Self { inner }
+    }
+
+    pub async fn post<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        correlation: Option<&str>,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| CallError::Decode {
+            url: url.to_owned(),
+            reason: format!("request not serialisable: {e}"),
+        })?;
+        let (_, raw) = self
+            .send(Method::POST, url, token, correlation, Some(bytes), timeout)
+            .await?;
+        decode(url, &raw)
+    }
+
+    pub async fn get<R: DeserializeOwned>(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        correlation: Option<&str>,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let (_, raw) = self
+            .send(Method::GET, url, token, correlation, None, timeout)
+            .await?;
+        decode(url, &raw)
+    }
+
+    pub async fn delete<R: DeserializeOwned>(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        correlation: Option<&str>,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let (_, raw) = self
+            .send(Method::DELETE, url, token, correlation, None, timeout)
+            .await?;
+        decode(url, &raw)
+    }
+
+    /// One request; a non-2xx answer is an error carrying the peer's error body.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        correlation: Option<&str>,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some(c) = correlation {
+            req = req.header(crate::CORRELATION_HEADER, c);
+        }
+        let has_body = body.is_some();
+        if has_body {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|_| CallError::InvalidUrl(url.to_owned()))?;
+        let call = async {
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| CallError::Unreachable {
+                    url: url.to_owned(),
+                    reason: error_chain(&e),
+                })?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CallError::Unreachable {
+                    url: url.to_owned(),
+                    reason: format!("answer cut off: {e}"),
+                })?
+                .to_bytes();
+            Ok::<_, CallError>((status, bytes))
+        };
+        let (status, bytes) =
+            tokio::time::timeout(timeout, call)
+                .await
+                .map_err(|_| CallError::TimedOut {
+                    url: url.to_owned(),
+                    ms: timeout.as_millis(),
+                })??;
+        if !(200..300).contains(&status) {
+            return Err(CallError::Status {
+                url: url.to_owned(),
+                status,
+                body: serde_json::from_slice::<ErrorBody>(&bytes)
+                    .ok()
+                    .map(Box::new),
+                text: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+            });
+        }
+        Ok((status, bytes))
+    }
+}
+
+fn decode<R: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<R, CallError> {
+    serde_json::from_slice(bytes).map_err(|e| CallError::Decode {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// hyper's errors say "client error (Connect)"; the cause underneath is what helps.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,328 @@
+//! HTTP plumbing shared by the agent, the controller and `berthctl`.
+//!
+//! * [`Failure`]: what a handler returns when it refuses; [`correlate`] turns it into the one
+//!   error body of ERRORS.md, with the request's correlation id, path and time.
+//! * [`JsonBody`] / [`OptionalJsonBody`]: strict JSON bodies whose errors name the field.
+//! * [`serve`]: an HTTP/1 server with a header timeout and a bounded graceful shutdown.
+//! * [`JsonClient`]: a pooled JSON client that maps every failure to a [`CallError`].
+
+mod client;
+mod server;
+
+pub use client::{CallError, JsonClient};
+pub use server::{ServeError, serve};
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use berth_protocol::{Attempt, ErrorBody, ErrorCode};
+use serde::de::DeserializeOwned;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
+
+/// Largest request body either daemon accepts.
+pub const BODY_LIMIT: usize = 1 << 20;
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The correlation id of the request being handled (from `X-Correlation-Id` or made up).
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+/// A refused request. Rendered by [`correlate`], which knows the identifier and the path.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+    pub details: String,
+    pub attempts: Option<Vec<Attempt>>,
+    /// The agent code when it differs from the code's own (a controller error caused by an
+    /// agent answer).
+    pub error_code: Option<u32>,
+    /// Extra response headers, e.g. `Retry-After`.
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: details.into(),
+            attempts: None,
+            error_code: code.agent_code(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn invalid_request(details: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, "Invalid request.", details)
+    }
+
+    pub fn body(&self, identifier: &str, path: &str) -> ErrorBody {
+        let mut body = ErrorBody::new(
+            self.code,
+            self.message.clone(),
+            self.details.clone(),
+            identifier,
+            path,
+            berth_protocol::time::rfc3339(unix_now()),
+        );
+        body.error_code = self.error_code;
+        body.attempts = self.attempts.clone();
+        body
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = status.into_response();
+        resp.extensions_mut().insert(self);
+        resp
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn valid_correlation(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+    .then_some(s)
+}
+
+/// Middleware for every route: takes or makes the correlation id, runs the request in a span
+/// carrying it, renders a [`Failure`] into the error body, and echoes `X-Correlation-Id`.
+pub async fn correlate(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(valid_correlation)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    req.extensions_mut().insert(CorrelationId(id.clone()));
+    let span = tracing::info_span!("request", identifier = %id, %method, %path);
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    if let Some(failure) = resp.extensions_mut().remove::<Failure>() {
+        let body = failure.body(&id, &path);
+        span.in_scope(|| {
+            if body.status_code >= 500 {
+                tracing::error!(code = %body.code, details = %body.details, "request failed");
+            } else {
+                tracing::info!(code = %body.code, details = %body.details, "request refused");
+            }
+        });
+        let status = resp.status();
+        let mut rendered = (status, axum::Json(body)).into_response();
+        if let Some(secs) = failure.retry_after_secs {
+            rendered
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp = rendered;
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(CORRELATION_HEADER, v);
+    }
+    resp
+}
+
+/// For routes that do not exist.
+pub async fn not_found(req: Request) -> Failure {
+    Failure::new(
+        ErrorCode::ResourceNotFound,
+        "Not found.",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// For a known route with the wrong method.
+pub async fn method_not_allowed(req: Request) -> Failure {
+    Failure::invalid_request(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A required JSON body. Errors name the field (`profile.executable: missing field …`).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+/// A JSON body that may be empty (then `T::default()`).
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
+async fn read_body(req: Request) -> Result<bytes::Bytes, Failure> {
+    axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                Failure::new(
+                    ErrorCode::PayloadTooLarge,
+                    "Payload too large.",
+                    format!("the request body is over the {BODY_LIMIT}-byte limit"),
+                )
+            } else {
+                Failure::invalid_request(format!("cannot read the request body: {e}"))
+            }
+        })
+}
+
+/// Parses JSON, naming the path of the offending field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            Failure::invalid_request(format!("invalid JSON body: {inner}"))
+        } else {
+            Failure::invalid_request(format!("invalid JSON body at {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| Failure::invalid_request(format!("invalid JSON body: {e}")))?;
+    Ok(value)
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Failure> {
+        let bytes = read_body(req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(Failure::invalid_request("a JSON body is required"));
+        }
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Failure> {
+        let bytes = read_body(req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// The value of one query parameter (`?tail=10&follow=true`), percent-decoding `+` and `%XX`.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `true`/`1`/`yes` → true.
+pub fn is_true(v: Option<&str>) -> bool {
+    matches!(v, Some("true" | "1" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_decoding() {
+        assert_eq!(
+            query_param(Some("a=1&tail=20"), "tail").as_deref(),
+            Some("20")
+        );
+        assert_eq!(
+            query_param(Some("filter=regionId%3D1+and+fleetId=4"), "filter").as_deref(),
+            Some("regionId=1 and fleetId=4")
+        );
+        assert_eq!(query_param(Some("all"), "all").as_deref(), Some(""));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%C3%A9"), "é");
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Inner {
+            executable: String,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Outer {
+            profile: Inner,
+        }
+        let e = parse_json::<Outer>(br#"{"profile":{"executable":5}}"#).expect_err("type");
+        assert!(e.details.contains("profile.executable"), "{}", e.details);
+        let e = parse_json::<Outer>(br#"{"profile":{}} x"#).expect_err("trailing");
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        let deep = "[".repeat(10_000);
+        assert!(parse_json::<serde_json::Value>(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn bearer_and_eq() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
