@@ -11,7 +11,7 @@ pub const MAX_PAIRS: usize = 64;
 
 /// One metadata pair. Values are strings, even for numbers (`"16"`), as Arcus requires.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown keys are ignored: ARCUS.md §4 requires it of `data` arrays.
 pub struct KeyValue {
     pub key: String,
     pub value: String,

@@ -1,1 +1,324 @@
-fn main() {}
+//! `berth-sample-game`: the game server Berth's tests, dev mode and benchmarks run.
+//!
+//! Its flags and its `INFO` answer are a contract for outside harnesses (ARCUS.md §8). It is
+//! kept tiny (one thread, no allocation per idle second) because benchmarks start a thousand of
+//! them on one host.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use berth_sdk::{ArcusHandle, ArcusServer, Event, Events, GameStatus, KeyValue, LiveState};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+
+/// Longest request line on the game port; a client that sends more is cut off rather than
+/// buffered.
+const MAX_LINE: usize = 1024;
+const MAX_PLAYERS: i32 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ManagementProtocol {
+    Arcus,
+    /// No management port at all, like a game that integrates no SDK.
+    None,
+}
+
+/// A sample game server that speaks Arcus and reports what it learned on its game port.
+#[derive(Debug, Parser)]
+#[command(name = "berth-sample-game", version)]
+struct Args {
+    /// TCP port for game clients (the `INFO` query).
+    #[arg(long)]
+    port: u16,
+    /// Loopback port the Berth agent connects to for Arcus.
+    #[arg(long)]
+    management_port: Option<u16>,
+    #[arg(long)]
+    instance_id: String,
+    /// Time spent in status 3 before reporting 4.
+    #[arg(long, default_value_t = 0)]
+    startup_delay_ms: u64,
+    /// After an allocation, report 4 again after this many seconds; 0 stays allocated until
+    /// released.
+    #[arg(long, default_value_t = 0)]
+    match_seconds: u64,
+    #[arg(long, value_enum, default_value_t = ManagementProtocol::Arcus)]
+    management_protocol: ManagementProtocol,
+}
+
+/// What `INFO` answers: everything the game learned over Arcus.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Info {
+    instance_id: String,
+    status: i32,
+    allocated: bool,
+    allocation: Vec<KeyValue>,
+    metadata: Vec<KeyValue>,
+    host_information: Map<String, Value>,
+    instance_information: Map<String, Value>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("berth-sample-game: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let game_listener = TcpListener::bind(("0.0.0.0", args.port))
+        .await
+        .map_err(|e| format!("cannot listen on game port {}: {e}", args.port))?;
+    let (arcus, mut events, management) = match args.management_protocol {
+        ManagementProtocol::Arcus => {
+            let port = args.management_port.ok_or(
+                "--management-port is required unless --management-protocol none".to_string(),
+            )?;
+            let server = ArcusServer::bind(port).await.map_err(|e| e.to_string())?;
+            // The bound port, not the flag, so `--management-port 0` reports where it listens.
+            let bound = server.local_addr().port();
+            let (handle, events) = server.into_parts();
+            (Some(handle), Some(events), bound.to_string())
+        }
+        ManagementProtocol::None => (None, None, "none".to_string()),
+    };
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
+    let game_port = game_listener
+        .local_addr()
+        .map_err(|e| format!("game port {}: {e}", args.port))?
+        .port();
+    eprintln!(
+        "berth-sample-game {} listening game={game_port} management={management}",
+        args.instance_id
+    );
+
+    let (info, _) = watch::channel(Info {
+        instance_id: args.instance_id.clone(),
+        status: GameStatus::Starting.number(),
+        allocated: false,
+        allocation: Vec::new(),
+        metadata: Vec::new(),
+        host_information: Map::new(),
+        instance_information: Map::new(),
+    });
+    let mut game = Game {
+        arcus,
+        info,
+        instance_id: args.instance_id,
+        ready: false,
+        match_length: Duration::from_secs(args.match_seconds),
+        match_end: None,
+    };
+    let mut startup_done = None;
+    if args.startup_delay_ms == 0 {
+        game.become_ready()?;
+    } else {
+        game.publish()?;
+        startup_done = Some(Instant::now() + Duration::from_millis(args.startup_delay_ms));
+    }
+
+    loop {
+        tokio::select! {
+            event = next_event(events.as_mut()) => match event {
+                Some(event) => {
+                    if game.on_event(event)? == Flow::Exit {
+                        return Ok(());
+                    }
+                }
+                None => return Err("the Arcus server stopped".to_string()),
+            },
+            () = sleep_until_some(startup_done) => {
+                startup_done = None;
+                game.become_ready()?;
+            }
+            () = sleep_until_some(game.match_end) => {
+                game.release();
+                game.publish()?;
+            }
+            accepted = game_listener.accept() => {
+                // A client that fails to connect is its own problem; keep serving the rest.
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(serve_client(stream, game.info.subscribe()));
+                }
+            }
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Exit,
+}
+
+struct Game {
+    arcus: Option<ArcusHandle>,
+    info: watch::Sender<Info>,
+    instance_id: String,
+    ready: bool,
+    match_length: Duration,
+    match_end: Option<Instant>,
+}
+
+impl Game {
+    fn status(&self) -> GameStatus {
+        if self.info.borrow().allocated {
+            GameStatus::Allocated
+        } else if self.ready {
+            GameStatus::Online
+        } else {
+            GameStatus::Starting
+        }
+    }
+
+    /// Makes the status derived from the game's state visible to `INFO` and to the agent.
+    fn publish(&mut self) -> Result<(), String> {
+        let status = self.status();
+        self.info.send_modify(|info| info.status = status.number());
+        match &self.arcus {
+            Some(arcus) => arcus.set_status(status).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn become_ready(&mut self) -> Result<(), String> {
+        self.ready = true;
+        if let Some(arcus) = &self.arcus {
+            arcus
+                .set_live_state(LiveState {
+                    players: 0,
+                    max_players: MAX_PLAYERS,
+                    name: format!("berth-sample-{}", self.instance_id),
+                    map: "sample".to_string(),
+                    mode: "default".to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    extra: Map::new(),
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        self.publish()
+    }
+
+    fn release(&mut self) {
+        self.match_end = None;
+        self.info.send_modify(|info| {
+            info.allocated = false;
+            info.allocation.clear();
+        });
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<Flow, String> {
+        match event {
+            Event::SoftStop { timeout } => {
+                eprintln!("soft stop (timeout {timeout}s): exiting");
+                return Ok(Flow::Exit);
+            }
+            Event::Allocated(data) => {
+                // The match length comes from --match-seconds alone, so a harness controls
+                // it without depending on what the matchmaker put in the allocation.
+                self.match_end =
+                    (!self.match_length.is_zero()).then(|| Instant::now() + self.match_length);
+                self.info.send_modify(|info| {
+                    info.allocated = true;
+                    info.allocation = data;
+                });
+                self.publish()?;
+            }
+            Event::CustomCommand(data) => {
+                let deallocated = data
+                    .iter()
+                    .any(|kv| kv.key == "command" && kv.value == "deallocated");
+                if deallocated {
+                    self.release();
+                    self.publish()?;
+                }
+            }
+            Event::Metadata(data) => self
+                .info
+                .send_modify(|info| merge(&mut info.metadata, data)),
+            Event::HostInformation(object) => {
+                self.info.send_modify(|info| info.host_information = object);
+            }
+            Event::InstanceInformation(object) => {
+                self.info
+                    .send_modify(|info| info.instance_information = object);
+            }
+            Event::Connected { peer } => eprintln!("agent connected from {peer}"),
+            Event::Disconnected { reason } => eprintln!("agent link closed: {reason}"),
+            Event::Rejected { peer, reason } => eprintln!("refused {peer}: {reason}"),
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+/// New values replace the pairs with the same key; new keys are appended in order.
+fn merge(into: &mut Vec<KeyValue>, data: Vec<KeyValue>) {
+    for kv in data {
+        match into.iter_mut().find(|old| old.key == kv.key) {
+            Some(old) => old.value = kv.value,
+            None => into.push(kv),
+        }
+    }
+}
+
+/// Answers `INFO` lines until the client goes away.
+async fn serve_client(mut stream: TcpStream, info: watch::Receiver<Info>) {
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::with_capacity(256, read);
+    let mut line = Vec::new();
+    let mut reply = Vec::new();
+    loop {
+        line.clear();
+        let limit = (MAX_LINE + 1) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.len() > MAX_LINE {
+            let _ = write.write_all(b"{\"error\":\"line too long\"}\n").await;
+            return;
+        }
+        reply.clear();
+        if line.trim_ascii() == b"INFO" {
+            // Serializing from the borrow avoids cloning the state for every query.
+            if serde_json::to_writer(&mut reply, &*info.borrow()).is_err() {
+                return;
+            }
+            reply.push(b'\n');
+        } else {
+            reply.extend_from_slice(b"{\"error\":\"unknown command; send INFO\"}\n");
+        }
+        if write.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn next_event(events: Option<&mut Events>) -> Option<Event> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
