@@ -1,16 +1,14 @@
 //! `agent.toml`: strict parsing, single-key overrides from flags and `BERTH_*` variables, and
 //! validation into [`Config`] before any port is bound.
 
+pub use berth_daemon::{ConfigError, EXIT_CONFIG, LogFormat};
+use berth_daemon::{ConfigFile, Kind};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Exit code for a bad configuration (sysexits `EX_CONFIG`); systemd units list it in
-/// `RestartPreventExitStatus=` so a typo does not become a restart loop.
-pub const EXIT_CONFIG: i32 = 78;
 
 /// The file as written. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -49,24 +47,6 @@ struct RawToken {
     role: Option<String>,
 }
 
-/// A configuration key that is wrong, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    pub key: String,
-    pub message: String,
-}
-
-/// How the agent writes its logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// JSON when stderr is not a terminal (systemd), human text otherwise.
-    Auto,
-    Json,
-    Text,
-}
-
 /// A user games run as instead of the agent's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
@@ -102,24 +82,24 @@ pub struct Config {
 }
 
 /// Keys that `BERTH_<KEY>` variables and flags may override.
-const OVERRIDABLE: &[&str] = &[
-    "controller_url",
-    "join_token",
-    "join_token_file",
-    "listen",
-    "advertise_url",
-    "state_dir",
-    "log_dir",
-    "host_name",
-    "region",
-    "dc_location",
-    "is_virtual",
-    "game_ports",
-    "management_ports",
-    "run_as_user",
-    "allocation_timeout_ms",
-    "max_instances",
-    "log_format",
+const OVERRIDABLE: &[(&str, Kind)] = &[
+    ("controller_url", Kind::Str),
+    ("join_token", Kind::Str),
+    ("join_token_file", Kind::Str),
+    ("listen", Kind::Str),
+    ("advertise_url", Kind::Str),
+    ("state_dir", Kind::Str),
+    ("log_dir", Kind::Str),
+    ("host_name", Kind::Str),
+    ("region", Kind::Str),
+    ("dc_location", Kind::Str),
+    ("is_virtual", Kind::Bool),
+    ("game_ports", Kind::Str),
+    ("management_ports", Kind::Str),
+    ("run_as_user", Kind::Str),
+    ("allocation_timeout_ms", Kind::Int),
+    ("max_instances", Kind::Int),
+    ("log_format", Kind::Str),
 ];
 
 impl Config {
@@ -130,45 +110,14 @@ impl Config {
         env: &[(String, String)],
         overrides: &[(&str, String)],
     ) -> Result<Self, ConfigError> {
-        let file = path.map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
-        let err = |key: &str, message: String| ConfigError {
-            file: file.clone(),
-            key: key.to_owned(),
-            message,
-        };
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| err("(file)", format!("cannot read the file: {e}")))?,
-            None => String::new(),
-        };
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| err(&toml_key(&e, &text), e.message().to_owned()))?;
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("BERTH_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if OVERRIDABLE.contains(&key.as_str()) {
-                table.insert(key.clone(), typed_override(&key, value));
-            }
-        }
-        for (key, value) in overrides {
-            table.insert((*key).to_owned(), typed_override(key, value));
-        }
-        // Parsed from text (not from the table) so that every error has a span, and so a key.
-        let merged = toml::to_string(&table)
-            .map_err(|e| err("(file)", format!("cannot merge overrides: {e}")))?;
-        let raw: RawConfig = toml::from_str(&merged).map_err(|e: toml::de::Error| {
-            let msg = e.message().to_owned();
-            let key = unknown_field(&msg).unwrap_or_else(|| toml_key(&e, &merged));
-            err(&key, msg)
-        })?;
-        Self::validate(raw, &err)
+        let (raw, file) = berth_daemon::load::<RawConfig>(path, env, overrides, OVERRIDABLE)?;
+        let err = |key: &str, message: String| file.err(key, message);
+        Self::validate(raw, &file, &err)
     }
 
     fn validate(
         raw: RawConfig,
+        file: &ConfigFile,
         err: &dyn Fn(&str, String) -> ConfigError,
     ) -> Result<Self, ConfigError> {
         let listen_text = raw.listen.unwrap_or_else(|| "0.0.0.0:6824".to_owned());
@@ -181,14 +130,11 @@ impl Config {
 
         let controller_url = match raw.controller_url {
             Some(u) if u.is_empty() => None,
-            Some(u) => Some(
-                check_url("controller_url", &u, err)?
-                    .trim_end_matches('/')
-                    .to_owned(),
-            ),
+            Some(u) => Some(berth_daemon::http_url(file, "controller_url", &u)?),
             None => None,
         };
-        let join_token = secret(raw.join_token, raw.join_token_file, "join_token", err)?;
+        let join_token =
+            berth_daemon::secret(file, "join_token", raw.join_token, raw.join_token_file)?;
         if controller_url.is_some() && join_token.is_none() {
             return Err(err(
                 "join_token",
@@ -198,9 +144,7 @@ impl Config {
         }
 
         let advertise_url = match raw.advertise_url {
-            Some(u) => check_url("advertise_url", &u, err)?
-                .trim_end_matches('/')
-                .to_owned(),
+            Some(u) => berth_daemon::http_url(file, "advertise_url", &u)?,
             None => {
                 let ip = if listen.ip().is_unspecified() {
                     default_ip()
@@ -325,17 +269,7 @@ impl Config {
         if max_instances == 0 {
             return Err(err("max_instances", "must be at least 1".to_owned()));
         }
-        let log_format = match raw.log_format.as_deref() {
-            None | Some("auto") => LogFormat::Auto,
-            Some("json") => LogFormat::Json,
-            Some("text") => LogFormat::Text,
-            Some(other) => {
-                return Err(err(
-                    "log_format",
-                    format!("{other:?} is not one of \"auto\", \"json\", \"text\""),
-                ));
-            }
-        };
+        let log_format = LogFormat::parse(file, raw.log_format.as_deref())?;
 
         let addresses = match raw.addresses {
             Some(list) => {
@@ -360,7 +294,7 @@ impl Config {
                     format!("{role:?} is not one of \"admin\", \"controller\""),
                 ));
             }
-            let token = secret(t.token, t.token_file, &format!("{key}.token"), err)?
+            let token = berth_daemon::secret(file, &format!("{key}.token"), t.token, t.token_file)?
                 .ok_or_else(|| err(&key, "needs token or token_file".to_owned()))?;
             api_tokens.push(token);
         }
@@ -387,101 +321,6 @@ impl Config {
             api_tokens,
         })
     }
-}
-
-/// Flags and variables arrive as strings; give the keys that are not strings their type so the
-/// strict parse accepts them.
-fn typed_override(key: &str, value: &str) -> toml::Value {
-    match key {
-        "is_virtual" => match value {
-            "true" | "1" => toml::Value::Boolean(true),
-            "false" | "0" => toml::Value::Boolean(false),
-            _ => toml::Value::String(value.to_owned()),
-        },
-        "allocation_timeout_ms" | "max_instances" => value.parse::<i64>().map_or_else(
-            |_| toml::Value::String(value.to_owned()),
-            toml::Value::Integer,
-        ),
-        _ => toml::Value::String(value.to_owned()),
-    }
-}
-
-/// The name in serde's "unknown field `x`, expected …" message.
-fn unknown_field(msg: &str) -> Option<String> {
-    let rest = msg.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_owned())
-}
-
-/// The key a TOML error points at, from its span in the text.
-fn toml_key(e: &toml::de::Error, text: &str) -> String {
-    e.span()
-        .and_then(|span| {
-            let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-            let line = &text[line_start..];
-            let line = &line[..line.find('\n').unwrap_or(line.len())];
-            let key = line.split('=').next()?.trim();
-            (!key.is_empty()).then(|| key.to_owned())
-        })
-        .unwrap_or_else(|| "(syntax)".to_owned())
-}
-
-fn check_url<'a>(
-    key: &str,
-    url: &'a str,
-    err: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<&'a str, ConfigError> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| err(key, format!("{url:?} must start with http:// or https://")))?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(err(key, format!("{url:?} has no host")));
-    }
-    if url.starts_with("https://") {
-        return Err(err(
-            key,
-            format!(
-                "{url:?}: TLS to the controller is not supported yet; use http:// on a private network"
-            ),
-        ));
-    }
-    Ok(url)
-}
-
-/// A secret given inline or in a file (first line, trimmed).
-fn secret(
-    inline: Option<String>,
-    file: Option<PathBuf>,
-    key: &str,
-    err: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<Option<String>, ConfigError> {
-    let value = match (inline, file) {
-        (Some(_), Some(_)) => {
-            return Err(err(
-                key,
-                format!("set either {key} or {key}_file, not both"),
-            ));
-        }
-        (Some(v), None) => v,
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map_err(|e| {
-                err(
-                    &format!("{key}_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?
-            .trim()
-            .to_owned(),
-        (None, None) => return Ok(None),
-    };
-    if value.len() < 16 {
-        return Err(err(
-            key,
-            "is shorter than 16 characters; use a long random secret (openssl rand -hex 32)"
-                .to_owned(),
-        ));
-    }
-    Ok(Some(value))
 }
 
 fn port_range(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use berth_agent::config::{Config, EXIT_CONFIG, LogFormat};
+use berth_agent::config::{Config, EXIT_CONFIG};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth-agent: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     if matches!(cli.command, Some(Cmd::Validate)) {
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log_format);
+    berth_daemon::init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            berth_daemon::stop_signal().await;
             tracing::info!("stopping; games keep running");
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             let _ = tx.send(true);
@@ -101,40 +101,5 @@ fn main() -> ExitCode {
             eprintln!("berth-agent: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the agent can still be stopped with SIGKILL; games survive
-        // that too.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().with_current_span(true).init();
-    } else {
-        builder.init();
     }
 }

@@ -551,7 +551,15 @@ impl Supervisor {
                     if p.pid.is_some() {
                         tracing::warn!(instance_id = %inst.id, "game exited while the agent was down");
                         inst.stopped_at = Some(now);
-                        inst.allocation = None;
+                        // As in `exited`: the match ended with the process, and a restart
+                        // by policy is counted as one.
+                        if inst.allocation.take().is_some() {
+                            inst.metadata.clear();
+                        }
+                        if inst.desired == Desired::Running && inst.profile.auto_restart {
+                            inst.restarts += 1;
+                            sup.metrics.restarts.inc();
+                        }
                     }
                     let id = inst.id.clone();
                     let restart = inst.desired == Desired::Running && inst.profile.auto_restart;
@@ -755,9 +763,26 @@ impl Supervisor {
         };
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
         self.instances.insert(id.clone(), inst);
-        self.spawn_run(&id);
         self.changed(&id, true);
-        Ok(self.instances[&id].view())
+        let view = self.instances[&id].view();
+        // Answer in status 1 and spawn as the next command: the caller sees setup, and a burst
+        // of deploys is not held up by fork/exec.
+        self.schedule_now(&id, 0, Timer::Restart);
+        Ok(view)
+    }
+
+    fn schedule_now(&self, id: &str, run: u64, timer: Timer) {
+        let cmd = Command::Timer {
+            id: id.to_owned(),
+            run,
+            timer,
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
     }
 
     /// Starts a process for the instance and its Arcus link.

@@ -1,1 +1,114 @@
-//! placeholder
+//! The Berth controller: keeps the inventory of hosts and game server instances, hands idle
+//! instances to matchmakers, and keeps every fleet at its size.
+//!
+//! Map: [`config`] (controller.toml), [`store`] (SQLite, group commit), [`inventory`] (the one
+//! task that owns all state), [`engine`] (the pure allocation choice), [`agent_client`] (calls
+//! to agents), [`actuator`] (carries out reconciler plans), [`api`] (HTTP).
+
+pub mod actuator;
+pub mod agent_client;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod inventory;
+pub mod metrics;
+pub mod model;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// How long in-flight requests may take to finish at shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+/// How often host expiry is checked: well inside the 1 s slack of the detection target.
+const TICK: Duration = Duration::from_millis(100);
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the controller until `shutdown` becomes true. `on_ready` is called once the store is
+/// loaded and the listener bound.
+pub async fn run(
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let store = store::Store::open(&config.database).await?;
+    let snapshot = store.load().await?;
+    tracing::info!(
+        hosts = snapshot.hosts.len(),
+        instances = snapshot.instances.len(),
+        allocations = snapshot.allocations.len(),
+        database = %config.database.display(),
+        "state loaded"
+    );
+    let writer = store.start_writer();
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (inventory, actions) =
+        inventory::Inventory::start(config.clone(), snapshot, writer, metrics.clone());
+    let agents = agent_client::AgentClient::new();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let ticker = {
+        let inventory = inventory.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(TICK);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => inventory.tick().await,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    };
+    let actuator = tokio::spawn(actuator::run(
+        inventory.clone(),
+        agents.clone(),
+        actions,
+        config.reconcile_interval,
+        shutdown.clone(),
+    ));
+    let app = api::router(api::AppState::new(
+        &config, inventory, agents, store, metrics,
+    ));
+    tracing::info!(listen = %local, "controller ready");
+    on_ready(local);
+    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN).await {
+        tracing::warn!(error = %e, "shutdown");
+    }
+    ticker.abort();
+    actuator.abort();
+    Ok(())
+}

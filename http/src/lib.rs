@@ -41,6 +41,9 @@ pub struct Failure {
     pub error_code: Option<u32>,
     /// Extra response headers, e.g. `Retry-After`.
     pub retry_after_secs: Option<u64>,
+    /// What led to the refusal (candidates, attempts), kept by the controller as the story of
+    /// the request; never sent in the body.
+    pub story: Option<Box<serde_json::Value>>,
 }
 
 impl Failure {
@@ -52,6 +55,7 @@ impl Failure {
             attempts: None,
             error_code: code.agent_code(),
             retry_after_secs: None,
+            story: None,
         }
     }
 
@@ -99,9 +103,33 @@ fn valid_correlation(v: &HeaderValue) -> Option<&str> {
     .then_some(s)
 }
 
+/// A failed request as [`correlate_recording`] hands it to its sink.
+#[derive(Debug, Clone)]
+pub struct FailureRecord {
+    pub method: String,
+    pub body: ErrorBody,
+    pub story: Option<serde_json::Value>,
+}
+
+/// Where failed requests go to be remembered.
+pub type FailureSink = std::sync::Arc<dyn Fn(FailureRecord) + Send + Sync>;
+
 /// Middleware for every route: takes or makes the correlation id, runs the request in a span
 /// carrying it, renders a [`Failure`] into the error body, and echoes `X-Correlation-Id`.
-pub async fn correlate(mut req: Request, next: Next) -> Response {
+pub async fn correlate(req: Request, next: Next) -> Response {
+    handle(req, next, None).await
+}
+
+/// [`correlate`], and every failure is also given to `sink`.
+pub async fn correlate_recording(
+    axum::extract::State(sink): axum::extract::State<FailureSink>,
+    req: Request,
+    next: Next,
+) -> Response {
+    handle(req, next, Some(sink)).await
+}
+
+async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Response {
     let id = req
         .headers()
         .get(CORRELATION_HEADER)
@@ -122,11 +150,18 @@ pub async fn correlate(mut req: Request, next: Next) -> Response {
             }
         });
         let status = resp.status();
-        let mut rendered = (status, axum::Json(body)).into_response();
+        let mut rendered = (status, axum::Json(&body)).into_response();
         if let Some(secs) = failure.retry_after_secs {
             rendered
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(sink) = sink {
+            sink(FailureRecord {
+                method: method.to_string(),
+                body,
+                story: failure.story.map(|b| *b),
+            });
         }
         resp = rendered;
     }
@@ -169,16 +204,17 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A required JSON body. Errors name the field (`profile.executable: missing field …`).
+/// A required JSON body of at most `LIMIT` bytes. Errors name the field
+/// (`profile.executable: missing field …`).
 #[derive(Debug)]
-pub struct JsonBody<T>(pub T);
+pub struct JsonBody<T, const LIMIT: usize = BODY_LIMIT>(pub T);
 
 /// A JSON body that may be empty (then `T::default()`).
 #[derive(Debug)]
 pub struct OptionalJsonBody<T>(pub T);
 
-async fn read_body(req: Request) -> Result<bytes::Bytes, Failure> {
-    axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, Failure> {
+    axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|e| {
             let too_large = std::error::Error::source(&e)
@@ -188,7 +224,7 @@ async fn read_body(req: Request) -> Result<bytes::Bytes, Failure> {
                 Failure::new(
                     ErrorCode::PayloadTooLarge,
                     "Payload too large.",
-                    format!("the request body is over the {BODY_LIMIT}-byte limit"),
+                    format!("the request body is over the {limit}-byte limit"),
                 )
             } else {
                 Failure::invalid_request(format!("cannot read the request body: {e}"))
@@ -213,11 +249,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
     Ok(value)
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S>
+    for JsonBody<T, LIMIT>
+{
     type Rejection = Failure;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Failure> {
-        let bytes = read_body(req).await?;
+        let bytes = read_body(req, LIMIT).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(Failure::invalid_request("a JSON body is required"));
         }
@@ -229,7 +267,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
     type Rejection = Failure;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Failure> {
-        let bytes = read_body(req).await?;
+        let bytes = read_body(req, BODY_LIMIT).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
         }

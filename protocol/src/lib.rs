@@ -7,7 +7,9 @@
 
 pub mod agent_api;
 pub mod arcus;
+pub mod controller_api;
 pub mod error;
+pub mod filter;
 pub mod link;
 pub mod metadata;
 pub mod status;

@@ -1,0 +1,280 @@
+//! Calls from the controller to host agents. Connections are pooled and reused; every failure
+//! becomes an [`AgentFailure`] with a 76000-series code, so the allocation engine can decide
+//! whether the next candidate may do better.
+
+use std::time::{Duration, Instant};
+
+use berth_http::{CallError, JsonClient};
+use berth_protocol::ErrorCode;
+use berth_protocol::agent_api::{
+    AllocateRequest, CommandRequest, DeallocateRequest, DeployRequest, InstanceView,
+    MetadataRequest, StopRequest,
+};
+use http::Method;
+
+/// The agent's own answer comes within 5 s; allow for the network on top.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(6);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how to reach one host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTarget {
+    pub host_id: u64,
+    pub host_name: String,
+    pub url: String,
+    pub token: String,
+}
+
+/// An agent call that did not succeed, as an error code the controller can pass on.
+#[derive(Debug, Clone)]
+pub struct AgentFailure {
+    pub host_id: u64,
+    pub status: u16,
+    pub code: ErrorCode,
+    pub error_code: Option<u32>,
+    pub details: String,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentClient {
+    http: JsonClient,
+}
+
+impl AgentClient {
+    pub fn new() -> Self {
+        Self {
+            http: JsonClient::new(),
+        }
+    }
+
+    async fn call<B: serde::Serialize>(
+        &self,
+        target: &AgentTarget,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        correlation: Option<&str>,
+        timeout: Duration,
+    ) -> Result<InstanceView, AgentFailure> {
+        let started = Instant::now();
+        let url = format!("{}{path}", target.url);
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let result = self
+            .http
+            .send(
+                method,
+                &url,
+                Some(&target.token),
+                correlation,
+                bytes,
+                timeout,
+            )
+            .await
+            .and_then(|(_, raw)| {
+                serde_json::from_slice::<InstanceView>(&raw).map_err(|e| CallError::Decode {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })
+            });
+        result.map_err(|e| failure(target, e, started.elapsed()))
+    }
+
+    pub async fn allocate(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+        req: &AllocateRequest,
+        correlation: &str,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!("/v1/instances/{instance_id}/allocate");
+        self.call(
+            target,
+            Method::POST,
+            &path,
+            Some(req),
+            Some(correlation),
+            ALLOCATE_TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn deallocate(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+        req: &DeallocateRequest,
+        correlation: Option<&str>,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!("/v1/instances/{instance_id}/deallocate");
+        self.call(
+            target,
+            Method::POST,
+            &path,
+            Some(req),
+            correlation,
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn deploy(
+        &self,
+        target: &AgentTarget,
+        req: &DeployRequest,
+    ) -> Result<InstanceView, AgentFailure> {
+        self.call(
+            target,
+            Method::POST,
+            "/v1/instances",
+            Some(req),
+            None,
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn remove(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!("/v1/instances/{instance_id}");
+        self.call::<()>(target, Method::DELETE, &path, None, None, CALL_TIMEOUT)
+            .await
+    }
+
+    pub async fn metadata(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+        req: &MetadataRequest,
+        correlation: &str,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!("/v1/instances/{instance_id}/metadata");
+        self.call(
+            target,
+            Method::POST,
+            &path,
+            Some(req),
+            Some(correlation),
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn command(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+        req: &CommandRequest,
+        correlation: &str,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!("/v1/instances/{instance_id}/command");
+        self.call(
+            target,
+            Method::POST,
+            &path,
+            Some(req),
+            Some(correlation),
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    pub async fn stop(
+        &self,
+        target: &AgentTarget,
+        instance_id: &str,
+        req: &StopRequest,
+        force: bool,
+        correlation: &str,
+    ) -> Result<InstanceView, AgentFailure> {
+        let path = format!(
+            "/v1/instances/{instance_id}/stop{}",
+            if force { "?force=true" } else { "" }
+        );
+        self.call(
+            target,
+            Method::POST,
+            &path,
+            Some(req),
+            Some(correlation),
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+}
+
+/// Maps a failed call to the code the controller reports.
+fn failure(target: &AgentTarget, e: CallError, elapsed: Duration) -> AgentFailure {
+    let elapsed_ms = elapsed.as_millis() as u64;
+    let unreachable = |details: String| AgentFailure {
+        host_id: target.host_id,
+        status: ErrorCode::AgentUnreachable.http_status(),
+        code: ErrorCode::AgentUnreachable,
+        error_code: Some(76007),
+        details,
+        elapsed_ms,
+    };
+    match e {
+        CallError::Unreachable { reason, .. } => unreachable(format!(
+            "agent of host {} ({}) at {} could not be reached: {reason}",
+            target.host_id, target.host_name, target.url
+        )),
+        CallError::TimedOut { ms, .. } => unreachable(format!(
+            "agent of host {} ({}) at {} did not answer within {ms} ms",
+            target.host_id, target.host_name, target.url
+        )),
+        CallError::Status {
+            status,
+            body: Some(body),
+            ..
+        } => AgentFailure {
+            host_id: target.host_id,
+            status,
+            code: body.code,
+            error_code: body.error_code,
+            details: body.details,
+            elapsed_ms,
+        },
+        CallError::Status { status, text, .. } if status == 401 || status == 403 => AgentFailure {
+            host_id: target.host_id,
+            status: 403,
+            code: ErrorCode::AgentUnauthenticated,
+            error_code: Some(76001),
+            details: format!(
+                "agent of host {} refused the controller's token ({status}): {text}",
+                target.host_id
+            ),
+            elapsed_ms,
+        },
+        CallError::Status { status, text, .. } => internal(
+            target,
+            format!("HTTP {status} with a body that is not an error body: {text}"),
+            elapsed_ms,
+        ),
+        CallError::Decode { reason, .. } => internal(
+            target,
+            format!("an answer that is not an instance: {reason}"),
+            elapsed_ms,
+        ),
+        CallError::InvalidUrl(u) => {
+            internal(target, format!("invalid agent URL {u:?}"), elapsed_ms)
+        }
+    }
+}
+
+fn internal(target: &AgentTarget, what: String, elapsed_ms: u64) -> AgentFailure {
+    AgentFailure {
+        host_id: target.host_id,
+        status: 500,
+        code: ErrorCode::AgentInternalError,
+        error_code: Some(76000),
+        details: format!(
+            "agent of host {} ({}) at {} answered {what}",
+            target.host_id, target.host_name, target.url
+        ),
+        elapsed_ms,
+    }
+}

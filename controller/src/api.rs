@@ -1,0 +1,1027 @@
+//! The controller's HTTP API (DESIGN.md §4.1). The only module that knows HTTP: handlers
+//! check the caller, parse and validate, turn the request into inventory commands and agent
+//! calls, and answer. Refusals are [`Failure`]s; the correlation middleware renders them and
+//! records their story.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use berth_http::{CorrelationId, Failure, FailureSink, JsonBody, OptionalJsonBody, bearer};
+use berth_protocol::agent_api::{
+    AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
+};
+use berth_protocol::controller_api::{
+    AllocateBody, Application, DcLocation, DeallocateBody, DeploymentEnvironment, Fleet,
+    I3dAllocateBody, I3dInstance, InstanceObject, Region,
+};
+use berth_protocol::filter::Filter;
+use berth_protocol::link::{EventsRequest, HeartbeatRequest, RegisterRequest};
+use berth_protocol::{ErrorCode, InstanceStatus, KeyValue, metadata};
+use sha2::{Digest, Sha256};
+
+use crate::agent_client::{AgentClient, AgentFailure};
+use crate::config::{Config, Role, digest};
+use crate::inventory::{
+    AllocateInput, Answer, Crud, InstanceOp, InventoryHandle, ListQuery, Release, Step,
+};
+use crate::metrics::Metrics;
+use crate::model::hex;
+use crate::store::Store;
+
+/// Registration carries every instance of a host in full: allow more than the default limit.
+const REGISTER_LIMIT: usize = 64 << 20;
+
+/// A fixed one-second window per token, in two atomics: no lock on the request path.
+#[derive(Debug, Default)]
+pub struct RateLimit {
+    per_second: u64,
+    window: AtomicU64,
+    count: AtomicU64,
+}
+
+impl RateLimit {
+    fn admit(&self) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let now = crate::unix_now();
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < self.per_second
+    }
+}
+
+#[derive(Debug)]
+pub struct TokenInfo {
+    pub role: Role,
+    pub name: String,
+    pub limit: RateLimit,
+}
+
+/// Shared, immutable after start.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub inventory: InventoryHandle,
+    pub agents: AgentClient,
+    pub store: Store,
+    pub tokens: Arc<HashMap<[u8; 32], TokenInfo>>,
+    pub join_digest: [u8; 32],
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(
+        config: &Config,
+        inventory: InventoryHandle,
+        agents: AgentClient,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let tokens = config
+            .tokens
+            .iter()
+            .map(|t| {
+                (
+                    t.digest,
+                    TokenInfo {
+                        role: t.role,
+                        name: t.name.clone(),
+                        limit: RateLimit {
+                            per_second: t.rate_limit,
+                            ..RateLimit::default()
+                        },
+                    },
+                )
+            })
+            .collect();
+        Self {
+            inventory,
+            agents,
+            store,
+            tokens: Arc::new(tokens),
+            join_digest: config.join_token_digest,
+            metrics,
+        }
+    }
+}
+
+/// An authenticated matchmaker or admin.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller(pub Role);
+
+/// An authenticated admin.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+fn credentials(parts: &Parts) -> Result<[u8; 32], Failure> {
+    let token = bearer(&parts.headers).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::MissingCredentials,
+            "Missing credentials.",
+            "no Authorization header; send `Authorization: Bearer <token>`",
+        )
+    })?;
+    Ok(digest(token))
+}
+
+fn invalid_credentials(details: &str) -> Failure {
+    Failure::new(
+        ErrorCode::InvalidCredentials,
+        "Invalid credentials.",
+        details,
+    )
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Failure> {
+        let d = credentials(parts)?;
+        let info = st
+            .tokens
+            .get(&d)
+            .ok_or_else(|| invalid_credentials("the token is unknown or revoked"))?;
+        if !info.limit.admit() {
+            let mut f = Failure::new(
+                ErrorCode::RateLimited,
+                "Too many requests.",
+                format!(
+                    "token {:?} is over its limit of {} requests per second; retry after the Retry-After delay",
+                    info.name, info.limit.per_second
+                ),
+            );
+            f.retry_after_secs = Some(1);
+            return Err(f);
+        }
+        Ok(Caller(info.role))
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Failure> {
+        match Caller::from_request_parts(parts, st).await? {
+            Caller(Role::Admin) => Ok(Admin),
+            Caller(Role::Matchmaker) => Err(invalid_credentials(
+                "this route needs an admin token; the token presented has the matchmaker role",
+            )),
+        }
+    }
+}
+
+/// The host token of an agent call, as a digest for the inventory to check.
+struct HostToken([u8; 32]);
+
+impl FromRequestParts<AppState> for HostToken {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Failure> {
+        credentials(parts).map(HostToken)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let sink: FailureSink = {
+        let inv = state.inventory.clone();
+        Arc::new(move |r| inv.record_failure(r))
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/agent/register", post(register))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/events", post(events))
+        .route(
+            "/v3/applicationInstance/game/{application_id}/empty/allocateWithErrors",
+            post(allocate_i3d).patch(allocate_i3d),
+        )
+        .route(
+            "/v1/applications/{application_id}/allocate",
+            post(allocate_native),
+        )
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/instances/{id}", get(get_instance))
+        .route("/v1/instances/{id}/deallocate", post(deallocate))
+        .route("/v1/instances/{id}/metadata", post(push_metadata))
+        .route("/v1/instances/{id}/command", post(command))
+        .route("/v1/instances/{id}/stop", post(stop))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/hosts/{id}", get(host))
+        .route("/v1/hosts/{id}/drain", post(drain).delete(undrain))
+        .route(
+            "/v1/applications",
+            get(list_applications).post(create_application),
+        )
+        .route(
+            "/v1/applications/{id}",
+            get(get_application)
+                .put(put_application)
+                .delete(delete_application),
+        )
+        .route("/v1/profiles", get(list_profiles).post(create_profile))
+        .route(
+            "/v1/profiles/{id}",
+            get(get_profile).put(put_profile).delete(delete_profile),
+        )
+        .route("/v1/fleets", get(list_fleets).post(create_fleet))
+        .route(
+            "/v1/fleets/{id}",
+            get(get_fleet).put(put_fleet).delete(delete_fleet),
+        )
+        .route("/v1/regions", get(list_regions).post(create_region))
+        .route(
+            "/v1/regions/{id}",
+            get(get_region).put(put_region).delete(delete_region),
+        )
+        .route(
+            "/v1/dc-locations",
+            get(list_dc_locations).post(create_dc_location),
+        )
+        .route(
+            "/v1/deployment-environments",
+            get(list_environments).post(create_environment),
+        )
+        .route("/v1/errors/{identifier}", get(error_story))
+        .fallback(berth_http::not_found)
+        .method_not_allowed_fallback(berth_http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            sink,
+            berth_http::correlate_recording,
+        ))
+        .with_state(state)
+}
+
+type ApiResult<T> = Result<Json<T>, Failure>;
+
+fn number<T: std::str::FromStr>(what: &str, text: &str) -> Result<T, Failure> {
+    text.parse()
+        .map_err(|_| Failure::invalid_request(format!("{what} {text:?} is not a valid number")))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let store = tokio::time::timeout(Duration::from_secs(2), st.store.ping()).await;
+    let inventory = tokio::time::timeout(Duration::from_secs(2), st.inventory.counts()).await;
+    match (store, inventory) {
+        (Ok(Ok(())), Ok(Ok(_))) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        (store, _) => {
+            let why = match store {
+                Ok(Ok(())) => "the inventory is not answering".to_owned(),
+                Ok(Err(e)) => format!("the database is not reachable: {e}"),
+                Err(_) => "the database did not answer within 2 s".to_owned(),
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "not ready", "reason": why})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    let (by_status, hosts) = st.inventory.counts().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(&by_status, &hosts),
+    )
+        .into_response())
+}
+
+// ----- agents ------------------------------------------------------------------------------
+
+async fn register(
+    State(st): State<AppState>,
+    HostToken(d): HostToken,
+    JsonBody(req): JsonBody<RegisterRequest, REGISTER_LIMIT>,
+) -> Result<Response, Failure> {
+    if !berth_http::constant_time_eq(&d, &st.join_digest) {
+        return Err(invalid_credentials(
+            "the join token is wrong; check join_token in agent.toml against controller.toml",
+        ));
+    }
+    let (resp, commit) = st.inventory.register(req).await?;
+    durable(commit).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn heartbeat(
+    State(st): State<AppState>,
+    HostToken(d): HostToken,
+    JsonBody(req): JsonBody<HeartbeatRequest>,
+) -> Result<Response, Failure> {
+    Ok(Json(st.inventory.heartbeat(d, req).await?).into_response())
+}
+
+async fn events(
+    State(st): State<AppState>,
+    HostToken(d): HostToken,
+    JsonBody(req): JsonBody<EventsRequest, REGISTER_LIMIT>,
+) -> Result<Response, Failure> {
+    Ok(Json(st.inventory.events(d, req).await?).into_response())
+}
+
+async fn durable(commit: crate::inventory::Commit) -> Result<(), Failure> {
+    match commit.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Failure::new(
+            ErrorCode::InternalError,
+            "Internal error.",
+            format!("the change could not be written to the database: {e}"),
+        )),
+        Err(_) => Err(Failure::new(
+            ErrorCode::ServiceUnavailable,
+            "The controller is shutting down.",
+            "the database writer stopped before the change was written",
+        )),
+    }
+}
+
+// ----- allocation --------------------------------------------------------------------------
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Failure> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| {
+            Failure::invalid_request(
+                "Idempotency-Key must be 1-255 visible ASCII characters (a UUID is a good key)",
+            )
+        })?;
+    Ok(Some(s.to_owned()))
+}
+
+fn parse_filter(text: &str) -> Result<Filter, Failure> {
+    Filter::parse(text).map_err(|e| {
+        Failure::new(
+            e.code(),
+            "Unable to allocate application instance.",
+            e.to_string(),
+        )
+    })
+}
+
+fn check_metadata(field: &str, pairs: &[KeyValue]) -> Result<(), Failure> {
+    metadata::validate(pairs).map_err(|e| Failure::invalid_request(format!("{field}: {e}")))
+}
+
+fn request_digest(
+    application_id: u32,
+    filter: &Filter,
+    metadata: &[KeyValue],
+    game: &Option<Vec<KeyValue>>,
+) -> String {
+    let canonical = serde_json::json!([application_id, filter.to_string(), metadata, game]);
+    hex(&Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// Runs an allocation to its end in its own task: a matchmaker that hangs up must not leave
+/// an instance claimed forever.
+async fn allocate(st: AppState, input: AllocateInput) -> Result<Answer, Failure> {
+    tokio::spawn(allocate_flow(st, input)).await.map_err(|e| {
+        Failure::new(
+            ErrorCode::InternalError,
+            "Internal error.",
+            format!("allocation task failed: {e}"),
+        )
+    })?
+}
+
+async fn allocate_flow(st: AppState, input: AllocateInput) -> Result<Answer, Failure> {
+    let correlation = input.identifier.clone();
+    let mut step = st.inventory.claim(input).await;
+    loop {
+        match step {
+            Step::Call(call) => {
+                let req = AllocateRequest {
+                    metadata: call.metadata,
+                    timeout_ms: Some(5000),
+                    allocation_id: Some(call.allocation_id),
+                    game_metadata: call.game_metadata,
+                };
+                let result = st
+                    .agents
+                    .allocate(&call.target, &call.instance_id, &req, &correlation)
+                    .await;
+                step = st.inventory.settle(call.claim_id, result).await;
+            }
+            Step::Done { answer, committed } => {
+                if let Some(commit) = committed
+                    && let Err(f) = durable(commit).await
+                {
+                    if let Some(alloc) = answer.native.allocation_id.clone() {
+                        st.inventory
+                            .abort_allocation(answer.native.id.clone(), alloc)
+                            .await;
+                    }
+                    return Err(f);
+                }
+                return Ok(*answer);
+            }
+            Step::Refused(f) => return Err(*f),
+        }
+    }
+}
+
+async fn allocate_native(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(application_id): Path<String>,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<AllocateBody>,
+) -> ApiResult<InstanceObject> {
+    let application_id = number("applicationId", &application_id)?;
+    let filter = parse_filter(&body.filter)?;
+    check_metadata("metadata", &body.metadata)?;
+    if let Some(g) = &body.game_metadata {
+        check_metadata("gameMetadata", g)?;
+    }
+    let input = AllocateInput {
+        application_id,
+        request_digest: request_digest(
+            application_id,
+            &filter,
+            &body.metadata,
+            &body.game_metadata,
+        ),
+        filter,
+        metadata: body.metadata,
+        game_metadata: body.game_metadata,
+        idempotency_key: idempotency_key(&headers)?,
+        identifier,
+    };
+    Ok(Json(allocate(st, input).await?.native))
+}
+
+async fn allocate_i3d(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(application_id): Path<String>,
+    RawQuery(query): RawQuery,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<I3dAllocateBody>,
+) -> ApiResult<Vec<I3dInstance>> {
+    let application_id = number("applicationId", &application_id)?;
+    let text = berth_http::query_param(query.as_deref(), "filters").unwrap_or_default();
+    let filter = parse_filter(&text)?;
+    check_metadata("metadata", &body.metadata)?;
+    let input = AllocateInput {
+        application_id,
+        request_digest: request_digest(application_id, &filter, &body.metadata, &None),
+        filter,
+        metadata: body.metadata,
+        game_metadata: None,
+        idempotency_key: idempotency_key(&headers)?,
+        identifier,
+    };
+    Ok(Json(vec![allocate(st, input).await?.i3d]))
+}
+
+fn agent_failure(f: AgentFailure, message: &str) -> Failure {
+    let mut out = Failure::new(f.code, message, f.details);
+    out.error_code = f.error_code;
+    out
+}
+
+async fn deallocate(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    OptionalJsonBody(body): OptionalJsonBody<DeallocateBody>,
+) -> ApiResult<InstanceObject> {
+    let flow = async move {
+        match st
+            .inventory
+            .begin_release(id.clone(), body.allocation_id)
+            .await?
+        {
+            Release::NotAllocated(answer) => Ok(answer.native),
+            Release::Call {
+                target,
+                allocation_id,
+            } => {
+                let req = DeallocateRequest {
+                    allocation_id: allocation_id.clone(),
+                };
+                let result = st
+                    .agents
+                    .deallocate(&target, &id, &req, Some(&identifier))
+                    .await;
+                let (answer, commit) = st
+                    .inventory
+                    .finish_release(id, allocation_id, result)
+                    .await?;
+                if let Some(c) = commit {
+                    durable(c).await?;
+                }
+                Ok(answer.native)
+            }
+        }
+    };
+    let answer = tokio::spawn(flow).await.map_err(|e| {
+        Failure::new(
+            ErrorCode::InternalError,
+            "Internal error.",
+            format!("release task failed: {e}"),
+        )
+    })??;
+    Ok(Json(answer))
+}
+
+/// Forwards one operation to the instance's agent and takes its answer into account.
+async fn through_agent<F, Fut>(
+    st: &AppState,
+    id: String,
+    op: InstanceOp,
+    call: F,
+) -> ApiResult<InstanceObject>
+where
+    F: FnOnce(crate::agent_client::AgentTarget) -> Fut,
+    Fut:
+        std::future::Future<Output = Result<berth_protocol::agent_api::InstanceView, AgentFailure>>,
+{
+    let target = st.inventory.begin_op(id.clone(), op).await?;
+    let host_id = target.host_id;
+    let view = call(target)
+        .await
+        .map_err(|f| agent_failure(f, "Unable to act on application instance."))?;
+    let answer = st
+        .inventory
+        .apply_view(host_id, view)
+        .await
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::ResourceNotFound,
+                "Not found.",
+                format!("instance {id} is gone"),
+            )
+        })?;
+    Ok(Json(answer.native))
+}
+
+async fn push_metadata(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    JsonBody(req): JsonBody<MetadataRequest>,
+) -> ApiResult<InstanceObject> {
+    check_metadata("metadata", &req.metadata)?;
+    let agents = st.agents.clone();
+    let iid = id.clone();
+    through_agent(&st, id, InstanceOp::Metadata, |t| async move {
+        agents.metadata(&t, &iid, &req, &identifier).await
+    })
+    .await
+}
+
+async fn command(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    JsonBody(req): JsonBody<CommandRequest>,
+) -> ApiResult<InstanceObject> {
+    let agents = st.agents.clone();
+    let iid = id.clone();
+    through_agent(&st, id, InstanceOp::Command, |t| async move {
+        agents.command(&t, &iid, &req, &identifier).await
+    })
+    .await
+}
+
+async fn stop(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    Extension(CorrelationId(identifier)): Extension<CorrelationId>,
+    OptionalJsonBody(req): OptionalJsonBody<StopRequest>,
+) -> ApiResult<InstanceObject> {
+    let force = berth_http::is_true(berth_http::query_param(query.as_deref(), "force").as_deref());
+    let agents = st.agents.clone();
+    let iid = id.clone();
+    through_agent(&st, id, InstanceOp::Stop, |t| async move {
+        agents.stop(&t, &iid, &req, force, &identifier).await
+    })
+    .await
+}
+
+// ----- listings ----------------------------------------------------------------------------
+
+async fn list_instances(
+    State(st): State<AppState>,
+    _: Caller,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Vec<InstanceObject>> {
+    let q = query.as_deref();
+    let filter = berth_http::query_param(q, "filter")
+        .map(|f| {
+            Filter::parse(&f).map_err(|e| Failure::new(e.code(), "Invalid filter.", e.to_string()))
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let status = berth_http::query_param(q, "status")
+        .map(|s| {
+            s.parse::<i64>()
+                .ok()
+                .and_then(InstanceStatus::from_number)
+                .ok_or_else(|| Failure::invalid_request(format!("status={s:?} is not one of 0-6")))
+        })
+        .transpose()?;
+    let application_id = berth_http::query_param(q, "applicationId")
+        .map(|a| number("applicationId", &a))
+        .transpose()?;
+    let all = berth_http::is_true(berth_http::query_param(q, "all").as_deref());
+    let mut list = st
+        .inventory
+        .list_instances(ListQuery {
+            filter,
+            status,
+            application_id,
+        })
+        .await?;
+    // Removed instances are history: only with all=true, and never by default.
+    if !all {
+        list.retain(|o| o.status != InstanceStatus::Inactive);
+    } else if status.is_none_or(|s| s == InstanceStatus::Inactive) {
+        let removed = st.store.removed_instances(1000).await.map_err(|e| {
+            Failure::new(
+                ErrorCode::InternalError,
+                "Internal error.",
+                format!("cannot read history: {e}"),
+            )
+        })?;
+        list.extend(
+            removed
+                .into_iter()
+                .filter(|r| application_id.is_none_or(|a| r.application_id == a))
+                .map(removed_object),
+        );
+    }
+    Ok(Json(list))
+}
+
+/// A removed instance from the history table, as an object (host details as last known).
+fn removed_object(r: crate::model::InstanceRecord) -> InstanceObject {
+    let v = r.view;
+    InstanceObject {
+        id: r.id,
+        application_id: r.application_id,
+        fleet_id: r.fleet_id,
+        deployment_environment_id: None,
+        profile_id: v.profile_id,
+        build: v.build,
+        host_id: r.host_id,
+        host_name: String::new(),
+        region_id: 0,
+        region_name: String::new(),
+        dc_location_id: 0,
+        dc_location_name: String::new(),
+        is_virtual: 0,
+        ip_address: String::new(),
+        port: v.port,
+        management_port: v.management_port,
+        status: InstanceStatus::Inactive,
+        state: v.state,
+        pid: None,
+        arcus_connected: false,
+        num_players: None,
+        num_players_max: None,
+        live_host_name: None,
+        live_map: None,
+        live_rules: None,
+        live_game_version: None,
+        metadata: Vec::new(),
+        reverse_metadata: Vec::new(),
+        allocation_id: None,
+        allocated_at: None,
+        restarts: v.restarts,
+        auto_restart: v.auto_restart,
+        created_at: berth_protocol::time::rfc3339(r.created_at),
+        updated_at: berth_protocol::time::rfc3339(r.removed_at.unwrap_or(v.updated_at)),
+    }
+}
+
+async fn get_instance(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<InstanceObject> {
+    st.inventory
+        .instance(id.clone())
+        .await?
+        .map(|a| Json(a.native))
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::ResourceNotFound,
+                "Not found.",
+                format!("instance {id} does not exist"),
+            )
+        })
+}
+
+async fn hosts(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    Ok(Json(st.inventory.hosts().await?).into_response())
+}
+
+async fn host(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let id: u64 = number("host id", &id)?;
+    st.inventory
+        .host(id)
+        .await?
+        .map(|h| Json(h).into_response())
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::ResourceNotFound,
+                "Not found.",
+                format!("host {id} does not exist"),
+            )
+        })
+}
+
+async fn set_drain(st: AppState, id: String, on: bool) -> Result<Response, Failure> {
+    let id: u64 = number("host id", &id)?;
+    let (h, commit) = st.inventory.drain(id, on).await?;
+    durable(commit).await?;
+    Ok(Json(h).into_response())
+}
+
+async fn drain(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    set_drain(st, id, true).await
+}
+
+async fn undrain(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    set_drain(st, id, false).await
+}
+
+async fn error_story(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(identifier): Path<String>,
+) -> Result<Response, Failure> {
+    if let Some(s) = st.inventory.story(identifier.clone()).await? {
+        return Ok(Json(s).into_response());
+    }
+    match st.store.error_story(&identifier).await {
+        Ok(Some(s)) => Ok(Json(s).into_response()),
+        Ok(None) => Err(Failure::new(
+            ErrorCode::ResourceNotFound,
+            "Not found.",
+            format!(
+                "no failed request with identifier {identifier} is on record (only failed requests are kept, and only the most recent ones)"
+            ),
+        )),
+        Err(e) => Err(Failure::new(
+            ErrorCode::InternalError,
+            "Internal error.",
+            e.to_string(),
+        )),
+    }
+}
+
+// ----- resources ---------------------------------------------------------------------------
+
+async fn crud(st: &AppState, op: Crud, created: bool) -> Result<Response, Failure> {
+    let (value, commit) = st.inventory.crud(op).await?;
+    if let Some(c) = commit {
+        durable(c).await?;
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(value)).into_response())
+}
+
+macro_rules! resource {
+    ($list:ident, $get:ident, $create:ident, $put:ident, $delete:ident, $ty:ty, $id:ty, $name:literal,
+     $List:ident, $Get:ident, $Put:ident, $Delete:ident, $wrap:expr, $idof:expr) => {
+        async fn $list(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+            crud(&st, Crud::$List, false).await
+        }
+        async fn $get(
+            State(st): State<AppState>,
+            _: Caller,
+            Path(id): Path<String>,
+        ) -> Result<Response, Failure> {
+            let id: $id = number(concat!($name, " id"), &id)?;
+            crud(&st, Crud::$Get(id), false).await
+        }
+        async fn $create(
+            State(st): State<AppState>,
+            _: Admin,
+            JsonBody(body): JsonBody<$ty>,
+        ) -> Result<Response, Failure> {
+            crud(&st, Crud::$Put($wrap(body), true), true).await
+        }
+        async fn $put(
+            State(st): State<AppState>,
+            _: Admin,
+            Path(id): Path<String>,
+            JsonBody(body): JsonBody<$ty>,
+        ) -> Result<Response, Failure> {
+            let id: $id = number(concat!($name, " id"), &id)?;
+            let idof: fn(&$ty) -> $id = $idof;
+            if idof(&body) != id {
+                return Err(Failure::invalid_request(format!(
+                    "the body's id {} differs from the path's {id}",
+                    idof(&body)
+                )));
+            }
+            crud(&st, Crud::$Put($wrap(body), false), false).await
+        }
+        async fn $delete(
+            State(st): State<AppState>,
+            _: Admin,
+            Path(id): Path<String>,
+        ) -> Result<Response, Failure> {
+            let id: $id = number(concat!($name, " id"), &id)?;
+            crud(&st, Crud::$Delete(id), false).await
+        }
+    };
+}
+
+fn same<T>(t: T) -> T {
+    t
+}
+
+resource!(
+    list_applications,
+    get_application,
+    create_application,
+    put_application,
+    delete_application,
+    Application,
+    u32,
+    "application",
+    ListApplications,
+    GetApplication,
+    PutApplication,
+    DeleteApplication,
+    same,
+    |a: &Application| a.id
+);
+resource!(
+    list_fleets,
+    get_fleet,
+    create_fleet,
+    put_fleet,
+    delete_fleet,
+    Fleet,
+    u64,
+    "fleet",
+    ListFleets,
+    GetFleet,
+    PutFleet,
+    DeleteFleet,
+    Box::new,
+    |f: &Fleet| f.id
+);
+
+async fn list_profiles(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    crud(&st, Crud::ListProfiles, false).await
+}
+
+async fn get_profile(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::GetProfile(id), false).await
+}
+
+async fn create_profile(
+    State(st): State<AppState>,
+    _: Admin,
+    JsonBody(p): JsonBody<Profile>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::PutProfile(Box::new(p), true), true).await
+}
+
+async fn put_profile(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    JsonBody(p): JsonBody<Profile>,
+) -> Result<Response, Failure> {
+    if p.id != id {
+        return Err(Failure::invalid_request(format!(
+            "the body's id {:?} differs from the path's {id:?}",
+            p.id
+        )));
+    }
+    crud(&st, Crud::PutProfile(Box::new(p), false), false).await
+}
+
+async fn delete_profile(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::DeleteProfile(id), false).await
+}
+
+async fn list_regions(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    crud(&st, Crud::ListRegions, false).await
+}
+
+async fn get_region(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::GetRegion(number("region id", &id)?), false).await
+}
+
+async fn create_region(
+    State(st): State<AppState>,
+    _: Admin,
+    JsonBody(r): JsonBody<Region>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::PutRegion(r), true).await
+}
+
+async fn put_region(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    JsonBody(r): JsonBody<Region>,
+) -> Result<Response, Failure> {
+    if r.id != number::<u32>("region id", &id)? {
+        return Err(Failure::invalid_request(
+            "the body's id differs from the path's",
+        ));
+    }
+    crud(&st, Crud::PutRegion(r), false).await
+}
+
+async fn delete_region(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::DeleteRegion(number("region id", &id)?), false).await
+}
+
+async fn list_dc_locations(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    crud(&st, Crud::ListDcLocations, false).await
+}
+
+async fn create_dc_location(
+    State(st): State<AppState>,
+    _: Admin,
+    JsonBody(d): JsonBody<DcLocation>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::PutDcLocation(d), true).await
+}
+
+async fn list_environments(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    crud(&st, Crud::ListEnvironments, false).await
+}
+
+async fn create_environment(
+    State(st): State<AppState>,
+    _: Admin,
+    JsonBody(e): JsonBody<DeploymentEnvironment>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::PutEnvironment(e), true).await
+}

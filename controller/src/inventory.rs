@@ -1,0 +1,2298 @@
+//! The inventory: one task that owns everything the controller knows — regions, hosts,
+//! applications, profiles, fleets, instances, allocations, claims in flight — fed by a closed
+//! [`Command`] enum.
+//!
+//! Because one task applies every change in order, a claim is atomic by construction: once an
+//! instance is marked as being allocated, no other request can choose it. Durable state goes to
+//! the store's writer; the inventory never waits for the disk itself, it hands the commit
+//! receipt to the caller that must not answer before it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_http::Failure;
+use berth_protocol::agent_api::{DeployRequest, InstanceView, Profile};
+use berth_protocol::controller_api::{
+    Application, AttemptStory, DcLocation, DeploymentEnvironment, ErrorStory, Fleet, HostObject,
+    I3dInstance, I3dIpAddress, InstanceObject, Region,
+};
+use berth_protocol::filter::{Condition, Filter};
+use berth_protocol::link::{
+    EventsRequest, EventsResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse,
+};
+use berth_protocol::time::rfc3339;
+use berth_protocol::{Attempt, ErrorCode, InstanceStatus, KeyValue, RuntimeState};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::agent_client::{AgentFailure, AgentTarget};
+use crate::config::{Config, digest};
+use crate::engine::{self, Availability, Cond, Facts, Resolved};
+use crate::metrics::Metrics;
+use crate::model::{AllocationRecord, HostRecord, InstanceRecord, hex};
+use crate::store::{Snapshot, Write, Writer};
+use crate::unix_now;
+
+/// How long an instance an agent refused is skipped, unless the agent reports it sooner.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+/// Instances a fleet deploys per host per reconcile round.
+const DEPLOY_BURST: u32 = 32;
+/// How long a host that failed a deploy is left alone.
+const DEPLOY_BACKOFF: Duration = Duration::from_secs(5);
+
+pub type Commit = oneshot::Receiver<Result<(), String>>;
+
+/// What the allocation handler gets back at each step.
+#[derive(Debug)]
+pub enum Step {
+    /// Ask this agent to allocate, then report the outcome with `settle`.
+    Call(Box<AgentCall>),
+    /// Allocated. Answer once `committed` (when present) says the allocation is on disk.
+    Done {
+        answer: Box<Answer>,
+        committed: Option<Commit>,
+    },
+    Refused(Box<Failure>),
+}
+
+#[derive(Debug)]
+pub struct AgentCall {
+    pub claim_id: u64,
+    pub instance_id: String,
+    pub allocation_id: String,
+    pub target: AgentTarget,
+    pub metadata: Vec<KeyValue>,
+    pub game_metadata: Option<Vec<KeyValue>>,
+}
+
+/// An instance in both API shapes.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub native: InstanceObject,
+    pub i3d: I3dInstance,
+}
+
+/// An allocation request, parsed and validated by the API layer.
+#[derive(Debug)]
+pub struct AllocateInput {
+    pub application_id: u32,
+    pub filter: Filter,
+    pub metadata: Vec<KeyValue>,
+    pub game_metadata: Option<Vec<KeyValue>>,
+    pub idempotency_key: Option<String>,
+    pub request_digest: String,
+    pub identifier: String,
+}
+
+/// Work for the actuator: calls to agents that make reality match the inventory.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Deploy {
+        target: AgentTarget,
+        request: Box<DeployRequest>,
+    },
+    Remove {
+        target: AgentTarget,
+        instance_id: String,
+    },
+    /// An agent holds an allocation the controller does not know (lost in a crash before it
+    /// was acknowledged): release it.
+    Deallocate {
+        target: AgentTarget,
+        instance_id: String,
+        allocation_id: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum ActionResult {
+    Deployed {
+        host_id: u64,
+        instance_id: String,
+        result: Result<InstanceView, AgentFailure>,
+    },
+    Removed {
+        host_id: u64,
+        instance_id: String,
+        result: Result<InstanceView, AgentFailure>,
+    },
+    Deallocated {
+        host_id: u64,
+        result: Result<InstanceView, AgentFailure>,
+    },
+}
+
+/// Operations on one instance that go through its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceOp {
+    Metadata,
+    Command,
+    Stop,
+}
+
+#[derive(Debug)]
+pub enum Release {
+    /// Nothing to release: the instance as it is.
+    NotAllocated(Box<Answer>),
+    /// Ask the agent, then `finish_release`.
+    Call {
+        target: AgentTarget,
+        allocation_id: Option<String>,
+    },
+}
+
+/// Listing parameters for `GET /v1/instances`.
+#[derive(Debug, Default)]
+pub struct ListQuery {
+    pub filter: Filter,
+    pub status: Option<InstanceStatus>,
+    pub application_id: Option<u32>,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// Instances by status (index = status number) and hosts by state, for the metrics.
+pub type Counts = ([i64; 7], Vec<(&'static str, i64)>);
+
+/// Everything the inventory can be asked. Closed: nothing else changes its state.
+#[derive(Debug)]
+pub enum Command {
+    Claim(Box<AllocateInput>, Reply<Step>),
+    Settle(u64, Result<InstanceView, AgentFailure>, Reply<Step>),
+    AbortAllocation {
+        instance_id: String,
+        allocation_id: String,
+    },
+    BeginRelease(String, Option<String>, Reply<Result<Release, Failure>>),
+    FinishRelease(
+        String,
+        Option<String>,
+        Result<InstanceView, AgentFailure>,
+        Reply<(Answer, Option<Commit>)>,
+    ),
+    BeginOp(String, InstanceOp, Reply<Result<AgentTarget, Failure>>),
+    ApplyView(u64, Box<InstanceView>, Reply<Option<Answer>>),
+    Register(
+        Box<RegisterRequest>,
+        Reply<Result<(RegisterResponse, Commit), Failure>>,
+    ),
+    Heartbeat(
+        [u8; 32],
+        HeartbeatRequest,
+        Reply<Result<HeartbeatResponse, Failure>>,
+    ),
+    Events(
+        [u8; 32],
+        Box<EventsRequest>,
+        Reply<Result<EventsResponse, Failure>>,
+    ),
+    ListInstances(ListQuery, Reply<Result<Vec<InstanceObject>, Failure>>),
+    GetInstance(String, Reply<Option<Answer>>),
+    Hosts(Reply<Vec<HostObject>>),
+    Host(u64, Reply<Option<HostObject>>),
+    Drain(u64, bool, Reply<Result<(HostObject, Commit), Failure>>),
+    Crud(
+        Crud,
+        Reply<Result<(serde_json::Value, Option<Commit>), Failure>>,
+    ),
+    Story(String, Reply<Option<ErrorStory>>),
+    RecordFailure(Box<berth_http::FailureRecord>),
+    Plan(Reply<Vec<Action>>),
+    ActionDone(Box<ActionResult>),
+    Counts(Reply<Counts>),
+    Tick,
+}
+
+/// Resource operations of the admin API.
+#[derive(Debug)]
+pub enum Crud {
+    PutApplication(Application, bool),
+    DeleteApplication(u32),
+    ListApplications,
+    GetApplication(u32),
+    PutProfile(Box<Profile>, bool),
+    DeleteProfile(String),
+    ListProfiles,
+    GetProfile(String),
+    PutFleet(Box<Fleet>, bool),
+    DeleteFleet(u64),
+    ListFleets,
+    GetFleet(u64),
+    PutRegion(Region),
+    DeleteRegion(u32),
+    ListRegions,
+    GetRegion(u32),
+    PutDcLocation(DcLocation),
+    ListDcLocations,
+    PutEnvironment(DeploymentEnvironment),
+    ListEnvironments,
+}
+
+/// The front of the inventory used by handlers, the actuator and the ticker.
+#[derive(Debug, Clone)]
+pub struct InventoryHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+fn gone() -> Failure {
+    Failure::new(
+        ErrorCode::ServiceUnavailable,
+        "The controller is shutting down.",
+        "the controller is shutting down; retry shortly",
+    )
+}
+
+impl InventoryHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Failure> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    pub async fn claim(&self, input: AllocateInput) -> Step {
+        self.ask(|r| Command::Claim(Box::new(input), r))
+            .await
+            .unwrap_or_else(|f| Step::Refused(Box::new(f)))
+    }
+
+    pub async fn settle(&self, claim_id: u64, result: Result<InstanceView, AgentFailure>) -> Step {
+        self.ask(|r| Command::Settle(claim_id, result, r))
+            .await
+            .unwrap_or_else(|f| Step::Refused(Box::new(f)))
+    }
+
+    pub async fn abort_allocation(&self, instance_id: String, allocation_id: String) {
+        let _ = self
+            .tx
+            .send(Command::AbortAllocation {
+                instance_id,
+                allocation_id,
+            })
+            .await;
+    }
+
+    pub async fn begin_release(
+        &self,
+        id: String,
+        allocation_id: Option<String>,
+    ) -> Result<Release, Failure> {
+        self.ask(|r| Command::BeginRelease(id, allocation_id, r))
+            .await?
+    }
+
+    pub async fn finish_release(
+        &self,
+        id: String,
+        allocation_id: Option<String>,
+        result: Result<InstanceView, AgentFailure>,
+    ) -> Result<(Answer, Option<Commit>), Failure> {
+        self.ask(|r| Command::FinishRelease(id, allocation_id, result, r))
+            .await
+    }
+
+    pub async fn begin_op(&self, id: String, op: InstanceOp) -> Result<AgentTarget, Failure> {
+        self.ask(|r| Command::BeginOp(id, op, r)).await?
+    }
+
+    pub async fn apply_view(&self, host_id: u64, view: InstanceView) -> Option<Answer> {
+        self.ask(|r| Command::ApplyView(host_id, Box::new(view), r))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn register(
+        &self,
+        req: RegisterRequest,
+    ) -> Result<(RegisterResponse, Commit), Failure> {
+        self.ask(|r| Command::Register(Box::new(req), r)).await?
+    }
+
+    pub async fn heartbeat(
+        &self,
+        token: [u8; 32],
+        req: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, Failure> {
+        self.ask(|r| Command::Heartbeat(token, req, r)).await?
+    }
+
+    pub async fn events(
+        &self,
+        token: [u8; 32],
+        req: EventsRequest,
+    ) -> Result<EventsResponse, Failure> {
+        self.ask(|r| Command::Events(token, Box::new(req), r))
+            .await?
+    }
+
+    pub async fn list_instances(&self, q: ListQuery) -> Result<Vec<InstanceObject>, Failure> {
+        self.ask(|r| Command::ListInstances(q, r)).await?
+    }
+
+    pub async fn instance(&self, id: String) -> Result<Option<Answer>, Failure> {
+        self.ask(|r| Command::GetInstance(id, r)).await
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostObject>, Failure> {
+        self.ask(Command::Hosts).await
+    }
+
+    pub async fn host(&self, id: u64) -> Result<Option<HostObject>, Failure> {
+        self.ask(|r| Command::Host(id, r)).await
+    }
+
+    pub async fn drain(&self, id: u64, on: bool) -> Result<(HostObject, Commit), Failure> {
+        self.ask(|r| Command::Drain(id, on, r)).await?
+    }
+
+    pub async fn crud(&self, op: Crud) -> Result<(serde_json::Value, Option<Commit>), Failure> {
+        self.ask(|r| Command::Crud(op, r)).await?
+    }
+
+    pub async fn story(&self, identifier: String) -> Result<Option<ErrorStory>, Failure> {
+        self.ask(|r| Command::Story(identifier, r)).await
+    }
+
+    /// Never blocks the caller (it runs inside the response path of a failed request).
+    pub fn record_failure(&self, record: berth_http::FailureRecord) {
+        let _ = self.tx.try_send(Command::RecordFailure(Box::new(record)));
+    }
+
+    pub async fn plan(&self) -> Result<Vec<Action>, Failure> {
+        self.ask(Command::Plan).await
+    }
+
+    pub async fn action_done(&self, result: ActionResult) {
+        let _ = self.tx.send(Command::ActionDone(Box::new(result))).await;
+    }
+
+    pub async fn counts(&self) -> Result<Counts, Failure> {
+        self.ask(Command::Counts).await
+    }
+
+    pub async fn tick(&self) {
+        let _ = self.tx.send(Command::Tick).await;
+    }
+}
+
+#[derive(Debug)]
+struct Host {
+    rec: HostRecord,
+    token_digest: [u8; 32],
+    last_heartbeat: Instant,
+    reachable: bool,
+    /// A full report arrived since the controller started (or since the host came back).
+    synced: bool,
+    deploy_backoff_until: Option<Instant>,
+}
+
+impl Host {
+    fn target(&self) -> AgentTarget {
+        AgentTarget {
+            host_id: self.rec.id,
+            host_name: self.rec.name.clone(),
+            url: self.rec.advertise_url.clone(),
+            token: self.rec.agent_token.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inst {
+    rec: InstanceRecord,
+    claim: Option<u64>,
+    refused_until: Option<Instant>,
+    removing: bool,
+}
+
+/// The parts of an allocation an instance object shows.
+#[derive(Debug, Clone, Copy)]
+struct AllocView<'a> {
+    id: &'a str,
+    created_at: u64,
+    metadata: &'a [KeyValue],
+}
+
+#[derive(Debug)]
+struct Claim {
+    input: AllocateInput,
+    resolved: Resolved,
+    instance_id: String,
+    allocation_id: String,
+    attempts: Vec<AttemptStory>,
+    started: Instant,
+}
+
+/// The inventory task's state.
+pub struct Inventory {
+    config: Arc<Config>,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    regions: BTreeMap<u32, Region>,
+    dc_locations: BTreeMap<u32, DcLocation>,
+    environments: BTreeMap<u32, DeploymentEnvironment>,
+    applications: BTreeMap<u32, Application>,
+    profiles: BTreeMap<String, Profile>,
+    fleets: BTreeMap<u64, Fleet>,
+    hosts: BTreeMap<u64, Host>,
+    instances: HashMap<String, Inst>,
+    by_application: HashMap<u32, BTreeSet<String>>,
+    /// Active allocations by instance id.
+    allocations: HashMap<String, AllocationRecord>,
+    by_key: HashMap<String, String>,
+    host_allocations: HashMap<u64, u32>,
+    claims: HashMap<u64, Claim>,
+    inflight_keys: HashSet<String>,
+    next_claim: u64,
+    pending_deploys: HashMap<String, (u64, u64)>,
+    stories: VecDeque<String>,
+    story_map: HashMap<String, ErrorStory>,
+    stories_since_prune: usize,
+    actions: mpsc::UnboundedSender<Action>,
+}
+
+impl std::fmt::Debug for Inventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inventory")
+            .field("hosts", &self.hosts.len())
+            .field("instances", &self.instances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn not_found(what: &str) -> Failure {
+    Failure::new(ErrorCode::ResourceNotFound, "Not found.", what.to_owned())
+}
+
+fn invalid(details: impl Into<String>) -> Failure {
+    Failure::invalid_request(details)
+}
+
+fn parse_digest(hex_text: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex_text.as_bytes().chunks(2).take(32).enumerate() {
+        out[i] = std::str::from_utf8(chunk)
+            .ok()
+            .and_then(|s| u8::from_str_radix(s, 16).ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
+impl Inventory {
+    /// Builds the inventory from what the store loaded and the configuration. Every known host
+    /// gets a full expiry window from now before it can be declared unreachable.
+    pub fn start(
+        config: Arc<Config>,
+        snapshot: Snapshot,
+        writer: Writer,
+        metrics: Arc<Metrics>,
+    ) -> (InventoryHandle, mpsc::UnboundedReceiver<Action>) {
+        let (actions, actions_rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let mut inv = Self {
+            writer,
+            metrics,
+            regions: snapshot.regions.into_iter().map(|r| (r.id, r)).collect(),
+            dc_locations: snapshot
+                .dc_locations
+                .into_iter()
+                .map(|d| (d.id, d))
+                .collect(),
+            environments: snapshot
+                .environments
+                .into_iter()
+                .map(|e| (e.id, e))
+                .collect(),
+            applications: snapshot
+                .applications
+                .into_iter()
+                .map(|a| (a.id, a))
+                .collect(),
+            profiles: snapshot
+                .profiles
+                .into_iter()
+                .map(|p| (p.id.clone(), p))
+                .collect(),
+            fleets: snapshot.fleets.into_iter().map(|f| (f.id, f)).collect(),
+            hosts: snapshot
+                .hosts
+                .into_iter()
+                .map(|rec| {
+                    let token_digest = parse_digest(&rec.host_token_digest);
+                    (
+                        rec.id,
+                        Host {
+                            rec,
+                            token_digest,
+                            last_heartbeat: now,
+                            reachable: true,
+                            synced: false,
+                            deploy_backoff_until: None,
+                        },
+                    )
+                })
+                .collect(),
+            instances: HashMap::new(),
+            by_application: HashMap::new(),
+            allocations: HashMap::new(),
+            by_key: HashMap::new(),
+            host_allocations: HashMap::new(),
+            claims: HashMap::new(),
+            inflight_keys: HashSet::new(),
+            next_claim: 1,
+            pending_deploys: HashMap::new(),
+            stories: VecDeque::new(),
+            story_map: HashMap::new(),
+            stories_since_prune: 0,
+            actions,
+            config,
+        };
+        for rec in snapshot.instances {
+            inv.insert_instance(rec);
+        }
+        for a in snapshot.allocations {
+            inv.insert_allocation(a);
+        }
+        // Configured regions, DC locations and environments win over stored ones.
+        for r in inv.config.regions.clone() {
+            inv.writer.submit(Write::Region(r.clone()));
+            inv.regions.insert(r.id, r);
+        }
+        for d in inv.config.dc_locations.clone() {
+            inv.writer.submit(Write::DcLocation(d.clone()));
+            inv.dc_locations.insert(d.id, d);
+        }
+        let mut envs = inv.config.deployment_environments.clone();
+        if envs.is_empty() && inv.environments.is_empty() {
+            envs = vec![
+                DeploymentEnvironment {
+                    id: 1,
+                    name: "production".into(),
+                },
+                DeploymentEnvironment {
+                    id: 2,
+                    name: "staging".into(),
+                },
+            ];
+        }
+        for e in envs {
+            inv.writer.submit(Write::Environment(e.clone()));
+            inv.environments.insert(e.id, e);
+        }
+        let (tx, rx) = mpsc::channel(16_384);
+        tokio::spawn(inv.run(rx));
+        (InventoryHandle { tx }, actions_rx)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            self.handle(cmd);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Claim(input, reply) => {
+                let step = self.claim(*input);
+                let _ = reply.send(step);
+            }
+            Command::Settle(claim_id, result, reply) => {
+                let step = self.settle(claim_id, result);
+                let _ = reply.send(step);
+            }
+            Command::AbortAllocation {
+                instance_id,
+                allocation_id,
+            } => self.abort_allocation(&instance_id, &allocation_id),
+            Command::BeginRelease(id, allocation_id, reply) => {
+                let _ = reply.send(self.begin_release(&id, allocation_id));
+            }
+            Command::FinishRelease(id, allocation_id, result, reply) => {
+                if let Some(done) = self.finish_release(&id, allocation_id, result) {
+                    let _ = reply.send(done);
+                }
+            }
+            Command::BeginOp(id, op, reply) => {
+                let _ = reply.send(self.begin_op(&id, op));
+            }
+            Command::ApplyView(host_id, view, reply) => {
+                let id = view.id.clone();
+                self.apply_view(host_id, *view);
+                let _ = reply.send(self.answer(&id));
+            }
+            Command::Register(req, reply) => {
+                let _ = reply.send(self.register(*req));
+            }
+            Command::Heartbeat(token, req, reply) => {
+                let _ = reply.send(self.heartbeat(token, &req));
+            }
+            Command::Events(token, req, reply) => {
+                let _ = reply.send(self.events(token, *req));
+            }
+            Command::ListInstances(q, reply) => {
+                let _ = reply.send(self.list_instances(&q));
+            }
+            Command::GetInstance(id, reply) => {
+                let _ = reply.send(self.answer(&id));
+            }
+            Command::Hosts(reply) => {
+                let _ = reply.send(self.hosts.values().map(|h| self.host_object(h)).collect());
+            }
+            Command::Host(id, reply) => {
+                let _ = reply.send(self.hosts.get(&id).map(|h| self.host_object(h)));
+            }
+            Command::Drain(id, on, reply) => {
+                let _ = reply.send(self.drain(id, on));
+            }
+            Command::Crud(op, reply) => {
+                let _ = reply.send(self.crud(op));
+            }
+            Command::Story(id, reply) => {
+                let _ = reply.send(self.story_map.get(&id).cloned());
+            }
+            Command::RecordFailure(record) => self.record_failure(*record),
+            Command::Plan(reply) => {
+                let _ = reply.send(self.plan());
+            }
+            Command::ActionDone(result) => self.action_done(*result),
+            Command::Counts(reply) => {
+                let _ = reply.send(self.counts());
+            }
+            Command::Tick => self.tick(),
+        }
+    }
+
+    // ----- indexes -------------------------------------------------------------------------
+
+    fn insert_instance(&mut self, rec: InstanceRecord) {
+        self.by_application
+            .entry(rec.application_id)
+            .or_default()
+            .insert(rec.id.clone());
+        self.instances.insert(
+            rec.id.clone(),
+            Inst {
+                rec,
+                claim: None,
+                refused_until: None,
+                removing: false,
+            },
+        );
+    }
+
+    fn insert_allocation(&mut self, a: AllocationRecord) {
+        if let Some(k) = &a.idempotency_key {
+            self.by_key.insert(k.clone(), a.instance_id.clone());
+        }
+        *self.host_allocations.entry(a.host_id).or_insert(0) += 1;
+        self.allocations.insert(a.instance_id.clone(), a);
+    }
+
+    /// Ends an allocation in memory and on disk.
+    fn release_allocation(&mut self, instance_id: &str, why: &str) -> Option<Commit> {
+        let mut a = self.allocations.remove(instance_id)?;
+        if let Some(k) = &a.idempotency_key {
+            self.by_key.remove(k);
+        }
+        if let Some(n) = self.host_allocations.get_mut(&a.host_id) {
+            *n = n.saturating_sub(1);
+        }
+        a.released_at = Some(unix_now());
+        tracing::info!(instance_id, allocation_id = %a.id, reason = why, "allocation released");
+        Some(self.writer.submit_durable(Write::Allocation(Box::new(a))))
+    }
+
+    fn remove_instance(&mut self, id: &str, why: &str) {
+        self.release_allocation(id, why);
+        if let Some(mut inst) = self.instances.remove(id) {
+            if let Some(set) = self.by_application.get_mut(&inst.rec.application_id) {
+                set.remove(id);
+            }
+            inst.rec.removed_at = Some(unix_now());
+            inst.rec.view.status = InstanceStatus::Inactive;
+            tracing::info!(
+                instance_id = id,
+                host_id = inst.rec.host_id,
+                reason = why,
+                "instance removed"
+            );
+            self.writer.submit(Write::Instance(Box::new(inst.rec)));
+        }
+    }
+
+    // ----- views ---------------------------------------------------------------------------
+
+    fn availability(&self, i: &Inst, now: Instant) -> Availability {
+        if i.removing {
+            return Availability::Stopping;
+        }
+        if i.claim.is_some() {
+            return Availability::Allocating;
+        }
+        if self.allocations.contains_key(&i.rec.id) {
+            return Availability::Allocated;
+        }
+        let Some(host) = self.hosts.get(&i.rec.host_id) else {
+            return Availability::HostUnreachable;
+        };
+        if !host.reachable {
+            return Availability::HostUnreachable;
+        }
+        if !host.synced {
+            return Availability::HostResyncing;
+        }
+        if host.rec.draining {
+            return Availability::HostDraining;
+        }
+        if i.refused_until.is_some_and(|t| t > now) {
+            return Availability::RecentlyRefused;
+        }
+        let v = &i.rec.view;
+        match v.status {
+            InstanceStatus::Allocated | InstanceStatus::Allocating => Availability::Allocated,
+            InstanceStatus::Online if v.is_allocatable() => Availability::Allocatable,
+            InstanceStatus::Online => Availability::ArcusDown,
+            _ if matches!(v.state, RuntimeState::Draining | RuntimeState::ShuttingDown) => {
+                Availability::Stopping
+            }
+            _ => Availability::NotOnline,
+        }
+    }
+
+    fn environment_of(&self, fleet_id: Option<u64>) -> Option<u32> {
+        fleet_id
+            .and_then(|f| self.fleets.get(&f))
+            .map(|f| f.deployment_environment_id)
+    }
+
+    fn answer(&self, id: &str) -> Option<Answer> {
+        let inst = self.instances.get(id)?;
+        let native = self.object(inst);
+        let i3d = i3d_object(&native, &inst.rec);
+        Some(Answer { native, i3d })
+    }
+
+    fn object(&self, inst: &Inst) -> InstanceObject {
+        let alloc = self.allocations.get(&inst.rec.id).map(|a| AllocView {
+            id: &a.id,
+            created_at: a.created_at,
+            metadata: &a.metadata,
+        });
+        self.object_with(inst, alloc)
+    }
+
+    fn object_with(&self, inst: &Inst, alloc: Option<AllocView<'_>>) -> InstanceObject {
+        let v = &inst.rec.view;
+        let host = self.hosts.get(&inst.rec.host_id);
+        let region_id = host.map_or(0, |h| h.rec.region_id);
+        let dc_id = host.map_or(0, |h| h.rec.dc_location_id);
+        let status = if inst.claim.is_some() {
+            InstanceStatus::Allocating
+        } else if alloc.is_some() {
+            InstanceStatus::Allocated
+        } else {
+            v.status
+        };
+        let state = if host.is_some_and(|h| !h.reachable) {
+            RuntimeState::ServerUnreachable
+        } else {
+            v.state
+        };
+        InstanceObject {
+            id: inst.rec.id.clone(),
+            application_id: inst.rec.application_id,
+            fleet_id: inst.rec.fleet_id,
+            deployment_environment_id: self.environment_of(inst.rec.fleet_id),
+            profile_id: v.profile_id.clone(),
+            build: v.build.clone(),
+            host_id: inst.rec.host_id,
+            host_name: host.map(|h| h.rec.name.clone()).unwrap_or_default(),
+            region_id,
+            region_name: self
+                .regions
+                .get(&region_id)
+                .map(|r| r.name.clone())
+                .unwrap_or_default(),
+            dc_location_id: dc_id,
+            dc_location_name: self
+                .dc_locations
+                .get(&dc_id)
+                .map(|d| d.name.clone())
+                .unwrap_or_default(),
+            is_virtual: u8::from(host.is_some_and(|h| h.rec.is_virtual)),
+            ip_address: host
+                .and_then(|h| h.rec.addresses.first().cloned())
+                .unwrap_or_default(),
+            port: v.port,
+            management_port: v.management_port,
+            status,
+            state,
+            pid: v.pid,
+            arcus_connected: v.arcus_connected,
+            num_players: v.num_players,
+            num_players_max: v.num_players_max,
+            live_host_name: v.live_host_name.clone(),
+            live_map: v.live_map.clone(),
+            live_rules: v.live_rules.clone(),
+            live_game_version: v.live_game_version.clone(),
+            metadata: match &alloc {
+                Some(a) if v.metadata.is_empty() => a.metadata.to_vec(),
+                _ => v.metadata.clone(),
+            },
+            reverse_metadata: v.reverse_metadata.clone(),
+            allocation_id: alloc.as_ref().map(|a| a.id.to_owned()),
+            allocated_at: alloc.as_ref().map(|a| rfc3339(a.created_at)),
+            restarts: v.restarts,
+            auto_restart: v.auto_restart,
+            created_at: rfc3339(inst.rec.created_at),
+            updated_at: rfc3339(v.updated_at),
+        }
+    }
+
+    fn host_object(&self, h: &Host) -> HostObject {
+        let mut by_status = BTreeMap::new();
+        let mut count = 0;
+        for inst in self
+            .instances
+            .values()
+            .filter(|i| i.rec.host_id == h.rec.id)
+        {
+            count += 1;
+            let status = if self.allocations.contains_key(&inst.rec.id) {
+                InstanceStatus::Allocated
+            } else {
+                inst.rec.view.status
+            };
+            *by_status.entry(status.name().to_owned()).or_insert(0) += 1;
+        }
+        let state = if !h.reachable {
+            "unreachable"
+        } else if h.rec.draining {
+            "draining"
+        } else {
+            "ready"
+        };
+        let last = h.last_heartbeat.elapsed().as_secs();
+        HostObject {
+            id: h.rec.id,
+            name: h.rec.name.clone(),
+            region_id: h.rec.region_id,
+            region_name: self
+                .regions
+                .get(&h.rec.region_id)
+                .map(|r| r.name.clone())
+                .unwrap_or_default(),
+            dc_location_id: h.rec.dc_location_id,
+            dc_location_name: self
+                .dc_locations
+                .get(&h.rec.dc_location_id)
+                .map(|d| d.name.clone())
+                .unwrap_or_default(),
+            is_virtual: u8::from(h.rec.is_virtual),
+            labels: h.rec.labels.clone(),
+            advertise_url: h.rec.advertise_url.clone(),
+            addresses: h.rec.addresses.clone(),
+            capacity: h.rec.capacity.clone(),
+            agent_version: h.rec.agent_version.clone(),
+            state: state.to_owned(),
+            reachable: h.reachable,
+            draining: h.rec.draining,
+            last_heartbeat_at: Some(rfc3339(unix_now().saturating_sub(last))),
+            registered_at: rfc3339(h.rec.registered_at),
+            instances: count,
+            instances_by_status: by_status,
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        let mut by_status = [0i64; 7];
+        for i in self.instances.values() {
+            let s = if i.claim.is_some() {
+                InstanceStatus::Allocating
+            } else if self.allocations.contains_key(&i.rec.id) {
+                InstanceStatus::Allocated
+            } else {
+                i.rec.view.status
+            };
+            by_status[s as usize] += 1;
+        }
+        let (mut ready, mut unreachable, mut draining) = (0, 0, 0);
+        for h in self.hosts.values() {
+            if !h.reachable {
+                unreachable += 1;
+            } else if h.rec.draining {
+                draining += 1;
+            } else {
+                ready += 1;
+            }
+        }
+        (
+            by_status,
+            vec![
+                ("ready", ready),
+                ("unreachable", unreachable),
+                ("draining", draining),
+            ],
+        )
+    }
+
+    // ----- filters ---------------------------------------------------------------------------
+
+    /// Names and ids in the filter, resolved; a value that names nothing is a 404 naming it.
+    fn resolve(&self, filter: &Filter) -> Result<Resolved, Failure> {
+        let missing = |c: &Condition, what: &str| {
+            Failure::new(
+                ErrorCode::FilterValueNotFound,
+                "Unable to allocate application instance.",
+                format!("filter {}={} names no {what}", c.column(), c.value_string()),
+            )
+        };
+        let mut conds = Vec::new();
+        for c in &filter.conditions {
+            let text = format!("{}={}", c.column(), c.value_string());
+            let cond = match c {
+                Condition::FleetId(id) => {
+                    if !self.fleets.contains_key(id) {
+                        return Err(missing(c, "fleet"));
+                    }
+                    Cond::FleetIds(vec![*id])
+                }
+                Condition::FleetName(name) => {
+                    let ids: Vec<u64> = self
+                        .fleets
+                        .values()
+                        .filter(|f| &f.name == name)
+                        .map(|f| f.id)
+                        .collect();
+                    if ids.is_empty() {
+                        return Err(missing(c, "fleet"));
+                    }
+                    Cond::FleetIds(ids)
+                }
+                Condition::RegionId(id) => {
+                    let id = u32::try_from(*id)
+                        .ok()
+                        .filter(|i| self.regions.contains_key(i));
+                    Cond::RegionIds(vec![id.ok_or_else(|| missing(c, "region"))?])
+                }
+                Condition::RegionName(name) => {
+                    let id = self
+                        .regions
+                        .values()
+                        .find(|r| &r.name == name)
+                        .map(|r| r.id);
+                    Cond::RegionIds(vec![id.ok_or_else(|| missing(c, "region"))?])
+                }
+                Condition::DcLocationId(id) => {
+                    let id = u32::try_from(*id)
+                        .ok()
+                        .filter(|i| self.dc_locations.contains_key(i));
+                    Cond::DcLocationIds(vec![id.ok_or_else(|| missing(c, "DC location"))?])
+                }
+                Condition::DcLocationName(name) => {
+                    let ids: Vec<u32> = self
+                        .dc_locations
+                        .values()
+                        .filter(|d| &d.name == name)
+                        .map(|d| d.id)
+                        .collect();
+                    if ids.is_empty() {
+                        return Err(missing(c, "DC location"));
+                    }
+                    Cond::DcLocationIds(ids)
+                }
+                Condition::DeploymentEnvironmentId(id) => {
+                    let id = u32::try_from(*id)
+                        .ok()
+                        .filter(|i| self.environments.contains_key(i));
+                    Cond::EnvironmentIds(vec![
+                        id.ok_or_else(|| missing(c, "deployment environment"))?,
+                    ])
+                }
+                Condition::DeploymentEnvironmentName(name) => {
+                    let id = self
+                        .environments
+                        .values()
+                        .find(|e| &e.name == name)
+                        .map(|e| e.id);
+                    Cond::EnvironmentIds(vec![
+                        id.ok_or_else(|| missing(c, "deployment environment"))?,
+                    ])
+                }
+                Condition::IsVirtual(v) => Cond::IsVirtual(*v),
+            };
+            conds.push((cond, text));
+        }
+        Ok(Resolved { conds })
+    }
+
+    fn facts(&self, inst: &Inst, now: Instant) -> Facts {
+        let host = self.hosts.get(&inst.rec.host_id);
+        Facts {
+            host_id: inst.rec.host_id,
+            fleet_id: inst.rec.fleet_id,
+            environment_id: self.environment_of(inst.rec.fleet_id),
+            region_id: host.map_or(0, |h| h.rec.region_id),
+            dc_location_id: host.map_or(0, |h| h.rec.dc_location_id),
+            is_virtual: host.is_some_and(|h| h.rec.is_virtual),
+            availability: self.availability(inst, now),
+            host_allocations: self
+                .host_allocations
+                .get(&inst.rec.host_id)
+                .copied()
+                .unwrap_or(0),
+        }
+    }
+
+    // ----- allocation ------------------------------------------------------------------------
+
+    fn claim(&mut self, input: AllocateInput) -> Step {
+        let refuse = |f: Failure| Step::Refused(Box::new(f));
+        if !self.applications.contains_key(&input.application_id) {
+            return refuse(Failure::new(
+                ErrorCode::ApplicationNotFound,
+                "Unable to allocate application instance.",
+                format!(
+                    "application {} does not exist; create it with POST /v1/applications",
+                    input.application_id
+                ),
+            ));
+        }
+        if let Some(key) = &input.idempotency_key {
+            if let Some(instance_id) = self.by_key.get(key)
+                && let Some(a) = self.allocations.get(instance_id)
+            {
+                if a.request_digest != input.request_digest {
+                    return refuse(Failure::new(
+                        ErrorCode::IdempotencyKeyReused,
+                        "Unable to allocate application instance.",
+                        format!(
+                            "Idempotency-Key {key:?} was used for a different request (allocation {}); use a new key for a new match",
+                            a.id
+                        ),
+                    ));
+                }
+                tracing::info!(instance_id = %a.instance_id, allocation_id = %a.id, "idempotent replay");
+                return Step::Done {
+                    answer: Box::new(Answer {
+                        native: a.response.clone(),
+                        i3d: a.response_i3d.clone(),
+                    }),
+                    committed: None,
+                };
+            }
+            if self.inflight_keys.contains(key) {
+                let mut f = Failure::new(
+                    ErrorCode::IdempotencyKeyReused,
+                    "Unable to allocate application instance.",
+                    format!(
+                        "a request with Idempotency-Key {key:?} is still in progress; retry it in a moment"
+                    ),
+                );
+                f.retry_after_secs = Some(1);
+                return refuse(f);
+            }
+        }
+        let resolved = match self.resolve(&input.filter) {
+            Ok(r) => r,
+            Err(f) => return refuse(f),
+        };
+        if let Some(key) = &input.idempotency_key {
+            self.inflight_keys.insert(key.clone());
+        }
+        let claim = Claim {
+            input,
+            resolved,
+            instance_id: String::new(),
+            allocation_id: String::new(),
+            attempts: Vec::new(),
+            started: Instant::now(),
+        };
+        self.next_attempt(claim)
+    }
+
+    fn next_attempt(&mut self, mut claim: Claim) -> Step {
+        let now = Instant::now();
+        let chosen = if claim.attempts.len() >= self.config.max_allocation_attempts as usize {
+            None
+        } else {
+            let ids: Vec<&String> = self
+                .by_application
+                .get(&claim.input.application_id)
+                .map(|s| s.iter().collect())
+                .unwrap_or_default();
+            let facts: Vec<Facts> = ids
+                .iter()
+                .filter_map(|id| self.instances.get(*id))
+                .map(|i| self.facts(i, now))
+                .collect();
+            match engine::choose(&facts, &claim.resolved) {
+                Ok(i) => Some(ids[i].clone()),
+                Err(refusal) if claim.attempts.is_empty() => {
+                    let mut f = Failure::new(
+                        ErrorCode::NoAllocatableInstance,
+                        "Unable to allocate application instance.",
+                        String::new(),
+                    );
+                    f.story = Some(Box::new(json!({"decision": refusal.to_json()})));
+                    return self.finish_claim(claim, f, Some(refusal));
+                }
+                Err(_) => None,
+            }
+        };
+        let Some(instance_id) = chosen else {
+            return self.fail_after_attempts(claim);
+        };
+        let claim_id = self.next_claim;
+        self.next_claim += 1;
+        let Some(inst) = self.instances.get_mut(&instance_id) else {
+            return self.fail_after_attempts(claim);
+        };
+        inst.claim = Some(claim_id);
+        let host_id = inst.rec.host_id;
+        let Some(target) = self.hosts.get(&host_id).map(Host::target) else {
+            return self.fail_after_attempts(claim);
+        };
+        claim.instance_id = instance_id.clone();
+        claim.allocation_id = uuid::Uuid::new_v4().to_string();
+        let call = AgentCall {
+            claim_id,
+            instance_id,
+            allocation_id: claim.allocation_id.clone(),
+            target,
+            metadata: claim.input.metadata.clone(),
+            game_metadata: claim.input.game_metadata.clone(),
+        };
+        self.claims.insert(claim_id, claim);
+        Step::Call(Box::new(call))
+    }
+
+    /// Every attempt failed (or candidates ran out after some did): the last agent answer is
+    /// the error, with every attempt listed.
+    fn fail_after_attempts(&mut self, claim: Claim) -> Step {
+        let Some(last) = claim.attempts.last().cloned() else {
+            let f = Failure::new(
+                ErrorCode::InternalError,
+                "Unable to allocate application instance.",
+                "no candidate could be claimed",
+            );
+            return self.finish_claim(claim, f, None);
+        };
+        let code = ErrorCode::parse(&last.code).unwrap_or(ErrorCode::AgentInternalError);
+        let host = self.hosts.get(&last.host_id);
+        let where_ = host.map_or_else(String::new, |h| {
+            format!(
+                " on host {} ({}, {})",
+                h.rec.id,
+                self.regions
+                    .get(&h.rec.region_id)
+                    .map_or("?", |r| r.name.as_str()),
+                if h.rec.is_virtual { "VM" } else { "bare metal" }
+            )
+        });
+        let details = format!(
+            "Instance {}{where_}: {}; tried {} candidate{}.",
+            last.instance_id,
+            last.details,
+            claim.attempts.len(),
+            if claim.attempts.len() == 1 { "" } else { "s" }
+        );
+        let mut f = Failure::new(code, "Unable to allocate application instance.", details);
+        f.error_code = last.error_code.or(code.agent_code());
+        f.attempts = Some(
+            claim
+                .attempts
+                .iter()
+                .map(|a| Attempt {
+                    instance_id: a.instance_id.clone(),
+                    host_id: a.host_id,
+                    error_code: a.error_code,
+                    status_code: a.status_code,
+                    code: ErrorCode::parse(&a.code),
+                    details: a.details.clone(),
+                })
+                .collect(),
+        );
+        self.finish_claim(claim, f, None)
+    }
+
+    fn finish_claim(
+        &mut self,
+        claim: Claim,
+        mut failure: Failure,
+        refusal: Option<engine::Refusal>,
+    ) -> Step {
+        if let Some(key) = &claim.input.idempotency_key {
+            self.inflight_keys.remove(key);
+        }
+        if let Some(r) = &refusal {
+            failure.details = r.details(claim.input.application_id);
+        }
+        let mut story = failure.story.take().map_or_else(|| json!({}), |b| *b);
+        if story.get("decision").is_none() {
+            story["decision"] = json!({"filter": claim.resolved.text()});
+        }
+        story["attempts"] = serde_json::to_value(&claim.attempts).unwrap_or_default();
+        failure.story = Some(Box::new(story));
+        let code = failure.code;
+        self.metrics.allocation(Err(code));
+        self.metrics
+            .allocation_seconds
+            .observe(claim.started.elapsed().as_secs_f64());
+        Step::Refused(Box::new(failure))
+    }
+
+    fn settle(&mut self, claim_id: u64, result: Result<InstanceView, AgentFailure>) -> Step {
+        let Some(mut claim) = self.claims.remove(&claim_id) else {
+            return Step::Refused(Box::new(Failure::new(
+                ErrorCode::InternalError,
+                "Unable to allocate application instance.",
+                format!("claim {claim_id} is unknown"),
+            )));
+        };
+        let instance_id = claim.instance_id.clone();
+        if let Some(inst) = self.instances.get_mut(&instance_id) {
+            inst.claim = None;
+        }
+        match result {
+            Ok(view) => {
+                let Some(inst) = self.instances.get_mut(&instance_id) else {
+                    // Removed while the agent was allocating: nothing to hand out.
+                    return self.fail_after_attempts(claim);
+                };
+                if view.version >= inst.rec.view.version {
+                    inst.rec.view = view;
+                }
+                let host_id = inst.rec.host_id;
+                let rec_copy = inst.rec.clone();
+                let created_at = unix_now();
+                let Some(inst) = self.instances.get(&instance_id) else {
+                    return self.fail_after_attempts(claim);
+                };
+                let native = self.object_with(
+                    inst,
+                    Some(AllocView {
+                        id: &claim.allocation_id,
+                        created_at,
+                        metadata: &claim.input.metadata,
+                    }),
+                );
+                let i3d = i3d_object(&native, &inst.rec);
+                let alloc = AllocationRecord {
+                    id: claim.allocation_id.clone(),
+                    instance_id: instance_id.clone(),
+                    host_id,
+                    application_id: claim.input.application_id,
+                    metadata: claim.input.metadata.clone(),
+                    idempotency_key: claim.input.idempotency_key.clone(),
+                    request_digest: claim.input.request_digest.clone(),
+                    agent_version: rec_copy.view.version,
+                    identifier: claim.input.identifier.clone(),
+                    created_at,
+                    released_at: None,
+                    response: native.clone(),
+                    response_i3d: i3d.clone(),
+                };
+                let committed = Some(
+                    self.writer
+                        .submit_durable(Write::Allocation(Box::new(alloc.clone()))),
+                );
+                self.insert_allocation(alloc);
+                self.writer.submit(Write::Instance(Box::new(rec_copy)));
+                let answer = Answer { native, i3d };
+                if let Some(key) = &claim.input.idempotency_key {
+                    self.inflight_keys.remove(key);
+                }
+                self.metrics.allocation(Ok(()));
+                self.metrics
+                    .allocation_seconds
+                    .observe(claim.started.elapsed().as_secs_f64());
+                tracing::info!(instance_id = %instance_id, host_id, allocation_id = %claim.allocation_id, "allocated");
+                Step::Done {
+                    answer: Box::new(answer),
+                    committed,
+                }
+            }
+            Err(f) => {
+                self.metrics.agent_attempt_failures.inc();
+                let host = self.hosts.get(&f.host_id);
+                tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, "agent refused the allocation; trying the next candidate");
+                claim.attempts.push(AttemptStory {
+                    instance_id: instance_id.clone(),
+                    host_id: f.host_id,
+                    host_name: host.map(|h| h.rec.name.clone()).unwrap_or_default(),
+                    agent_url: host
+                        .map(|h| h.rec.advertise_url.clone())
+                        .unwrap_or_default(),
+                    status_code: f.status,
+                    error_code: f.error_code,
+                    code: f.code.as_str().to_owned(),
+                    details: f.details.clone(),
+                    elapsed_ms: f.elapsed_ms,
+                });
+                if let Some(inst) = self.instances.get_mut(&instance_id) {
+                    inst.refused_until = Some(Instant::now() + REFUSED_FOR);
+                }
+                self.next_attempt(claim)
+            }
+        }
+    }
+
+    /// The allocation could not be made durable: forget it and release it on the agent.
+    fn abort_allocation(&mut self, instance_id: &str, allocation_id: &str) {
+        if self
+            .allocations
+            .get(instance_id)
+            .is_some_and(|a| a.id == allocation_id)
+        {
+            self.release_allocation(instance_id, "not durable");
+            if let Some(target) = self
+                .instances
+                .get(instance_id)
+                .and_then(|i| self.hosts.get(&i.rec.host_id))
+                .map(Host::target)
+            {
+                let _ = self.actions.send(Action::Deallocate {
+                    target,
+                    instance_id: instance_id.to_owned(),
+                    allocation_id: allocation_id.to_owned(),
+                });
+            }
+        }
+    }
+
+    fn begin_release(&mut self, id: &str, want: Option<String>) -> Result<Release, Failure> {
+        let inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| not_found(&format!("instance {id} does not exist")))?;
+        if inst.claim.is_some() {
+            return Err(Failure::new(
+                ErrorCode::InstanceAllocating,
+                "Unable to deallocate application instance.",
+                format!("instance {id} is being allocated right now; retry in a moment"),
+            ));
+        }
+        let target = self
+            .hosts
+            .get(&inst.rec.host_id)
+            .map(Host::target)
+            .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
+        match self.allocations.get(id) {
+            Some(a) => {
+                if let Some(w) = &want
+                    && *w != a.id
+                {
+                    return Err(invalid(format!(
+                        "allocationId {w} is not the current allocation of instance {id} ({}); nothing was released",
+                        a.id
+                    )));
+                }
+                Ok(Release::Call {
+                    target,
+                    allocation_id: Some(a.id.clone()),
+                })
+            }
+            // The game allocated itself, or an allocation the controller lost: release it
+            // on the agent too.
+            None if inst.rec.view.status == InstanceStatus::Allocated => Ok(Release::Call {
+                target,
+                allocation_id: inst.rec.view.allocation_id.clone(),
+            }),
+            None => Ok(Release::NotAllocated(Box::new(
+                self.answer(id).ok_or_else(|| not_found(id))?,
+            ))),
+        }
+    }
+
+    fn finish_release(
+        &mut self,
+        id: &str,
+        allocation_id: Option<String>,
+        result: Result<InstanceView, AgentFailure>,
+    ) -> Option<(Answer, Option<Commit>)> {
+        let host_id = self.instances.get(id).map(|i| i.rec.host_id)?;
+        match result {
+            Ok(view) => self.apply_view(host_id, view),
+            Err(f) => {
+                // The controller releases anyway; the agent is told again when it next
+                // reports the allocation (see `apply_view`).
+                tracing::warn!(instance_id = id, error = %f.details, "agent did not confirm the release");
+            }
+        }
+        let commit = match (&allocation_id, self.allocations.get(id)) {
+            (Some(want), Some(a)) if *want == a.id => self.release_allocation(id, "deallocated"),
+            _ => None,
+        };
+        Some((self.answer(id)?, commit))
+    }
+
+    fn begin_op(&self, id: &str, op: InstanceOp) -> Result<AgentTarget, Failure> {
+        let inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| not_found(&format!("instance {id} does not exist")))?;
+        let host = self
+            .hosts
+            .get(&inst.rec.host_id)
+            .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
+        if !host.reachable {
+            return Err(Failure::new(
+                ErrorCode::AgentUnreachable,
+                "Unable to act on application instance.",
+                format!(
+                    "host {} ({}) of instance {id} is unreachable; {op:?} cannot be delivered",
+                    host.rec.id, host.rec.name
+                ),
+            ));
+        }
+        Ok(host.target())
+    }
+
+    // ----- agents ----------------------------------------------------------------------------
+
+    fn region_for(&mut self, name: &str) -> u32 {
+        if let Some(r) = self.regions.values().find(|r| r.name == name) {
+            return r.id;
+        }
+        let id = self.regions.keys().max().copied().unwrap_or(0) + 1;
+        tracing::warn!(
+            region = name,
+            id,
+            "an agent reported an unknown region; created it (add it to [[regions]] with its ping_ip)"
+        );
+        let r = Region {
+            id,
+            name: name.to_owned(),
+            ping_ip: None,
+        };
+        self.writer.submit(Write::Region(r.clone()));
+        self.regions.insert(id, r);
+        id
+    }
+
+    fn dc_for(&mut self, region_id: u32, name: &str) -> u32 {
+        if let Some(d) = self
+            .dc_locations
+            .values()
+            .find(|d| d.region_id == region_id && d.name == name)
+        {
+            return d.id;
+        }
+        let id = self.dc_locations.keys().max().copied().unwrap_or(0) + 1;
+        let d = DcLocation {
+            id,
+            name: name.to_owned(),
+            region_id,
+        };
+        self.writer.submit(Write::DcLocation(d.clone()));
+        self.dc_locations.insert(id, d);
+        id
+    }
+
+    fn register(&mut self, req: RegisterRequest) -> Result<(RegisterResponse, Commit), Failure> {
+        if req.host_name.trim().is_empty() || req.host_name.len() > 253 {
+            return Err(invalid("hostName must be 1-253 characters"));
+        }
+        if !req.advertise_url.starts_with("http://") {
+            return Err(invalid(format!(
+                "advertiseUrl {:?} must be an http:// URL the controller can reach",
+                req.advertise_url
+            )));
+        }
+        let region_id = self.region_for(&req.region);
+        let dc_location_id = self.dc_for(region_id, &req.dc_location);
+        let existing = self
+            .hosts
+            .values()
+            .find(|h| h.rec.name == req.host_name)
+            .map(|h| (h.rec.id, h.rec.draining, h.rec.registered_at));
+        let (id, draining, registered_at) = existing.unwrap_or_else(|| {
+            (
+                self.hosts.keys().max().copied().unwrap_or(0) + 1,
+                false,
+                unix_now(),
+            )
+        });
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let token_digest = digest(&token);
+        let rec = HostRecord {
+            id,
+            name: req.host_name.clone(),
+            region_id,
+            dc_location_id,
+            is_virtual: req.is_virtual,
+            labels: req.labels.clone(),
+            advertise_url: req.advertise_url.trim_end_matches('/').to_owned(),
+            addresses: req.addresses.clone(),
+            capacity: req.capacity.clone(),
+            agent_version: req.agent_version.clone(),
+            agent_token: req.agent_token.clone(),
+            host_token_digest: hex(&token_digest),
+            draining,
+            registered_at,
+        };
+        let commit = self
+            .writer
+            .submit_durable(Write::Host(Box::new(rec.clone())));
+        self.hosts.insert(
+            id,
+            Host {
+                rec,
+                token_digest,
+                last_heartbeat: Instant::now(),
+                reachable: true,
+                synced: true,
+                deploy_backoff_until: None,
+            },
+        );
+        // Reconcile the full report: what the agent no longer has is gone; what it has that
+        // we did not know is adopted.
+        let reported: HashSet<&str> = req.instances.iter().map(|v| v.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.rec.host_id == id && !reported.contains(i.rec.id.as_str()))
+            .filter(|i| !self.pending_deploys.contains_key(&i.rec.id))
+            .map(|i| i.rec.id.clone())
+            .collect();
+        for g in gone {
+            self.remove_instance(&g, "not reported by its agent");
+        }
+        for view in req.instances {
+            self.apply_view(id, view);
+        }
+        tracing::info!(host_id = id, host_name = %req.host_name, region = %req.region, is_virtual = req.is_virtual, "host registered");
+        Ok((
+            RegisterResponse {
+                host_id: id,
+                host_token: token,
+                heartbeat_period_ms: self.config.heartbeat_period.as_millis() as u64,
+                heartbeat_expiry_factor: self.config.heartbeat_expiry_factor,
+            },
+            commit,
+        ))
+    }
+
+    fn authenticate_host(&mut self, token: [u8; 32], host_id: u64) -> Result<&mut Host, Failure> {
+        let host = self
+            .hosts
+            .get_mut(&host_id)
+            .filter(|h| berth_http::constant_time_eq(&h.token_digest, &token));
+        host.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::InvalidCredentials,
+                "Invalid credentials.",
+                format!(
+                    "the token is not the current host token of host {host_id}; register again"
+                ),
+            )
+        })
+    }
+
+    fn heartbeat(
+        &mut self,
+        token: [u8; 32],
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, Failure> {
+        self.metrics.heartbeats.inc();
+        let host = self.authenticate_host(token, req.host_id)?;
+        host.last_heartbeat = Instant::now();
+        if !host.reachable {
+            host.reachable = true;
+            tracing::info!(
+                host_id = req.host_id,
+                "host reachable again; asking for a full report"
+            );
+        }
+        Ok(HeartbeatResponse {
+            reregister: !host.synced,
+        })
+    }
+
+    fn events(&mut self, token: [u8; 32], req: EventsRequest) -> Result<EventsResponse, Failure> {
+        let host = self.authenticate_host(token, req.host_id)?;
+        host.last_heartbeat = Instant::now();
+        let synced = host.synced;
+        if !synced {
+            // A partial report cannot be trusted to be complete; ask for the full one.
+            return Ok(EventsResponse { reregister: true });
+        }
+        for view in req.instances {
+            self.apply_view(req.host_id, view);
+        }
+        for r in req.removed {
+            let ours = self
+                .instances
+                .get(&r.id)
+                .is_some_and(|i| i.rec.host_id == req.host_id && i.rec.view.version <= r.version);
+            if ours {
+                self.remove_instance(&r.id, "removed by its agent");
+            }
+        }
+        Ok(EventsResponse { reregister: false })
+    }
+
+    /// Takes an agent's report of one instance into account.
+    fn apply_view(&mut self, host_id: u64, view: InstanceView) {
+        let id = view.id.clone();
+        let Some(inst) = self.instances.get_mut(&id) else {
+            self.pending_deploys.remove(&id);
+            let fleet_id = view.fleet_id.filter(|f| self.fleets.contains_key(f));
+            let rec = InstanceRecord {
+                id: id.clone(),
+                host_id,
+                application_id: view.application_id,
+                fleet_id,
+                view,
+                created_at: unix_now(),
+                removed_at: None,
+            };
+            tracing::info!(instance_id = %id, host_id, "instance reported by its agent");
+            self.writer.submit(Write::Instance(Box::new(rec.clone())));
+            self.insert_instance(rec);
+            self.check_dangling(&id);
+            return;
+        };
+        if inst.rec.host_id != host_id {
+            tracing::warn!(instance_id = %id, host_id, owner = inst.rec.host_id, "a host reported another host's instance; ignored");
+            return;
+        }
+        if view.version <= inst.rec.view.version {
+            return;
+        }
+        inst.refused_until = None;
+        inst.rec.view = view;
+        let rec = inst.rec.clone();
+        let claimed = inst.claim.is_some();
+        self.writer.submit(Write::Instance(Box::new(rec.clone())));
+        if claimed {
+            return;
+        }
+        if let Some(a) = self.allocations.get(&id) {
+            let still_ours = matches!(
+                rec.view.status,
+                InstanceStatus::Allocated | InstanceStatus::Allocating
+            );
+            if !still_ours && rec.view.version > a.agent_version {
+                let why = match rec.view.status {
+                    InstanceStatus::Online => "the game ended its match",
+                    _ => "the game exited",
+                };
+                self.release_allocation(&id, why);
+            }
+        } else {
+            self.check_dangling(&id);
+        }
+    }
+
+    /// An agent holds an allocation id the controller has no record of: it was never
+    /// acknowledged (lost in a controller crash), so release it.
+    fn check_dangling(&mut self, id: &str) {
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
+        if inst.claim.is_some() || self.allocations.contains_key(id) {
+            return;
+        }
+        if inst.rec.view.status != InstanceStatus::Allocated {
+            return;
+        }
+        let Some(allocation_id) = inst.rec.view.allocation_id.clone() else {
+            return;
+        };
+        let Some(target) = self.hosts.get(&inst.rec.host_id).map(Host::target) else {
+            return;
+        };
+        tracing::warn!(instance_id = id, %allocation_id, "agent holds an allocation the controller never acknowledged; releasing it");
+        let _ = self.actions.send(Action::Deallocate {
+            target,
+            instance_id: id.to_owned(),
+            allocation_id,
+        });
+    }
+
+    fn tick(&mut self) {
+        let expiry = self.config.expiry();
+        for h in self.hosts.values_mut() {
+            if h.reachable && h.last_heartbeat.elapsed() > expiry {
+                h.reachable = false;
+                h.synced = false;
+                self.metrics.hosts_lost.inc();
+                tracing::warn!(
+                    host_id = h.rec.id,
+                    host_name = %h.rec.name,
+                    silent_ms = h.last_heartbeat.elapsed().as_millis() as u64,
+                    "host unreachable: its idle instances leave the pool, its matches stay allocated"
+                );
+            }
+        }
+    }
+
+    // ----- listings ------------------------------------------------------------------------
+
+    fn list_instances(&self, q: &ListQuery) -> Result<Vec<InstanceObject>, Failure> {
+        let resolved = self.resolve(&q.filter).map_err(|mut f| {
+            // A listing is not an allocation: a filter naming nothing is simply a 404.
+            f.message = "Invalid filter.".to_owned();
+            f
+        })?;
+        let now = Instant::now();
+        let mut out: Vec<InstanceObject> = self
+            .instances
+            .values()
+            .filter(|i| q.application_id.is_none_or(|a| i.rec.application_id == a))
+            .filter(|i| {
+                let f = self.facts(i, now);
+                resolved.conds.iter().all(|(c, _)| cond_matches(c, &f))
+            })
+            .map(|i| self.object(i))
+            .filter(|o| q.status.is_none_or(|s| o.status == s))
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn drain(&mut self, id: u64, on: bool) -> Result<(HostObject, Commit), Failure> {
+        let host = self
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| not_found(&format!("host {id} does not exist")))?;
+        host.rec.draining = on;
+        let commit = self
+            .writer
+            .submit_durable(Write::Host(Box::new(host.rec.clone())));
+        tracing::info!(host_id = id, draining = on, "host drain changed");
+        let obj = self.host_object(&self.hosts[&id]);
+        Ok((obj, commit))
+    }
+
+    // ----- error stories ---------------------------------------------------------------------
+
+    fn record_failure(&mut self, r: berth_http::FailureRecord) {
+        let story = r.story.unwrap_or_default();
+        let attempts: Vec<AttemptStory> = story
+            .get("attempts")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        let s = ErrorStory {
+            identifier: r.body.identifier.clone(),
+            timestamp: r.body.timestamp.clone(),
+            method: r.method,
+            path: r.body.path.clone(),
+            status_code: r.body.status_code,
+            code: r.body.code.as_str().to_owned(),
+            error_code: r.body.error_code,
+            message: r.body.message.clone(),
+            details: r.body.details.clone(),
+            decision: story.get("decision").cloned(),
+            attempts,
+        };
+        self.writer.submit(Write::ErrorStory(Box::new(s.clone())));
+        if self.story_map.insert(s.identifier.clone(), s).is_none() {
+            self.stories.push_back(r.body.identifier);
+        }
+        while self.stories.len() > self.config.error_retention {
+            if let Some(old) = self.stories.pop_front() {
+                self.story_map.remove(&old);
+            }
+        }
+        self.stories_since_prune += 1;
+        if self.stories_since_prune >= 1000 {
+            self.stories_since_prune = 0;
+            self.writer.submit(Write::PruneErrorStories {
+                keep: self.config.error_retention,
+            });
+        }
+    }
+
+    // ----- reconciler ------------------------------------------------------------------------
+
+    fn fleet_wants(&self, fleet: &Fleet, host: &Host) -> bool {
+        let region = self
+            .regions
+            .get(&host.rec.region_id)
+            .map(|r| r.name.as_str())
+            .unwrap_or("");
+        (fleet.regions.is_empty() || fleet.regions.iter().any(|r| r == region))
+            && fleet
+                .host_labels
+                .iter()
+                .all(|(k, v)| host.rec.labels.get(k) == Some(v))
+    }
+
+    /// What the actuator should do now so that every fleet has its instances on every
+    /// matching host. Marks what it plans, so the next plan does not repeat it.
+    fn plan(&mut self) -> Vec<Action> {
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        let mut count: HashMap<(u64, u64), u32> = HashMap::new();
+        let mut idle: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+        let mut removals = Vec::new();
+        for inst in self.instances.values() {
+            let Some(fleet_id) = inst.rec.fleet_id else {
+                continue;
+            };
+            if inst.removing {
+                continue;
+            }
+            let host_id = inst.rec.host_id;
+            let dead = inst.rec.view.status == InstanceStatus::Offline
+                && !inst.rec.view.auto_restart
+                && matches!(
+                    inst.rec.view.state,
+                    RuntimeState::Exited | RuntimeState::Dead
+                );
+            let held = inst.claim.is_some()
+                || self.allocations.contains_key(&inst.rec.id)
+                || inst.rec.view.status == InstanceStatus::Allocated;
+            let wanted = self.fleets.get(&fleet_id).is_some_and(|f| {
+                self.hosts
+                    .get(&host_id)
+                    .is_some_and(|h| self.fleet_wants(f, h))
+            });
+            if dead && !held {
+                removals.push((host_id, inst.rec.id.clone()));
+                continue;
+            }
+            if !wanted {
+                if !held {
+                    removals.push((host_id, inst.rec.id.clone()));
+                }
+                continue;
+            }
+            *count.entry((fleet_id, host_id)).or_insert(0) += 1;
+            if !held {
+                idle.entry((fleet_id, host_id))
+                    .or_default()
+                    .push(inst.rec.id.clone());
+            }
+        }
+        for (host_id, fleet_id) in self.pending_deploys.values() {
+            *count.entry((*fleet_id, *host_id)).or_insert(0) += 1;
+        }
+        let mut deploys = Vec::new();
+        for fleet in self.fleets.values() {
+            let (Some(profile), Some(app)) = (
+                self.profiles.get(&fleet.profile_id),
+                self.applications.get(&fleet.application_id),
+            ) else {
+                continue;
+            };
+            for host in self.hosts.values() {
+                if !host.reachable || !host.synced || !self.fleet_wants(fleet, host) {
+                    continue;
+                }
+                let have = count.get(&(fleet.id, host.rec.id)).copied().unwrap_or(0);
+                let want = fleet.instances_per_host;
+                if have < want
+                    && !host.rec.draining
+                    && host.deploy_backoff_until.is_none_or(|t| t <= now)
+                {
+                    for _ in 0..(want - have).min(DEPLOY_BURST) {
+                        let id = uuid::Uuid::new_v4().to_string();
+                        deploys.push((host.rec.id, fleet.id, id.clone()));
+                        actions.push(Action::Deploy {
+                            target: host.target(),
+                            request: Box::new(DeployRequest {
+                                id: Some(id),
+                                fleet_id: Some(fleet.id),
+                                management_protocol: app.management_protocol,
+                                confirm_allocation: app.confirm_allocation,
+                                profile: profile.clone(),
+                            }),
+                        });
+                    }
+                } else if have > want
+                    && let Some(list) = idle.get(&(fleet.id, host.rec.id))
+                {
+                    // Remove the least useful first: not online before online.
+                    let mut list: Vec<&String> = list.iter().collect();
+                    list.sort_by_key(|id| {
+                        self.instances
+                            .get(*id)
+                            .map(|i| i.rec.view.status == InstanceStatus::Online)
+                    });
+                    for id in list.into_iter().take((have - want) as usize) {
+                        removals.push((host.rec.id, id.clone()));
+                    }
+                }
+            }
+        }
+        for (host_id, fleet_id, id) in deploys {
+            self.pending_deploys.insert(id, (host_id, fleet_id));
+        }
+        for (host_id, id) in removals {
+            let Some(host) = self.hosts.get(&host_id).filter(|h| h.reachable) else {
+                continue;
+            };
+            let target = host.target();
+            if let Some(inst) = self.instances.get_mut(&id) {
+                inst.removing = true;
+            }
+            actions.push(Action::Remove {
+                target,
+                instance_id: id,
+            });
+        }
+        actions
+    }
+
+    fn action_done(&mut self, r: ActionResult) {
+        match r {
+            ActionResult::Deployed {
+                host_id,
+                instance_id,
+                result,
+            } => {
+                self.pending_deploys.remove(&instance_id);
+                match result {
+                    Ok(view) => {
+                        self.metrics.reconcile_deploys.inc();
+                        self.apply_view(host_id, view);
+                    }
+                    Err(f) => {
+                        tracing::warn!(host_id, code = %f.code, details = %f.details, "deploy failed; host skipped for 5 s");
+                        if let Some(h) = self.hosts.get_mut(&host_id) {
+                            h.deploy_backoff_until = Some(Instant::now() + DEPLOY_BACKOFF);
+                        }
+                    }
+                }
+            }
+            ActionResult::Removed {
+                host_id,
+                instance_id,
+                result,
+            } => match result {
+                Ok(view) => {
+                    self.metrics.reconcile_removals.inc();
+                    self.apply_view(host_id, view);
+                }
+                Err(f) if f.code == ErrorCode::InstanceNotOnHost => {
+                    self.remove_instance(&instance_id, "already gone from its agent");
+                }
+                Err(f) => {
+                    tracing::warn!(instance_id = %instance_id, details = %f.details, "remove failed; will retry");
+                    if let Some(i) = self.instances.get_mut(&instance_id) {
+                        i.removing = false;
+                    }
+                }
+            },
+            ActionResult::Deallocated { host_id, result } => {
+                if let Ok(view) = result {
+                    self.apply_view(host_id, view);
+                }
+            }
+        }
+    }
+
+    // ----- resources -------------------------------------------------------------------------
+
+    fn crud(&mut self, op: Crud) -> Result<(serde_json::Value, Option<Commit>), Failure> {
+        match op {
+            Crud::ListApplications => {
+                Ok((json(&self.applications.values().collect::<Vec<_>>()), None))
+            }
+            Crud::GetApplication(id) => self
+                .applications
+                .get(&id)
+                .map(|a| (json(a), None))
+                .ok_or_else(|| not_found(&format!("application {id} does not exist"))),
+            Crud::PutApplication(a, create) => {
+                if a.id == 0 || a.name.trim().is_empty() {
+                    return Err(invalid(
+                        "application id must be non-zero and name non-empty",
+                    ));
+                }
+                if create && self.applications.contains_key(&a.id) {
+                    return Err(invalid(format!(
+                        "application {} already exists; use PUT /v1/applications/{} to change it",
+                        a.id, a.id
+                    )));
+                }
+                let commit = self.writer.submit_durable(Write::Application(a.clone()));
+                let v = json(&a);
+                self.applications.insert(a.id, a);
+                Ok((v, Some(commit)))
+            }
+            Crud::DeleteApplication(id) => {
+                if !self.applications.contains_key(&id) {
+                    return Err(not_found(&format!("application {id} does not exist")));
+                }
+                if let Some(f) = self.fleets.values().find(|f| f.application_id == id) {
+                    return Err(invalid(format!(
+                        "application {id} is used by fleet {}; delete the fleet first",
+                        f.id
+                    )));
+                }
+                let a = self.applications.remove(&id);
+                let commit = self.writer.submit_durable(Write::DeleteApplication(id));
+                Ok((json(&a), Some(commit)))
+            }
+            Crud::ListProfiles => Ok((json(&self.profiles.values().collect::<Vec<_>>()), None)),
+            Crud::GetProfile(id) => self
+                .profiles
+                .get(&id)
+                .map(|p| (json(p), None))
+                .ok_or_else(|| not_found(&format!("profile {id} does not exist"))),
+            Crud::PutProfile(p, create) => {
+                if p.id.trim().is_empty() || p.executable.trim().is_empty() {
+                    return Err(invalid("profile id and executable must not be empty"));
+                }
+                if !self.applications.contains_key(&p.application_id) {
+                    return Err(invalid(format!(
+                        "profile.applicationId {} names no application; create it first",
+                        p.application_id
+                    )));
+                }
+                if create && self.profiles.contains_key(&p.id) {
+                    return Err(invalid(format!(
+                        "profile {} already exists; use PUT /v1/profiles/{} to change it",
+                        p.id, p.id
+                    )));
+                }
+                let commit = self.writer.submit_durable(Write::Profile((*p).clone()));
+                let v = json(&*p);
+                self.profiles.insert(p.id.clone(), *p);
+                Ok((v, Some(commit)))
+            }
+            Crud::DeleteProfile(id) => {
+                if let Some(f) = self.fleets.values().find(|f| f.profile_id == id) {
+                    return Err(invalid(format!(
+                        "profile {id} is used by fleet {}; change or delete the fleet first",
+                        f.id
+                    )));
+                }
+                let p = self
+                    .profiles
+                    .remove(&id)
+                    .ok_or_else(|| not_found(&format!("profile {id} does not exist")))?;
+                let commit = self.writer.submit_durable(Write::DeleteProfile(id));
+                Ok((json(&p), Some(commit)))
+            }
+            Crud::ListFleets => Ok((json(&self.fleets.values().collect::<Vec<_>>()), None)),
+            Crud::GetFleet(id) => self
+                .fleets
+                .get(&id)
+                .map(|f| (json(f), None))
+                .ok_or_else(|| not_found(&format!("fleet {id} does not exist"))),
+            Crud::PutFleet(mut f, create) => {
+                if f.id == 0 || f.name.trim().is_empty() {
+                    return Err(invalid("fleet id must be non-zero and name non-empty"));
+                }
+                if create && self.fleets.contains_key(&f.id) {
+                    return Err(invalid(format!(
+                        "fleet {} already exists; use PUT /v1/fleets/{} to change it",
+                        f.id, f.id
+                    )));
+                }
+                if self
+                    .fleets
+                    .values()
+                    .any(|o| o.name == f.name && o.id != f.id)
+                {
+                    return Err(invalid(format!(
+                        "another fleet is already named {:?}; fleet names are unique",
+                        f.name
+                    )));
+                }
+                if !self.applications.contains_key(&f.application_id) {
+                    return Err(invalid(format!(
+                        "fleet.applicationId {} names no application",
+                        f.application_id
+                    )));
+                }
+                let profile = self.profiles.get(&f.profile_id).ok_or_else(|| {
+                    invalid(format!(
+                        "fleet.profileId {:?} names no profile; create it first",
+                        f.profile_id
+                    ))
+                })?;
+                if profile.application_id != f.application_id {
+                    return Err(invalid(format!(
+                        "profile {:?} is for application {}, not {}",
+                        f.profile_id, profile.application_id, f.application_id
+                    )));
+                }
+                if f.instances_per_host > 1000 {
+                    return Err(invalid(format!(
+                        "fleet.instancesPerHost {} is over 1000",
+                        f.instances_per_host
+                    )));
+                }
+                for r in &f.regions {
+                    if !self.regions.values().any(|x| &x.name == r) {
+                        return Err(invalid(format!(
+                            "fleet.regions: {r:?} names no region; known: {}",
+                            self.regions
+                                .values()
+                                .map(|x| x.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                }
+                let env = match self
+                    .environments
+                    .values()
+                    .find(|e| e.name == f.deployment_environment)
+                {
+                    Some(e) => e.id,
+                    None => {
+                        let id = self.environments.keys().max().copied().unwrap_or(0) + 1;
+                        let e = DeploymentEnvironment {
+                            id,
+                            name: f.deployment_environment.clone(),
+                        };
+                        self.writer.submit(Write::Environment(e.clone()));
+                        self.environments.insert(id, e);
+                        id
+                    }
+                };
+                f.deployment_environment_id = env;
+                let commit = self.writer.submit_durable(Write::Fleet((*f).clone()));
+                let v = json(&*f);
+                self.fleets.insert(f.id, *f);
+                Ok((v, Some(commit)))
+            }
+            Crud::DeleteFleet(id) => {
+                let f = self
+                    .fleets
+                    .remove(&id)
+                    .ok_or_else(|| not_found(&format!("fleet {id} does not exist")))?;
+                let commit = self.writer.submit_durable(Write::DeleteFleet(id));
+                Ok((json(&f), Some(commit)))
+            }
+            Crud::ListRegions => Ok((json(&self.regions.values().collect::<Vec<_>>()), None)),
+            Crud::GetRegion(id) => self
+                .regions
+                .get(&id)
+                .map(|r| (json(r), None))
+                .ok_or_else(|| not_found(&format!("region {id} does not exist"))),
+            Crud::PutRegion(r) => {
+                if r.id == 0 || r.name.trim().is_empty() {
+                    return Err(invalid("region id must be non-zero and name non-empty"));
+                }
+                if self
+                    .regions
+                    .values()
+                    .any(|o| o.name == r.name && o.id != r.id)
+                {
+                    return Err(invalid(format!(
+                        "region name {:?} is taken by another id",
+                        r.name
+                    )));
+                }
+                let commit = self.writer.submit_durable(Write::Region(r.clone()));
+                let v = json(&r);
+                self.regions.insert(r.id, r);
+                Ok((v, Some(commit)))
+            }
+            Crud::DeleteRegion(id) => {
+                if self.hosts.values().any(|h| h.rec.region_id == id) {
+                    return Err(invalid(format!(
+                        "region {id} has hosts; it cannot be deleted"
+                    )));
+                }
+                let r = self
+                    .regions
+                    .remove(&id)
+                    .ok_or_else(|| not_found(&format!("region {id} does not exist")))?;
+                let commit = self.writer.submit_durable(Write::DeleteRegion(id));
+                Ok((json(&r), Some(commit)))
+            }
+            Crud::ListDcLocations => {
+                Ok((json(&self.dc_locations.values().collect::<Vec<_>>()), None))
+            }
+            Crud::PutDcLocation(d) => {
+                if !self.regions.contains_key(&d.region_id) {
+                    return Err(invalid(format!(
+                        "dcLocation.regionId {} names no region",
+                        d.region_id
+                    )));
+                }
+                let commit = self.writer.submit_durable(Write::DcLocation(d.clone()));
+                let v = json(&d);
+                self.dc_locations.insert(d.id, d);
+                Ok((v, Some(commit)))
+            }
+            Crud::ListEnvironments => {
+                Ok((json(&self.environments.values().collect::<Vec<_>>()), None))
+            }
+            Crud::PutEnvironment(e) => {
+                if e.id == 0 || e.name.trim().is_empty() {
+                    return Err(invalid(
+                        "environment id must be non-zero and name non-empty",
+                    ));
+                }
+                let commit = self.writer.submit_durable(Write::Environment(e.clone()));
+                let v = json(&e);
+                self.environments.insert(e.id, e);
+                Ok((v, Some(commit)))
+            }
+        }
+    }
+}
+
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+fn cond_matches(c: &Cond, f: &Facts) -> bool {
+    match c {
+        Cond::FleetIds(ids) => f.fleet_id.is_some_and(|id| ids.contains(&id)),
+        Cond::EnvironmentIds(ids) => f.environment_id.is_some_and(|id| ids.contains(&id)),
+        Cond::RegionIds(ids) => ids.contains(&f.region_id),
+        Cond::DcLocationIds(ids) => ids.contains(&f.dc_location_id),
+        Cond::IsVirtual(v) => f.is_virtual == *v,
+    }
+}
+
+fn i3d_object(o: &InstanceObject, rec: &InstanceRecord) -> I3dInstance {
+    let v = &rec.view;
+    I3dInstance {
+        id: o.id.clone(),
+        application_id: o.application_id,
+        application_build_id: o.build.clone(),
+        deployment_environment_id: o.deployment_environment_id.unwrap_or(0),
+        fleet_id: o.fleet_id.unwrap_or(0),
+        host_id: o.host_id,
+        region_id: o.region_id,
+        dc_location_id: o.dc_location_id,
+        is_virtual: o.is_virtual,
+        ip_address: vec![I3dIpAddress {
+            ip_address: o.ip_address.clone(),
+            ip_version: if o.ip_address.contains(':') { 6 } else { 4 },
+            private: 0,
+        }],
+        port: o.port,
+        management_port: o.management_port,
+        status: o.status,
+        num_players: o.num_players.unwrap_or(0),
+        num_players_max: o.num_players_max.unwrap_or(0),
+        live_host_name: o.live_host_name.clone().unwrap_or_default(),
+        live_map: o.live_map.clone().unwrap_or_default(),
+        live_rules: o.live_rules.clone().unwrap_or_default(),
+        live_game_version: o.live_game_version.clone().unwrap_or_default(),
+        metadata: o.metadata.clone(),
+        label_read_only: Vec::new(),
+        label_public: Vec::new(),
+        pid: o.pid.unwrap_or(0),
+        pid_changed_at: v.pid_changed_at.unwrap_or(0),
+        started_at: v.started_at.unwrap_or(0),
+        stopped_at: v.stopped_at.unwrap_or(0),
+        created_at: rec.created_at,
+        updated_at: v.updated_at,
+        auto_restart: u8::from(o.auto_restart),
+        manually_deployed: u8::from(rec.fleet_id.is_none()),
+        marked_for_deletion: 0,
+    }
+}

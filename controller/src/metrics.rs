@@ -1,0 +1,111 @@
+//! Prometheus metrics of the controller. Labels are fixed enums (result codes, statuses, host
+//! states), never ids, so the number of series is bounded.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use berth_protocol::{ErrorCode, InstanceStatus};
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    allocations: Family<Labels, Counter>,
+    pub allocation_seconds: Histogram,
+    pub agent_attempt_failures: Counter,
+    pub heartbeats: Counter,
+    pub hosts_lost: Counter,
+    pub reconcile_deploys: Counter,
+    pub reconcile_removals: Counter,
+    instances: Family<Labels, Gauge>,
+    hosts: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("berth_controller");
+        let allocations = Family::<Labels, Counter>::default();
+        registry.register(
+            "allocations",
+            "Allocation requests answered, by result (ok or the error code)",
+            allocations.clone(),
+        );
+        let allocation_seconds = Histogram::new([
+            0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
+        registry.register(
+            "allocation_duration_seconds",
+            "Time from request to answer for allocations",
+            allocation_seconds.clone(),
+        );
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let agent_attempt_failures = counter(
+            "allocation_attempt_failures",
+            "Allocation attempts refused by an agent (the next candidate was tried)",
+        );
+        let heartbeats = counter("heartbeats", "Agent heartbeats received");
+        let hosts_lost = counter("hosts_lost", "Hosts declared unreachable");
+        let reconcile_deploys =
+            counter("reconcile_deploys", "Instances deployed by the reconciler");
+        let reconcile_removals =
+            counter("reconcile_removals", "Instances removed by the reconciler");
+        let instances = Family::<Labels, Gauge>::default();
+        registry.register("instances", "Instances by status", instances.clone());
+        let hosts = Family::<Labels, Gauge>::default();
+        registry.register("hosts", "Hosts by state", hosts.clone());
+        Self {
+            registry,
+            allocations,
+            allocation_seconds,
+            agent_attempt_failures,
+            heartbeats,
+            hosts_lost,
+            reconcile_deploys,
+            reconcile_removals,
+            instances,
+            hosts,
+        }
+    }
+
+    pub fn allocation(&self, result: Result<(), ErrorCode>) {
+        let label = match result {
+            Ok(()) => "ok",
+            Err(code) => code.as_str(),
+        };
+        self.allocations
+            .get_or_create(&vec![("result", label)])
+            .inc();
+    }
+
+    /// Sets the gauges from counts computed by the inventory, then renders.
+    pub fn render(&self, by_status: &[i64; 7], hosts: &[(&'static str, i64)]) -> String {
+        for s in InstanceStatus::ALL {
+            self.instances
+                .get_or_create(&vec![("status", s.name())])
+                .set(by_status[s as usize]);
+        }
+        for (state, n) in hosts {
+            self.hosts.get_or_create(&vec![("state", *state)]).set(*n);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,442 @@
+//! SQLite persistence: migrations at start, a full load into memory, and one writer task that
+//! commits in groups.
+//!
+//! Every write goes through the writer. It takes the first waiting write, drains whatever else
+//! is queued (up to a batch), applies all of it in one `BEGIN IMMEDIATE` transaction and
+//! commits once, so under load one fsync covers many allocations. A caller that must not
+//! answer before its write is durable (an allocation) waits for its batch's commit.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use berth_protocol::agent_api::Profile;
+use berth_protocol::controller_api::{
+    Application, DcLocation, DeploymentEnvironment, ErrorStory, Fleet, Region,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{AllocationRecord, HostRecord, InstanceRecord};
+
+/// Most writes applied in one transaction.
+const MAX_BATCH: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the database directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database {path}: {source}")]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("stored {table} row {id} is not valid JSON: {source}")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("the database writer has stopped")]
+    WriterGone,
+}
+
+/// One change to persist.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Region(Region),
+    DeleteRegion(u32),
+    DcLocation(DcLocation),
+    Environment(DeploymentEnvironment),
+    Application(Application),
+    DeleteApplication(u32),
+    Profile(Profile),
+    DeleteProfile(String),
+    Fleet(Fleet),
+    DeleteFleet(u64),
+    Host(Box<HostRecord>),
+    Instance(Box<InstanceRecord>),
+    Allocation(Box<AllocationRecord>),
+    ErrorStory(Box<ErrorStory>),
+    /// Keep only the newest `keep` error stories.
+    PruneErrorStories {
+        keep: usize,
+    },
+}
+
+/// Everything in the database, as loaded at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub regions: Vec<Region>,
+    pub dc_locations: Vec<DcLocation>,
+    pub environments: Vec<DeploymentEnvironment>,
+    pub applications: Vec<Application>,
+    pub profiles: Vec<Profile>,
+    pub fleets: Vec<Fleet>,
+    pub hosts: Vec<HostRecord>,
+    /// Instances not removed.
+    pub instances: Vec<InstanceRecord>,
+    /// Allocations not released.
+    pub allocations: Vec<AllocationRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+type Done = oneshot::Sender<Result<(), String>>;
+
+/// Submits writes to the writer task.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<(Write, Option<Done>)>,
+}
+
+impl Writer {
+    /// Queues a write; it will be committed with the next batch.
+    pub fn submit(&self, w: Write) {
+        let _ = self.tx.send((w, None));
+    }
+
+    /// Queues a write and returns a receiver that fires once its batch is committed.
+    pub fn submit_durable(&self, w: Write) -> oneshot::Receiver<Result<(), String>> {
+        let (done, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError((_, Some(done)))) = self.tx.send((w, Some(done))) {
+            let _ = done.send(Err("the database writer has stopped".to_owned()));
+        }
+        rx
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    // Serialising our own plain data types cannot fail (no maps with non-string keys).
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and runs the migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk when it returns, so an acknowledged allocation
+            // survives a crash of the machine, not only of the process.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            regions: self
+                .bodies("regions", "SELECT id, body FROM regions")
+                .await?,
+            dc_locations: self
+                .bodies("dc_locations", "SELECT id, body FROM dc_locations")
+                .await?,
+            environments: self
+                .bodies(
+                    "deployment_environments",
+                    "SELECT id, body FROM deployment_environments",
+                )
+                .await?,
+            applications: self
+                .bodies("applications", "SELECT id, body FROM applications")
+                .await?,
+            profiles: self
+                .bodies("profiles", "SELECT id, body FROM profiles")
+                .await?,
+            fleets: self.bodies("fleets", "SELECT id, body FROM fleets").await?,
+            hosts: self.bodies("hosts", "SELECT id, body FROM hosts").await?,
+            instances: self
+                .bodies(
+                    "instances",
+                    "SELECT id, body FROM instances WHERE removed_at IS NULL",
+                )
+                .await?,
+            allocations: self
+                .bodies(
+                    "allocations",
+                    "SELECT id, body FROM allocations WHERE released_at IS NULL",
+                )
+                .await?,
+        })
+    }
+
+    async fn bodies<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        sql: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row
+                    .try_get::<String, _>(0)
+                    .or_else(|_| row.try_get::<i64, _>(0).map(|i| i.to_string()))?;
+                let body: String = row.try_get(1)?;
+                serde_json::from_str(&body).map_err(|source| StoreError::Corrupt {
+                    table,
+                    id,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Removed instances, newest first, for `all=true` listings.
+    pub async fn removed_instances(&self, limit: i64) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT body FROM instances WHERE removed_at IS NOT NULL ORDER BY removed_at DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get(0)?;
+                serde_json::from_str(&body).map_err(|source| StoreError::Corrupt {
+                    table: "instances",
+                    id: String::new(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn error_story(&self, identifier: &str) -> Result<Option<ErrorStory>, StoreError> {
+        let row = sqlx::query("SELECT body FROM error_stories WHERE identifier = ?")
+            .bind(identifier)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let body: String = r.try_get(0)?;
+            serde_json::from_str(&body).map_err(|source| StoreError::Corrupt {
+                table: "error_stories",
+                id: identifier.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    /// Starts the writer task.
+    pub fn start_writer(&self) -> Writer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(self.pool.clone(), rx));
+        Writer { tx }
+    }
+}
+
+async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<(Write, Option<Done>)>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut conn = None;
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = match &mut conn {
+            Some(c) => commit(c, &batch).await,
+            None => match pool.acquire().await {
+                Ok(c) => {
+                    let c = conn.insert(c);
+                    commit(c, &batch).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let outcome = result.map_err(|e| {
+            tracing::error!(error = %e, writes = batch.len(), "database commit failed");
+            // A broken connection is replaced on the next batch.
+            conn = None;
+            e.to_string()
+        });
+        for (_, done) in batch.drain(..) {
+            if let Some(done) = done {
+                let _ = done.send(outcome.clone());
+            }
+        }
+    }
+}
+
+async fn commit(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    batch: &[(Write, Option<Done>)],
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    for (w, _) in batch {
+        apply(&mut tx, w).await?;
+    }
+    tx.commit().await
+}
+
+async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::Error> {
+    match w {
+        Write::Region(r) => {
+            sqlx::query("INSERT OR REPLACE INTO regions (id, name, body) VALUES (?, ?, ?)")
+                .bind(r.id)
+                .bind(&r.name)
+                .bind(to_json(r))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::DeleteRegion(id) => {
+            sqlx::query("DELETE FROM regions WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::DcLocation(d) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO dc_locations (id, region_id, name, body) VALUES (?, ?, ?, ?)",
+            )
+            .bind(d.id)
+            .bind(d.region_id)
+            .bind(&d.name)
+            .bind(to_json(d))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::Environment(e) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO deployment_environments (id, name, body) VALUES (?, ?, ?)",
+            )
+            .bind(e.id)
+            .bind(&e.name)
+            .bind(to_json(e))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::Application(a) => {
+            sqlx::query("INSERT OR REPLACE INTO applications (id, body) VALUES (?, ?)")
+                .bind(a.id)
+                .bind(to_json(a))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::DeleteApplication(id) => {
+            sqlx::query("DELETE FROM applications WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::Profile(p) => {
+            sqlx::query("INSERT OR REPLACE INTO profiles (id, body) VALUES (?, ?)")
+                .bind(&p.id)
+                .bind(to_json(p))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::DeleteProfile(id) => {
+            sqlx::query("DELETE FROM profiles WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::Fleet(f) => {
+            sqlx::query("INSERT OR REPLACE INTO fleets (id, body) VALUES (?, ?)")
+                .bind(f.id as i64)
+                .bind(to_json(f))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::DeleteFleet(id) => {
+            sqlx::query("DELETE FROM fleets WHERE id = ?")
+                .bind(*id as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::Host(h) => {
+            sqlx::query("INSERT OR REPLACE INTO hosts (id, name, body) VALUES (?, ?, ?)")
+                .bind(h.id as i64)
+                .bind(&h.name)
+                .bind(to_json(h))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::Instance(i) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO instances (id, host_id, application_id, removed_at, body) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&i.id)
+            .bind(i.host_id as i64)
+            .bind(i.application_id)
+            .bind(i.removed_at.map(|t| t as i64))
+            .bind(to_json(i))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::Allocation(a) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO allocations (id, instance_id, idempotency_key, created_at, released_at, body) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&a.id)
+            .bind(&a.instance_id)
+            .bind(&a.idempotency_key)
+            .bind(a.created_at as i64)
+            .bind(a.released_at.map(|t| t as i64))
+            .bind(to_json(a))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::ErrorStory(s) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO error_stories (identifier, created_at, body) VALUES (?, ?, ?)",
+            )
+            .bind(&s.identifier)
+            .bind(crate::unix_now() as i64)
+            .bind(to_json(s))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::PruneErrorStories { keep } => {
+            sqlx::query(
+                "DELETE FROM error_stories WHERE identifier NOT IN (SELECT identifier FROM error_stories ORDER BY created_at DESC LIMIT ?)",
+            )
+            .bind(*keep as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
