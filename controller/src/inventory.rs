@@ -1416,6 +1416,12 @@ impl Inventory {
         result: Result<InstanceView, AgentFailure>,
     ) -> Option<(Answer, Option<Commit>)> {
         let host_id = self.instances.get(id).map(|i| i.rec.host_id)?;
+        // Released first, so the agent's answer below is not mistaken for the game ending
+        // its match, and so the caller gets this release's commit to wait for.
+        let commit = match (&allocation_id, self.allocations.get(id)) {
+            (Some(want), Some(a)) if *want == a.id => self.release_allocation(id, "deallocated"),
+            _ => None,
+        };
         match result {
             Ok(view) => self.apply_view(host_id, view),
             Err(f) => {
@@ -1424,10 +1430,6 @@ impl Inventory {
                 tracing::warn!(instance_id = id, error = %f.details, "agent did not confirm the release");
             }
         }
-        let commit = match (&allocation_id, self.allocations.get(id)) {
-            (Some(want), Some(a)) if *want == a.id => self.release_allocation(id, "deallocated"),
-            _ => None,
-        };
         Some((self.answer(id)?, commit))
     }
 

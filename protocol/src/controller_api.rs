@@ -64,8 +64,9 @@ pub struct Fleet {
     #[serde(default)]
     pub host_labels: BTreeMap<String, String>,
     pub instances_per_host: u32,
-    /// Filled in by the controller from `deploymentEnvironment`.
-    #[serde(default, skip_deserializing)]
+    /// Set by the controller from `deploymentEnvironment` (a value sent in is ignored, so a
+    /// fleet read back can be sent again unchanged).
+    #[serde(default)]
     pub deployment_environment_id: u32,
 }
 
@@ -228,7 +229,7 @@ pub struct ErrorStory {
     pub path: String,
     pub status_code: u16,
     pub code: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<u32>,
     pub message: String,
     pub details: String,
