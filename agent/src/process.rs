@@ -98,12 +98,21 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
     }
     let limits = spec.limits.clone();
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system calls setsid(2) and setrlimit(2); it allocates nothing.
+    // async-signal-safe system calls setsid(2), prctl(2) and setrlimit(2); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             // Own session and process group: a signal to the agent's group or session (Ctrl-C,
             // systemd stopping the agent) never reaches the game.
             nix::unistd::setsid().map_err(io::Error::from)?;
+            // Under systemd the agent holds ambient CAP_SETUID/CAP_SETGID/CAP_KILL; a game
+            // must not inherit them. Fails harmlessly on kernels without ambient capabilities.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
             apply_limits(&limits)
         });
     }
