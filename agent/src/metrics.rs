@@ -89,8 +89,7 @@ impl Metrics {
         );
         // One statement each: a `get_or_create` guard held across a second call deadlocks.
         let child = |family: &Family<Labels, Counter>, result| {
-            let c = family.get_or_create(&vec![("result", result)]).clone();
-            c
+            family.get_or_create(&vec![("result", result)]).clone()
         };
         let allocations_ok = child(&allocations, "ok");
         let allocations_failed = child(&allocations, "error");
