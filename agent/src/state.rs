@@ -136,7 +136,10 @@ pub fn new_token() -> String {
 /// Writes `bytes` to the state file atomically.
 pub fn write_atomic(state_dir: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let path = state_path(state_dir);
-    let tmp = state_dir.join("agent-state.json.tmp");
+    // A name of its own per write: the final write at shutdown may overlap a background one.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = state_dir.join(format!("agent-state.json.tmp.{}.{seq}", std::process::id()));
     let wrap = |source| StateError::Write {
         path: path.clone(),
         source,

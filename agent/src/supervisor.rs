@@ -352,6 +352,9 @@ struct Instance {
     reverse_metadata: Vec<KeyValue>,
     allocation: Option<PersistedAllocation>,
     pending: Option<Pending>,
+    /// The agent released an allocation the game may still believe in: its status 5 is stale
+    /// until it reports 4 (otherwise a late 5 would look like the game allocating itself).
+    release_pending: bool,
     version: u64,
 }
 
@@ -522,6 +525,7 @@ impl Supervisor {
                 reverse_metadata: p.reverse_metadata,
                 allocation: p.allocation,
                 pending: None,
+                release_pending: false,
                 version: 0,
             };
             let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
@@ -759,6 +763,7 @@ impl Supervisor {
             reverse_metadata: Vec::new(),
             allocation: None,
             pending: None,
+            release_pending: false,
             version: 0,
         };
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
@@ -954,7 +959,8 @@ impl Supervisor {
         inst.arcus_connected = false;
         inst.live = None;
         // A game that exits ends its match (i3D: the platform restarts it and it is free again).
-        if inst.allocation.take().is_some() {
+        inst.release_pending = false;
+        if inst.allocation.take().is_some() || inst.pending.is_some() {
             inst.metadata.clear();
         }
         if let Some(p) = inst.pending.take() {
@@ -1037,13 +1043,17 @@ impl Supervisor {
                     && let Some(p) = inst.pending.take()
                 {
                     inst.status = InstanceStatus::Online;
+                    // The allocation never happened: a free instance carries no match metadata,
+                    // and the game, which did get `allocated`, must hear that it is free.
+                    inst.metadata.clear();
+                    tell_released(inst);
                     let _ = p.reply.send(Err(AllocateError::TimedOut {
                         id: id.to_owned(),
                         reason: "the game did not confirm the allocation (status 5) in time"
                             .to_owned(),
                     }));
                     self.metrics.allocations_failed.inc();
-                    self.changed(id, false);
+                    self.changed(id, true);
                 }
             }
         }
@@ -1218,6 +1228,8 @@ impl Supervisor {
             }
         }
         let now = unix_now();
+        // The game is told of this allocation now: its next 5 is about this one.
+        inst.release_pending = false;
         inst.metadata = req.metadata.clone();
         if inst.confirm_allocation && inst.is_arcus() {
             inst.status = InstanceStatus::Allocating;
@@ -1277,15 +1289,7 @@ impl Supervisor {
             if inst.pid.is_some() {
                 inst.status = InstanceStatus::Online;
             }
-            if let Some(link) = &inst.link
-                && inst.arcus_connected
-            {
-                // Arcus has no "released" message; the Berth SDK treats this command as one.
-                let _ = link.try_send(Message::CustomCommand(vec![KeyValue::new(
-                    "command",
-                    "deallocated",
-                )]));
-            }
+            tell_released(inst);
             tracing::info!(instance_id = %id, "deallocated");
             self.changed(id, true);
         }
@@ -1425,7 +1429,12 @@ impl Supervisor {
                         }
                     }
                     (4, InstanceStatus::Allocating) => {}
-                    (4, _) => inst.status = InstanceStatus::Online,
+                    (4, _) => {
+                        inst.release_pending = false;
+                        inst.status = InstanceStatus::Online;
+                    }
+                    // The game has not yet heard of the release: its 5 is stale.
+                    (5, _) if inst.release_pending && inst.pending.is_none() => {}
                     (5, InstanceStatus::Allocating) => {
                         if let Some(p) = inst.pending.take() {
                             inst.status = InstanceStatus::Allocated;
@@ -1467,6 +1476,19 @@ impl Supervisor {
             }
         }
         self.changed(id, persist);
+    }
+}
+
+/// Arcus has no "released" message; the Berth SDK treats this custom command as one.
+fn tell_released(inst: &mut Instance) {
+    inst.release_pending = true;
+    if let Some(link) = &inst.link
+        && inst.arcus_connected
+    {
+        let _ = link.try_send(Message::CustomCommand(vec![KeyValue::new(
+            "command",
+            "deallocated",
+        )]));
     }
 }
 

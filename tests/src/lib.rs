@@ -1,1 +1,1121 @@
-//! e2e support
+//! Support for Berth's end-to-end tests: they run the real binaries (`berth-agent`,
+//! `berth-sample-game`, `berth-bad-game`, later `berth-controller`) as separate processes on
+//! loopback and only ever wait for observable state, never for a fixed time.
+//!
+//! * [`bin_dir`] builds the workspace's binaries once per test process and finds them.
+//! * [`PortBlock`] hands every agent game and management port ranges that no other agent of
+//!   this test process uses, so agents can run in parallel tests.
+//! * [`TestDir`] is a scratch directory under `target/e2e`, kept when a test fails.
+//! * [`AgentProcess`] writes an `agent.toml`, runs `berth-agent`, restarts and kills it, and
+//!   on drop kills every game it started so that no game outlives its test.
+//! * [`Http`] / [`Response`]: any request, with status, headers and JSON body, so tests can
+//!   check error bodies ([`Response::assert_error`]).
+//! * [`wait_for`] polls a condition until it holds, failing with the last thing it saw.
+//! * [`game_info`], [`sample_game_profile`], [`bad_game_profile`]: drive the test games.
+//! * [`pid_alive`], [`count_instance_processes`]: what the kernel says about processes.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// How often [`wait_for`] looks again.
+pub const POLL: Duration = Duration::from_millis(10);
+/// Failure guard for waits on things that normally happen within milliseconds to a few
+/// seconds. Generous because a loaded 2-core CI machine runs several agents and games at once;
+/// reaching it means the test failed, not that it was slow.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Failure guard for one HTTP request or one `INFO` query.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------
+// Binaries and directories
+
+/// The workspace root (the directory of the top `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// `target/<profile>`, holding every workspace binary, freshly built.
+///
+/// The first call in a process runs `cargo build --bins --workspace` with the profile of the
+/// running test binary: `cargo test` builds only this package's binaries, and a test must never
+/// run a stale `berth-agent`. Later calls (from any thread) wait for that build and reuse it.
+/// A failed build fails every test that needs a binary, with the build's own message, without
+/// building again.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match DIR.get_or_init(build_binaries) {
+        Ok(dir) => dir,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_binaries() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test binary's own path: {e}"))?;
+    // target/<profile>/deps/<test exe>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))?
+        .to_owned();
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| format!("{} has no parent", profile_dir.display()))?
+        .to_owned();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--bins", "--workspace", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null());
+    if release {
+        cmd.arg("--release");
+    }
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cargo} to build the binaries under test: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{cargo} build --bins --workspace{}` failed ({}); the end-to-end tests need every \
+             binary of the workspace:\n{}",
+            if release { " --release" } else { "" },
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    eprintln!(
+        "[e2e] binaries in {} (build took {:.1}s)",
+        profile_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(profile_dir)
+}
+
+/// The path of a workspace binary, e.g. `bin("berth-agent")`.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} was not built by `cargo build --bins --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// `target/e2e`: where test directories live.
+pub fn e2e_root() -> PathBuf {
+    bin_dir()
+        .parent()
+        .map_or_else(|| bin_dir().join("e2e"), |t| t.join("e2e"))
+}
+
+/// A short random suffix, to keep names of parallel tests (and test runs) apart.
+pub fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// A scratch directory `target/e2e/<name>-<short id>`. Removed on drop when the test passed;
+/// kept when it failed (the thread is panicking), with the agent and game logs inside, or
+/// when `BERTH_E2E_KEEP` is set.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let path = e2e_root().join(format!("{name}-{}", short_id()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The directory's last path component (`<name>-<short id>`), unique per test run.
+    pub fn unique_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "[e2e] test failed; its files are kept in {}",
+                self.path.display()
+            );
+        } else if std::env::var_os("BERTH_E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+
+const GAME_BASE: u32 = 20_000;
+const GAME_SPAN: u32 = 10_000;
+const MANAGEMENT_BASE: u32 = 30_000;
+const MANAGEMENT_SPAN: u32 = 2_768;
+/// Ports per block and range: more than any one test deploys.
+pub const BLOCK_PORTS: u16 = 40;
+/// Blocks there are room for; the management range is the smaller one.
+const BLOCKS: u32 = MANAGEMENT_SPAN / BLOCK_PORTS as u32;
+
+/// Game and management port ranges for one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortBlock {
+    pub game: RangeInclusive<u16>,
+    pub management: RangeInclusive<u16>,
+}
+
+impl PortBlock {
+    /// A block no other agent of this test process uses, and most likely none of another
+    /// test process running at the same time.
+    ///
+    /// Blocks are taken round-robin from a process-wide counter that starts at an offset
+    /// derived from the process id. Each block is also claimed with a lock file under
+    /// `target/e2e/ports` (held until the process exits), so test binaries running at once
+    /// from the same target directory skip each other's blocks instead of racing for the
+    /// same ports. Only when all 69 blocks are held does a block get shared. Both ranges sit
+    /// below the kernel's default ephemeral range (32768-60999), as the agent requires.
+    pub fn next() -> Self {
+        static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+        let counter =
+            NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7) % BLOCKS));
+        for _ in 0..BLOCKS {
+            let block = counter.fetch_add(1, Ordering::Relaxed) % BLOCKS;
+            if claim_block(block) {
+                return Self::block(block);
+            }
+        }
+        Self::block(counter.fetch_add(1, Ordering::Relaxed) % BLOCKS)
+    }
+
+    fn block(block: u32) -> Self {
+        let n = u32::from(BLOCK_PORTS);
+        let game = GAME_BASE + block * (GAME_SPAN / BLOCKS);
+        let management = MANAGEMENT_BASE + block * n;
+        let range = |start: u32| start as u16..=(start + n - 1) as u16;
+        Self {
+            game: range(game),
+            management: range(management),
+        }
+    }
+}
+
+/// Takes block `block`'s lock file for the rest of this process, if nobody holds it. The lock
+/// is per open file, so a block this process already holds is refused too.
+fn claim_block(block: u32) -> bool {
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = e2e_root().join("ports");
+    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("block-{block}.lock")))
+    });
+    match file {
+        Ok(f) => {
+            if f.try_lock().is_err() {
+                return false;
+            }
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+            true
+        }
+        // Without a lock directory, fall back to the per-process counter alone.
+        Err(_) => true,
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for agent and controller listeners).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `"a-b"`, as the agent's configuration writes a range.
+pub fn range_text(r: &RangeInclusive<u16>) -> String {
+    format!("{}-{}", r.start(), r.end())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+
+/// What a [`wait_for`] probe returns: a value when the condition holds, or what it saw instead.
+pub trait Probe {
+    type Value;
+    fn into_result(self) -> Result<Self::Value, String>;
+}
+
+impl<T> Probe for Option<T> {
+    type Value = T;
+    fn into_result(self) -> Result<T, String> {
+        self.ok_or_else(|| "(the condition did not hold)".to_owned())
+    }
+}
+
+impl<T, E: Debug> Probe for Result<T, E> {
+    type Value = T;
+    fn into_result(self) -> Result<T, String> {
+        self.map_err(|e| format!("{e:#?}"))
+    }
+}
+
+/// Runs `probe` every [`POLL`] until it yields a value, and returns that value. Panics after
+/// `timeout` naming `desc` and the last thing the probe saw (its `Err`; a probe returning
+/// `Option` can only say that the condition did not hold).
+///
+/// Accepts both `|| async { … }` and `async || { … }`.
+pub async fn wait_for<R, F>(desc: &str, timeout: Duration, mut probe: F) -> R::Value
+where
+    F: AsyncFnMut() -> R,
+    R: Probe,
+{
+    let started = Instant::now();
+    loop {
+        match probe().await.into_result() {
+            Ok(v) => return v,
+            Err(last) => {
+                if started.elapsed() >= timeout {
+                    panic!(
+                        "timed out after {:.1}s waiting for {desc}; last observed: {last}",
+                        timeout.as_secs_f64()
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+/// A plain HTTP/1 client. Every request opens a new connection: a test that kills and
+/// restarts a daemon must never get a stale pooled connection.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An answer, whatever its status.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub method: Method,
+    /// The request path (without the query), what error bodies report as `path`.
+    pub path: String,
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub text: String,
+    /// The body as JSON; `Null` when it is empty or not JSON (then see `text`).
+    pub json: Value,
+}
+
+impl Http {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Sends one request. `Err` only when no HTTP answer came (refused, reset, timed out).
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Response, String> {
+        let mut req = http::Request::builder().method(method.clone()).uri(url);
+        if let Some(t) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let bytes = match body {
+            Some(b) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(b).map_err(|e| e.to_string())?)
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| format!("bad request {url}: {e}"))?;
+        let path = req.uri().path().to_owned();
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{method} {url}: {e:?}"))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{method} {url}: body cut off: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, headers, body))
+        };
+        let (status, headers, body) = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| format!("{method} {url}: no answer within {CALL_TIMEOUT:?}"))??;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Ok(Response {
+            method,
+            path,
+            status,
+            headers,
+            text,
+            json,
+        })
+    }
+
+    /// Sends one request; panics when no HTTP answer came.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Response {
+        self.try_send(method, url, token, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Panics, showing the answer, unless the status is `status`.
+    #[track_caller]
+    pub fn expect(self, status: u16) -> Self {
+        assert_eq!(
+            self.status, status,
+            "{} {} answered {} (expected {status}): {}",
+            self.method, self.path, self.status, self.text
+        );
+        self
+    }
+
+    /// Checks the one error shape of ERRORS.md: `statusCode` equal to the HTTP status, the
+    /// string `code`, the agent `errorCode` (or its absence), a message and details to act on,
+    /// the correlation `identifier` (also in `X-Correlation-Id`), the request path and an RFC
+    /// 3339 timestamp. Returns the body.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str, error_code: Option<u32>) -> &Value {
+        let b = &self.json;
+        let ctx = format!(
+            "{} {} → {}: {}",
+            self.method, self.path, self.status, self.text
+        );
+        assert_eq!(self.status, status, "HTTP status of {ctx}");
+        assert_eq!(b["statusCode"], json!(status), "statusCode of {ctx}");
+        assert_eq!(b["code"], json!(code), "code of {ctx}");
+        match error_code {
+            Some(n) => assert_eq!(b["errorCode"], json!(n), "errorCode of {ctx}"),
+            None => assert!(b.get("errorCode").is_none(), "no errorCode expected: {ctx}"),
+        }
+        for field in ["message", "details", "identifier", "timestamp"] {
+            assert!(
+                b[field].as_str().is_some_and(|s| !s.trim().is_empty()),
+                "{field} must be a non-empty string: {ctx}"
+            );
+        }
+        assert_eq!(b["path"], json!(self.path), "path of {ctx}");
+        let ts = b["timestamp"].as_str().unwrap_or_default();
+        assert!(
+            ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
+            "timestamp {ts:?} is not RFC 3339 UTC: {ctx}"
+        );
+        assert_eq!(
+            self.header("x-correlation-id"),
+            b["identifier"].as_str(),
+            "X-Correlation-Id must equal identifier: {ctx}"
+        );
+        b
+    }
+}
+
+/// Every `"pid": <n>` anywhere in a JSON value.
+fn collect_pids(v: &Value, out: &mut BTreeSet<u32>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if k == "pid" {
+                    if let Some(p) = v.as_u64().and_then(|p| u32::try_from(p).ok()) {
+                        out.insert(p);
+                    }
+                } else {
+                    collect_pids(v, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_pids(v, out)),
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent
+
+/// What goes into an agent's `agent.toml`. [`AgentConfig::new`] fills in a deterministic,
+/// self-contained host (no controller, `is_virtual` given, its own port block).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen_port: u16,
+    pub host_name: String,
+    pub region: String,
+    pub dc_location: String,
+    pub is_virtual: bool,
+    pub game_ports: RangeInclusive<u16>,
+    pub management_ports: RangeInclusive<u16>,
+    pub token: String,
+    pub controller_url: Option<String>,
+    pub join_token: Option<String>,
+    /// Raw TOML lines written before `[[tokens]]` (top-level keys or whole tables).
+    pub extra: Vec<String>,
+}
+
+impl AgentConfig {
+    pub fn new(host_name: &str) -> Self {
+        let ports = PortBlock::next();
+        Self {
+            listen_port: free_port(),
+            host_name: host_name.to_owned(),
+            region: "eu-west-1".to_owned(),
+            dc_location: "ams1".to_owned(),
+            is_virtual: false,
+            game_ports: ports.game,
+            management_ports: ports.management,
+            token: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
+            controller_url: None,
+            join_token: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The file's text for a given state directory.
+    pub fn toml(&self, state_dir: &Path) -> String {
+        let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let mut t = String::new();
+        let mut line = |l: String| {
+            t.push_str(&l);
+            t.push('\n');
+        };
+        line(format!(
+            "listen = {}",
+            s(&format!("127.0.0.1:{}", self.listen_port))
+        ));
+        line(format!("state_dir = {}", s(&state_dir.to_string_lossy())));
+        line(format!("host_name = {}", s(&self.host_name)));
+        line(format!("region = {}", s(&self.region)));
+        line(format!("dc_location = {}", s(&self.dc_location)));
+        line(format!("is_virtual = {}", self.is_virtual));
+        line(format!("game_ports = {}", s(&range_text(&self.game_ports))));
+        line(format!(
+            "management_ports = {}",
+            s(&range_text(&self.management_ports))
+        ));
+        if let Some(u) = &self.controller_url {
+            line(format!("controller_url = {}", s(u)));
+        }
+        if let Some(j) = &self.join_token {
+            line(format!("join_token = {}", s(j)));
+        }
+        for l in &self.extra {
+            line(l.clone());
+        }
+        line("[[tokens]]".to_owned());
+        line(format!("token = {}", s(&self.token)));
+        t
+    }
+}
+
+/// A `berth-agent` process with its own directory, config file, state and ports.
+///
+/// Dropping it kills the agent and every game it started (found through the state file, the
+/// API answers seen by this handle, a last API listing, and the agent's children), so no game
+/// outlives a test. The directory is kept when the test failed.
+#[derive(Debug)]
+pub struct AgentProcess {
+    config: AgentConfig,
+    config_path: PathBuf,
+    state_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    http: Http,
+    seen_pids: Mutex<BTreeSet<u32>>,
+    /// Dropped after `Drop::drop` has killed every process writing into it.
+    dir: TestDir,
+}
+
+impl AgentProcess {
+    /// Starts an agent with [`AgentConfig::new`] in `target/e2e/<name>-…`.
+    pub async fn start_new(name: &str) -> Self {
+        Self::spawn(name, AgentConfig::new(name)).await
+    }
+
+    /// Writes the config and starts the agent; returns once `/readyz` answers 200.
+    pub async fn spawn(name: &str, config: AgentConfig) -> Self {
+        let dir = TestDir::new(name);
+        let config_path = dir.join("agent.toml");
+        let state_dir = dir.join("state");
+        std::fs::write(&config_path, config.toml(&state_dir))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let mut agent = Self {
+            config,
+            config_path,
+            state_dir,
+            log_path: dir.join("agent.log"),
+            child: None,
+            http: Http::new(),
+            seen_pids: Mutex::new(BTreeSet::new()),
+            dir,
+        };
+        agent.start().await;
+        agent
+    }
+
+    /// Starts the agent (again) on the same config and state; returns once it is ready.
+    pub async fn start(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "the agent is already running; kill9() or sigterm() it first"
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
+        let log_err = log.try_clone().expect("clone the log file handle");
+        let mut cmd = Command::new(bin("berth-agent"));
+        cmd.arg("--config").arg(&self.config_path);
+        // The agent takes `BERTH_*` variables as config overrides; only the file may count.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("BERTH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .env("BERTH_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .expect("spawn berth-agent");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("{}/readyz", self.url());
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "berth-agent exited ({status}) before it was ready; its log:\n{}",
+                    self.log()
+                );
+            }
+            match self.http.try_send(Method::GET, &url, None, &[], None).await {
+                Ok(r) if r.status == 200 => return,
+                _ if started.elapsed() >= TIMEOUT => panic!(
+                    "berth-agent was not ready within {TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                ),
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// SIGKILL, and wait until the kernel has reaped it. The games keep running.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the agent is not running");
+        let _ = kill(pid_of(child.id()), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGTERM, and the exit status once the agent has stopped.
+    pub async fn sigterm(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent is not running");
+        kill(pid_of(child.id()), Signal::SIGTERM).expect("SIGTERM the agent");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the agent") {
+                return status;
+            }
+            if started.elapsed() >= TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "berth-agent did not stop within {TIMEOUT:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The agent's own pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.config.listen_port)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.config.token
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &TestDir {
+        &self.dir
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
+    /// The agent's stdout and stderr so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A game's log file, where the agent sends its stdout and stderr.
+    pub fn game_log_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{id}.log"))
+    }
+
+    /// The agent's state file (`agent-state.json`), if written yet.
+    pub fn state_file(&self) -> Option<Value> {
+        let text = std::fs::read(self.state_dir.join("agent-state.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The persisted record of one instance.
+    pub fn persisted_instance(&self, id: &str) -> Option<Value> {
+        self.state_file()?["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["id"] == json!(id))
+            .cloned()
+    }
+
+    /// Any request with this agent's token.
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Response {
+        let url = format!("{}{path}", self.url());
+        let resp = self
+            .http
+            .send(method, &url, Some(self.token()), &[], body)
+            .await;
+        self.remember_pids(&resp.json);
+        resp
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Response {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    fn remember_pids(&self, v: &Value) {
+        if let Ok(mut seen) = self.seen_pids.lock() {
+            collect_pids(v, &mut seen);
+        }
+    }
+
+    /// `POST /v1/instances`; panics unless 201.
+    pub async fn deploy(&self, body: &Value) -> Value {
+        self.post("/v1/instances", body).await.expect(201).json
+    }
+
+    /// Deploys `berth-sample-game` as instance `id`.
+    pub async fn deploy_sample(
+        &self,
+        id: &str,
+        startup_delay_ms: u64,
+        match_seconds: u64,
+    ) -> Value {
+        let profile = sample_game_profile("sample-1.0", 7, startup_delay_ms, match_seconds);
+        self.deploy(&deploy_body(id, profile)).await
+    }
+
+    /// `GET /v1/instances/{id}`; panics unless 200.
+    pub async fn instance(&self, id: &str) -> Value {
+        self.get(&format!("/v1/instances/{id}"))
+            .await
+            .expect(200)
+            .json
+    }
+
+    /// `GET /v1/instances`; panics unless 200.
+    pub async fn instances(&self) -> Vec<Value> {
+        match self.get("/v1/instances").await.expect(200).json {
+            Value::Array(list) => list,
+            other => panic!("GET /v1/instances is not a list: {other}"),
+        }
+    }
+
+    /// Polls the instance until `pred` holds; returns it.
+    pub async fn wait_instance(
+        &self,
+        id: &str,
+        desc: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(&format!("instance {id}: {desc}"), TIMEOUT, async || {
+            let r = self.get(&format!("/v1/instances/{id}")).await;
+            if r.status == 200 && pred(&r.json) {
+                Ok(r.json)
+            } else {
+                Err(r.text)
+            }
+        })
+        .await
+    }
+
+    /// Waits until the instance is online (4) with its Arcus link up: allocatable.
+    pub async fn wait_online(&self, id: &str) -> Value {
+        self.wait_instance(id, "status 4 with the Arcus link up", |i| {
+            i["status"] == 4 && i["arcusConnected"] == true
+        })
+        .await
+    }
+
+    /// Waits until the state file records an allocation of `id` that the game itself has
+    /// confirmed (its status 5 reached the agent): the allocation survives an agent restart,
+    /// and no late status 5 from the game can race a deallocation.
+    pub async fn wait_allocation_persisted(&self, id: &str) -> Value {
+        wait_for(
+            &format!("a game-confirmed allocation of {id} in the state file"),
+            TIMEOUT,
+            async || {
+                self.persisted_instance(id)
+                    .filter(|i| i["allocation"]["gameConfirmed"] == true)
+            },
+        )
+        .await
+    }
+
+    /// Waits until the state file holds the current pid of every listed instance, so that a
+    /// restarted agent knows them all.
+    pub async fn wait_pids_persisted(&self, ids: &[&str]) {
+        let mut want = Vec::new();
+        for id in ids {
+            want.push((id.to_string(), self.instance(id).await["pid"].clone()));
+        }
+        wait_for(
+            "the state file to hold every game's pid",
+            TIMEOUT,
+            async || {
+                let missing: Vec<_> = want
+                    .iter()
+                    .filter(|(id, pid)| {
+                        pid.is_null()
+                            || self.persisted_instance(id).is_none_or(|i| i["pid"] != *pid)
+                    })
+                    .collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(missing)
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Every pid that may belong to a game of this agent.
+    fn candidate_game_pids(&self) -> BTreeSet<u32> {
+        let mut pids = self.seen_pids.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(state) = self.state_file() {
+            collect_pids(&state, &mut pids);
+        }
+        if self.child.is_some() {
+            // A last listing covers games deployed but not yet seen or persisted.
+            if let Some(list) = blocking_get(self.config.listen_port, "/v1/instances", self.token())
+            {
+                collect_pids(&list, &mut pids);
+            }
+        }
+        if let Some(agent) = self.pid() {
+            pids.extend(children_of(agent));
+        }
+        pids
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pids = self.candidate_game_pids();
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(pid_of(child.id()), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        let bins = bin_dir();
+        for pid in pids {
+            // Only our own game binaries: a recorded pid may have been reused by now.
+            let ours = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.starts_with(bins));
+            if ours {
+                // Games run in their own session: the pid is also the process group id.
+                let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+                let _ = kill(pid_of(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+/// A minimal blocking GET, for use in `Drop` (no runtime there to lean on).
+fn blocking_get(port: u16, path: &str, token: &str) -> Option<Value> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let body = &text[text.find("\r\n\r\n")? + 4..];
+    serde_json::from_str(body).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Games
+
+/// The profile (DESIGN.md §4.1 shape) that runs `berth-sample-game`.
+pub fn sample_game_profile(
+    profile_id: &str,
+    application_id: u32,
+    startup_delay_ms: u64,
+    match_seconds: u64,
+) -> Value {
+    json!({
+        "id": profile_id,
+        "applicationId": application_id,
+        "build": "1.0.0",
+        "executable": bin("berth-sample-game").to_string_lossy(),
+        "args": [
+            "--port={port}",
+            "--management-port={managementPort}",
+            "--instance-id={instanceId}",
+            format!("--startup-delay-ms={startup_delay_ms}"),
+            format!("--match-seconds={match_seconds}"),
+        ],
+    })
+}
+
+/// The profile that runs `berth-bad-game` in `mode`; it appends a line to `count_file` for
+/// every management connection it accepts.
+pub fn bad_game_profile(
+    profile_id: &str,
+    application_id: u32,
+    mode: &str,
+    count_file: &Path,
+) -> Value {
+    json!({
+        "id": profile_id,
+        "applicationId": application_id,
+        "build": "bad",
+        "executable": bin("berth-bad-game").to_string_lossy(),
+        "args": [
+            "--port={port}",
+            "--management-port={managementPort}",
+            "--instance-id={instanceId}",
+            format!("--mode={mode}"),
+            format!("--count-file={}", count_file.display()),
+        ],
+    })
+}
+
+/// An agent deploy request for an Arcus game.
+pub fn deploy_body(id: &str, profile: Value) -> Value {
+    json!({"id": id, "managementProtocol": "arcus", "profile": profile})
+}
+
+/// Asks a test game what it learned over Arcus: connect to its game port, send `INFO`, read
+/// one JSON line.
+pub async fn game_info(port: u16) -> io::Result<Value> {
+    let query = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"INFO\n").await?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await?;
+        serde_json::from_str(&line).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("INFO answer {line:?}: {e}"),
+            )
+        })
+    };
+    tokio::time::timeout(CALL_TIMEOUT, query)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no INFO answer"))?
+}
+
+/// Polls a game's `INFO` until `pred` holds; returns the answer.
+pub async fn wait_game_info(port: u16, desc: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_for(
+        &format!("INFO of port {port}: {desc}"),
+        TIMEOUT,
+        async || match game_info(port).await {
+            Ok(v) if pred(&v) => Ok(v),
+            Ok(v) => Err(v.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `Z`, …), if the pid exists.
+pub fn process_state(pid: u32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) may hold spaces and parentheses; the state follows the last ')'.
+    text[text.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Whether `pid` is a live process (a zombie is dead, only not yet reaped).
+pub fn pid_alive(pid: u32) -> bool {
+    process_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
+}
+
+/// A process's arguments, if it still exists.
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live processes with an argument containing `needle`.
+pub fn pids_with_arg(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != me && pid_alive(pid))
+        .filter(|&pid| cmdline(pid).is_some_and(|args| args.iter().any(|a| a.contains(needle))))
+        .collect()
+}
+
+/// How many live processes run the game of `instance_id` (exactly one, unless something is
+/// duplicated).
+pub fn count_instance_processes(instance_id: &str) -> usize {
+    pids_with_arg(&format!("--instance-id={instance_id}")).len()
+}
+
+/// Live direct children of `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|t| {
+                    let rest = &t[t.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .filter(|&pid| pid_alive(pid))
+        .collect()
+}
+
+/// Sends `signal` to one process.
+pub fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
+    kill(pid_of(pid), signal)
+}

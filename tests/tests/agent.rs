@@ -1,0 +1,770 @@
+//! End-to-end tests of `berth-agent`: the real agent binary supervising real
+//! `berth-sample-game` and `berth-bad-game` processes on loopback, driven through its HTTP API
+//! and observed through the API, the games' `INFO` answers, the state file and /proc.
+//!
+//! Every test has its own agent(s), directory and ports, so tests run in parallel. Nothing
+//! sleeps for a fixed time: every wait polls for the state it needs, with a failure timeout.
+
+use std::time::{Duration, Instant};
+
+use berth_e2e::{
+    AgentConfig, AgentProcess, TIMEOUT, TestDir, bad_game_profile, bin, count_instance_processes,
+    deploy_body, game_info, pid_alive, sample_game_profile, short_id, signal, wait_for,
+    wait_game_info,
+};
+use http::Method;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+fn kv(pairs: &[(&str, &str)]) -> Value {
+    pairs
+        .iter()
+        .map(|(k, v)| json!({"key": k, "value": v}))
+        .collect()
+}
+
+fn pid(instance: &Value) -> u32 {
+    instance["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
+}
+
+fn port(instance: &Value) -> u16 {
+    instance["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("instance has no port: {instance}"))
+}
+
+/// A unique instance id (instance ids also find game processes in /proc, across parallel
+/// tests).
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", short_id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_game_goes_setup_starting_online() {
+    let agent = AgentProcess::start_new("setup-starting-online").await;
+    let id = new_id("a");
+
+    let deployed = agent.deploy_sample(&id, 300, 0).await;
+    assert_eq!(deployed["id"], json!(id));
+    assert_eq!(deployed["status"], 1, "deploy answers in setup: {deployed}");
+    assert_eq!(deployed["state"], "created", "{deployed}");
+
+    // The game reports 3 for its 300 ms startup delay: long enough to be seen by polling.
+    let starting = agent
+        .wait_instance(&id, "status 3 (starting)", |i| i["status"] == 3)
+        .await;
+    assert_eq!(starting["state"], "running", "{starting}");
+    let game_pid = pid(&starting);
+    assert!(pid_alive(game_pid));
+
+    let online = agent.wait_online(&id).await;
+    assert_eq!(pid(&online), game_pid, "the same process went online");
+    assert_eq!(online["restarts"], 0);
+    assert_eq!(
+        online["liveMap"], "sample",
+        "the game's live state: {online}"
+    );
+
+    let listed = agent.instances().await;
+    let mine: Vec<_> = listed.iter().filter(|i| i["id"] == json!(id)).collect();
+    assert_eq!(mine.len(), 1, "GET /v1/instances lists it once: {listed:?}");
+    assert_eq!(mine[0]["status"], 4);
+
+    let log_file = agent.game_log_path(&id);
+    assert!(log_file.is_file(), "{} is missing", log_file.display());
+    let logs = agent
+        .get(&format!("/v1/instances/{id}/logs?tail=10"))
+        .await
+        .expect(200);
+    assert!(
+        logs.text
+            .contains(&format!("berth-sample-game {id} listening")),
+        "the game's listening line is in its log: {:?}",
+        logs.text
+    );
+    assert_eq!(count_instance_processes(&id), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_metadata_reaches_the_game() {
+    let agent = AgentProcess::start_new("allocation-metadata").await;
+    let id = new_id("b");
+    agent.deploy_sample(&id, 0, 0).await;
+    let online = agent.wait_online(&id).await;
+    let game_port = port(&online);
+
+    let metadata = kv(&[("map", "dust"), ("players", "16")]);
+    let allocated = agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": metadata, "allocationId": "alloc-b-1"}),
+        )
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(allocated["status"], 5, "{allocated}");
+    assert!(allocated["allocatedAt"].is_u64(), "{allocated}");
+    assert_eq!(allocated["metadata"], metadata);
+    assert_eq!(allocated["allocationId"], "alloc-b-1");
+
+    let info = wait_game_info(game_port, "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(info["instanceId"], json!(id), "the right process answered");
+    assert_eq!(info["allocation"], metadata, "{info}");
+    assert_eq!(
+        info["hostInformation"]["serverName"],
+        json!(agent.config().host_name),
+        "{info}"
+    );
+    assert_eq!(info["hostInformation"]["region"], "eu-west-1", "{info}");
+    assert_eq!(
+        info["instanceInformation"]["instanceId"],
+        json!(id),
+        "{info}"
+    );
+    assert_eq!(info["instanceInformation"]["applicationId"], 7, "{info}");
+
+    // Once the game's own status 5 has reached the agent, releasing it cannot race it.
+    agent.wait_allocation_persisted(&id).await;
+    let released = agent
+        .post(&format!("/v1/instances/{id}/deallocate"), &json!({}))
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(released["status"], 4, "{released}");
+    assert!(released["allocatedAt"].is_null(), "{released}");
+    let info = wait_game_info(game_port, "released by the agent's \"deallocated\"", |i| {
+        i["allocated"] == false
+    })
+    .await;
+    assert_eq!(info["allocation"], json!([]), "{info}");
+    agent.wait_online(&id).await;
+
+    let pushed = kv(&[("motd", "welcome")]);
+    let r = agent
+        .post(
+            &format!("/v1/instances/{id}/metadata"),
+            &json!({"metadata": pushed}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json["metadata"], pushed, "{}", r.text);
+    wait_game_info(game_port, "the pushed metadata", |i| {
+        i["metadata"]
+            .as_array()
+            .is_some_and(|m| m.contains(&pushed[0]))
+    })
+    .await;
+
+    agent
+        .post(
+            &format!("/v1/instances/{id}/command"),
+            &json!({"command": "say", "argument": "hello"}),
+        )
+        .await
+        .expect(200);
+    // The game survived the command and still answers.
+    let info = game_info(game_port).await.expect("INFO after the command");
+    assert_eq!(info["instanceId"], json!(id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_error_code_on_purpose() {
+    let agent = AgentProcess::start_new("error-codes").await;
+    let ok = new_id("c-ok");
+    let starting = new_id("c-starting");
+    let confirm = new_id("c-confirm");
+    agent.deploy_sample(&ok, 0, 0).await;
+    agent.deploy_sample(&starting, 60_000, 0).await;
+    let count_file = agent.dir().join("never-confirm.count");
+    agent
+        .deploy(&json!({
+            "id": confirm,
+            "managementProtocol": "arcus",
+            "confirmAllocation": true,
+            "profile": bad_game_profile("never-confirm", 8, "never-confirm", &count_file),
+        }))
+        .await;
+    let http = agent.http().clone();
+    let url = |path: &str| format!("{}{path}", agent.url());
+    let allocate = |id: &str| format!("/v1/instances/{id}/allocate");
+
+    // 76001, and 401 without any token.
+    let r = http
+        .send(
+            Method::GET,
+            &url("/v1/instances"),
+            Some("not-the-agent-token-0000"),
+            &[],
+            None,
+        )
+        .await;
+    r.assert_error(403, "AGENT_UNAUTHENTICATED", Some(76001));
+    let r = http
+        .send(Method::GET, &url("/v1/instances"), None, &[], None)
+        .await;
+    r.assert_error(401, "MISSING_CREDENTIALS", None);
+
+    // 76003, once with the caller's correlation id and once with one the agent makes up.
+    let path = allocate("no-such-instance");
+    let r = http
+        .send(
+            Method::POST,
+            &url(&path),
+            Some(agent.token()),
+            &[("X-Correlation-Id", "test-abc-1")],
+            Some(&json!({})),
+        )
+        .await;
+    r.assert_error(404, "INSTANCE_NOT_ON_HOST", Some(76003));
+    assert_eq!(r.json["identifier"], "test-abc-1");
+    let r1 = agent.post(&path, &json!({})).await;
+    let r2 = agent.post(&path, &json!({})).await;
+    r1.assert_error(404, "INSTANCE_NOT_ON_HOST", Some(76003));
+    r2.assert_error(404, "INSTANCE_NOT_ON_HOST", Some(76003));
+    assert_ne!(
+        r1.json["identifier"], r2.json["identifier"],
+        "every request gets its own identifier"
+    );
+    assert!(
+        r1.json["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("no-such-instance")),
+        "details name the instance: {}",
+        r1.text
+    );
+
+    // 76004: the game is up and linked but still in its startup delay.
+    agent
+        .wait_instance(&starting, "status 3 with the Arcus link up", |i| {
+            i["status"] == 3 && i["arcusConnected"] == true
+        })
+        .await;
+    agent
+        .post(&allocate(&starting), &json!({}))
+        .await
+        .assert_error(404, "INSTANCE_NOT_ALLOCATABLE", Some(76004));
+
+    // 76006
+    agent.wait_online(&ok).await;
+    agent.post(&allocate(&ok), &json!({})).await.expect(200);
+    let r = agent.post(&allocate(&ok), &json!({})).await;
+    r.assert_error(422, "INSTANCE_ALREADY_ALLOCATED", Some(76006));
+
+    // 76005 while a confirmAllocation allocation waits for a game that never confirms, then
+    // 76007 for that allocation itself.
+    agent.wait_online(&confirm).await;
+    let first = tokio::spawn({
+        let (http, url, token) = (
+            http.clone(),
+            url(&allocate(&confirm)),
+            agent.token().to_owned(),
+        );
+        async move {
+            let started = Instant::now();
+            let body = json!({"metadata": kv(&[("map", "nuke")]), "timeoutMs": 3000});
+            let r = http
+                .send(Method::POST, &url, Some(&token), &[], Some(&body))
+                .await;
+            (r, started.elapsed())
+        }
+    });
+    agent
+        .wait_instance(&confirm, "status 6 (allocating)", |i| i["status"] == 6)
+        .await;
+    let r = agent.post(&allocate(&confirm), &json!({})).await;
+    r.assert_error(422, "INSTANCE_ALLOCATING", Some(76005));
+    let (r, took) = first.await.expect("the first allocation task");
+    r.assert_error(422, "ALLOCATION_TIMED_OUT", Some(76007));
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_millis(4900),
+        "the agent waited for the requested 3000 ms, not its 5 s default: {took:?}"
+    );
+    let back = agent
+        .wait_instance(&confirm, "online again after the timeout", |i| {
+            i["status"] == 4
+        })
+        .await;
+    assert!(back["allocatedAt"].is_null(), "{back}");
+    assert_eq!(
+        back["metadata"],
+        json!([]),
+        "no trace of the allocation that never happened: {back}"
+    );
+
+    // 76002: a host whose game port range holds one port cannot take a second game.
+    let mut config = AgentConfig::new("error-codes-one-port");
+    let only = *config.game_ports.start();
+    config.game_ports = only..=only;
+    let small = AgentProcess::spawn("error-codes-one-port", config).await;
+    let first = small.deploy_sample(&new_id("c-one"), 0, 0).await;
+    assert_eq!(first["port"], only);
+    let r = small
+        .post(
+            "/v1/instances",
+            &deploy_body(&new_id("c-two"), sample_game_profile("sample-1.0", 7, 0, 0)),
+        )
+        .await;
+    r.assert_error(422, "AGENT_SERVER_ERROR", Some(76002));
+    assert!(
+        r.json["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("game_ports")),
+        "details name the exhausted range: {}",
+        r.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_game_is_restarted() {
+    let agent = AgentProcess::start_new("crash-restart").await;
+    let id = new_id("d");
+    agent.deploy_sample(&id, 0, 0).await;
+    let before = agent.wait_online(&id).await;
+    let old_pid = pid(&before);
+
+    signal(old_pid, Signal::SIGKILL).expect("SIGKILL the game");
+    // The first restart comes 250 ms after the exit, so the offline instance is normally
+    // seen; the restart itself is what must happen.
+    let mut offline = None;
+    let after = wait_for("the game restarted and online", TIMEOUT, async || {
+        let i = agent.instance(&id).await;
+        if i["status"] == 2 {
+            offline = Some(i.clone());
+        }
+        if i["pid"].is_u64()
+            && pid(&i) != old_pid
+            && i["status"] == 4
+            && i["arcusConnected"] == true
+        {
+            Ok(i)
+        } else {
+            Err(i)
+        }
+    })
+    .await;
+    if let Some(o) = &offline {
+        assert_eq!(o["exitSignal"], 9, "the kill is recorded: {o}");
+        assert_eq!(o["state"], "restarting", "waiting out the backoff: {o}");
+        assert!(o["pid"].is_null(), "{o}");
+    }
+    assert_eq!(after["restarts"], 1, "{after}");
+    assert!(!pid_alive(old_pid));
+    assert!(pid_alive(pid(&after)));
+    assert_eq!(count_instance_processes(&id), 1);
+    let info = game_info(port(&after)).await.expect("the new game answers");
+    assert_eq!(info["instanceId"], json!(id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_three_times_readopts_games() {
+    let mut agent = AgentProcess::start_new("sigkill-readopt").await;
+    let ids: Vec<String> = (0..4).map(|n| new_id(&format!("e{n}"))).collect();
+    for id in &ids {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let mut pids = Vec::new();
+    let mut ports = Vec::new();
+    for id in &ids {
+        let i = agent.wait_online(id).await;
+        pids.push(pid(&i));
+        ports.push(port(&i));
+    }
+    let metadata: Vec<Value> = (0..2)
+        .map(|n| kv(&[("match", &format!("m{n}")), ("players", "8")]))
+        .collect();
+    for n in 0..2 {
+        agent
+            .post(
+                &format!("/v1/instances/{}/allocate", ids[n]),
+                &json!({"metadata": metadata[n], "allocationId": format!("alloc-{n}")}),
+            )
+            .await
+            .expect(200);
+        agent.wait_allocation_persisted(&ids[n]).await;
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    agent.wait_pids_persisted(&id_refs).await;
+
+    for round in 1..=3 {
+        agent.kill9();
+        for (id, p) in ids.iter().zip(&pids) {
+            assert!(
+                pid_alive(*p),
+                "round {round}: game {id} died with the agent"
+            );
+        }
+        agent.start().await;
+        for (n, id) in ids.iter().enumerate() {
+            let i = if n < 2 {
+                agent
+                    .wait_instance(id, "allocated (5) with the Arcus link up", |i| {
+                        i["status"] == 5 && i["arcusConnected"] == true
+                    })
+                    .await
+            } else {
+                agent.wait_online(id).await
+            };
+            assert_eq!(
+                pid(&i),
+                pids[n],
+                "round {round}: {id} re-adopted, not restarted"
+            );
+            assert_eq!(i["restarts"], 0, "round {round}: {i}");
+            if n < 2 {
+                assert_eq!(i["metadata"], metadata[n], "round {round}: {i}");
+                assert_eq!(i["allocationId"], json!(format!("alloc-{n}")), "{i}");
+                assert!(i["allocatedAt"].is_u64(), "{i}");
+            }
+            assert_eq!(
+                count_instance_processes(id),
+                1,
+                "round {round}: exactly one process runs {id}"
+            );
+            let info = game_info(ports[n]).await.expect("INFO");
+            assert_eq!(info["instanceId"], json!(id));
+            assert_eq!(info["allocated"], json!(n < 2), "round {round}: {info}");
+        }
+    }
+
+    // The agent still works after all that.
+    agent
+        .post(&format!("/v1/instances/{}/deallocate", ids[0]), &json!({}))
+        .await
+        .expect(200);
+    wait_game_info(ports[0], "released", |i| i["allocated"] == false).await;
+    agent.wait_online(&ids[0]).await;
+    let fresh = kv(&[("match", "m2")]);
+    let r = agent
+        .post(
+            &format!("/v1/instances/{}/allocate", ids[2]),
+            &json!({"metadata": fresh}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json["status"], 5);
+    let info = wait_game_info(ports[2], "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(info["allocation"], fresh);
+    for (id, p) in ids.iter().zip(&pids) {
+        assert_eq!(pid(&agent.instance(id).await), *p);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn game_dying_while_agent_down_is_restarted() {
+    let mut agent = AgentProcess::start_new("died-while-down").await;
+    let id = new_id("f");
+    agent.deploy_sample(&id, 0, 0).await;
+    let before = agent.wait_online(&id).await;
+    let old_pid = pid(&before);
+    // The match dies with the game: the restarted game must come back free.
+    agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": kv(&[("map", "inferno")]), "allocationId": "alloc-f"}),
+        )
+        .await
+        .expect(200);
+    agent.wait_allocation_persisted(&id).await;
+    agent.wait_pids_persisted(&[&id]).await;
+
+    agent.kill9();
+    signal(old_pid, Signal::SIGKILL).expect("SIGKILL the game");
+    wait_for("the game to be gone", TIMEOUT, async || {
+        (!pid_alive(old_pid)).then_some(())
+    })
+    .await;
+    agent.start().await;
+
+    let after = agent
+        .wait_instance(&id, "restarted with a new pid, online", |i| {
+            i["pid"].as_u64().is_some_and(|p| p != u64::from(old_pid))
+                && i["status"] == 4
+                && i["arcusConnected"] == true
+        })
+        .await;
+    assert_eq!(after["restarts"], 1, "the restart is reported: {after}");
+    assert_eq!(after["autoRestart"], true);
+    assert!(after["allocationId"].is_null(), "{after}");
+    assert!(after["allocatedAt"].is_null(), "{after}");
+    assert_eq!(
+        after["metadata"],
+        json!([]),
+        "the old match's metadata is gone: {after}"
+    );
+    assert_eq!(count_instance_processes(&id), 1);
+    let info = game_info(port(&after)).await.expect("INFO");
+    assert_eq!(info["instanceId"], json!(id));
+}
+
+/// The `berth_agent_arcus_protocol_errors_total` counter from `/metrics`.
+async fn protocol_errors(agent: &AgentProcess) -> f64 {
+    let m = agent.get("/metrics").await.expect(200);
+    m.text
+        .lines()
+        .find_map(|l| l.strip_prefix("berth_agent_arcus_protocol_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no protocol error counter in /metrics:\n{}", m.text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_arcus_closes_only_that_link() {
+    let agent = AgentProcess::start_new("malformed-arcus").await;
+    let sample = new_id("g-sample");
+    agent.deploy_sample(&sample, 0, 0).await;
+    let modes = ["bad-hello", "bad-frame", "huge-frame", "array-root"];
+    let mut bad = Vec::new();
+    for mode in modes {
+        let id = new_id(&format!("g-{mode}"));
+        let count_file = agent.dir().join(format!("{mode}.count"));
+        agent
+            .deploy(&deploy_body(
+                &id,
+                bad_game_profile(&format!("bad-{mode}"), 9, mode, &count_file),
+            ))
+            .await;
+        bad.push((mode, id, count_file));
+    }
+
+    let sample_before = agent.wait_online(&sample).await;
+    for (mode, _, count_file) in &bad {
+        wait_for(
+            &format!("the agent to reconnect to the {mode} game"),
+            TIMEOUT,
+            async || {
+                let lines = std::fs::read_to_string(count_file).map_or(0, |t| t.lines().count());
+                if lines >= 2 { Ok(lines) } else { Err(lines) }
+            },
+        )
+        .await;
+    }
+    wait_for(
+        "a protocol error per bad game in /metrics",
+        TIMEOUT,
+        async || {
+            let n = protocol_errors(&agent).await;
+            if n >= modes.len() as f64 {
+                Ok(n)
+            } else {
+                Err(n)
+            }
+        },
+    )
+    .await;
+
+    let health = agent
+        .http()
+        .send(
+            Method::GET,
+            &format!("{}/healthz", agent.url()),
+            None,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(health.status, 200, "{}", health.text);
+    for (mode, id, _) in &bad {
+        let i = agent.instance(id).await;
+        assert_eq!(
+            i["state"], "running",
+            "{mode}: the game is left running: {i}"
+        );
+        assert_eq!(i["restarts"], 0, "{mode}: {i}");
+        assert!(pid_alive(pid(&i)), "{mode}");
+        agent
+            .post(&format!("/v1/instances/{id}/allocate"), &json!({}))
+            .await
+            .assert_error(404, "INSTANCE_NOT_ALLOCATABLE", Some(76004));
+    }
+
+    let sample_now = agent.wait_online(&sample).await;
+    assert_eq!(pid(&sample_now), pid(&sample_before));
+    let r = agent
+        .post(
+            &format!("/v1/instances/{sample}/allocate"),
+            &json!({"metadata": kv(&[("map", "dust")])}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json["status"], 5);
+    wait_game_info(port(&sample_now), "allocated", |i| i["allocated"] == true).await;
+    assert!(
+        agent.pid().is_some_and(pid_alive),
+        "the agent is still running"
+    );
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
+/// Runs `berth-agent --config <file> validate`: (exit code, stderr).
+fn validate(file: &std::path::Path) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(bin("berth-agent"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BERTH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .arg("--config")
+        .arg(file)
+        .arg("validate")
+        .output()
+        .expect("run berth-agent validate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_exits_78_naming_the_key() {
+    let dir = TestDir::new("validate");
+    let config = AgentConfig::new("validate-host");
+    let valid = config.toml(&dir.join("state"));
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, &valid).expect("write");
+    let (code, stderr) = validate(&good);
+    assert_eq!(code, Some(0), "a valid file passes: {stderr}");
+
+    let unknown = dir.join("unknown.toml");
+    std::fs::write(&unknown, format!("no_such_key = 5\n{valid}")).expect("write");
+    let (code, stderr) = validate(&unknown);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("no_such_key"),
+        "stderr names the key: {stderr}"
+    );
+
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("the kernel's ephemeral port range");
+    let low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("ephemeral range start");
+    let mut eph = config.clone();
+    eph.game_ports = low..=low + 10;
+    let ephemeral = dir.join("ephemeral.toml");
+    std::fs::write(&ephemeral, eph.toml(&dir.join("state"))).expect("write");
+    let (code, stderr) = validate(&ephemeral);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("game_ports"),
+        "stderr names the key: {stderr}"
+    );
+    assert!(
+        !dir.join("state").exists(),
+        "validate touches nothing: the state directory was created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_games_running() {
+    let mut agent = AgentProcess::start_new("sigterm").await;
+    let ids = [new_id("i0"), new_id("i1")];
+    for id in &ids {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let mut pids = Vec::new();
+    for id in &ids {
+        pids.push(pid(&agent.wait_online(id).await));
+    }
+    // The first allocation must survive the stop: written by the agent's shutdown itself.
+    agent
+        .post(
+            &format!("/v1/instances/{}/allocate", ids[0]),
+            &json!({"metadata": kv(&[("map", "mirage")])}),
+        )
+        .await
+        .expect(200);
+
+    let status = agent.sigterm().await;
+    assert_eq!(status.code(), Some(0), "SIGTERM is a clean stop: {status}");
+    for (id, p) in ids.iter().zip(&pids) {
+        assert!(pid_alive(*p), "game {id} survived the agent's stop");
+        assert_eq!(count_instance_processes(id), 1);
+    }
+
+    agent.start().await;
+    let first = agent
+        .wait_instance(&ids[0], "still allocated, link up", |i| {
+            i["status"] == 5 && i["arcusConnected"] == true
+        })
+        .await;
+    assert_eq!(pid(&first), pids[0]);
+    assert_eq!(first["metadata"], kv(&[("map", "mirage")]));
+    let second = agent.wait_online(&ids[1]).await;
+    assert_eq!(pid(&second), pids[1]);
+    assert_eq!(second["restarts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_remove() {
+    let agent = AgentProcess::start_new("stop-remove").await;
+    let id = new_id("j");
+    agent.deploy_sample(&id, 0, 0).await;
+    let old_pid = pid(&agent.wait_online(&id).await);
+
+    let r = agent
+        .post(
+            &format!("/v1/instances/{id}/stop"),
+            &json!({"timeoutSeconds": 2}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        r.json["state"], "draining",
+        "a soft stop was sent: {}",
+        r.text
+    );
+    let stopped = agent
+        .wait_instance(&id, "exited (status 2)", |i| {
+            i["status"] == 2 && i["state"] == "exited"
+        })
+        .await;
+    assert_eq!(stopped["exitCode"], 0, "{stopped}");
+    assert!(stopped["exitSignal"].is_null(), "{stopped}");
+    assert!(stopped["pid"].is_null(), "{stopped}");
+    assert_eq!(stopped["restarts"], 0, "a stopped game is not restarted");
+    assert!(!pid_alive(old_pid));
+    let log = std::fs::read_to_string(agent.game_log_path(&id)).expect("game log");
+    assert!(
+        log.contains("soft stop (timeout 2s)"),
+        "the game got the soft stop with the requested timeout: {log}"
+    );
+
+    agent
+        .delete(&format!("/v1/instances/{id}"))
+        .await
+        .expect(200);
+    agent
+        .get(&format!("/v1/instances/{id}"))
+        .await
+        .assert_error(404, "INSTANCE_NOT_ON_HOST", Some(76003));
+
+    let busy = new_id("j-busy");
+    agent.deploy_sample(&busy, 0, 0).await;
+    let online = agent.wait_online(&busy).await;
+    agent
+        .post(&format!("/v1/instances/{busy}/allocate"), &json!({}))
+        .await
+        .expect(200);
+    agent
+        .delete(&format!("/v1/instances/{busy}"))
+        .await
+        .assert_error(422, "INSTANCE_ALREADY_ALLOCATED", Some(76006));
+    agent
+        .post(&format!("/v1/instances/{busy}/stop"), &json!({}))
+        .await
+        .assert_error(422, "INSTANCE_ALREADY_ALLOCATED", Some(76006));
+    let still = agent.instance(&busy).await;
+    assert_eq!(still["status"], 5, "{still}");
+    assert_eq!(still["state"], "running", "{still}");
+    assert_eq!(pid(&still), pid(&online));
+    assert!(pid_alive(pid(&online)), "the match keeps running");
+    let info = wait_game_info(port(&online), "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(info["instanceId"], json!(busy));
+}
