@@ -38,6 +38,8 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Changes are written to the state file at most this long after they happen.
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// How long a released game that never confirms allocations stays out of the pool.
+const RELEASE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the Arcus link (or the port probe of a `none` game) saw.
 #[derive(Debug)]
@@ -61,7 +63,11 @@ pub enum Timer {
     Restart,
     Terminate,
     Kill,
-    ConfirmTimeout { seq: u64 },
+    ConfirmTimeout {
+        seq: u64,
+    },
+    /// A release the game never acknowledged: free it anyway if the game never confirms.
+    ReleaseGrace,
 }
 
 type Reply<T, E> = oneshot::Sender<Result<T, E>>;
@@ -352,9 +358,13 @@ struct Instance {
     reverse_metadata: Vec<KeyValue>,
     allocation: Option<PersistedAllocation>,
     pending: Option<Pending>,
-    /// The agent released an allocation the game may still believe in: its status 5 is stale
-    /// until it reports 4 (otherwise a late 5 would look like the game allocating itself).
-    release_pending: bool,
+    /// The agent released an allocation the game was told about, and the game has not yet
+    /// reported 4. Until it does the instance is not offered again: the game's reports carry no
+    /// allocation id, so a late 4 acknowledging this release could otherwise end the next
+    /// match, and a late 5 would look like the game allocating itself.
+    release_pending: Option<Instant>,
+    /// The game has reported 5 during this run: it acknowledges allocations and releases.
+    game_confirms: bool,
     version: u64,
 }
 
@@ -397,6 +407,7 @@ impl Instance {
             reverse_metadata: self.reverse_metadata.clone(),
             allocation_id: self.allocation.as_ref().and_then(|a| a.id.clone()),
             allocated_at: self.allocation.as_ref().map(|a| a.at),
+            releasing: self.release_pending.is_some(),
             version: self.version,
         }
     }
@@ -525,7 +536,8 @@ impl Supervisor {
                 reverse_metadata: p.reverse_metadata,
                 allocation: p.allocation,
                 pending: None,
-                release_pending: false,
+                release_pending: None,
+                game_confirms: false,
                 version: 0,
             };
             let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
@@ -763,7 +775,8 @@ impl Supervisor {
             reverse_metadata: Vec::new(),
             allocation: None,
             pending: None,
-            release_pending: false,
+            release_pending: None,
+            game_confirms: false,
             version: 0,
         };
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
@@ -959,7 +972,8 @@ impl Supervisor {
         inst.arcus_connected = false;
         inst.live = None;
         // A game that exits ends its match (i3D: the platform restarts it and it is free again).
-        inst.release_pending = false;
+        inst.release_pending = None;
+        inst.game_confirms = false;
         if inst.allocation.take().is_some() || inst.pending.is_some() {
             inst.metadata.clear();
         }
@@ -1038,6 +1052,13 @@ impl Supervisor {
                     let _ = process::signal_group(pid, Signal::SIGKILL);
                 }
             }
+            Timer::ReleaseGrace => {
+                if inst.release_pending.is_some() && !inst.game_confirms {
+                    // This game never reports 5, so it will not report 4 either.
+                    inst.release_pending = None;
+                    self.changed(id, false);
+                }
+            }
             Timer::ConfirmTimeout { seq } => {
                 if inst.pending.as_ref().is_some_and(|p| p.seq == seq)
                     && let Some(p) = inst.pending.take()
@@ -1046,7 +1067,9 @@ impl Supervisor {
                     // The allocation never happened: a free instance carries no match metadata,
                     // and the game, which did get `allocated`, must hear that it is free.
                     inst.metadata.clear();
-                    tell_released(inst);
+                    if tell_released(inst) {
+                        self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
+                    }
                     let _ = p.reply.send(Err(AllocateError::TimedOut {
                         id: id.to_owned(),
                         reason: "the game did not confirm the allocation (status 5) in time"
@@ -1202,6 +1225,13 @@ impl Supervisor {
                 });
             }
         }
+        if inst.release_pending.is_some() {
+            return Err(AllocateError::NotAllocatable {
+                id: id.to_owned(),
+                reason: "the game has not yet acknowledged the release of its previous allocation"
+                    .to_owned(),
+            });
+        }
         if inst.desired != Desired::Running {
             return Err(AllocateError::NotAllocatable {
                 id: id.to_owned(),
@@ -1228,8 +1258,6 @@ impl Supervisor {
             }
         }
         let now = unix_now();
-        // The game is told of this allocation now: its next 5 is about this one.
-        inst.release_pending = false;
         inst.metadata = req.metadata.clone();
         if inst.confirm_allocation && inst.is_arcus() {
             inst.status = InstanceStatus::Allocating;
@@ -1289,8 +1317,11 @@ impl Supervisor {
             if inst.pid.is_some() {
                 inst.status = InstanceStatus::Online;
             }
-            tell_released(inst);
-            tracing::info!(instance_id = %id, "deallocated");
+            let run = inst.run;
+            if tell_released(inst) {
+                self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
+            }
+            tracing::debug!(instance_id = %id, "deallocated");
             self.changed(id, true);
         }
         Ok(self.instances[id].view())
@@ -1418,6 +1449,9 @@ impl Supervisor {
             }
             LinkEvent::Status(status) => {
                 persist = true;
+                if status == 5 {
+                    inst.game_confirms = true;
+                }
                 match (status, inst.status) {
                     // The game's own 4 after it confirmed: the match is over.
                     (4, InstanceStatus::Allocated) => {
@@ -1430,11 +1464,13 @@ impl Supervisor {
                     }
                     (4, InstanceStatus::Allocating) => {}
                     (4, _) => {
-                        inst.release_pending = false;
+                        inst.release_pending = None;
                         inst.status = InstanceStatus::Online;
                     }
                     // The game has not yet heard of the release: its 5 is stale.
-                    (5, _) if inst.release_pending && inst.pending.is_none() => {}
+                    (5, _) if inst.release_pending.is_some() && inst.pending.is_none() => {
+                        inst.game_confirms = true;
+                    }
                     (5, InstanceStatus::Allocating) => {
                         if let Some(p) = inst.pending.take() {
                             inst.status = InstanceStatus::Allocated;
@@ -1479,17 +1515,25 @@ impl Supervisor {
     }
 }
 
-/// Arcus has no "released" message; the Berth SDK treats this custom command as one.
-fn tell_released(inst: &mut Instance) {
-    inst.release_pending = true;
-    if let Some(link) = &inst.link
-        && inst.arcus_connected
-    {
-        let _ = link.try_send(Message::CustomCommand(vec![KeyValue::new(
-            "command",
-            "deallocated",
-        )]));
+/// Tells the game its allocation is over. Arcus has no "released" message; the Berth SDK
+/// treats this custom command as one. Returns whether the game was told (and so whether its
+/// acknowledgement is awaited).
+fn tell_released(inst: &mut Instance) -> bool {
+    let told = inst
+        .link
+        .as_ref()
+        .filter(|_| inst.arcus_connected)
+        .is_some_and(|link| {
+            link.try_send(Message::CustomCommand(vec![KeyValue::new(
+                "command",
+                "deallocated",
+            )]))
+            .is_ok()
+        });
+    if told {
+        inst.release_pending = Some(Instant::now());
     }
+    told
 }
 
 fn validate_id(id: &str) -> Result<(), String> {

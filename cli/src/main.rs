@@ -1,1 +1,9 @@
-fn main() {}
+//! `berthctl`: parse the command line, run it, exit with its code. Everything else lives in the
+//! library so that tests can reach it.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let invocation = berthctl::Invocation::from_env();
+    ExitCode::from(berthctl::run(invocation))
+}

@@ -532,13 +532,10 @@ async fn deallocate(
                     .agents
                     .deallocate(&target, &id, &req, Some(&identifier))
                     .await;
-                let (answer, commit) = st
+                let answer = st
                     .inventory
                     .finish_release(id, allocation_id, result)
                     .await?;
-                if let Some(c) = commit {
-                    durable(c).await?;
-                }
                 Ok(answer.native)
             }
         }

@@ -25,6 +25,8 @@ pub enum Availability {
     RecentlyRefused,
     /// Being stopped or removed.
     Stopping,
+    /// Released, waiting for the game to acknowledge it.
+    Releasing,
 }
 
 impl Availability {
@@ -40,6 +42,7 @@ impl Availability {
             Self::HostDraining => "on draining hosts",
             Self::RecentlyRefused => "just refused by their agent",
             Self::Stopping => "being stopped or removed",
+            Self::Releasing => "waiting for their game to acknowledge a release",
         }
     }
 }

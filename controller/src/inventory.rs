@@ -171,7 +171,7 @@ pub enum Command {
         String,
         Option<String>,
         Result<InstanceView, AgentFailure>,
-        Reply<(Answer, Option<Commit>)>,
+        Reply<Answer>,
     ),
     BeginOp(String, InstanceOp, Reply<Result<AgentTarget, Failure>>),
     ApplyView(u64, Box<InstanceView>, Reply<Option<Answer>>),
@@ -288,7 +288,7 @@ impl InventoryHandle {
         id: String,
         allocation_id: Option<String>,
         result: Result<InstanceView, AgentFailure>,
-    ) -> Result<(Answer, Option<Commit>), Failure> {
+    ) -> Result<Answer, Failure> {
         self.ask(|r| Command::FinishRelease(id, allocation_id, result, r))
             .await
     }
@@ -692,18 +692,21 @@ impl Inventory {
         self.allocations.insert(a.instance_id.clone(), a);
     }
 
-    /// Ends an allocation in memory and on disk.
-    fn release_allocation(&mut self, instance_id: &str, why: &str) -> Option<Commit> {
-        let mut a = self.allocations.remove(instance_id)?;
+    /// Ends an allocation in memory and on disk. Nobody waits for the disk here: a release
+    /// lost in a crash comes back at restart and is released again by the agent's next report
+    /// (status 4 with a newer version), so only allocations need to be durable before an answer.
+    fn release_allocation(&mut self, instance_id: &str, why: &str) {
+        let Some(a) = self.allocations.remove(instance_id) else {
+            return;
+        };
         if let Some(k) = &a.idempotency_key {
             self.by_key.remove(k);
         }
         if let Some(n) = self.host_allocations.get_mut(&a.host_id) {
             *n = n.saturating_sub(1);
         }
-        a.released_at = Some(unix_now());
-        tracing::info!(instance_id, allocation_id = %a.id, reason = why, "allocation released");
-        Some(self.writer.submit_durable(Write::Allocation(Box::new(a))))
+        tracing::debug!(instance_id, allocation_id = %a.id, reason = why, "allocation released");
+        self.writer.submit(Write::ReleaseAllocation(a.id));
     }
 
     fn remove_instance(&mut self, id: &str, why: &str) {
@@ -754,6 +757,7 @@ impl Inventory {
         let v = &i.rec.view;
         match v.status {
             InstanceStatus::Allocated | InstanceStatus::Allocating => Availability::Allocated,
+            InstanceStatus::Online if v.releasing => Availability::Releasing,
             InstanceStatus::Online if v.is_allocatable() => Availability::Allocatable,
             InstanceStatus::Online => Availability::ArcusDown,
             _ if matches!(v.state, RuntimeState::Draining | RuntimeState::ShuttingDown) => {
@@ -1302,7 +1306,6 @@ impl Inventory {
                         .submit_durable(Write::Allocation(Box::new(alloc.clone()))),
                 );
                 self.insert_allocation(alloc);
-                self.writer.submit(Write::Instance(Box::new(rec_copy)));
                 let answer = Answer { native, i3d };
                 if let Some(key) = &claim.input.idempotency_key {
                     self.inflight_keys.remove(key);
@@ -1311,7 +1314,7 @@ impl Inventory {
                 self.metrics
                     .allocation_seconds
                     .observe(claim.started.elapsed().as_secs_f64());
-                tracing::info!(instance_id = %instance_id, host_id, allocation_id = %claim.allocation_id, "allocated");
+                tracing::debug!(instance_id = %instance_id, host_id, allocation_id = %claim.allocation_id, "allocated");
                 Step::Done {
                     answer: Box::new(answer),
                     committed,
@@ -1414,14 +1417,15 @@ impl Inventory {
         id: &str,
         allocation_id: Option<String>,
         result: Result<InstanceView, AgentFailure>,
-    ) -> Option<(Answer, Option<Commit>)> {
+    ) -> Option<Answer> {
         let host_id = self.instances.get(id).map(|i| i.rec.host_id)?;
         // Released first, so the agent's answer below is not mistaken for the game ending
-        // its match, and so the caller gets this release's commit to wait for.
-        let commit = match (&allocation_id, self.allocations.get(id)) {
-            (Some(want), Some(a)) if *want == a.id => self.release_allocation(id, "deallocated"),
-            _ => None,
-        };
+        // its match.
+        if let (Some(want), Some(a)) = (&allocation_id, self.allocations.get(id))
+            && *want == a.id
+        {
+            self.release_allocation(id, "deallocated");
+        }
         match result {
             Ok(view) => self.apply_view(host_id, view),
             Err(f) => {
@@ -1430,7 +1434,7 @@ impl Inventory {
                 tracing::warn!(instance_id = id, error = %f.details, "agent did not confirm the release");
             }
         }
-        Some((self.answer(id)?, commit))
+        self.answer(id)
     }
 
     fn begin_op(&self, id: &str, op: InstanceOp) -> Result<AgentTarget, Failure> {
@@ -1673,9 +1677,9 @@ impl Inventory {
         }
         inst.refused_until = None;
         inst.rec.view = view;
+        // Live state is not persisted: agents report it in full when they (re-)register.
         let rec = inst.rec.clone();
         let claimed = inst.claim.is_some();
-        self.writer.submit(Write::Instance(Box::new(rec.clone())));
         if claimed {
             return;
         }

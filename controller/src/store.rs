@@ -6,6 +6,7 @@
 //! commits once, so under load one fsync covers many allocations. A caller that must not
 //! answer before its write is durable (an allocation) waits for its batch's commit.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -65,7 +66,10 @@ pub enum Write {
     DeleteFleet(u64),
     Host(Box<HostRecord>),
     Instance(Box<InstanceRecord>),
+    /// A new allocation (inserted; never rewritten).
     Allocation(Box<AllocationRecord>),
+    /// A released allocation (deleted: active allocations are the only ones kept).
+    ReleaseAllocation(String),
     ErrorStory(Box<ErrorStory>),
     /// Keep only the newest `keep` error stories.
     PruneErrorStories {
@@ -299,13 +303,59 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<(Write, Op
     }
 }
 
+/// Applies a batch in one transaction. Allocation inserts and releases, the bulk of the
+/// traffic, become at most one DELETE and one INSERT statement each (every statement is a round
+/// trip to SQLite's worker thread); an allocation made and released within the batch is not
+/// written at all. Releases go first so that an instance released and allocated again in the
+/// same batch does not trip the one-active-allocation-per-instance index.
 async fn commit(
     conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
     batch: &[(Write, Option<Done>)],
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let inserted: HashSet<&str> = batch
+        .iter()
+        .filter_map(|(w, _)| match w {
+            Write::Allocation(a) => Some(a.id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut inserts: Vec<&AllocationRecord> = Vec::new();
+    let mut releases: Vec<&str> = Vec::new();
+    let mut cancelled: HashSet<&str> = HashSet::new();
     for (w, _) in batch {
-        apply(&mut tx, w).await?;
+        match w {
+            Write::Allocation(a) => inserts.push(a),
+            Write::ReleaseAllocation(id) if inserted.contains(id.as_str()) => {
+                cancelled.insert(id.as_str());
+            }
+            Write::ReleaseAllocation(id) => releases.push(id),
+            other => apply(&mut tx, other).await?,
+        }
+    }
+    for chunk in releases.chunks(500) {
+        let mut q =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM allocations WHERE id IN (");
+        let mut ids = q.separated(", ");
+        for id in chunk {
+            ids.push_bind(*id);
+        }
+        ids.push_unseparated(")");
+        q.build().execute(&mut *tx).await?;
+    }
+    inserts.retain(|a| !cancelled.contains(a.id.as_str()));
+    for chunk in inserts.chunks(1000) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO allocations (id, instance_id, idempotency_key, created_at, body) ",
+        );
+        q.push_values(chunk, |mut row, a| {
+            row.push_bind(a.id.as_str())
+                .push_bind(a.instance_id.as_str())
+                .push_bind(a.idempotency_key.as_deref())
+                .push_bind(a.created_at as i64)
+                .push_bind(to_json(a));
+        });
+        q.build().execute(&mut *tx).await?;
     }
     tx.commit().await
 }
@@ -406,19 +456,8 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .execute(&mut *tx)
             .await?;
         }
-        Write::Allocation(a) => {
-            sqlx::query(
-                "INSERT OR REPLACE INTO allocations (id, instance_id, idempotency_key, created_at, released_at, body) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&a.id)
-            .bind(&a.instance_id)
-            .bind(&a.idempotency_key)
-            .bind(a.created_at as i64)
-            .bind(a.released_at.map(|t| t as i64))
-            .bind(to_json(a))
-            .execute(&mut *tx)
-            .await?;
-        }
+        // Batched by `commit`.
+        Write::Allocation(_) | Write::ReleaseAllocation(_) => {}
         Write::ErrorStory(s) => {
             sqlx::query(
                 "INSERT OR REPLACE INTO error_stories (identifier, created_at, body) VALUES (?, ?, ?)",

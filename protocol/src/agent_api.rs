@@ -139,6 +139,10 @@ pub struct InstanceView {
     pub allocation_id: Option<String>,
     #[serde(default)]
     pub allocated_at: Option<u64>,
+    /// Released, but the game has not yet acknowledged it (reported 4): not offered again
+    /// until it does.
+    #[serde(default)]
+    pub releasing: bool,
     /// Increases with every change the agent makes to the instance, across agent restarts, so
     /// a receiver can drop reports older than what it has.
     pub version: u64,
@@ -148,6 +152,7 @@ impl InstanceView {
     /// Online, and for Arcus games with a live link: what the agent itself would allocate.
     pub fn is_allocatable(&self) -> bool {
         self.status == InstanceStatus::Online
+            && !self.releasing
             && (self.management_protocol == ManagementProtocol::None || self.arcus_connected)
     }
 }

@@ -1,0 +1,350 @@
+//! Starting and stopping real Berth processes on loopback for a benchmark run.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::client::Client;
+
+pub const ADMIN: &str = "bench-admin-token-0123456789";
+pub const MATCHMAKER: &str = "bench-matchmaker-token-0123456789";
+const JOIN: &str = "bench-join-token-0123456789";
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Resident set size of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A daemon we started; killed (with its games, for agents) on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    pub name: String,
+    pub url: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    exe: PathBuf,
+    log: PathBuf,
+    state_dir: Option<PathBuf>,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.exe)
+            .args(&self.args)
+            .env("BERTH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.exe.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub async fn wait_ready(&mut self, client: &Client) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = client.get(&format!("{}/readyz", self.url), None).await {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "{} exited ({status}); see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready after 30 s; see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid() as i32), sig);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self, client: &Client) -> Result<()> {
+        self.kill9();
+        self.spawn()?;
+        self.wait_ready(client).await
+    }
+
+    /// Stops the games this agent started (they do not die with it, by design).
+    fn kill_games(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let Ok(text) = std::fs::read_to_string(dir.join("agent-state.json")) else {
+            return;
+        };
+        let Ok(state) = serde_json::from_str::<Value>(&text) else {
+            return;
+        };
+        for inst in state["instances"].as_array().into_iter().flatten() {
+            if let Some(pid) = inst["pid"].as_i64().filter(|p| *p > 1) {
+                let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+        self.kill9();
+        self.kill_games();
+    }
+}
+
+/// A controller and agents in a scratch directory.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub client: Client,
+    pub controller: Option<Daemon>,
+    pub agents: Vec<Daemon>,
+}
+
+impl Cluster {
+    pub fn new(bin: PathBuf) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("berth-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            bin,
+            client: Client::new(),
+            controller: None,
+            agents: Vec::new(),
+        })
+    }
+
+    pub fn controller_url(&self) -> &str {
+        self.controller.as_ref().map_or("", |c| c.url.as_str())
+    }
+
+    pub async fn start_controller(&mut self) -> Result<()> {
+        let port = free_port()?;
+        let cfg = self.dir.join("controller.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"listen = "127.0.0.1:{port}"
+database = "sqlite://{db}"
+join_token = "{JOIN}"
+log_format = "json"
+[[tokens]]
+token = "{ADMIN}"
+role = "admin"
+[[tokens]]
+token = "{MATCHMAKER}"
+role = "matchmaker"
+[[regions]]
+id = 1
+name = "bench"
+ping_ip = "127.0.0.1"
+"#,
+                db = self.dir.join("controller.db").display()
+            ),
+        )?;
+        let mut d = Daemon {
+            name: "controller".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            child: None,
+            args: vec!["--config".into(), cfg.display().to_string()],
+            exe: self.bin.join("berth-controller"),
+            log: self.dir.join("controller.log"),
+            state_dir: None,
+        };
+        d.spawn()?;
+        d.wait_ready(&self.client).await?;
+        self.controller = Some(d);
+        Ok(())
+    }
+
+    /// Starts an agent; `index` picks disjoint port ranges.
+    pub async fn start_agent(
+        &mut self,
+        index: usize,
+        is_virtual: bool,
+        register: bool,
+    ) -> Result<()> {
+        let port = free_port()?;
+        let state = self.dir.join(format!("agent-{index}"));
+        let game = 20000 + index * 1100;
+        let mgmt = 30000 + index * 1100;
+        let controller = if register {
+            format!(
+                "controller_url = \"{}\"\njoin_token = \"{JOIN}\"\n",
+                self.controller_url()
+            )
+        } else {
+            String::new()
+        };
+        let cfg = self.dir.join(format!("agent-{index}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{controller}listen = "127.0.0.1:{port}"
+state_dir = "{state}"
+host_name = "bench-{index}"
+region = "bench"
+dc_location = "bench-1"
+is_virtual = {is_virtual}
+addresses = ["127.0.0.1"]
+game_ports = "{game}-{}"
+management_ports = "{mgmt}-{}"
+log_format = "json"
+[[tokens]]
+token = "{ADMIN}"
+"#,
+                game + 1099,
+                mgmt + 1099,
+                state = state.display(),
+            ),
+        )?;
+        let mut d = Daemon {
+            name: format!("agent-{index}"),
+            url: format!("http://127.0.0.1:{port}"),
+            child: None,
+            args: vec!["--config".into(), cfg.display().to_string()],
+            exe: self.bin.join("berth-agent"),
+            log: self.dir.join(format!("agent-{index}.log")),
+            state_dir: Some(state),
+        };
+        d.spawn()?;
+        d.wait_ready(&self.client).await?;
+        self.agents.push(d);
+        Ok(())
+    }
+
+    pub fn sample_game(&self) -> PathBuf {
+        self.bin.join("berth-sample-game")
+    }
+
+    /// Creates application 1, its profile and a fleet of `per_host` instances per host.
+    pub async fn create_fleet(&self, per_host: u32) -> Result<()> {
+        let url = self.controller_url();
+        let game = self.sample_game();
+        let bodies = [
+            (
+                "/v1/applications",
+                serde_json::json!({"id": 1, "name": "bench", "managementProtocol": "arcus"}),
+            ),
+            (
+                "/v1/profiles",
+                serde_json::json!({
+                    "id": "bench-1", "applicationId": 1, "build": "bench",
+                    "executable": game.display().to_string(),
+                    "args": ["--port={port}", "--management-port={managementPort}", "--instance-id={instanceId}"],
+                }),
+            ),
+            (
+                "/v1/fleets",
+                serde_json::json!({
+                    "id": 1, "name": "bench", "applicationId": 1, "deploymentEnvironment": "production",
+                    "profileId": "bench-1", "regions": ["bench"], "instancesPerHost": per_host,
+                }),
+            ),
+        ];
+        for (path, body) in bodies {
+            let (status, text) = self
+                .client
+                .post(&format!("{url}{path}"), Some(ADMIN), &body)
+                .await?;
+            if status != 201 {
+                bail!("POST {path}: {status} {text}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `n` instances are online at the controller.
+    pub async fn wait_online(&self, n: usize, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let url = format!("{}/v1/instances?status=4", self.controller_url());
+        loop {
+            let (_, body) = self.client.get(&url, Some(ADMIN)).await?;
+            let online = serde_json::from_slice::<Vec<Value>>(&body)
+                .map(|v| v.iter().filter(|i| i["arcusConnected"] == true).count())
+                .unwrap_or(0);
+            if online >= n {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!("only {online} of {n} instances online after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        self.controller = None;
+        if std::env::var_os("BERTH_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The directory holding the other binaries: next to this one.
+pub fn bin_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => d.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent directory")?
+            .to_owned(),
+    };
+    for b in ["berth-controller", "berth-agent", "berth-sample-game"] {
+        if !dir.join(b).is_file() {
+            bail!(
+                "{} not found in {}; build everything first: cargo build --release --workspace --bins",
+                b,
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}

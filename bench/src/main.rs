@@ -1,0 +1,527 @@
+//! `berth-bench`: measures Berth end to end with real processes on loopback.
+//!
+//! * `allocate` — allocate/release cycles from many concurrent matchmakers against a durable
+//!   controller, agents and sample games; plus the same load through a do-nothing two-hop HTTP
+//!   chain (the ceiling), and a crash check that every held allocation survives a SIGKILL.
+//! * `spawn` — time for 100 and 1 000 games to be online on one host, and the agent's RSS.
+//! * `detect` — time from a host freezing to its idle instances leaving the pool.
+//!
+//! Each prints one JSON line. Build first: `cargo build --release --workspace --bins`.
+
+mod client;
+mod cluster;
+mod hop;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::Method;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::cluster::{ADMIN, Cluster, MATCHMAKER, bin_dir, free_port, rss_bytes};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth-bench",
+    about = "Berth benchmarks (release build recommended)"
+)]
+struct Cli {
+    /// Where berth-controller, berth-agent and berth-sample-game are (default: next to this).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Allocation throughput and latency, durable, end to end.
+    Allocate {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        #[arg(long, default_value_t = 100)]
+        instances_per_agent: u32,
+        /// Print only the JSON line (the default prints it too, after a summary).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time for N games to be online on one host.
+    Spawn {
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        games: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time from a host's death (its agent frozen) to its idle instances leaving the pool.
+    Detect {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: one hop of the ceiling chain.
+    #[command(hide = true)]
+    Hop {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        next: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Hop { port, next } => hop::serve(port, next).await,
+            Cmd::Allocate {
+                seconds,
+                concurrency,
+                agents,
+                instances_per_agent,
+                json,
+            } => {
+                let bin = bin_dir(cli.bin_dir.as_deref())?;
+                let r = allocate(bin, seconds, concurrency, agents, instances_per_agent).await?;
+                report(&r, json);
+                Ok(())
+            }
+            Cmd::Spawn { games, json } => {
+                let bin = bin_dir(cli.bin_dir.as_deref())?;
+                let r = spawn(bin, &games).await?;
+                report(&r, json);
+                Ok(())
+            }
+            Cmd::Detect { json } => {
+                let bin = bin_dir(cli.bin_dir.as_deref())?;
+                let r = detect(bin).await?;
+                report(&r, json);
+                Ok(())
+            }
+        }
+    })
+}
+
+fn report(v: &Value, json_only: bool) {
+    if !json_only {
+        eprintln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+    println!("{v}");
+}
+
+/// Latencies in microseconds, and how many operations failed.
+#[derive(Debug, Default)]
+struct Stats {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    micros: Vec<u32>,
+}
+
+impl Stats {
+    fn merge(&mut self, o: Stats) {
+        self.ok += o.ok;
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        self.micros.extend(o.micros);
+    }
+
+    fn percentile_ms(&mut self, p: f64) -> f64 {
+        if self.micros.is_empty() {
+            return 0.0;
+        }
+        self.micros.sort_unstable();
+        let i = ((self.micros.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.micros[i]) / 1000.0
+    }
+}
+
+/// One worker's operation: returns the latency to record, or why it failed.
+type Op = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Duration, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Runs `op` from `concurrency` workers: `warmup` unmeasured, then `measure`.
+async fn drive(
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    op: Op,
+) -> (Stats, Duration) {
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let op = op.clone();
+        workers.push(tokio::spawn(async move {
+            let mut s = Stats::default();
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    return s;
+                }
+                let r = op().await;
+                if now < start {
+                    continue;
+                }
+                match r {
+                    Ok(d) => {
+                        s.ok += 1;
+                        s.micros
+                            .push(d.as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                    Err(e) => {
+                        s.errors += 1;
+                        s.first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }));
+    }
+    let mut total = Stats::default();
+    for w in workers {
+        if let Ok(s) = w.await {
+            total.merge(s);
+        }
+    }
+    (total, measure)
+}
+
+#[derive(serde::Deserialize)]
+struct Allocated {
+    id: String,
+    #[serde(rename = "allocationId")]
+    allocation_id: Option<String>,
+}
+
+async fn allocate(
+    bin: PathBuf,
+    seconds: u64,
+    concurrency: usize,
+    agents: usize,
+    per_agent: u32,
+) -> Result<Value> {
+    let instances = agents * per_agent as usize;
+    if instances < concurrency {
+        bail!(
+            "{instances} instances cannot serve {concurrency} concurrent matchmakers; raise --instances-per-agent"
+        );
+    }
+    let mut cluster = Cluster::new(bin.clone())?;
+    cluster.start_controller().await?;
+    for i in 0..agents {
+        cluster.start_agent(i, false, true).await?;
+    }
+    cluster.create_fleet(per_agent).await?;
+    cluster
+        .wait_online(instances, Duration::from_secs(120))
+        .await
+        .context("waiting for the fleet")?;
+
+    let base = cluster.controller_url().to_owned();
+    let client = Client::new();
+    let body = Bytes::from(
+        json!({"filter": "regionName=bench", "metadata": [{"key": "map", "value": "dust"}]})
+            .to_string(),
+    );
+    let op: Op = {
+        let client = client.clone();
+        let base = base.clone();
+        Arc::new(move || {
+            let client = client.clone();
+            let base = base.clone();
+            let body = body.clone();
+            Box::pin(async move {
+                let t = Instant::now();
+                let (status, b) = client
+                    .send(
+                        Method::POST,
+                        &format!("{base}/v1/applications/1/allocate"),
+                        Some(MATCHMAKER),
+                        Some(body),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let took = t.elapsed();
+                if status != 200 {
+                    return Err(format!(
+                        "allocate: {status} {}",
+                        String::from_utf8_lossy(&b)
+                    ));
+                }
+                let a: Allocated = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+                let (status, b) = client
+                    .send(
+                        Method::POST,
+                        &format!("{base}/v1/instances/{}/deallocate", a.id),
+                        Some(MATCHMAKER),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if status != 200 {
+                    return Err(format!(
+                        "deallocate: {status} {}",
+                        String::from_utf8_lossy(&b)
+                    ));
+                }
+                Ok(took)
+            })
+        })
+    };
+    let (mut stats, window) = drive(
+        concurrency,
+        Duration::from_secs(1),
+        Duration::from_secs(seconds),
+        op,
+    )
+    .await;
+    let controller_rss = cluster
+        .controller
+        .as_ref()
+        .map_or(0, |c| rss_bytes(c.pid()));
+    let agent_rss = cluster
+        .agents
+        .iter()
+        .map(|a| rss_bytes(a.pid()))
+        .max()
+        .unwrap_or(0);
+
+    // Durability: hold some allocations, SIGKILL the controller, and find them all again.
+    let hold = concurrency.min(instances / 2).max(1);
+    let mut held = Vec::new();
+    for _ in 0..hold {
+        let (status, b) = client
+            .send(
+                Method::POST,
+                &format!("{base}/v1/applications/1/allocate"),
+                Some(MATCHMAKER),
+                Some(Bytes::from_static(b"{}")),
+            )
+            .await?;
+        if status == 200 {
+            let a: Allocated = serde_json::from_slice(&b)?;
+            held.push((a.id, a.allocation_id));
+        }
+    }
+    let client2 = cluster.client.clone();
+    if let Some(c) = cluster.controller.as_mut() {
+        c.restart(&client2).await?;
+    }
+    let mut durable = held.len() == hold;
+    for (id, alloc) in &held {
+        let (status, b) = client
+            .get(&format!("{base}/v1/instances/{id}"), Some(ADMIN))
+            .await?;
+        let v: Value = serde_json::from_slice(&b).unwrap_or_default();
+        if status != 200 || v["status"] != 5 || v["allocationId"].as_str() != alloc.as_deref() {
+            durable = false;
+        }
+    }
+
+    let ceiling = ceiling(&bin, concurrency, seconds).await?;
+    let secs = window.as_secs_f64();
+    Ok(json!({
+        "benchmark": "allocate",
+        "allocationsPerSecond": (stats.ok as f64 / secs).round(),
+        "p50Ms": round3(stats.percentile_ms(0.50)),
+        "p99Ms": round3(stats.percentile_ms(0.99)),
+        "durable": durable,
+        "heldAcrossControllerKill": held.len(),
+        "instances": instances,
+        "concurrency": concurrency,
+        "agents": agents,
+        "seconds": seconds,
+        "allocations": stats.ok,
+        "errors": stats.errors,
+        "firstError": stats.first_error,
+        "agentRssBytes": agent_rss,
+        "controllerRssBytes": controller_rss,
+        "ceilingRequestsPerSecond": ceiling.round(),
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Requests per second through client → hop → hop, same concurrency, same machine.
+async fn ceiling(bin: &std::path::Path, concurrency: usize, seconds: u64) -> Result<f64> {
+    let me = std::env::current_exe()?;
+    let _ = bin;
+    let (p1, p2) = (free_port()?, free_port()?);
+    let mut hop2 = std::process::Command::new(&me)
+        .args(["hop", "--port", &p2.to_string()])
+        .spawn()?;
+    let mut hop1 = std::process::Command::new(&me)
+        .args([
+            "hop",
+            "--port",
+            &p1.to_string(),
+            "--next",
+            &format!("http://127.0.0.1:{p2}/"),
+        ])
+        .spawn()?;
+    let client = Client::new();
+    let url = format!("http://127.0.0.1:{p1}/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(&url, None).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("ceiling chain did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let op: Op = Arc::new(move || {
+        let client = client.clone();
+        let url = url.clone();
+        Box::pin(async move {
+            let t = Instant::now();
+            let (status, _) = client
+                .send(Method::POST, &url, None, Some(Bytes::from_static(b"{}")))
+                .await
+                .map_err(|e| e.to_string())?;
+            if status != 200 {
+                return Err(format!("hop: {status}"));
+            }
+            Ok(t.elapsed())
+        })
+    });
+    let (stats, window) = drive(
+        concurrency,
+        Duration::from_secs(1),
+        Duration::from_secs(seconds),
+        op,
+    )
+    .await;
+    let _ = hop1.kill();
+    let _ = hop2.kill();
+    let _ = hop1.wait();
+    let _ = hop2.wait();
+    Ok(stats.ok as f64 / window.as_secs_f64())
+}
+
+async fn spawn(bin: PathBuf, sizes: &[usize]) -> Result<Value> {
+    let mut results = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut cluster = Cluster::new(bin.clone())?;
+        cluster.start_agent(i, false, false).await?;
+        let agent = cluster.agents[0].url.clone();
+        let game = cluster.sample_game().display().to_string();
+        let client = cluster.client.clone();
+        let started = Instant::now();
+        let mut deploys = Vec::new();
+        // Deploy as a matchmaker's reconciler would: many requests in flight at once.
+        let per_task = n.div_ceil(32);
+        for t in 0..n.div_ceil(per_task) {
+            let client = client.clone();
+            let agent = agent.clone();
+            let game = game.clone();
+            let count = per_task.min(n - t * per_task);
+            deploys.push(tokio::spawn(async move {
+                for _ in 0..count {
+                    let body = json!({"profile": {
+                        "id": "spawn", "applicationId": 1, "executable": game,
+                        "args": ["--port={port}", "--management-port={managementPort}", "--instance-id={instanceId}"],
+                    }});
+                    let (status, text) = client.post(&format!("{agent}/v1/instances"), Some(ADMIN), &body).await?;
+                    if status != 201 {
+                        bail!("deploy: {status} {text}");
+                    }
+                }
+                Ok(())
+            }));
+        }
+        for d in deploys {
+            d.await??;
+        }
+        let deployed = started.elapsed();
+        loop {
+            let (_, b) = client
+                .get(&format!("{agent}/v1/instances"), Some(ADMIN))
+                .await?;
+            let list: Vec<Value> = serde_json::from_slice(&b)?;
+            let online = list
+                .iter()
+                .filter(|i| i["status"] == 4 && i["arcusConnected"] == true)
+                .count();
+            if online >= n {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("only {online} of {n} games online after 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let online = started.elapsed();
+        let rss = rss_bytes(cluster.agents[0].pid());
+        results.push(json!({
+            "games": n,
+            "onlineSeconds": round3(online.as_secs_f64()),
+            "deployRequestsSeconds": round3(deployed.as_secs_f64()),
+            "agentRssBytes": rss,
+        }));
+    }
+    Ok(json!({"benchmark": "spawn", "results": results}))
+}
+
+async fn detect(bin: PathBuf) -> Result<Value> {
+    let mut cluster = Cluster::new(bin)?;
+    cluster.start_controller().await?;
+    cluster.start_agent(0, false, true).await?;
+    cluster.create_fleet(4).await?;
+    cluster.wait_online(4, Duration::from_secs(60)).await?;
+    let host_url = format!("{}/v1/hosts/1", cluster.controller_url());
+    let client = cluster.client.clone();
+    // Freeze the agent (as a hung host would be): it stops heartbeating, games keep running.
+    let frozen = Instant::now();
+    cluster.agents[0].signal(Signal::SIGSTOP);
+    loop {
+        let (_, b) = client.get(&host_url, Some(ADMIN)).await?;
+        let h: Value = serde_json::from_slice(&b)?;
+        if h["reachable"] == false {
+            break;
+        }
+        if frozen.elapsed() > Duration::from_secs(30) {
+            bail!("host still reachable after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let detected = frozen.elapsed();
+    let (status, _) = client
+        .post(
+            &format!("{}/v1/applications/1/allocate", cluster.controller_url()),
+            Some(MATCHMAKER),
+            &json!({}),
+        )
+        .await?;
+    let thawed = Instant::now();
+    cluster.agents[0].signal(Signal::SIGCONT);
+    cluster.wait_online(4, Duration::from_secs(30)).await?;
+    let rejoined = thawed.elapsed();
+    Ok(json!({
+        "benchmark": "detect",
+        "heartbeatPeriodMs": 1000,
+        "expiryFactor": 5.0,
+        "boundMs": 6000,
+        "detectedMs": detected.as_millis() as u64,
+        "allocateWhileDeadStatus": status,
+        "rejoinedMs": rejoined.as_millis() as u64,
+    }))
+}

@@ -1,0 +1,369 @@
+//! Talking to the controller, and turning every way that can fail into one clear message with
+//! the right exit code.
+//!
+//! berth-http's `JsonClient` cannot send extra headers (`Idempotency-Key`) and decodes answers
+//! into types, while `--json` must print what the controller sent byte for byte; so this is a
+//! small client of its own that reports failures as berth-http's [`CallError`].
+
+use std::time::Duration;
+
+use anyhow::Result;
+use berth_http::CallError;
+use berth_protocol::{ErrorBody, ErrorCode};
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::settings::Source;
+use crate::{EXIT_AUTH, EXIT_FAILED, EXIT_UNREACHABLE, Exit};
+
+/// Long enough for an allocation that tries several candidates (5 s each at worst).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
+    base_source: Source,
+    token: Option<(String, Source)>,
+    http: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl Api {
+    pub fn new(base: String, base_source: Source, token: Option<(String, Source)>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        Self {
+            base,
+            base_source,
+            token,
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: TIMEOUT,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The same controller with another token (dev allocates with the matchmaker token).
+    pub fn with_token(&self, token: String, source: Source) -> Self {
+        Self {
+            token: Some((token, source)),
+            ..self.clone()
+        }
+    }
+
+    /// One request; a non-2xx answer is a [`CallError::Status`] carrying the error body.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes, CallError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url).header(
+            header::USER_AGENT,
+            concat!("berthctl/", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some((t, _)) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|_| CallError::InvalidUrl(url.clone()))?;
+        let call = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| CallError::Unreachable {
+                    url: url.clone(),
+                    reason: root_cause(&e),
+                })?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CallError::Unreachable {
+                    url: url.clone(),
+                    reason: format!("the answer was cut off: {}", root_cause(&e)),
+                })?
+                .to_bytes();
+            Ok::<_, CallError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| CallError::TimedOut {
+                url: url.clone(),
+                ms: self.timeout.as_millis(),
+            })??;
+        if !(200..300).contains(&status) {
+            return Err(CallError::Status {
+                url,
+                status,
+                body: serde_json::from_slice::<ErrorBody>(&bytes)
+                    .ok()
+                    .map(Box::new),
+                // Whole, not cut: under --json it is printed as the controller's answer.
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Bytes> {
+        self.request(Method::GET, path, None, &[])
+            .await
+            .map_err(|e| self.failure("GET", path, e))
+    }
+
+    /// `None` when the controller says the resource does not exist.
+    pub async fn get_opt(&self, path: &str) -> Result<Option<Bytes>> {
+        match self.request(Method::GET, path, None, &[]).await {
+            Ok(b) => Ok(Some(b)),
+            Err(CallError::Status {
+                status: 404,
+                body: Some(body),
+                ..
+            }) if body.code == ErrorCode::ResourceNotFound => Ok(None),
+            Err(e) => Err(self.failure("GET", path, e)),
+        }
+    }
+
+    pub async fn post<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes> {
+        self.send_json(Method::POST, path, body, headers).await
+    }
+
+    pub async fn put<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Bytes> {
+        self.send_json(Method::PUT, path, body, &[]).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Bytes> {
+        self.request(Method::DELETE, path, None, &[])
+            .await
+            .map_err(|e| self.failure("DELETE", path, e))
+    }
+
+    async fn send_json<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes> {
+        let bytes = serde_json::to_vec(body)?;
+        let name = method.to_string();
+        self.request(method, path, Some(bytes), headers)
+            .await
+            .map_err(|e| self.failure(&name, path, e))
+    }
+
+    /// Decodes an answer, blaming a version mismatch rather than the user when it does not fit.
+    pub fn decode<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Exit::failed(format!(
+                "error: the controller at {} answered {path} with JSON berthctl does not understand \
+                 ({e}); are berthctl and the controller the same version? (--json shows the answer)",
+                self.base
+            ))
+        })
+    }
+
+    /// The message and exit code for a failed call.
+    pub fn failure(&self, method: &str, path: &str, e: CallError) -> anyhow::Error {
+        let base = &self.base;
+        let from = match &self.base_source {
+            Source::Default => String::new(),
+            s => format!(" (from {s})"),
+        };
+        let exit = match e {
+            CallError::InvalidUrl(url) => Exit::new(
+                EXIT_FAILED,
+                format!("error: {url:?} is not a valid URL; check the controller URL{from}"),
+            ),
+            CallError::Unreachable { reason, .. } => Exit::new(
+                EXIT_UNREACHABLE,
+                format!(
+                    "error: cannot reach the controller at {base}{from}: {reason}; is it running? \
+                     (set --controller or BERTH_CONTROLLER)"
+                ),
+            ),
+            CallError::TimedOut { ms, .. } => Exit::new(
+                EXIT_UNREACHABLE,
+                format!(
+                    "error: the controller at {base}{from} did not answer {method} {path} within \
+                     {} s; is it overloaded or stuck? (its /readyz says whether its database is \
+                     reachable)",
+                    ms / 1000
+                ),
+            ),
+            CallError::Decode { reason, .. } => Exit::new(EXIT_FAILED, format!("error: {reason}")),
+            CallError::Status {
+                status, body, text, ..
+            } => return self.refusal(method, path, status, body, &text),
+        };
+        exit.into()
+    }
+
+    fn refusal(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        body: Option<Box<ErrorBody>>,
+        text: &str,
+    ) -> anyhow::Error {
+        let Some(body) = body else {
+            let code = if status == 401 || status == 403 {
+                EXIT_AUTH
+            } else {
+                EXIT_FAILED
+            };
+            let text: String = text.trim().chars().take(300).collect();
+            return Exit::new(
+                code,
+                format!(
+                    "error: {method} {path} answered HTTP {status} without Berth's error body{}; \
+                     is {} a Berth controller (and not a proxy)?",
+                    if text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {text}")
+                    },
+                    self.base
+                ),
+            )
+            .into();
+        };
+        let mut exit = match body.code {
+            ErrorCode::MissingCredentials | ErrorCode::InvalidCredentials => {
+                Exit::new(EXIT_AUTH, self.auth_message(&body))
+            }
+            _ => Exit::new(EXIT_FAILED, refusal_message(&body)),
+        };
+        exit.body = Some(Bytes::from(text.to_owned()));
+        exit.into()
+    }
+
+    fn auth_message(&self, body: &ErrorBody) -> String {
+        let first = match (&self.token, body.code) {
+            (None, _) => format!(
+                "error: the controller at {} needs a token and berthctl has none \
+                 ({}, HTTP {}).\n\
+                 Give one with --token, BERTH_TOKEN, or `token`/`token_file` in {}.",
+                self.base,
+                body.code,
+                body.status_code,
+                crate::settings::default_config_path().map_or_else(
+                    || "~/.config/berth/berthctl.toml".to_owned(),
+                    |p| p.display().to_string()
+                )
+            ),
+            (Some((_, source)), _) => format!(
+                "error: the controller at {} refused the token from {source} ({}, HTTP {}): {}\n\
+                 Check it against the [[tokens]] of controller.toml (admin routes need role \
+                 \"admin\"); `berthctl dev` prints its tokens.",
+                self.base, body.code, body.status_code, body.details
+            ),
+        };
+        format!("{first}\nidentifier: {}", body.identifier)
+    }
+}
+
+/// `error: CODE (HTTP status): details`, the identifier and where to look next.
+pub fn refusal_message(body: &ErrorBody) -> String {
+    let mut out = format!(
+        "error: {} (HTTP {}): {}",
+        body.code,
+        body.status_code,
+        if body.details.is_empty() {
+            &body.message
+        } else {
+            &body.details
+        }
+    );
+    if let Some(n) = body.error_code {
+        out.push_str(&format!("\nerrorCode: {n} (host agent)"));
+    }
+    if let Some(attempts) = body.attempts.as_ref().filter(|a| !a.is_empty()) {
+        out.push_str("\nattempts:");
+        for (i, a) in attempts.iter().enumerate() {
+            let code = a.code.map_or_else(String::new, |c| format!(" {c}"));
+            let num = a.error_code.map_or_else(String::new, |n| format!(" {n}"));
+            out.push_str(&format!(
+                "\n  {}. instance {} on host {}:{num}{code} (HTTP {}){}",
+                i + 1,
+                crate::render::short_id(&a.instance_id),
+                a.host_id,
+                a.status_code,
+                if a.details.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", a.details)
+                }
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\nidentifier: {}\nrun: berthctl errors show {}\n     berthctl explain {}",
+        body.identifier, body.identifier, body.code
+    ));
+    out
+}
+
+/// hyper says "client error (Connect)"; the innermost cause ("Connection refused") is what
+/// helps.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    last.to_string()
+}
+
+/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips_through_the_server_decoder() {
+        let f = "regionName=\"eu west\" and fleetId=456&x+y%é";
+        let e = encode(f);
+        assert!(!e.contains(['=', ' ', '&', '+', '"']), "{e}");
+        assert_eq!(berth_http::percent_decode(&e), f);
+        assert_eq!(encode("arena-1.0"), "arena-1.0");
+    }
+}
