@@ -49,6 +49,16 @@ impl NotifySocket {
     }
 }
 
+/// Kills the daemon if the test fails before it exits on its own.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -83,14 +93,15 @@ fn start_notified(exe: &Path, config: &Path, socket: &Path, log: &Path) -> Child
 fn notify_cycle(exe: &Path, dir: &TestDir, config: &Path) {
     let socket = dir.join("notify.sock");
     let mut notify = NotifySocket::bind(&socket);
-    let mut child = start_notified(exe, config, &socket, &dir.join("daemon.log"));
+    let mut guard = Guard(start_notified(exe, config, &socket, &dir.join("daemon.log")));
+    let child = &mut guard.0;
     notify.expect("READY=1", Duration::from_secs(30));
     // Pings come every third of the watchdog interval, each after a round trip through the
     // daemon's owner task.
     notify.expect("WATCHDOG=1", Duration::from_secs(5));
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     notify.expect("STOPPING=1", Duration::from_secs(5));
-    let status = wait_exit(&mut child, Duration::from_secs(15));
+    let status = wait_exit(child, Duration::from_secs(15));
     assert_eq!(
         status.code(),
         Some(0),
