@@ -178,7 +178,9 @@ async fn session(
 
     let (mut reader, mut writer) = stream.into_split();
     let mut decoder = Decoder::new(Role::Agent);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Game frames are a few hundred bytes, and the decoder reassembles partial ones: a small
+    // buffer keeps a thousand links cheap.
+    let mut buf = vec![0u8; 2048];
     let mut health = tokio::time::interval_at(Instant::now() + HEALTH_INTERVAL, HEALTH_INTERVAL);
     let mut last_frame = Instant::now();
     let mut unanswered = 0usize;

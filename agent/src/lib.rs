@@ -75,8 +75,14 @@ pub async fn run(
         dc_location: config.dc_location.clone(),
         is_virtual,
     };
-    let (supervisor, handle) =
-        Supervisor::restore(config.clone(), facts, state, updates_tx, metrics.clone());
+    let (supervisor, handle) = Supervisor::restore(
+        config.clone(),
+        facts,
+        state,
+        updates_tx,
+        metrics.clone(),
+        process::Spawner::start(),
+    );
     let agent_token = supervisor.agent_token().to_owned();
 
     let listener = TcpListener::bind(config.listen)

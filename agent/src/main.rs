@@ -36,10 +36,16 @@ enum Cmd {
     Run,
     /// Check the configuration and exit: 0 when valid, 78 naming the bad key otherwise.
     Validate,
+    /// Internal: the process that starts games for the agent (see `process.rs`).
+    #[command(hide = true)]
+    Spawner,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Cmd::Spawner)) {
+        return ExitCode::from(berth_agent::process::spawner_main() as u8);
+    }
     let mut overrides = Vec::new();
     for (key, value) in [
         ("listen", &cli.listen),

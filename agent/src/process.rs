@@ -2,16 +2,25 @@
 //!
 //! Games are started in their own session (and so their own process group), with stdout and
 //! stderr in a per-instance log file and no other descriptor of the agent, so that killing or
-//! restarting the agent never reaches them. Each process is pinned by a pidfd: exits are
-//! noticed without polling, and a re-adopted process (no longer our child) is watched the same
-//! way as one we spawned.
+//! restarting the agent never reaches them.
+//!
+//! Forking the agent itself gets slower with every game it runs: the kernel copies its page
+//! tables and its descriptor table (a socket per game) and then closes every inherited
+//! descriptor at `exec`, so starting N games costs O(N²). Games are therefore started by a
+//! **spawner**: the agent binary run again (`berth-agent spawner`) at start, single-threaded,
+//! with a handful of descriptors, that forks and execs on request and reaps its children,
+//! reporting their exit codes. If it dies, the agent watches its children through pidfds and
+//! starts a new spawner. Re-adopted games (after an agent restart) are watched through pidfds.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_protocol::agent_api::Limits;
@@ -19,40 +28,32 @@ use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use tokio::io::Interest;
+use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, Interest};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::RunAs;
-
-/// What to start.
-#[derive(Debug)]
-pub struct SpawnSpec<'a> {
-    pub executable: &'a Path,
-    pub args: &'a [String],
-    pub env: &'a [(String, String)],
-    pub working_dir: Option<&'a Path>,
-    pub log_path: &'a Path,
-    pub run_as: Option<&'a RunAs>,
-    pub limits: &'a Limits,
-}
-
-/// A process we started or re-adopted, identified by pid and kernel start time (pids are
-/// reused; the pair is not).
-#[derive(Debug)]
-pub struct Process {
-    pub pid: u32,
-    pub start_time: u64,
-    /// True for our own children, which we must reap and whose exit code we can read.
-    pub is_child: bool,
-    pidfd: Option<OwnedFd>,
+/// What to start. Owned and serialisable: it travels to the spawner process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpawnRequest {
+    pub executable: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
+    pub log_path: PathBuf,
+    /// Run as this user and group instead of the agent's.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub limits: Limits,
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitInfo {
     Code(i32),
     Signal(i32),
-    /// Not our child (re-adopted after an agent restart): the kernel does not tell us.
+    /// Not a child whose status we could read (re-adopted after an agent restart).
     Unknown,
 }
 
@@ -65,38 +66,84 @@ pub enum SpawnError {
         executable: PathBuf,
         source: io::Error,
     },
+    #[error("{0}")]
+    Spawner(String),
 }
 
-/// Starts a game process in a new session with its output in `log_path`.
-pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
+/// A process we started or re-adopted, identified by pid and kernel start time (pids are
+/// reused; the pair is not).
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    pub start_time: u64,
+    exit: ExitSource,
+}
+
+#[derive(Debug)]
+enum ExitSource {
+    /// The spawner reaps it and reports its exit.
+    Spawner(oneshot::Receiver<ExitInfo>),
+    /// Our own child: pidfd to wait, then waitpid for the status.
+    Child(Option<OwnedFd>),
+    /// Someone else's child now: pidfd to wait; the status is not ours to read.
+    Adopted(Option<OwnedFd>),
+}
+
+impl Process {
+    /// Waits until the process has exited.
+    pub async fn wait(self) -> ExitInfo {
+        match self.exit {
+            ExitSource::Spawner(rx) => match rx.await {
+                Ok(exit) => exit,
+                // The spawner died; it handed the process to a pidfd watcher, which reports.
+                Err(_) => ExitInfo::Unknown,
+            },
+            ExitSource::Child(fd) => {
+                wait_pidfd(fd, self.pid, self.start_time).await;
+                reap(self.pid).await
+            }
+            ExitSource::Adopted(fd) => {
+                wait_pidfd(fd, self.pid, self.start_time).await;
+                ExitInfo::Unknown
+            }
+        }
+    }
+}
+
+/// Starts a game directly from this process (what the spawner does, and the fallback when
+/// there is no spawner). Returns the pid.
+pub fn spawn_direct(req: &SpawnRequest) -> Result<u32, SpawnError> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(spec.log_path)
+        .open(&req.log_path)
         .map_err(|source| SpawnError::LogFile {
-            path: spec.log_path.to_owned(),
+            path: req.log_path.clone(),
             source,
         })?;
     let log_err = log.try_clone().map_err(|source| SpawnError::LogFile {
-        path: spec.log_path.to_owned(),
+        path: req.log_path.clone(),
         source,
     })?;
-    let mut cmd = Command::new(spec.executable);
-    cmd.args(spec.args)
+    let mut cmd = Command::new(&req.executable);
+    cmd.args(&req.args)
         // The agent's environment may hold tokens; games get only what the profile says.
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    if let Some(dir) = spec.working_dir {
+    if let Some(dir) = &req.working_dir {
         cmd.current_dir(dir);
     }
-    if let Some(user) = spec.run_as {
-        // std drops supplementary groups when root switches uid.
-        cmd.uid(user.uid).gid(user.gid);
+    if let Some(gid) = req.gid {
+        cmd.gid(gid);
     }
-    let limits = spec.limits.clone();
+    if let Some(uid) = req.uid {
+        // std drops supplementary groups when root switches uid.
+        cmd.uid(uid);
+    }
+    let limits = req.limits.clone();
     // SAFETY: the closure runs in the forked child before exec and only makes the
     // async-signal-safe system calls setsid(2), prctl(2) and setrlimit(2); it allocates nothing.
     unsafe {
@@ -117,21 +164,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
         });
     }
     let child = cmd.spawn().map_err(|source| SpawnError::Exec {
-        executable: spec.executable.to_owned(),
+        executable: req.executable.clone(),
         source,
     })?;
-    let pid = child.id();
-    // The std handle is dropped without waiting: the pidfd watcher reaps the child.
-    drop(child);
-    // Our unreaped child cannot have its pid reused, so this pidfd is for the right process.
-    let pidfd = pidfd_open(pid).ok();
-    let start_time = stat(pid).map(|s| s.start_time).unwrap_or(0);
-    Ok(Process {
-        pid,
-        start_time,
-        is_child: true,
-        pidfd,
-    })
+    // The std handle is dropped without waiting: whoever spawned reaps the child.
+    Ok(child.id())
 }
 
 fn apply_limits(limits: &Limits) -> io::Result<()> {
@@ -164,38 +201,33 @@ pub fn adopt(pid: u32, start_time: u64) -> Option<Process> {
     Some(Process {
         pid,
         start_time,
-        is_child: false,
-        pidfd,
+        exit: ExitSource::Adopted(pidfd),
     })
 }
 
-impl Process {
-    /// Waits until the process has exited, reaping it if it is our child.
-    pub async fn wait(self) -> ExitInfo {
-        match self.pidfd {
-            // SAFETY: an OwnedFd is open for as long as it lives and always returns the same
-            // descriptor from as_raw_fd; the AsyncFd owns it until it is dropped.
-            Some(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-                Ok(afd) => {
-                    // A pidfd becomes readable once the process has terminated.
-                    let _ = afd.readable().await;
-                }
-                Err(_) => poll_exit(self.pid, self.start_time).await,
-            },
-            None => poll_exit(self.pid, self.start_time).await,
-        }
-        if !self.is_child {
-            return ExitInfo::Unknown;
-        }
-        loop {
-            match waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => return ExitInfo::Code(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return ExitInfo::Signal(sig as i32),
-                Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return ExitInfo::Unknown,
+async fn wait_pidfd(fd: Option<OwnedFd>, pid: u32, start_time: u64) {
+    match fd {
+        // SAFETY: an OwnedFd is open for as long as it lives and always returns the same
+        // descriptor from as_raw_fd; the AsyncFd owns it until it is dropped.
+        Some(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(afd) => {
+                // A pidfd becomes readable once the process has terminated.
+                let _ = afd.readable().await;
             }
+            Err(_) => poll_exit(pid, start_time).await,
+        },
+        None => poll_exit(pid, start_time).await,
+    }
+}
+
+async fn reap(pid: u32) -> ExitInfo {
+    loop {
+        match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return ExitInfo::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return ExitInfo::Signal(sig as i32),
+            Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return ExitInfo::Unknown,
         }
     }
 }
@@ -228,9 +260,7 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    debug_assert!(fd.as_raw_fd() >= 0);
-    Ok(fd)
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Fields of `/proc/<pid>/stat` the agent needs.
@@ -257,13 +287,271 @@ fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat { state, start_time })
 }
 
-/// Raises our open-file limit to the hard limit: every game costs the agent a pidfd and a
-/// socket.
+/// Raises our open-file limit to the hard limit: every game costs the agent a socket.
 pub fn raise_nofile_limit() {
     if let Ok((soft, hard)) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+// ----- the spawner ----------------------------------------------------------------------------
+
+/// The subcommand that runs the spawner.
+pub const SPAWNER_ARG: &str = "spawner";
+/// The descriptor on which the spawner finds its socket.
+const SPAWNER_FD: i32 = 3;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToSpawner {
+    id: u64,
+    request: SpawnRequest,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum FromSpawner {
+    Spawned { id: u64, pid: u32 },
+    Failed { id: u64, error: String },
+    Exited { pid: u32, exit: ExitInfo },
+}
+
+/// The spawner process's main loop: requests in on fd 3, replies and exits out on it. Ends
+/// when the agent closes its end (the agent exited): games are not its to stop.
+pub fn spawner_main() -> i32 {
+    // SAFETY: the agent starts us with the socketpair end on fd 3 and nothing else owns it.
+    let sock = unsafe { StdUnixStream::from_raw_fd(SPAWNER_FD) };
+    let Ok(write_half) = sock.try_clone() else {
+        return 1;
+    };
+    let out = Arc::new(Mutex::new(write_half));
+    let send = |out: &Mutex<StdUnixStream>, msg: &FromSpawner| {
+        let mut line = serde_json::to_vec(msg).unwrap_or_default();
+        line.push(b'\n');
+        // A poisoned lock only means another thread panicked mid-write; keep going.
+        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&line).is_ok()
+    };
+    {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(WaitStatus::Exited(pid, code)) => {
+                        let msg = FromSpawner::Exited {
+                            pid: pid.as_raw() as u32,
+                            exit: ExitInfo::Code(code),
+                        };
+                        if !send(&out, &msg) {
+                            return;
+                        }
+                    }
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                        let msg = FromSpawner::Exited {
+                            pid: pid.as_raw() as u32,
+                            exit: ExitInfo::Signal(sig as i32),
+                        };
+                        if !send(&out, &msg) {
+                            return;
+                        }
+                    }
+                    // No children yet: nothing to reap.
+                    Err(nix::errno::Errno::ECHILD) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    for line in BufReader::new(sock).lines() {
+        let Ok(line) = line else { break };
+        let Ok(msg) = serde_json::from_str::<ToSpawner>(&line) else {
+            continue;
+        };
+        // Spawn and reply under the writer lock, so that the reaper cannot report this
+        // child's exit before the agent has heard that it started.
+        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+        let reply = match spawn_direct(&msg.request) {
+            Ok(pid) => FromSpawner::Spawned { id: msg.id, pid },
+            Err(e) => FromSpawner::Failed {
+                id: msg.id,
+                error: e.to_string(),
+            },
+        };
+        let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
+        bytes.push(b'\n');
+        if w.write_all(&bytes).is_err() {
+            break;
+        }
+    }
+    0
+}
+
+type SpawnReply = oneshot::Sender<Result<Process, SpawnError>>;
+
+/// Starts games through the spawner process (or directly when there is none).
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    tx: Option<mpsc::UnboundedSender<(SpawnRequest, SpawnReply)>>,
+}
+
+impl Spawner {
+    /// Starts the spawner process from our own executable.
+    pub fn start() -> Self {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "no spawner: starting games directly");
+                return Self::direct();
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(client(exe, rx));
+        Self { tx: Some(tx) }
+    }
+
+    /// Starts games from the agent process itself (tests, or no spawner available).
+    pub fn direct() -> Self {
+        Self { tx: None }
+    }
+
+    pub async fn spawn(&self, req: SpawnRequest) -> Result<Process, SpawnError> {
+        let Some(tx) = &self.tx else {
+            return spawn_here(req).await;
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send((req.clone(), reply)).is_err() {
+            return spawn_here(req).await;
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(SpawnError::Spawner("the spawner stopped".to_owned())))
+    }
+}
+
+async fn spawn_here(req: SpawnRequest) -> Result<Process, SpawnError> {
+    let pid = tokio::task::spawn_blocking(move || spawn_direct(&req))
+        .await
+        .map_err(|e| SpawnError::Spawner(e.to_string()))??;
+    // Our unreaped child cannot have its pid reused, so this pidfd is for the right process.
+    let pidfd = pidfd_open(pid).ok();
+    Ok(Process {
+        pid,
+        start_time: stat(pid).map_or(0, |s| s.start_time),
+        exit: ExitSource::Child(pidfd),
+    })
+}
+
+fn start_spawner(
+    exe: &std::path::Path,
+) -> io::Result<(tokio::net::UnixStream, std::process::Child)> {
+    let (ours, theirs) = StdUnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let raw = theirs.into_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(SPAWNER_ARG)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: runs in the forked child before exec; dup2(2) is async-signal-safe. It puts the
+    // socket on the fd the spawner expects, without the close-on-exec flag.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, SPAWNER_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    // SAFETY: `raw` came from into_raw_fd above and is closed exactly once, here, in the parent.
+    unsafe { libc::close(raw) };
+    let child = child?;
+    ours.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(ours)?, child))
+}
+
+/// The agent side of the spawner: sends requests, matches replies, delivers exits. Restarts
+/// the spawner if it dies, handing its live children to pidfd watchers.
+async fn client(exe: PathBuf, mut rx: mpsc::UnboundedReceiver<(SpawnRequest, SpawnReply)>) {
+    let mut next_id = 0u64;
+    loop {
+        let (stream, mut child) = match start_spawner(&exe) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the spawner; starting games directly");
+                while let Some((req, reply)) = rx.recv().await {
+                    let _ = reply.send(spawn_here(req).await);
+                }
+                return;
+            }
+        };
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut pending: HashMap<u64, SpawnReply> = HashMap::new();
+        let mut exits: HashMap<u32, oneshot::Sender<ExitInfo>> = HashMap::new();
+        let mut start_times: HashMap<u32, u64> = HashMap::new();
+        loop {
+            tokio::select! {
+                req = rx.recv() => {
+                    let Some((request, reply)) = req else { return };
+                    next_id += 1;
+                    let mut line = serde_json::to_vec(&ToSpawner { id: next_id, request }).unwrap_or_default();
+                    line.push(b'\n');
+                    if write.write_all(&line).await.is_err() {
+                        let _ = reply.send(Err(SpawnError::Spawner("the spawner stopped".to_owned())));
+                        break;
+                    }
+                    pending.insert(next_id, reply);
+                }
+                line = lines.next_line() => {
+                    let Ok(Some(line)) = line else { break };
+                    match serde_json::from_str::<FromSpawner>(&line) {
+                        Ok(FromSpawner::Spawned { id, pid }) => {
+                            let (tx, exit_rx) = oneshot::channel();
+                            exits.insert(pid, tx);
+                            let start_time = stat(pid).map_or(0, |s| s.start_time);
+                            start_times.insert(pid, start_time);
+                            if let Some(reply) = pending.remove(&id) {
+                                let _ = reply.send(Ok(Process { pid, start_time, exit: ExitSource::Spawner(exit_rx) }));
+                            }
+                        }
+                        Ok(FromSpawner::Failed { id, error }) => {
+                            if let Some(reply) = pending.remove(&id) {
+                                let _ = reply.send(Err(SpawnError::Spawner(error)));
+                            }
+                        }
+                        Ok(FromSpawner::Exited { pid, exit }) => {
+                            start_times.remove(&pid);
+                            if let Some(tx) = exits.remove(&pid) {
+                                let _ = tx.send(exit);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "unreadable message from the spawner"),
+                    }
+                }
+            }
+        }
+        // The spawner is gone: its children now belong to init. Watch them by pidfd.
+        tracing::error!("the spawner stopped; watching its games by pidfd and starting a new one");
+        let _ = child.kill();
+        let _ = child.wait();
+        for (_, reply) in pending.drain() {
+            let _ = reply.send(Err(SpawnError::Spawner("the spawner stopped".to_owned())));
+        }
+        for (pid, tx) in exits.drain() {
+            let start_time = start_times.get(&pid).copied().unwrap_or(0);
+            if let Some(p) = adopt(pid, start_time) {
+                tokio::spawn(async move {
+                    let _ = tx.send(p.wait().await);
+                });
+            } else {
+                let _ = tx.send(ExitInfo::Unknown);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -291,19 +579,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-proc-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("dir");
         let log = dir.join("x.log");
-        let env = vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
-        let args = vec!["-c".to_owned(), "echo hello; exit 3".to_owned()];
-        let spec = SpawnSpec {
-            executable: Path::new("/bin/sh"),
-            args: &args,
-            env: &env,
+        let req = SpawnRequest {
+            executable: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo hello; exit 3".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             working_dir: None,
-            log_path: &log,
-            run_as: None,
-            limits: &Limits::default(),
+            log_path: log.clone(),
+            uid: None,
+            gid: None,
+            limits: Limits::default(),
         };
-        let p = spawn(&spec).expect("spawn");
-        assert!(p.is_child);
+        let spawner = Spawner::direct();
+        let p = spawner.spawn(req.clone()).await.expect("spawn");
         let (pid, start) = (p.pid, p.start_time);
         assert_eq!(p.wait().await, ExitInfo::Code(3));
         assert!(
@@ -312,14 +599,13 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&log).expect("log"), "hello\n");
 
-        let args = vec!["-c".to_owned(), "sleep 30".to_owned()];
-        let spec = SpawnSpec {
-            args: &args,
-            ..spec
+        let req = SpawnRequest {
+            args: vec!["-c".into(), "sleep 30".into()],
+            ..req
         };
-        let p = spawn(&spec).expect("spawn");
+        let p = spawner.spawn(req).await.expect("spawn");
         let again = adopt(p.pid, p.start_time).expect("alive");
-        assert!(!again.is_child);
+        assert!(matches!(again.exit, ExitSource::Adopted(_)));
         assert!(
             adopt(p.pid, p.start_time + 1).is_none(),
             "start time must match"

@@ -26,7 +26,7 @@ use crate::arcus_link::{self, LinkParams};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortPool};
-use crate::process::{self, ExitInfo, SpawnSpec};
+use crate::process::{self, ExitInfo, SpawnRequest, Spawner};
 use crate::state::{Desired, PersistedAllocation, PersistedInstance, StateFile, StateWriter};
 use crate::template;
 
@@ -124,6 +124,12 @@ pub enum Command {
     /// The controller gave us a host id.
     Registered {
         host_id: u64,
+    },
+    /// The spawner's answer to `spawn_run`.
+    Spawned {
+        id: String,
+        run: u64,
+        result: Result<process::Process, String>,
     },
     Exited {
         id: String,
@@ -339,6 +345,8 @@ struct Instance {
     desired: Desired,
     /// Incremented at every spawn or adoption; events of older runs are stale.
     run: u64,
+    /// A spawn request is with the spawner.
+    spawning: bool,
     pid: Option<u32>,
     start_time: u64,
     started_at: Option<u64>,
@@ -463,6 +471,7 @@ pub struct Supervisor {
     next_seq: u64,
     flush_at: Option<Instant>,
     metrics: Arc<Metrics>,
+    spawner: Spawner,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -482,6 +491,7 @@ impl Supervisor {
         mut state: StateFile,
         updates: mpsc::UnboundedSender<Update>,
         metrics: Arc<Metrics>,
+        spawner: Spawner,
     ) -> (Self, SupervisorHandle) {
         let (tx, rx) = mpsc::channel(8192);
         state.generation += 1;
@@ -501,6 +511,7 @@ impl Supervisor {
             next_seq: 0,
             flush_at: None,
             metrics,
+            spawner,
         };
         let now = unix_now();
         for p in state.instances {
@@ -518,6 +529,7 @@ impl Supervisor {
                 state: RuntimeState::Exited,
                 desired: p.desired,
                 run: 0,
+                spawning: false,
                 pid: None,
                 start_time: 0,
                 started_at: p.started_at,
@@ -714,6 +726,7 @@ impl Supervisor {
                 let _ = reply.send(all);
             }
             Command::Registered { host_id } => self.registered(host_id),
+            Command::Spawned { id, run, result } => self.spawned(&id, run, result),
             Command::Exited { id, run, exit } => self.exited(&id, run, exit),
             Command::Link { id, run, event } => self.link_event(&id, run, event),
             Command::Timer { id, run, timer } => self.timer(&id, run, timer),
@@ -757,6 +770,7 @@ impl Supervisor {
             state: RuntimeState::Created,
             desired: Desired::Running,
             run: 0,
+            spawning: false,
             pid: None,
             start_time: 0,
             started_at: None,
@@ -839,56 +853,108 @@ impl Supervisor {
                 Err(e) => env_err = Some(e),
             }
         }
-        let outcome = match (args, env_err) {
+        let request = match (args, env_err) {
             (Err(e), _) | (_, Some(e)) => Err(e.to_string()),
             (Ok(args), None) => {
                 if let Err(e) = std::fs::create_dir_all(&log_dir) {
                     tracing::warn!(error = %e, dir = %log_dir.display(), "cannot create log directory");
                 }
-                let log_path = log_path(&log_dir, &inst.id);
-                let working_dir = inst.profile.working_dir.as_deref().map(Path::new);
-                let spec = SpawnSpec {
-                    executable: Path::new(&inst.profile.executable),
-                    args: &args,
-                    env: &env,
-                    working_dir,
-                    log_path: &log_path,
-                    run_as: run_as.as_ref(),
-                    limits: &inst.profile.limits,
-                };
-                process::spawn(&spec).map_err(|e| e.to_string())
+                Ok(SpawnRequest {
+                    executable: inst.profile.executable.clone().into(),
+                    args,
+                    env,
+                    working_dir: inst.profile.working_dir.clone().map(Into::into),
+                    log_path: log_path(&log_dir, &inst.id),
+                    uid: run_as.as_ref().map(|r| r.uid),
+                    gid: run_as.as_ref().map(|r| r.gid),
+                    limits: inst.profile.limits.clone(),
+                })
+            }
+        };
+        inst.run += 1;
+        let run = inst.run;
+        match request {
+            Ok(request) => {
+                // The spawner answers with a `Spawned` command; the supervisor carries on.
+                inst.spawning = true;
+                let spawner = self.spawner.clone();
+                let tx = self.tx.clone();
+                let id = id.to_owned();
+                tokio::spawn(async move {
+                    let result = spawner.spawn(request).await.map_err(|e| e.to_string());
+                    let _ = tx.send(Command::Spawned { id, run, result }).await;
+                });
+            }
+            Err(reason) => self.spawn_failed(id, run, &reason),
+        }
+    }
+
+    fn spawned(&mut self, id: &str, run: u64, result: Result<process::Process, String>) {
+        let current = self
+            .instances
+            .get(id)
+            .is_some_and(|i| i.run == run && i.spawning);
+        if !current {
+            // Removed (or replaced) while starting: this process has no instance to serve.
+            if let Ok(p) = result {
+                let _ = process::signal_group(p.pid, Signal::SIGKILL);
+            }
+            return;
+        }
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        inst.spawning = false;
+        let proc_ = match result {
+            Ok(p) => p,
+            Err(reason) => {
+                self.spawn_failed(id, run, &reason);
+                self.changed(id, true);
+                return;
             }
         };
         let now = unix_now();
-        inst.run += 1;
-        match outcome {
-            Ok(proc_) => {
-                tracing::info!(instance_id = %inst.id, pid = proc_.pid, run = inst.run, "game started");
-                inst.pid = Some(proc_.pid);
-                inst.start_time = proc_.start_time;
-                inst.started_at = Some(now);
-                inst.run_started = Some(Instant::now());
-                inst.pid_changed_at = Some(now);
-                inst.exit = None;
-                inst.status = InstanceStatus::Starting;
-                inst.state = RuntimeState::Running;
-                inst.live = None;
-                inst.arcus_connected = false;
-                let id = inst.id.clone();
-                self.watch(&id, proc_);
+        tracing::info!(instance_id = %id, pid = proc_.pid, run, "game started");
+        let pid = proc_.pid;
+        inst.pid = Some(pid);
+        inst.start_time = proc_.start_time;
+        inst.started_at = Some(now);
+        inst.run_started = Some(Instant::now());
+        inst.pid_changed_at = Some(now);
+        inst.exit = None;
+        inst.status = InstanceStatus::Starting;
+        inst.state = RuntimeState::Running;
+        inst.live = None;
+        inst.arcus_connected = false;
+        let stop_now = inst.desired != Desired::Running;
+        self.watch(id, proc_);
+        if stop_now {
+            // Stopped or removed while it was starting.
+            let _ = process::signal_group(pid, Signal::SIGTERM);
+            if let Some(inst) = self.instances.get_mut(id) {
+                inst.state = RuntimeState::ShuttingDown;
             }
-            Err(reason) => {
-                tracing::error!(instance_id = %inst.id, error = %reason, "game could not be started");
-                self.metrics.spawn_failures.inc();
-                inst.pid = None;
-                inst.status = InstanceStatus::Offline;
-                inst.state = RuntimeState::Dead;
-                inst.stopped_at = Some(now);
-                let id = inst.id.clone();
-                let run = inst.run;
-                self.schedule_restart(&id, run);
-            }
+            self.schedule(id, run, Timer::Kill, KILL_GRACE);
         }
+        self.changed(id, true);
+    }
+
+    fn spawn_failed(&mut self, id: &str, run: u64, reason: &str) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        tracing::error!(instance_id = %id, error = %reason, "game could not be started");
+        self.metrics.spawn_failures.inc();
+        inst.spawning = false;
+        inst.pid = None;
+        inst.status = InstanceStatus::Offline;
+        inst.state = RuntimeState::Dead;
+        inst.stopped_at = Some(unix_now());
+        if inst.desired == Desired::Removed {
+            self.finish_remove(id);
+            return;
+        }
+        self.schedule_restart(id, run);
     }
 
     /// Watches a (spawned or adopted) process and starts its link.
@@ -1032,7 +1098,7 @@ impl Supervisor {
         }
         match timer {
             Timer::Restart => {
-                if inst.pid.is_none() && inst.desired == Desired::Running {
+                if inst.pid.is_none() && !inst.spawning && inst.desired == Desired::Running {
                     self.spawn_run(id);
                     self.changed(id, true);
                 }
@@ -1156,7 +1222,7 @@ impl Supervisor {
         }
         inst.desired = Desired::Running;
         inst.crash_streak = 0;
-        if inst.pid.is_none() {
+        if inst.pid.is_none() && !inst.spawning {
             self.spawn_run(id);
         }
         self.changed(id, true);
