@@ -621,7 +621,7 @@ impl Inventory {
             }
             Command::ApplyView(host_id, view, reply) => {
                 let id = view.id.clone();
-                self.apply_view(host_id, *view);
+                self.apply_answer(host_id, *view);
                 let _ = reply.send(self.answer(&id));
             }
             Command::Register(req, reply) => {
@@ -1647,6 +1647,16 @@ impl Inventory {
         Ok(EventsResponse { reregister: false })
     }
 
+    /// An agent's answer to a call about a known instance (remove, deallocate, stop, …). It
+    /// may update the instance but never adopt it: the agent's own report that it removed the
+    /// instance can arrive before this answer, and must not be undone by it (the instance would
+    /// come back as a ghost that no agent runs).
+    fn apply_answer(&mut self, host_id: u64, view: InstanceView) {
+        if self.instances.contains_key(&view.id) {
+            self.apply_view(host_id, view);
+        }
+    }
+
     /// Takes an agent's report of one instance into account.
     fn apply_view(&mut self, host_id: u64, view: InstanceView) {
         let id = view.id.clone();
@@ -1980,7 +1990,7 @@ impl Inventory {
             } => match result {
                 Ok(view) => {
                     self.metrics.reconcile_removals.inc();
-                    self.apply_view(host_id, view);
+                    self.apply_answer(host_id, view);
                 }
                 Err(f) if f.code == ErrorCode::InstanceNotOnHost => {
                     self.remove_instance(&instance_id, "already gone from its agent");
@@ -1994,7 +2004,7 @@ impl Inventory {
             },
             ActionResult::Deallocated { host_id, result } => {
                 if let Ok(view) = result {
-                    self.apply_view(host_id, view);
+                    self.apply_answer(host_id, view);
                 }
             }
         }

@@ -1,6 +1,6 @@
-//! Support for Berth's end-to-end tests: they run the real binaries (`berth-agent`,
-//! `berth-sample-game`, `berth-bad-game`, later `berth-controller`) as separate processes on
-//! loopback and only ever wait for observable state, never for a fixed time.
+//! Support for Berth's end-to-end tests: they run the real binaries (`berth-controller`,
+//! `berth-agent`, `berth-sample-game`, `berth-bad-game`) as separate processes on loopback and
+//! only ever wait for observable state, never for a fixed time.
 //!
 //! * [`bin_dir`] builds the workspace's binaries once per test process and finds them.
 //! * [`PortBlock`] hands every agent game and management port ranges that no other agent of
@@ -8,6 +8,13 @@
 //! * [`TestDir`] is a scratch directory under `target/e2e`, kept when a test fails.
 //! * [`AgentProcess`] writes an `agent.toml`, runs `berth-agent`, restarts and kills it, and
 //!   on drop kills every game it started so that no game outlives its test.
+//!   [`AgentConfig::joined`] registers it with a controller.
+//! * [`ControllerProcess`] writes a `controller.toml` (free loopback port, SQLite database in
+//!   its directory, join/admin/matchmaker tokens, regions, short heartbeats), runs
+//!   `berth-controller`, kills and restarts it on the same database, and drives its API
+//!   (applications, profiles, fleets, allocations, listings, waits).
+//! * [`FaultProxy`] sits between the controller and one agent and can answer allocations with
+//!   garbage: fault injection on the network path, with the agent untouched.
 //! * [`Http`] / [`Response`]: any request, with status, headers and JSON body, so tests can
 //!   check error bodies ([`Response::assert_error`]).
 //! * [`wait_for`] polls a condition until it holds, failing with the last thing it saw.
@@ -372,6 +379,24 @@ impl Http {
         headers: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<Response, String> {
+        let bytes = body
+            .map(|b| serde_json::to_vec(b).map(Bytes::from))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        self.try_send_bytes(method, url, token, headers, bytes)
+            .await
+    }
+
+    /// Sends one request with a raw body (sent as `application/json`, whatever it holds), for
+    /// malformed and oversized bodies. `Err` only when no HTTP answer came.
+    pub async fn try_send_bytes(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+    ) -> Result<Response, String> {
         let mut req = http::Request::builder().method(method.clone()).uri(url);
         if let Some(t) = token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -382,7 +407,7 @@ impl Http {
         let bytes = match body {
             Some(b) => {
                 req = req.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(b).map_err(|e| e.to_string())?)
+                b
             }
             None => Bytes::new(),
         };
@@ -547,6 +572,33 @@ impl AgentConfig {
             join_token: None,
             extra: Vec::new(),
         }
+    }
+
+    /// An agent that registers with `controller` (its URL and join token).
+    pub fn joined(host_name: &str, controller: &ControllerProcess) -> Self {
+        let mut config = Self::new(host_name);
+        config.controller_url = Some(controller.url());
+        config.join_token = Some(controller.config().join_token.clone());
+        config
+    }
+
+    /// Tells the controller to reach this agent at `url` (e.g. a [`FaultProxy`] in front of it).
+    pub fn advertise_url(mut self, url: &str) -> Self {
+        let s = serde_json::to_string(url).expect("a string serialises");
+        self.extra.push(format!("advertise_url = {s}"));
+        self
+    }
+
+    /// Host labels (`labels = { k = "v" }`), which fleets select hosts by.
+    pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
+        let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let inner: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{} = {}", s(k), s(v)))
+            .collect();
+        self.extra
+            .push(format!("labels = {{ {} }}", inner.join(", ")));
+        self
     }
 
     /// The file's text for a given state directory.
@@ -958,6 +1010,772 @@ fn blocking_get(port: u16, path: &str, token: &str) -> Option<Value> {
     let text = String::from_utf8_lossy(&raw);
     let body = &text[text.find("\r\n\r\n")? + 4..];
     serde_json::from_str(body).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller
+
+/// An extra `[[tokens]]` entry of a controller.
+#[derive(Debug, Clone)]
+pub struct ControllerToken {
+    pub token: String,
+    /// `admin` or `matchmaker`.
+    pub role: String,
+    pub rate_limit_per_second: Option<u64>,
+}
+
+/// What goes into a controller's `controller.toml`. [`ControllerConfig::new`] gives a free
+/// loopback port, fresh tokens, two regions and short timings so tests see expiry quickly:
+/// heartbeats every 200 ms, a host unreachable after 1 s of silence, a reconcile every 200 ms.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen_port: u16,
+    pub join_token: String,
+    pub admin_token: String,
+    pub matchmaker_token: String,
+    pub heartbeat_period_ms: u64,
+    pub heartbeat_expiry_factor: f64,
+    pub reconcile_interval_ms: u64,
+    /// `None`: the controller's default (3).
+    pub max_allocation_attempts: Option<u32>,
+    /// `(id, name)` of every `[[regions]]` entry.
+    pub regions: Vec<(u32, String)>,
+    pub extra_tokens: Vec<ControllerToken>,
+    /// Raw TOML lines written with the top-level keys (before any table).
+    pub extra: Vec<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControllerConfig {
+    pub fn new() -> Self {
+        let secret = |what: &str| format!("e2e-{what}-{}", uuid::Uuid::new_v4().simple());
+        Self {
+            listen_port: free_port(),
+            join_token: secret("join"),
+            admin_token: secret("admin"),
+            matchmaker_token: secret("matchmaker"),
+            heartbeat_period_ms: 200,
+            heartbeat_expiry_factor: 5.0,
+            reconcile_interval_ms: 200,
+            max_allocation_attempts: None,
+            regions: vec![(1, "eu-west-1".to_owned()), (2, "us-east-1".to_owned())],
+            extra_tokens: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// How long a silent host stays reachable.
+    pub fn expiry(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_period_ms).mul_f64(self.heartbeat_expiry_factor)
+    }
+
+    /// The file's text for a given database file.
+    pub fn toml(&self, database: &Path) -> String {
+        let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let mut t = String::new();
+        let mut line = |l: String| {
+            t.push_str(&l);
+            t.push('\n');
+        };
+        line(format!(
+            "listen = {}",
+            s(&format!("127.0.0.1:{}", self.listen_port))
+        ));
+        line(format!(
+            "database = {}",
+            s(&format!("sqlite://{}", database.display()))
+        ));
+        line(format!("join_token = {}", s(&self.join_token)));
+        line(format!(
+            "heartbeat_period_ms = {}",
+            self.heartbeat_period_ms
+        ));
+        // `{:?}` keeps the decimal point TOML needs for a float (5.0, not 5).
+        line(format!(
+            "heartbeat_expiry_factor = {:?}",
+            self.heartbeat_expiry_factor
+        ));
+        line(format!(
+            "reconcile_interval_ms = {}",
+            self.reconcile_interval_ms
+        ));
+        if let Some(n) = self.max_allocation_attempts {
+            line(format!("max_allocation_attempts = {n}"));
+        }
+        for l in &self.extra {
+            line(l.clone());
+        }
+        let mut tokens = vec![
+            ControllerToken {
+                token: self.admin_token.clone(),
+                role: "admin".to_owned(),
+                rate_limit_per_second: None,
+            },
+            ControllerToken {
+                token: self.matchmaker_token.clone(),
+                role: "matchmaker".to_owned(),
+                rate_limit_per_second: None,
+            },
+        ];
+        tokens.extend(self.extra_tokens.iter().cloned());
+        for (i, tok) in tokens.iter().enumerate() {
+            line("[[tokens]]".to_owned());
+            line(format!("token = {}", s(&tok.token)));
+            line(format!("role = {}", s(&tok.role)));
+            line(format!("name = {}", s(&format!("e2e-{}-{i}", tok.role))));
+            if let Some(n) = tok.rate_limit_per_second {
+                line(format!("rate_limit_per_second = {n}"));
+            }
+        }
+        for (id, name) in &self.regions {
+            line("[[regions]]".to_owned());
+            line(format!("id = {id}"));
+            line(format!("name = {}", s(name)));
+        }
+        t
+    }
+}
+
+/// A `berth-controller` process with its own directory, config file and SQLite database.
+/// [`ControllerProcess::kill9`] and [`ControllerProcess::start`] restart it on the same
+/// database and port. Dropping it kills the controller.
+#[derive(Debug)]
+pub struct ControllerProcess {
+    config: ControllerConfig,
+    config_path: PathBuf,
+    database: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    http: Http,
+    /// Dropped after `Drop::drop` has killed the process writing into it.
+    dir: TestDir,
+}
+
+impl ControllerProcess {
+    /// Starts a controller with [`ControllerConfig::new`] in `target/e2e/<name>-…`.
+    pub async fn start_new(name: &str) -> Self {
+        Self::spawn(name, ControllerConfig::new()).await
+    }
+
+    /// Writes the config and starts the controller; returns once `/readyz` answers 200.
+    pub async fn spawn(name: &str, config: ControllerConfig) -> Self {
+        let dir = TestDir::new(name);
+        let config_path = dir.join("controller.toml");
+        let database = dir.join("data").join("controller.db");
+        std::fs::write(&config_path, config.toml(&database))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let mut controller = Self {
+            config,
+            config_path,
+            database,
+            log_path: dir.join("controller.log"),
+            child: None,
+            http: Http::new(),
+            dir,
+        };
+        controller.start().await;
+        controller
+    }
+
+    /// Starts the controller (again) on the same config and database; returns once it is
+    /// ready.
+    pub async fn start(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "the controller is already running; kill9() or sigterm() it first"
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
+        let log_err = log.try_clone().expect("clone the log file handle");
+        let mut cmd = Command::new(bin("berth-controller"));
+        cmd.arg("--config").arg(&self.config_path);
+        // `BERTH_*` variables override config keys; only the file may count.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("BERTH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .env("BERTH_LOG", "info,berth_controller=debug")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .expect("spawn berth-controller");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("{}/readyz", self.url());
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "berth-controller exited ({status}) before it was ready; its log:\n{}",
+                    self.log()
+                );
+            }
+            match self.http.try_send(Method::GET, &url, None, &[], None).await {
+                Ok(r) if r.status == 200 => return,
+                _ if started.elapsed() >= TIMEOUT => panic!(
+                    "berth-controller was not ready within {TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                ),
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// SIGKILL, and wait until the kernel has reaped it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the controller is not running");
+        let _ = kill(pid_of(child.id()), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGTERM, and the exit status once the controller has stopped.
+    pub async fn sigterm(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the controller is not running");
+        kill(pid_of(child.id()), Signal::SIGTERM).expect("SIGTERM the controller");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the controller") {
+                return status;
+            }
+            if started.elapsed() >= TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "berth-controller did not stop within {TIMEOUT:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.config.listen_port)
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.config.admin_token
+    }
+
+    pub fn matchmaker_token(&self) -> &str {
+        &self.config.matchmaker_token
+    }
+
+    pub fn database(&self) -> &Path {
+        &self.database
+    }
+
+    pub fn dir(&self) -> &TestDir {
+        &self.dir
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
+    /// The controller's output so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Any request to this controller: `path` may carry a query.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Response {
+        let url = format!("{}{path}", self.url());
+        self.http.send(method, &url, token, headers, body).await
+    }
+
+    /// A request with the admin token.
+    pub async fn admin(&self, method: Method, path: &str, body: Option<&Value>) -> Response {
+        self.call(method, path, Some(self.admin_token()), &[], body)
+            .await
+    }
+
+    /// A request with the matchmaker token.
+    pub async fn matchmaker(&self, method: Method, path: &str, body: Option<&Value>) -> Response {
+        self.call(method, path, Some(self.matchmaker_token()), &[], body)
+            .await
+    }
+
+    /// `POST /v1/applications` (Arcus, no confirmation); panics unless 201.
+    pub async fn create_application(&self, id: u32, name: &str) -> Value {
+        let body = json!({"id": id, "name": name, "managementProtocol": "arcus", "confirmAllocation": false});
+        self.admin(Method::POST, "/v1/applications", Some(&body))
+            .await
+            .expect(201)
+            .json
+    }
+
+    /// `POST /v1/profiles`; panics unless 201.
+    pub async fn create_profile(&self, profile: &Value) -> Value {
+        self.admin(Method::POST, "/v1/profiles", Some(profile))
+            .await
+            .expect(201)
+            .json
+    }
+
+    /// `POST /v1/fleets`; panics unless 201.
+    pub async fn create_fleet(&self, fleet: &Value) -> Value {
+        self.admin(Method::POST, "/v1/fleets", Some(fleet))
+            .await
+            .expect(201)
+            .json
+    }
+
+    /// `PUT /v1/fleets/{id}`; panics unless 200.
+    pub async fn put_fleet(&self, fleet: &Value) -> Value {
+        let id = &fleet["id"];
+        self.admin(Method::PUT, &format!("/v1/fleets/{id}"), Some(fleet))
+            .await
+            .expect(200)
+            .json
+    }
+
+    /// An application, a `berth-sample-game` profile (`{profile_id}`) and a fleet running
+    /// `per_host` of it on every host of `eu-west-1` that carries `labels`.
+    pub async fn sample_fleet(
+        &self,
+        application_id: u32,
+        fleet_id: u64,
+        per_host: u32,
+        match_seconds: u64,
+        labels: &[(&str, &str)],
+    ) {
+        self.create_application(application_id, &format!("game-{application_id}"))
+            .await;
+        let profile_id = format!("sample-{application_id}");
+        let mut profile = sample_game_profile(&profile_id, application_id, 0, match_seconds);
+        profile["stopTimeoutSeconds"] = json!(5);
+        self.create_profile(&profile).await;
+        self.create_fleet(&fleet_body(
+            fleet_id,
+            application_id,
+            &profile_id,
+            per_host,
+            labels,
+        ))
+        .await;
+    }
+
+    /// `POST /v1/applications/{id}/allocate` with the matchmaker token and `headers`.
+    pub async fn allocate(
+        &self,
+        application_id: u32,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        self.call(
+            Method::POST,
+            &format!("/v1/applications/{application_id}/allocate"),
+            Some(self.matchmaker_token()),
+            headers,
+            Some(body),
+        )
+        .await
+    }
+
+    /// Allocates; panics unless 200. Returns the instance object.
+    pub async fn allocate_ok(&self, application_id: u32, filter: &str) -> Value {
+        self.allocate(application_id, &json!({"filter": filter}), &[])
+            .await
+            .expect(200)
+            .json
+    }
+
+    /// The i3D-compatible route (`PATCH` or `POST`), `filters` URL-encoded into the query.
+    pub async fn allocate_i3d(
+        &self,
+        method: Method,
+        application_id: u32,
+        filters: &str,
+        body: Option<&Value>,
+    ) -> Response {
+        let mut path =
+            format!("/v3/applicationInstance/game/{application_id}/empty/allocateWithErrors");
+        if !filters.is_empty() {
+            path.push_str("?filters=");
+            path.push_str(&url_encode(filters));
+        }
+        self.call(method, &path, Some(self.matchmaker_token()), &[], body)
+            .await
+    }
+
+    /// `GET /v1/instances{query}` (e.g. `?applicationId=7`); panics unless 200.
+    pub async fn instances(&self, query: &str) -> Vec<Value> {
+        match self
+            .matchmaker(Method::GET, &format!("/v1/instances{query}"), None)
+            .await
+            .expect(200)
+            .json
+        {
+            Value::Array(list) => list,
+            other => panic!("GET /v1/instances is not a list: {other}"),
+        }
+    }
+
+    /// `GET /v1/instances/{id}`; panics unless 200.
+    pub async fn instance(&self, id: &str) -> Value {
+        self.matchmaker(Method::GET, &format!("/v1/instances/{id}"), None)
+            .await
+            .expect(200)
+            .json
+    }
+
+    /// `GET /v1/hosts`; panics unless 200.
+    pub async fn hosts(&self) -> Vec<Value> {
+        match self
+            .matchmaker(Method::GET, "/v1/hosts", None)
+            .await
+            .expect(200)
+            .json
+        {
+            Value::Array(list) => list,
+            other => panic!("GET /v1/hosts is not a list: {other}"),
+        }
+    }
+
+    /// The host the controller knows by this name.
+    pub async fn host_named(&self, name: &str) -> Value {
+        self.hosts()
+            .await
+            .into_iter()
+            .find(|h| h["name"] == json!(name))
+            .unwrap_or_else(|| panic!("no host named {name:?} is registered"))
+    }
+
+    /// Polls `GET /v1/instances{query}` until `pred` holds for the whole list; returns it.
+    pub async fn wait_instances(
+        &self,
+        query: &str,
+        desc: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        wait_for(desc, TIMEOUT, async || {
+            let list = self.instances(query).await;
+            if pred(&list) {
+                Ok(list)
+            } else {
+                Err(summary(&list))
+            }
+        })
+        .await
+    }
+
+    /// Waits until the application has exactly `n` instances and every one is allocatable at
+    /// the controller (status 4, Arcus link up); returns them.
+    pub async fn wait_online(&self, application_id: u32, n: usize) -> Vec<Value> {
+        self.wait_instances(
+            &format!("?applicationId={application_id}"),
+            &format!("{n} online instances of application {application_id}"),
+            |list| list.len() == n && list.iter().all(is_allocatable),
+        )
+        .await
+    }
+
+    /// Polls one instance until `pred` holds; returns it.
+    pub async fn wait_instance(
+        &self,
+        id: &str,
+        desc: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(&format!("instance {id}: {desc}"), TIMEOUT, async || {
+            let r = self
+                .matchmaker(Method::GET, &format!("/v1/instances/{id}"), None)
+                .await;
+            if r.status == 200 && pred(&r.json) {
+                Ok(r.json)
+            } else {
+                Err(r.text)
+            }
+        })
+        .await
+    }
+
+    /// Polls `GET /v1/hosts` until `pred` holds for the host named `name`; returns it.
+    pub async fn wait_host(&self, name: &str, desc: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(&format!("host {name}: {desc}"), TIMEOUT, async || {
+            let hosts = self.hosts().await;
+            match hosts.iter().find(|h| h["name"] == json!(name)) {
+                Some(h) if pred(h) => Ok(h.clone()),
+                Some(h) => Err(h.to_string()),
+                None => Err(format!("not registered; hosts: {hosts:?}")),
+            }
+        })
+        .await
+    }
+
+    /// `GET /metrics` with the matchmaker token; panics unless 200.
+    pub async fn metrics(&self) -> String {
+        self.matchmaker(Method::GET, "/metrics", None)
+            .await
+            .expect(200)
+            .text
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(pid_of(child.id()), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A fleet body (DESIGN.md §4.1 shape) in region `eu-west-1`.
+pub fn fleet_body(
+    id: u64,
+    application_id: u32,
+    profile_id: &str,
+    per_host: u32,
+    labels: &[(&str, &str)],
+) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    json!({
+        "id": id,
+        "name": format!("fleet-{id}"),
+        "applicationId": application_id,
+        "deploymentEnvironment": "production",
+        "profileId": profile_id,
+        "regions": ["eu-west-1"],
+        "hostLabels": labels,
+        "instancesPerHost": per_host,
+    })
+}
+
+/// Allocatable as the controller sees it: online with the Arcus link up.
+pub fn is_allocatable(instance: &Value) -> bool {
+    instance["status"] == 4 && instance["arcusConnected"] == true
+}
+
+/// `id host status allocationId` of every instance, for failure messages.
+fn summary(list: &[Value]) -> String {
+    let lines: Vec<String> = list
+        .iter()
+        .map(|i| {
+            format!(
+                "{} host={} status={} arcus={} alloc={}",
+                i["id"], i["hostId"], i["status"], i["arcusConnected"], i["allocationId"]
+            )
+        })
+        .collect();
+    format!("{} instances: [{}]", list.len(), lines.join("; "))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (for query values).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The value of one Prometheus sample, e.g. `metric(text, "berth_controller_instances",
+/// "status=\"online\"")`; `None` when the series is absent.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection
+
+/// A tiny HTTP proxy between the controller and one agent (the agent's `advertise_url` points
+/// at it). It forwards every request to the real agent, unless told to answer allocations with
+/// `200 OK` and a body that is not JSON, or to hold the agent's answers to removals back for a
+/// while (a slow network path): fault injection between the controller and the agent, with
+/// the agent itself untouched.
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    faults: std::sync::Arc<Faults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    garbage: std::sync::atomic::AtomicBool,
+    garbage_answers: std::sync::atomic::AtomicU64,
+    removal_delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards to `target` (`http://127.0.0.1:port`).
+    pub async fn start(target: String) -> Self {
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fault proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let faults = Arc::new(Faults::default());
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(connector);
+        let shared = (Arc::new(target), faults.clone(), client);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                };
+                let (target, faults, client) = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (target, faults, client) =
+                            (target.clone(), faults.clone(), client.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                proxy_one(req, &target, &faults, &client).await,
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { port, faults, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// On: every `POST …/allocate` is answered `200 OK` with a non-JSON body and never reaches
+    /// the agent. Off: everything is forwarded.
+    pub fn garbage_allocations(&self, on: bool) {
+        self.faults.garbage.store(on, Ordering::SeqCst);
+    }
+
+    /// How many allocations were answered with garbage so far.
+    pub fn garbage_answers(&self) -> u64 {
+        self.faults.garbage_answers.load(Ordering::SeqCst)
+    }
+
+    /// Forwards every `DELETE` (instance removal) at once, but holds the agent's answer back
+    /// for `delay` before passing it on: by then the agent has long reported the removal over
+    /// its own link, so the controller sees the answer after the fact.
+    pub fn delay_removal_answers(&self, delay: Duration) {
+        self.faults
+            .removal_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_one(
+    req: http::Request<hyper::body::Incoming>,
+    target: &str,
+    faults: &Faults,
+    client: &Client<HttpConnector, Full<Bytes>>,
+) -> http::Response<Full<Bytes>> {
+    let reply = |status: u16, body: &'static str| {
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("a static response")
+    };
+    let (parts, body) = req.into_parts();
+    if faults.garbage.load(Ordering::SeqCst)
+        && parts.method == Method::POST
+        && parts.uri.path().ends_with("/allocate")
+    {
+        faults.garbage_answers.fetch_add(1, Ordering::SeqCst);
+        return reply(
+            200,
+            "<html>this is not the agent you are looking for</html>",
+        );
+    }
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        return reply(400, "request body cut off");
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("{target}{path}"));
+    for (k, v) in &parts.headers {
+        if k != http::header::HOST {
+            out = out.header(k, v);
+        }
+    }
+    let Ok(out) = out.body(Full::new(body)) else {
+        return reply(400, "cannot forward");
+    };
+    let delay = match parts.method {
+        Method::DELETE => Duration::from_millis(faults.removal_delay_ms.load(Ordering::SeqCst)),
+        _ => Duration::ZERO,
+    };
+    let answer = client.request(out).await;
+    if !delay.is_zero() {
+        // Network latency on the way back, injected on purpose.
+        tokio::time::sleep(delay).await;
+    }
+    match answer {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            match body.collect().await {
+                Ok(b) => http::Response::from_parts(parts, Full::new(b.to_bytes())),
+                Err(_) => reply(502, "agent answer cut off"),
+            }
+        }
+        Err(_) => reply(502, "agent unreachable"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -93,7 +93,12 @@ fn start_notified(exe: &Path, config: &Path, socket: &Path, log: &Path) -> Child
 fn notify_cycle(exe: &Path, dir: &TestDir, config: &Path) {
     let socket = dir.join("notify.sock");
     let mut notify = NotifySocket::bind(&socket);
-    let mut guard = Guard(start_notified(exe, config, &socket, &dir.join("daemon.log")));
+    let mut guard = Guard(start_notified(
+        exe,
+        config,
+        &socket,
+        &dir.join("daemon.log"),
+    ));
     let child = &mut guard.0;
     notify.expect("READY=1", Duration::from_secs(30));
     // Pings come every third of the watchdog interval, each after a round trip through the

@@ -1,0 +1,1390 @@
+//! End-to-end tests of `berth-controller`: the real controller with its SQLite database, real
+//! `berth-agent`s registered with it, and real `berth-sample-game` processes, all on loopback.
+//! Matchmakers and operators are played through the controller's HTTP API; what the games
+//! learned is read through their `INFO` answers; faults are injected with signals (SIGKILL,
+//! SIGSTOP) and, on the controller → agent path, with a [`FaultProxy`].
+//!
+//! Every test has its own controller, agents, directories and ports, so tests run in parallel.
+//! Controllers run with short timings (200 ms heartbeats, 1 s expiry, 200 ms reconcile) so that
+//! expiry and repair are seen quickly. Nothing sleeps for a fixed time to synchronise: every wait
+//! polls for the state it needs, with a failure timeout.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_e2e::{
+    AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, ControllerToken, FaultProxy,
+    Response, TIMEOUT, count_instance_processes, fleet_body, game_info, is_allocatable, metric,
+    short_id, signal, wait_for, wait_game_info,
+};
+use bytes::Bytes;
+use http::Method;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+fn kv(pairs: &[(&str, &str)]) -> Value {
+    pairs
+        .iter()
+        .map(|(k, v)| json!({"key": k, "value": v}))
+        .collect()
+}
+
+fn id_of(instance: &Value) -> String {
+    instance["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("instance has no id: {instance}"))
+        .to_owned()
+}
+
+fn host_of(instance: &Value) -> u64 {
+    instance["hostId"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("instance has no hostId: {instance}"))
+}
+
+fn pid_of(instance: &Value) -> u32 {
+    instance["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
+}
+
+fn port_of(instance: &Value) -> u16 {
+    instance["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("instance has no port: {instance}"))
+}
+
+fn details(body: &Value) -> &str {
+    body["details"].as_str().unwrap_or_default()
+}
+
+/// A bare-metal agent in eu-west-1 registered with `c`; `name` is its host name and, with the
+/// test's prefix, its directory.
+async fn agent(c: &ControllerProcess, test: &str, name: &str) -> AgentProcess {
+    AgentProcess::spawn(&format!("{test}-{name}"), AgentConfig::joined(name, c)).await
+}
+
+/// Allocates as soon as the controller offers an instance: after a release (the game must
+/// first acknowledge it, reporting 4 to its agent, which reports to the controller) or while a
+/// host re-registers. Meanwhile allocations are refused with 404 NO_ALLOCATABLE_INSTANCE, and
+/// nothing else is acceptable.
+async fn allocate_when_offered(
+    c: &ControllerProcess,
+    application_id: u32,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Value {
+    wait_for("an allocatable instance", TIMEOUT, async || {
+        let r = c.allocate(application_id, body, headers).await;
+        if r.status == 200 {
+            return Ok(r.json);
+        }
+        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+        Err(r.text)
+    })
+    .await
+}
+
+/// The instances on host `host_id`, from a controller listing.
+fn on_host(list: &[Value], host_id: u64) -> Vec<Value> {
+    list.iter()
+        .filter(|i| host_of(i) == host_id)
+        .cloned()
+        .collect()
+}
+
+fn ids(list: &[Value]) -> BTreeSet<String> {
+    list.iter().map(id_of).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Placement order
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_metal_before_vm_across_three_hosts() {
+    let c = ControllerProcess::start_new("ctl-tiers").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let _bm_a = agent(&c, "ctl-tiers", "bm-a").await;
+    let _bm_b = agent(&c, "ctl-tiers", "bm-b").await;
+    let mut vm_config = AgentConfig::joined("vm-c", &c);
+    vm_config.is_virtual = true;
+    let _vm = AgentProcess::spawn("ctl-tiers-vm-c", vm_config).await;
+
+    let online = c.wait_online(7, 6).await;
+    assert_eq!(ids(&online).len(), 6);
+    let hosts = c.hosts().await;
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
+    for h in &hosts {
+        let vm = h["name"] == "vm-c";
+        assert_eq!(h["isVirtual"], u8::from(vm), "{h}");
+        assert_eq!(h["reachable"], true, "{h}");
+        assert_eq!(h["state"], "ready", "{h}");
+        assert_eq!(h["regionName"], "eu-west-1", "{h}");
+        assert_eq!(h["instances"], 2, "instancesPerHost=2 on every host: {h}");
+    }
+    let vm_host = c.host_named("vm-c").await["id"].as_u64().expect("host id");
+    for i in &online {
+        assert_eq!(i["isVirtual"], u8::from(host_of(i) == vm_host), "{i}");
+    }
+
+    // isVirtual=1 asks for a VM: chosen although all four bare-metal instances are idle.
+    let asked_vm = c.allocate_ok(7, "isVirtual=1").await;
+    assert_eq!(asked_vm["isVirtual"], 1, "{asked_vm}");
+    assert_eq!(host_of(&asked_vm), vm_host, "{asked_vm}");
+    assert_eq!(asked_vm["status"], 5, "{asked_vm}");
+
+    // Without a filter: the four bare-metal instances first (even though the VM host now runs
+    // an allocation), packed: the second goes where the first went while that host has room.
+    let mut bare = Vec::new();
+    for n in 0..4 {
+        let a = c.allocate_ok(7, "").await;
+        assert_eq!(a["isVirtual"], 0, "allocation {n} must be bare metal: {a}");
+        assert_ne!(host_of(&a), vm_host, "{a}");
+        bare.push(a);
+    }
+    assert_eq!(host_of(&bare[0]), host_of(&bare[1]), "packing: {bare:?}");
+    assert_eq!(host_of(&bare[2]), host_of(&bare[3]), "packing: {bare:?}");
+    assert_ne!(
+        host_of(&bare[0]),
+        host_of(&bare[2]),
+        "the second host once the first is full: {bare:?}"
+    );
+
+    // Only now the VM's other instance.
+    let vm_last = c.allocate_ok(7, "").await;
+    assert_eq!(vm_last["isVirtual"], 1, "{vm_last}");
+    assert_eq!(host_of(&vm_last), vm_host);
+    assert_ne!(id_of(&vm_last), id_of(&asked_vm));
+
+    let mut all: Vec<Value> = bare.clone();
+    all.push(asked_vm);
+    all.push(vm_last);
+    assert_eq!(ids(&all), ids(&online), "every instance allocated once");
+
+    let none = c.allocate(7, &json!({}), &[]).await;
+    let body = none.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(details(body).contains("6 allocated"), "{body}");
+
+    for h in c.hosts().await {
+        assert_eq!(h["instancesByStatus"]["allocated"], 2, "{h}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Filters, on the native and both i3D routes
+
+/// The same allocation filter on the native route and on the i3D route with PATCH and POST.
+async fn on_every_route(c: &ControllerProcess, application_id: u32, filter: &str) -> Vec<Response> {
+    vec![
+        c.allocate(application_id, &json!({"filter": filter}), &[])
+            .await,
+        c.allocate_i3d(Method::PATCH, application_id, filter, None)
+            .await,
+        c.allocate_i3d(Method::POST, application_id, filter, Some(&json!({})))
+            .await,
+    ]
+}
+
+/// Every field of DESIGN.md §4.1's i3D instance, with its type.
+fn check_i3d_instance(v: &Value, application_id: u32, fleet_id: u64) {
+    const FIELDS: [&str; 31] = [
+        "id",
+        "applicationId",
+        "applicationBuildId",
+        "deploymentEnvironmentId",
+        "fleetId",
+        "hostId",
+        "regionId",
+        "dcLocationId",
+        "isVirtual",
+        "ipAddress",
+        "port",
+        "managementPort",
+        "status",
+        "numPlayers",
+        "numPlayersMax",
+        "liveHostName",
+        "liveMap",
+        "liveRules",
+        "liveGameVersion",
+        "metadata",
+        "labelReadOnly",
+        "labelPublic",
+        "pid",
+        "pidChangedAt",
+        "startedAt",
+        "stoppedAt",
+        "createdAt",
+        "updatedAt",
+        "autoRestart",
+        "manuallyDeployed",
+        "markedForDeletion",
+    ];
+    for f in FIELDS {
+        assert!(v.get(f).is_some(), "i3D field {f} is missing: {v}");
+    }
+    assert!(v["id"].is_string(), "{v}");
+    assert_eq!(v["applicationId"], application_id, "{v}");
+    assert_eq!(v["fleetId"], fleet_id, "{v}");
+    assert_eq!(v["status"], 5, "{v}");
+    assert_eq!(v["deploymentEnvironmentId"], 1, "production: {v}");
+    assert_eq!(v["regionId"], 1, "eu-west-1: {v}");
+    assert!(v["dcLocationId"].as_u64().is_some_and(|d| d > 0), "{v}");
+    assert!(v["hostId"].as_u64().is_some_and(|h| h > 0), "{v}");
+    assert!(matches!(v["isVirtual"].as_u64(), Some(0 | 1)), "{v}");
+    let ips = v["ipAddress"].as_array().expect("ipAddress is a list");
+    assert!(!ips.is_empty(), "{v}");
+    for ip in ips {
+        assert!(
+            ip["ipAddress"]
+                .as_str()
+                .is_some_and(|s| s.parse::<std::net::IpAddr>().is_ok()),
+            "{ip}"
+        );
+        assert!(matches!(ip["ipVersion"].as_u64(), Some(4 | 6)), "{ip}");
+        assert_eq!(ip["private"], 0, "{ip}");
+    }
+    for port in ["port", "managementPort", "pid"] {
+        assert!(v[port].as_u64().is_some_and(|p| p > 0), "{port}: {v}");
+    }
+    for ts in [
+        "pidChangedAt",
+        "startedAt",
+        "stoppedAt",
+        "createdAt",
+        "updatedAt",
+    ] {
+        assert!(v[ts].is_u64(), "{ts} must be unix seconds: {v}");
+    }
+    for t in ["createdAt", "updatedAt", "startedAt"] {
+        assert!(v[t].as_u64().is_some_and(|s| s > 1_600_000_000), "{t}: {v}");
+    }
+    for n in [
+        "numPlayers",
+        "numPlayersMax",
+        "autoRestart",
+        "manuallyDeployed",
+        "markedForDeletion",
+    ] {
+        assert!(v[n].is_i64() || v[n].is_u64(), "{n} is a number: {v}");
+    }
+    assert_eq!(v["manuallyDeployed"], 0, "deployed by its fleet: {v}");
+    for s in [
+        "applicationBuildId",
+        "liveHostName",
+        "liveMap",
+        "liveRules",
+        "liveGameVersion",
+    ] {
+        assert!(v[s].is_string(), "{s} is a string: {v}");
+    }
+    for l in ["metadata", "labelReadOnly", "labelPublic"] {
+        assert!(v[l].is_array(), "{l} is a list: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_filter_error() {
+    let c = ControllerProcess::start_new("ctl-filters").await;
+    c.sample_fleet(7, 456, 3, 0, &[]).await;
+    let _agent = agent(&c, "ctl-filters", "filters-bm").await;
+    c.wait_online(7, 3).await;
+
+    let cases: &[(&str, u16, &str, &[&str])] = &[
+        (
+            "regionId=1 or fleetId=2",
+            400,
+            "INVALID_FILTER_SYNTAX",
+            &["and"],
+        ),
+        ("regionId", 400, "INVALID_FILTER_SYNTAX", &["regionId"]),
+        (
+            "region=1",
+            400,
+            "INVALID_FILTER_COLUMN",
+            &["region", "regionName", "isVirtual"],
+        ),
+        ("status=4", 400, "UNSUPPORTED_FILTER_COLUMN", &["status"]),
+        (
+            "numPlayers=2",
+            400,
+            "UNSUPPORTED_FILTER_COLUMN",
+            &["numPlayers"],
+        ),
+        (
+            "regionName=mars-1",
+            404,
+            "FILTER_VALUE_NOT_FOUND",
+            &["regionName=mars-1"],
+        ),
+        (
+            "fleetId=999",
+            404,
+            "FILTER_VALUE_NOT_FOUND",
+            &["fleetId=999"],
+        ),
+        (
+            "dcLocationName=nowhere",
+            404,
+            "FILTER_VALUE_NOT_FOUND",
+            &["dcLocationName=nowhere"],
+        ),
+        (
+            "deploymentEnvironmentName=qa",
+            404,
+            "FILTER_VALUE_NOT_FOUND",
+            &["deploymentEnvironmentName=qa"],
+        ),
+        (
+            "isVirtual=1",
+            404,
+            "NO_ALLOCATABLE_INSTANCE",
+            &["isVirtual=1 removed 3"],
+        ),
+    ];
+    for (filter, status, code, needles) in cases {
+        for r in on_every_route(&c, 7, filter).await {
+            let body = r.assert_error(*status, code, None);
+            for n in *needles {
+                assert!(
+                    details(body).contains(n),
+                    "{filter:?} on {} {}: details should name {n:?}: {body}",
+                    r.method,
+                    r.path
+                );
+            }
+        }
+    }
+    for r in on_every_route(&c, 99, "").await {
+        let body = r.assert_error(404, "APPLICATION_NOT_FOUND", None);
+        assert!(details(body).contains("99"), "{body}");
+    }
+    assert!(
+        c.instances("?applicationId=7")
+            .await
+            .iter()
+            .all(is_allocatable),
+        "no refusal touched an instance"
+    );
+
+    // A quoted value and `AND` in any case are fine; one allocation per route.
+    let good = r#"regionName="eu-west-1" AND isVirtual=0 and fleetId='456'"#;
+    let native = c.allocate_ok(7, good).await;
+    assert_eq!(native["status"], 5, "{native}");
+    let mut allocated = vec![id_of(&native)];
+    for method in [Method::PATCH, Method::POST] {
+        let r = c
+            .allocate_i3d(
+                method.clone(),
+                7,
+                good,
+                Some(&json!({"metadata": kv(&[("route", "i3d")])})),
+            )
+            .await
+            .expect(200);
+        let list = r.json.as_array().expect("the i3D answer is a JSON array");
+        assert_eq!(list.len(), 1, "{method}: {}", r.text);
+        check_i3d_instance(&list[0], 7, 456);
+        assert_eq!(list[0]["metadata"], kv(&[("route", "i3d")]));
+        allocated.push(id_of(&list[0]));
+    }
+    assert_eq!(
+        allocated.iter().collect::<HashSet<_>>().len(),
+        3,
+        "{allocated:?}"
+    );
+
+    for r in on_every_route(&c, 7, "").await {
+        let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+        assert!(details(body).contains("3 allocated"), "{body}");
+    }
+    for r in on_every_route(&c, 7, "fleetId=456").await {
+        let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+        assert!(
+            details(body).contains("fleetId=456 matches 3 instances: 3 allocated"),
+            "{body}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Metadata
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_reaches_the_allocated_game() {
+    let c = ControllerProcess::start_new("ctl-metadata").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let a = agent(&c, "ctl-metadata", "meta-bm").await;
+    let online = c.wait_online(7, 1).await;
+    let id = id_of(&online[0]);
+
+    let metadata = kv(&[("map", "dust"), ("mode", "ranked")]);
+    let answer = c
+        .allocate(7, &json!({"metadata": metadata}), &[])
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(id_of(&answer), id);
+    assert_eq!(answer["metadata"], metadata, "{answer}");
+    assert!(answer["allocationId"].is_string(), "{answer}");
+
+    let info = wait_game_info(port_of(&answer), "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(info["instanceId"], json!(id), "the right game answered");
+    assert_eq!(
+        info["allocation"], metadata,
+        "exactly that allocation: {info}"
+    );
+    assert_eq!(
+        info["hostInformation"]["serverName"],
+        json!(a.config().host_name),
+        "{info}"
+    );
+    assert_eq!(info["instanceInformation"]["fleetId"], "456", "{info}");
+
+    let at_controller = c.instance(&id).await;
+    assert_eq!(at_controller["status"], 5, "{at_controller}");
+    assert_eq!(at_controller["metadata"], metadata, "{at_controller}");
+    assert_eq!(at_controller["allocationId"], answer["allocationId"]);
+    let listed = c.instances("?status=5").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["metadata"], metadata);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Concurrency
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_matchmakers_six_instances() {
+    const MATCHMAKERS: usize = 40;
+    let c = ControllerProcess::start_new("ctl-forty").await;
+    c.sample_fleet(7, 456, 3, 0, &[]).await;
+    let a = agent(&c, "ctl-forty", "forty-a").await;
+    let b = agent(&c, "ctl-forty", "forty-b").await;
+    let online = c.wait_online(7, 6).await;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(MATCHMAKERS));
+    let url = format!("{}/v1/applications/7/allocate", c.url());
+    let mut tasks = Vec::new();
+    for n in 0..MATCHMAKERS {
+        let (http, url, token, barrier) = (
+            c.http().clone(),
+            url.clone(),
+            c.matchmaker_token().to_owned(),
+            barrier.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
+            barrier.wait().await;
+            (
+                n,
+                http.send(Method::POST, &url, Some(&token), &[], Some(&body))
+                    .await,
+            )
+        }));
+    }
+    let mut won = BTreeMap::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (n, r) = t.await.expect("matchmaker task");
+        assert!(r.status < 500, "no 5xx: {} {}", r.status, r.text);
+        match r.status {
+            200 => {
+                assert_eq!(r.json["status"], 5, "{}", r.text);
+                assert_eq!(
+                    r.json["metadata"],
+                    kv(&[("matchmaker", &n.to_string())]),
+                    "each winner gets its own match: {}",
+                    r.text
+                );
+                let prev = won.insert(id_of(&r.json), (n, r.json.clone()));
+                assert!(
+                    prev.is_none(),
+                    "instance {} handed to two matchmakers",
+                    r.json["id"]
+                );
+            }
+            _ => {
+                r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(won.len(), 6, "exactly 6 distinct instances were handed out");
+    assert_eq!(refused, MATCHMAKERS - 6);
+    assert_eq!(won.keys().cloned().collect::<BTreeSet<_>>(), ids(&online));
+
+    let listed = c.instances("?applicationId=7").await;
+    assert_eq!(listed.len(), 6);
+    for i in &listed {
+        assert_eq!(i["status"], 5, "{i}");
+        let (n, answer) = &won[&id_of(i)];
+        assert_eq!(
+            i["allocationId"], answer["allocationId"],
+            "matchmaker {n}: {i}"
+        );
+        assert_eq!(i["metadata"], answer["metadata"], "matchmaker {n}: {i}");
+    }
+    // The agents agree: every instance is allocated once, with the controller's allocation.
+    for agent in [&a, &b] {
+        for i in agent.instances().await {
+            assert_eq!(i["status"], 5, "{i}");
+            let (_, answer) = &won[&id_of(&i)];
+            assert_eq!(i["allocationId"], answer["allocationId"], "{i}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Idempotency
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_replay() {
+    let mut c = ControllerProcess::start_new("ctl-idempotent").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let _agent = agent(&c, "ctl-idempotent", "idem-bm").await;
+    c.wait_online(7, 2).await;
+
+    let key = format!("match-{}", short_id());
+    let headers = [("Idempotency-Key", key.as_str())];
+    let body = json!({"filter": "regionName=eu-west-1", "metadata": kv(&[("map", "dust")])});
+    let first = c.allocate(7, &body, &headers).await.expect(200);
+    let again = c.allocate(7, &body, &headers).await.expect(200);
+    assert_eq!(
+        again.json, first.json,
+        "a replay answers the identical body"
+    );
+    assert_eq!(again.json["id"], first.json["id"]);
+    assert_eq!(again.json["allocationId"], first.json["allocationId"]);
+    assert_eq!(
+        c.instances("?status=5").await.len(),
+        1,
+        "the replay allocated nothing new"
+    );
+
+    let other = json!({"filter": "regionName=eu-west-1", "metadata": kv(&[("map", "mirage")])});
+    let reused = c.allocate(7, &other, &headers).await;
+    let err = reused.assert_error(409, "IDEMPOTENCY_KEY_REUSED", None);
+    assert!(details(err).contains(&key), "{err}");
+
+    c.kill9();
+    c.start().await;
+    let after = c.allocate(7, &body, &headers).await.expect(200);
+    assert_eq!(
+        after.json, first.json,
+        "the replay after a controller crash answers the same allocation"
+    );
+    c.allocate(7, &other, &headers)
+        .await
+        .assert_error(409, "IDEMPOTENCY_KEY_REUSED", None);
+
+    // A new key is a new match: the other instance, once the agent has re-registered.
+    let fresh_key = format!("match-{}", short_id());
+    let fresh =
+        allocate_when_offered(&c, 7, &body, &[("Idempotency-Key", fresh_key.as_str())]).await;
+    assert_ne!(fresh["id"], first.json["id"]);
+    assert_eq!(c.instances("?status=5").await.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Release
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_and_reallocation() {
+    let c = ControllerProcess::start_new("ctl-release").await;
+    c.sample_fleet(7, 70, 1, 0, &[]).await;
+    // Application 8's game ends its match by itself after 1 s.
+    c.sample_fleet(8, 80, 1, 1, &[]).await;
+    let _agent = agent(&c, "ctl-release", "release-bm").await;
+    let x = id_of(&c.wait_online(7, 1).await[0]);
+    let y = id_of(&c.wait_online(8, 1).await[0]);
+
+    // Released by the matchmaker.
+    let first = c.allocate_ok(7, "").await;
+    assert_eq!(id_of(&first), x);
+    let port = port_of(&first);
+    wait_game_info(port, "allocated", |i| i["allocated"] == true).await;
+    let released = c
+        .matchmaker(
+            Method::POST,
+            &format!("/v1/instances/{x}/deallocate"),
+            Some(&json!({})),
+        )
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(released["status"], 4, "{released}");
+    assert!(released["allocationId"].is_null(), "{released}");
+    let seen = c.instance(&x).await;
+    assert_eq!(seen["status"], 4, "{seen}");
+    assert!(seen["allocationId"].is_null(), "{seen}");
+    wait_game_info(port, "released", |i| i["allocated"] == false).await;
+    let second = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    assert_eq!(
+        id_of(&second),
+        x,
+        "the same instance can be allocated again"
+    );
+    assert_ne!(second["allocationId"], first["allocationId"]);
+
+    // Released by the game killed mid-match: restarted by its agent, allocatable again.
+    wait_game_info(port, "allocated", |i| i["allocated"] == true).await;
+    let old_pid = pid_of(&second);
+    signal(old_pid, Signal::SIGKILL).expect("SIGKILL the game");
+    let restarted = c
+        .wait_instance(&x, "released, restarted and online", |i| {
+            i["allocationId"].is_null()
+                && is_allocatable(i)
+                && i["pid"].as_u64().is_some_and(|p| p != u64::from(old_pid))
+        })
+        .await;
+    assert!(
+        restarted["restarts"].as_u64().is_some_and(|r| r >= 1),
+        "{restarted}"
+    );
+    assert_eq!(count_instance_processes(&x), 1);
+    let third = c.allocate_ok(7, "").await;
+    assert_eq!(id_of(&third), x);
+    assert_eq!(pid_of(&third), pid_of(&restarted));
+
+    // Released by the game ending its match: no deallocate call at all.
+    let match_start = c.allocate_ok(8, "").await;
+    assert_eq!(id_of(&match_start), y);
+    let ended = c
+        .wait_instance(&y, "released by the game after its 1 s match", |i| {
+            i["status"] == 4 && i["allocationId"].is_null()
+        })
+        .await;
+    assert!(is_allocatable(&ended), "{ended}");
+    let info = game_info(port_of(&ended)).await.expect("INFO");
+    assert_eq!(info["allocated"], false, "{info}");
+    let next_match = c.allocate_ok(8, "").await;
+    assert_eq!(id_of(&next_match), y);
+    assert_ne!(next_match["allocationId"], match_start["allocationId"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A frozen agent
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_agent_leaves_pool_and_rejoins() {
+    let c = ControllerProcess::start_new("ctl-frozen").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let agents = [
+        agent(&c, "ctl-frozen", "frozen-a").await,
+        agent(&c, "ctl-frozen", "frozen-b").await,
+    ];
+    let before = c.wait_online(7, 4).await;
+    let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
+
+    // The first allocation decides which host is "A" (the engine's tie-break).
+    let held = c.allocate_ok(7, "").await;
+    let a_host = host_of(&held);
+    let a_hosts = c.hosts().await;
+    let a_name = a_hosts
+        .iter()
+        .find(|h| h["id"] == a_host)
+        .map(|h| h["name"].as_str().unwrap_or_default().to_owned())
+        .expect("host of the allocation");
+    let a = agents
+        .iter()
+        .find(|g| g.config().host_name == a_name)
+        .expect("agent A");
+    let a_idle = id_of(
+        &on_host(&before, a_host)
+            .into_iter()
+            .find(|i| id_of(i) != id_of(&held))
+            .expect("A's idle instance"),
+    );
+
+    let frozen_at = Instant::now();
+    signal(a.pid().expect("agent A runs"), Signal::SIGSTOP).expect("SIGSTOP agent A");
+    c.wait_host(&a_name, "unreachable", |h| h["reachable"] == false)
+        .await;
+    let detected = frozen_at.elapsed();
+    assert!(
+        detected <= c.config().expiry() + Duration::from_secs(1),
+        "a silent host must leave the pool within expiry + 1 s; took {detected:?}"
+    );
+    let a_seen = c.host_named(&a_name).await;
+    assert_eq!(a_seen["state"], "unreachable", "{a_seen}");
+
+    // A's match is kept, marked server_unreachable.
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert_eq!(kept["state"], "server_unreachable", "{kept}");
+
+    // A's idle instance is out of the pool: allocations land on B only, until B is full.
+    for _ in 0..2 {
+        let on_b = c.allocate_ok(7, "").await;
+        assert_ne!(host_of(&on_b), a_host, "{on_b}");
+    }
+    let none = c.allocate(7, &json!({}), &[]).await;
+    let body = none.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(
+        details(body).contains("1 on unreachable hosts") && details(body).contains("3 allocated"),
+        "{body}"
+    );
+
+    // Thawed: A rejoins and its idle instance is allocatable again, nothing duplicated.
+    signal(a.pid().expect("agent A runs"), Signal::SIGCONT).expect("SIGCONT agent A");
+    c.wait_host(&a_name, "reachable again", |h| h["reachable"] == true)
+        .await;
+    let back = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    assert_eq!(id_of(&back), a_idle, "{back}");
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert_eq!(kept["state"], "running", "{kept}");
+
+    let after = c.instances("?applicationId=7").await;
+    assert_eq!(ids(&after), ids(&before), "instance ids unchanged");
+    for i in &after {
+        assert_eq!(pid_of(i), pids[&id_of(i)], "game pids unchanged: {i}");
+        assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
+    }
+    for h in c.hosts().await {
+        assert_eq!(h["instances"], 2, "{h}");
+        assert_eq!(h["reachable"], true, "{h}");
+    }
+    for g in &agents {
+        assert_eq!(g.instances().await.len(), 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Controller crash
+
+fn registrations(agent: &AgentProcess) -> usize {
+    agent
+        .log()
+        .matches("registered with the controller")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_sigkill_loses_no_acknowledged_allocation() {
+    const K: usize = 5;
+    let mut c = ControllerProcess::start_new("ctl-crash").await;
+    c.sample_fleet(7, 456, 3, 0, &[]).await;
+    let agents = [
+        agent(&c, "ctl-crash", "crash-a").await,
+        agent(&c, "ctl-crash", "crash-b").await,
+    ];
+    let before = c.wait_online(7, 6).await;
+    let mut acked = BTreeMap::new();
+    for _ in 0..K {
+        let a = c.allocate_ok(7, "").await;
+        acked.insert(id_of(&a), a["allocationId"].clone());
+    }
+    assert_eq!(acked.len(), K);
+    let registered: Vec<usize> = agents.iter().map(registrations).collect();
+
+    c.kill9();
+    c.start().await;
+    let restarted = Instant::now();
+
+    // Every acknowledged allocation is there, before and after the agents come back.
+    let check = async |when: &str| {
+        for (id, alloc) in &acked {
+            let i = c.instance(id).await;
+            assert_eq!(i["status"], 5, "{when}: {i}");
+            assert_eq!(&i["allocationId"], alloc, "{when}: {i}");
+        }
+    };
+    check("right after the restart").await;
+
+    // No host is declared dead during the first expiry window after the restart.
+    let window = c.config().expiry();
+    while restarted.elapsed() < window {
+        for h in c.hosts().await {
+            assert_eq!(
+                h["reachable"],
+                true,
+                "{:?} after the restart: {h}",
+                restarted.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for (agent, n) in agents.iter().zip(&registered) {
+        wait_for("the agent registers again", TIMEOUT, async || {
+            (registrations(agent) > *n).then_some(())
+        })
+        .await;
+    }
+    check("after the agents re-registered").await;
+
+    // New allocations still work: the one idle instance, then nothing.
+    let fresh = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    assert!(!acked.contains_key(&id_of(&fresh)), "{fresh}");
+    let none = c.allocate(7, &json!({}), &[]).await;
+    let body = none.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(details(body).contains("6 allocated"), "{body}");
+
+    // Nothing duplicated, nothing lost, and the agents hold the same allocations.
+    let after = c.instances("?applicationId=7").await;
+    assert_eq!(ids(&after), ids(&before));
+    for h in c.hosts().await {
+        assert_eq!(h["instances"], 3, "{h}");
+        assert_eq!(h["reachable"], true, "{h}");
+    }
+    for agent in &agents {
+        let list = agent.instances().await;
+        assert_eq!(list.len(), 3);
+        for i in list {
+            assert_eq!(count_instance_processes(&id_of(&i)), 1, "{i}");
+            if let Some(alloc) = acked.get(&id_of(&i)) {
+                assert_eq!(&i["allocationId"], alloc, "the agent agrees: {i}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Fleet sizing
+
+async fn wait_agent_count(agent: &AgentProcess, n: usize) -> Vec<Value> {
+    wait_for(
+        &format!("{} to run {n} instances", agent.config().host_name),
+        TIMEOUT,
+        async || {
+            let list = agent.instances().await;
+            if list.len() == n { Ok(list) } else { Err(list) }
+        },
+    )
+    .await
+}
+
+/// Waits until the controller has taken in its agents' answers to `n` removals in all (its
+/// reconciler counts them as it applies them): from then on a listing reflects every one of
+/// them, including any instance such a late answer would wrongly bring back.
+async fn wait_removal_answers(c: &ControllerProcess, n: u32) {
+    wait_for(
+        &format!("{n} removal answers taken in"),
+        TIMEOUT,
+        async || {
+            let text = c.metrics().await;
+            let seen = metric(&text, "berth_controller_reconcile_removals_total", "");
+            if seen == Some(f64::from(n)) {
+                Ok(())
+            } else {
+                Err(seen)
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_sizing_and_drift_repair() {
+    let c = ControllerProcess::start_new("ctl-sizing").await;
+    c.sample_fleet(7, 900, 3, 0, &[]).await;
+    // Both agents sit behind proxies that hold their answers to removals back for 300 ms: each
+    // agent has long reported the removal itself when the controller sees the answer.
+    let mut agents = Vec::new();
+    let mut proxies = Vec::new();
+    for name in ["size-a", "size-b"] {
+        let config = AgentConfig::joined(name, &c);
+        let proxy = FaultProxy::start(format!("http://127.0.0.1:{}", config.listen_port)).await;
+        proxy.delay_removal_answers(Duration::from_millis(300));
+        let url = proxy.url();
+        proxies.push(proxy);
+        agents.push(
+            AgentProcess::spawn(&format!("ctl-sizing-{name}"), config.advertise_url(&url)).await,
+        );
+    }
+    let six = c.wait_online(7, 6).await;
+    let fleet = |per_host: u32| fleet_body(900, 7, "sample-7", per_host, &[]);
+    let mut host_ids = Vec::new();
+    for g in &agents {
+        let h = c.host_named(&g.config().host_name).await;
+        host_ids.push(h["id"].as_u64().expect("host id"));
+    }
+
+    // Shrink: idle instances go, one per host stays.
+    c.put_fleet(&fleet(1)).await;
+    wait_removal_answers(&c, 4).await;
+    let two = c
+        .wait_instances("?applicationId=7", "one instance per host", |l| {
+            l.len() == 2 && host_ids.iter().all(|h| on_host(l, *h).len() == 1)
+        })
+        .await;
+    assert!(
+        ids(&two).is_subset(&ids(&six)),
+        "shrinking removes, never replaces"
+    );
+    for g in &agents {
+        wait_agent_count(g, 1).await;
+    }
+
+    // Drift: an instance removed behind the controller's back is replaced.
+    let gone = id_of(&on_host(&two, host_ids[0])[0]);
+    agents[0]
+        .delete(&format!("/v1/instances/{gone}"))
+        .await
+        .expect(200);
+    let repaired = c
+        .wait_instances("?applicationId=7", "a replacement on host A", |l| {
+            l.len() == 2
+                && !l.iter().any(|i| id_of(i) == gone)
+                && on_host(l, host_ids[0]).len() == 1
+                && l.iter().all(is_allocatable)
+        })
+        .await;
+    assert_eq!(count_instance_processes(&gone), 0);
+    wait_agent_count(&agents[0], 1).await;
+
+    // Shrink to 0 with one allocated: the match keeps its instance until it is released.
+    let held = c.allocate_ok(7, "").await;
+    let idle = id_of(
+        repaired
+            .iter()
+            .find(|i| id_of(i) != id_of(&held))
+            .expect("the other instance"),
+    );
+    c.put_fleet(&fleet(0)).await;
+    wait_removal_answers(&c, 5).await;
+    let kept = c
+        .wait_instances("?applicationId=7", "only the allocated instance", |l| {
+            l.len() == 1 && id_of(&l[0]) == id_of(&held)
+        })
+        .await;
+    assert_eq!(kept[0]["status"], 5, "{}", kept[0]);
+    assert_eq!(kept[0]["allocationId"], held["allocationId"]);
+    assert_eq!(count_instance_processes(&idle), 0);
+    let held_agent = if host_of(&held) == host_ids[0] { 0 } else { 1 };
+    wait_agent_count(&agents[1 - held_agent], 0).await;
+    let still = agents[held_agent].instance(&id_of(&held)).await;
+    assert_eq!(still["status"], 5, "{still}");
+
+    // Released: now it goes too.
+    c.matchmaker(
+        Method::POST,
+        &format!("/v1/instances/{}/deallocate", id_of(&held)),
+        Some(&json!({})),
+    )
+    .await
+    .expect(200);
+    wait_removal_answers(&c, 6).await;
+    c.wait_instances("?applicationId=7", "no instances once released", |l| {
+        l.is_empty()
+    })
+    .await;
+    wait_agent_count(&agents[held_agent], 0).await;
+
+    // Grow again, then delete the fleet: its idle instances go away.
+    c.put_fleet(&fleet(1)).await;
+    c.wait_online(7, 2).await;
+    c.admin(Method::DELETE, "/v1/fleets/900", None)
+        .await
+        .expect(200);
+    wait_removal_answers(&c, 8).await;
+    c.wait_instances("?applicationId=7", "no instances without a fleet", |l| {
+        l.is_empty()
+    })
+    .await;
+    for g in &agents {
+        wait_agent_count(g, 0).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Every controller error code
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_controller_error_code() {
+    let limited = format!("e2e-limited-{}", short_id());
+    let mut config = ControllerConfig::new();
+    // A 5 s expiry window: a dead agent is still tried for a while.
+    config.heartbeat_expiry_factor = 25.0;
+    config.extra_tokens.push(ControllerToken {
+        token: limited.clone(),
+        role: "matchmaker".to_owned(),
+        rate_limit_per_second: Some(3),
+    });
+    let c = ControllerProcess::spawn("ctl-errors", config).await;
+    // Application 1 runs on agent K only; application 2 on agent P, behind a fault proxy.
+    c.sample_fleet(1, 11, 3, 0, &[("role", "k")]).await;
+    c.sample_fleet(2, 12, 1, 0, &[("role", "p")]).await;
+    let mut k = AgentProcess::spawn(
+        "ctl-errors-k",
+        AgentConfig::joined("errors-k", &c).labels(&[("role", "k")]),
+    )
+    .await;
+    let p_config = AgentConfig::joined("errors-p", &c).labels(&[("role", "p")]);
+    let proxy = FaultProxy::start(format!("http://127.0.0.1:{}", p_config.listen_port)).await;
+    let _p = AgentProcess::spawn("ctl-errors-p", p_config.advertise_url(&proxy.url())).await;
+    let k_instances = c.wait_online(1, 3).await;
+    let p_instances = c.wait_online(2, 1).await;
+
+    let get = |path: &str, token: Option<&str>| {
+        let path = path.to_owned();
+        let token = token.map(str::to_owned);
+        let c = &c;
+        async move {
+            c.call(Method::GET, &path, token.as_deref(), &[], None)
+                .await
+        }
+    };
+
+    // 401 / 403
+    get("/v1/instances", None)
+        .await
+        .assert_error(401, "MISSING_CREDENTIALS", None);
+    get("/v1/instances", Some("not-a-token"))
+        .await
+        .assert_error(403, "INVALID_CREDENTIALS", None);
+    let fleet = fleet_body(13, 1, "sample-1", 1, &[]);
+    let r = c.matchmaker(Method::POST, "/v1/fleets", Some(&fleet)).await;
+    let body = r.assert_error(403, "INVALID_CREDENTIALS", None);
+    assert!(details(body).contains("admin"), "{body}");
+
+    // 400 INVALID_REQUEST
+    let raw = |path: &str, body: Bytes| {
+        let url = format!("{}{path}", c.url());
+        let token = c.matchmaker_token().to_owned();
+        let http = c.http().clone();
+        async move {
+            http.try_send_bytes(Method::POST, &url, Some(&token), &[], Some(body))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    raw(
+        "/v1/applications/1/allocate",
+        Bytes::from_static(b"{\"filter\": "),
+    )
+    .await
+    .assert_error(400, "INVALID_REQUEST", None);
+    let r = c
+        .allocate(1, &json!({"metadata": [{"key": "map", "value": 5}]}), &[])
+        .await;
+    let body = r.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(body).contains("metadata[0].value"),
+        "names the field: {body}"
+    );
+    let pairs: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let many: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = c.allocate(1, &json!({"metadata": kv(&many)}), &[]).await;
+    let body = r.assert_error(400, "INVALID_REQUEST", None);
+    assert!(details(body).contains("metadata"), "{body}");
+    let r = c
+        .admin(
+            Method::POST,
+            "/v1/applications",
+            Some(&json!({"id": 3, "name": "x", "bogus": 1})),
+        )
+        .await;
+    let body = r.assert_error(400, "INVALID_REQUEST", None);
+    assert!(details(body).contains("bogus"), "{body}");
+
+    // 413
+    let big = format!("{{\"filter\": \"{}\"}}", "a".repeat((1 << 20) + 16));
+    raw("/v1/applications/1/allocate", Bytes::from(big))
+        .await
+        .assert_error(413, "PAYLOAD_TOO_LARGE", None);
+
+    // 404 RESOURCE_NOT_FOUND
+    for path in ["/v1/instances/nope", "/v1/hosts/999", "/v1/no-such-route"] {
+        get(path, Some(c.matchmaker_token()))
+            .await
+            .assert_error(404, "RESOURCE_NOT_FOUND", None);
+    }
+
+    // 429 with Retry-After for the token limited to 3 requests per second (a fixed window per
+    // wall-clock second): 10 quick requests touch at most a few windows, so most are refused.
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(get("/v1/instances", Some(&limited)).await);
+    }
+    // The seconds the requests spanned touch at most this many windows.
+    let windows = started.elapsed().as_secs() as usize + 2;
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        admitted <= 3 * windows && admitted < statuses.len(),
+        "at most 3 per second may pass: {statuses:?}"
+    );
+    let limited_answers: Vec<&Response> = answers.iter().filter(|r| r.status == 429).collect();
+    for r in &limited_answers {
+        r.assert_error(429, "RATE_LIMITED", None);
+        assert!(
+            r.header("retry-after")
+                .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)),
+            "Retry-After: {:?}",
+            r.headers
+        );
+    }
+    assert!(answers.iter().all(|r| r.status == 200 || r.status == 429));
+    // Other tokens are not affected.
+    get("/v1/instances", Some(c.matchmaker_token()))
+        .await
+        .expect(200);
+
+    // 409 (one of K's three instances; the other two are for the 504 below)
+    let key = [("Idempotency-Key", "errors-key")];
+    let keyed = c.allocate(1, &json!({}), &key).await.expect(200).json;
+    c.allocate(1, &json!({"metadata": kv(&[("a", "b")])}), &key)
+        .await
+        .assert_error(409, "IDEMPOTENCY_KEY_REUSED", None);
+    let p_id = id_of(&p_instances[0]);
+
+    // 500 AGENT_INTERNAL_ERROR (76000): the agent's answer cannot be understood.
+    proxy.garbage_allocations(true);
+    let r = c.allocate(2, &json!({}), &[]).await;
+    let body = r.assert_error(500, "AGENT_INTERNAL_ERROR", Some(76000));
+    let attempts = body["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "{body}");
+    assert_eq!(attempts[0]["instanceId"], json!(p_id), "{body}");
+    assert_eq!(attempts[0]["errorCode"], 76000, "{body}");
+    assert_eq!(proxy.garbage_answers(), 1);
+    proxy.garbage_allocations(false);
+    let p_seen = c.instance(&p_id).await;
+    assert_eq!(p_seen["status"], 4, "nothing was allocated: {p_seen}");
+
+    // 504 AGENT_UNREACHABLE (76007): agent K died, its host is still inside its expiry window.
+    k.kill9();
+    let r = c.allocate(1, &json!({}), &[]).await;
+    let body = r.assert_error(504, "AGENT_UNREACHABLE", Some(76007));
+    let attempts = body["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        2,
+        "both of K's idle instances were tried: {body}"
+    );
+    let tried: BTreeSet<String> = attempts
+        .iter()
+        .map(|a| a["instanceId"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut idle = ids(&k_instances);
+    idle.remove(&id_of(&keyed));
+    assert_eq!(tried, idle, "{body}");
+    for a in attempts {
+        assert_eq!(a["errorCode"], 76007, "{a}");
+        assert_eq!(a["statusCode"], 504, "{a}");
+    }
+    let k_host = c.host_named("errors-k").await;
+    assert_eq!(
+        k_host["reachable"], true,
+        "still inside the window: {k_host}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Error stories
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_story_reconstructs_a_failed_allocation() {
+    let mut config = ControllerConfig::new();
+    config.max_allocation_attempts = Some(2);
+    let c = ControllerProcess::spawn("ctl-story", config).await;
+    c.sample_fleet(7, 456, 3, 0, &[]).await;
+    let agent_config = AgentConfig::joined("story-bm", &c);
+    let proxy = FaultProxy::start(format!("http://127.0.0.1:{}", agent_config.listen_port)).await;
+    let _agent =
+        AgentProcess::spawn("ctl-story-bm", agent_config.advertise_url(&proxy.url())).await;
+    let online = c.wait_online(7, 3).await;
+    let host = c.host_named("story-bm").await;
+    assert_eq!(host["advertiseUrl"], json!(proxy.url()));
+
+    proxy.garbage_allocations(true);
+    let identifier = format!("story-{}", short_id());
+    let r = c
+        .allocate(
+            7,
+            &json!({"filter": "fleetId=456"}),
+            &[("X-Correlation-Id", identifier.as_str())],
+        )
+        .await;
+    let body = r.assert_error(500, "AGENT_INTERNAL_ERROR", Some(76000));
+    assert_eq!(
+        body["identifier"],
+        json!(identifier),
+        "the caller's correlation id"
+    );
+    assert_eq!(
+        body["attempts"].as_array().map(Vec::len),
+        Some(2),
+        "bounded by max_allocation_attempts: {body}"
+    );
+    assert_eq!(proxy.garbage_answers(), 2);
+
+    let story = c
+        .matchmaker(Method::GET, &format!("/v1/errors/{identifier}"), None)
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(story["identifier"], json!(identifier), "{story}");
+    assert_eq!(story["code"], "AGENT_INTERNAL_ERROR", "{story}");
+    assert_eq!(story["errorCode"], 76000, "{story}");
+    assert_eq!(story["statusCode"], 500, "{story}");
+    assert_eq!(story["method"], "POST", "{story}");
+    assert_eq!(story["path"], "/v1/applications/7/allocate", "{story}");
+    assert_eq!(story["details"], body["details"], "{story}");
+    assert!(!details(&story).is_empty());
+    assert!(
+        story["decision"].is_object(),
+        "the decision is told: {story}"
+    );
+    assert_eq!(story["decision"]["filter"], "fleetId=456", "{story}");
+    let attempts = story["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{story}");
+    let mut tried = BTreeSet::new();
+    for a in attempts {
+        assert!(
+            ids(&online).contains(a["instanceId"].as_str().unwrap_or_default()),
+            "{a}"
+        );
+        tried.insert(a["instanceId"].as_str().unwrap_or_default().to_owned());
+        assert_eq!(a["hostId"], host["id"], "{a}");
+        assert_eq!(a["hostName"], "story-bm", "{a}");
+        assert_eq!(a["agentUrl"], json!(proxy.url()), "{a}");
+        assert_eq!(a["code"], "AGENT_INTERNAL_ERROR", "{a}");
+        assert_eq!(a["errorCode"], 76000, "{a}");
+        assert_eq!(a["statusCode"], 500, "{a}");
+        assert!(
+            a["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("not an instance")),
+            "the agent's answer is described: {a}"
+        );
+    }
+    assert_eq!(tried.len(), 2, "two different candidates: {story}");
+    proxy.garbage_allocations(false);
+
+    // A filter error has a story too.
+    let r = c.allocate(7, &json!({"filter": "region=1"}), &[]).await;
+    let body = r.assert_error(400, "INVALID_FILTER_COLUMN", None).clone();
+    let story = wait_for("the filter error's story", TIMEOUT, async || {
+        let s = c
+            .matchmaker(
+                Method::GET,
+                &format!(
+                    "/v1/errors/{}",
+                    body["identifier"].as_str().unwrap_or_default()
+                ),
+                None,
+            )
+            .await;
+        if s.status == 200 {
+            Ok(s.json)
+        } else {
+            Err(s.text)
+        }
+    })
+    .await;
+    assert_eq!(story["code"], "INVALID_FILTER_COLUMN", "{story}");
+    assert_eq!(story["details"], body["details"], "{story}");
+    assert_eq!(story["statusCode"], 400, "{story}");
+
+    // And a refusal tells how candidates were removed.
+    let r = c.allocate(7, &json!({"filter": "isVirtual=1"}), &[]).await;
+    let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None).clone();
+    let story = c
+        .matchmaker(
+            Method::GET,
+            &format!(
+                "/v1/errors/{}",
+                body["identifier"].as_str().unwrap_or_default()
+            ),
+            None,
+        )
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(story["decision"]["candidates"], 3, "{story}");
+    assert_eq!(story["decision"]["matching"], 0, "{story}");
+    assert_eq!(
+        story["decision"]["removedByFilter"][0],
+        json!({"condition": "isVirtual=1", "removed": 3}),
+        "{story}"
+    );
+
+    c.matchmaker(Method::GET, "/v1/errors/no-such-identifier", None)
+        .await
+        .assert_error(404, "RESOURCE_NOT_FOUND", None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Probes and metrics
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics() {
+    let c = ControllerProcess::start_new("ctl-metrics").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let _agent = agent(&c, "ctl-metrics", "metrics-bm").await;
+    c.wait_online(7, 2).await;
+
+    for probe in ["/healthz", "/readyz"] {
+        let r = c
+            .call(Method::GET, probe, None, &[], None)
+            .await
+            .expect(200);
+        assert!(r.json["status"].is_string(), "{}", r.text);
+    }
+    c.call(Method::GET, "/metrics", None, &[], None)
+        .await
+        .assert_error(401, "MISSING_CREDENTIALS", None);
+
+    let ok = "result=\"ok\"";
+    let allocations = "berth_controller_allocations_total";
+    let instances = "berth_controller_instances";
+    let text = c.metrics().await;
+    let before = metric(&text, allocations, ok).unwrap_or(0.0);
+    assert_eq!(
+        metric(&text, instances, "status=\"online\""),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, instances, "status=\"allocated\""),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "berth_controller_hosts", "state=\"ready\""),
+        Some(1.0),
+        "{text}"
+    );
+
+    c.allocate_ok(7, "").await;
+    let text = c.metrics().await;
+    assert_eq!(metric(&text, allocations, ok), Some(before + 1.0), "{text}");
+    assert_eq!(
+        metric(&text, instances, "status=\"online\""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, instances, "status=\"allocated\""),
+        Some(1.0),
+        "{text}"
+    );
+
+    c.allocate_ok(7, "").await;
+    c.allocate(7, &json!({}), &[])
+        .await
+        .assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    let text = c.metrics().await;
+    assert_eq!(metric(&text, allocations, ok), Some(before + 2.0), "{text}");
+    assert_eq!(
+        metric(&text, allocations, "result=\"NO_ALLOCATABLE_INSTANCE\""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, instances, "status=\"allocated\""),
+        Some(2.0),
+        "{text}"
+    );
+}
