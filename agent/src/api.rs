@@ -15,13 +15,15 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use berth_http::CorrelationId;
 use berth_http::{Failure, JsonBody, OptionalJsonBody, bearer, constant_time_eq};
 use berth_protocol::ErrorCode;
 use berth_protocol::agent_api::{
-    AllocateRequest, CommandRequest, DeallocateRequest, DeployRequest, HostView, InstanceView,
-    MetadataRequest, StopRequest,
+    AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
+    DeallocateRequest, DeployRequest, HostView, InstanceView, MetadataRequest, StopRequest,
 };
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::supervisor::{AllocateError, DeployError, InstanceError, SupervisorHandle, log_path};
@@ -116,9 +118,15 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    fn failure(&self) -> Failure {
+        Failure::new(self.code(), self.message(), self.details())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        Failure::new(self.code(), self.message(), self.details()).into_response()
+        self.failure().into_response()
     }
 }
 
@@ -145,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/host", get(host))
         .route("/v1/instances", get(list).post(deploy))
+        .route("/v1/instances/batch", post(batch))
         .route("/v1/instances/{id}", get(instance).delete(remove))
         .route("/v1/instances/{id}/allocate", post(allocate))
         .route("/v1/instances/{id}/deallocate", post(deallocate))
@@ -275,6 +284,55 @@ async fn remove(
     Ok(axum::Json(
         st.supervisor.remove(id, force(query.as_deref())).await?,
     ))
+}
+
+/// Allocations and releases the controller queued for this host, in one request. Each runs
+/// exactly as its single-operation route would, with its own correlation id in the logs.
+async fn batch(
+    State(st): State<ApiState>,
+    axum::Extension(CorrelationId(batch_id)): axum::Extension<CorrelationId>,
+    JsonBody(req): JsonBody<BatchRequest, { 16 << 20 }>,
+) -> Json<BatchResponse> {
+    let ops = req.operations.into_iter().map(|op| {
+        let sup = st.supervisor.clone();
+        let batch_id = batch_id.clone();
+        async move {
+            let (id, identifier, path, result) = match op {
+                BatchOperation::Allocate {
+                    id,
+                    identifier,
+                    request,
+                } => {
+                    let path = format!("/v1/instances/{id}/allocate");
+                    let ident = identifier.unwrap_or(batch_id);
+                    let span = tracing::info_span!("allocate", identifier = %ident, instance_id = %id);
+                    let r = sup.allocate(id.clone(), request).instrument(span).await;
+                    (id, ident, path, r.map_err(ApiError::from))
+                }
+                BatchOperation::Deallocate {
+                    id,
+                    identifier,
+                    request,
+                } => {
+                    let path = format!("/v1/instances/{id}/deallocate");
+                    let ident = identifier.unwrap_or(batch_id);
+                    let span = tracing::info_span!("deallocate", identifier = %ident, instance_id = %id);
+                    let r = sup.deallocate(id.clone(), request).instrument(span).await;
+                    (id, ident, path, r.map_err(ApiError::from))
+                }
+            };
+            match result {
+                Ok(view) => BatchResult::Instance(Box::new(view)),
+                Err(e) => {
+                    tracing::info!(instance_id = %id, identifier = %identifier, code = %e.code(), "operation refused");
+                    BatchResult::Error(Box::new(e.failure().body(&identifier, &path)))
+                }
+            }
+        }
+    });
+    axum::Json(BatchResponse {
+        results: futures_util::future::join_all(ops).await,
+    })
 }
 
 async fn allocate(

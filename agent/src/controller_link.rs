@@ -27,6 +27,9 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Instances per events request, so one request stays well under the body limit.
 const BATCH: usize = 256;
+/// How long a change waits for others before it is sent: an allocation cycle changes an
+/// instance several times within a millisecond or two, and one snapshot covers them all.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// What the agent tells the controller about itself.
 #[derive(Debug, Clone)]
@@ -248,17 +251,26 @@ async fn connected(
     let mut max_version = 0u64;
     let mut hb_failures = 0u32;
     let mut retry_at: Option<Instant> = None;
+    let mut linger_until: Option<Instant> = None;
     loop {
-        let can_flush = !pending.is_empty() && retry_at.is_none();
+        let lingering = linger_until.is_some_and(|t| Instant::now() < t);
+        let can_flush = !pending.is_empty() && retry_at.is_none() && !lingering;
         let retry_deadline = retry_at.unwrap_or_else(Instant::now);
+        let linger_deadline = linger_until.unwrap_or_else(Instant::now);
         tokio::select! {
             _ = shutdown.changed() => return Next::Shutdown,
             u = updates.recv() => {
                 let Some(u) = u else { return Next::Shutdown };
+                if pending.is_empty() {
+                    linger_until = Some(Instant::now() + LINGER);
+                }
                 pending.add(u);
                 while let Ok(u) = updates.try_recv() {
                     pending.add(u);
                 }
+            }
+            _ = tokio::time::sleep_until(linger_deadline), if lingering => {
+                linger_until = None;
             }
             _ = tokio::time::sleep_until(retry_deadline), if retry_at.is_some() => {
                 retry_at = None;

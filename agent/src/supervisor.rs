@@ -37,7 +37,9 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Changes are written to the state file at most this long after they happen.
-const FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// Bounded so a burst of allocations costs one write; an allocation whose id is lost to an
+/// agent crash inside this window is still held by the controller and by the game (status 5).
+const FLUSH_DELAY: Duration = Duration::from_millis(100);
 /// How long a released game that never confirms allocations stays out of the pool.
 const RELEASE_GRACE: Duration = Duration::from_secs(2);
 
@@ -1488,6 +1490,9 @@ impl Supervisor {
             return;
         }
         let mut persist = false;
+        // Changes nobody outside sees (the game confirming what we already report) are saved
+        // but neither versioned nor pushed to the controller.
+        let mut visible = true;
         match event {
             LinkEvent::Connected => {
                 tracing::debug!(instance_id = %id, "Arcus link up");
@@ -1536,6 +1541,7 @@ impl Supervisor {
                     // The game has not yet heard of the release: its 5 is stale.
                     (5, _) if inst.release_pending.is_some() && inst.pending.is_none() => {
                         inst.game_confirms = true;
+                        visible = false;
                     }
                     (5, InstanceStatus::Allocating) => {
                         if let Some(p) = inst.pending.take() {
@@ -1557,6 +1563,7 @@ impl Supervisor {
                         if let Some(a) = inst.allocation.as_mut() {
                             a.game_confirmed = true;
                         }
+                        visible = false;
                     }
                     (5, _) => {
                         // The game allocated itself (e.g. players joined directly): it is
@@ -1577,7 +1584,11 @@ impl Supervisor {
                 }
             }
         }
-        self.changed(id, persist);
+        if visible {
+            self.changed(id, persist);
+        } else if persist && self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + FLUSH_DELAY);
+        }
     }
 }
 

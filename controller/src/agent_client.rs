@@ -2,27 +2,147 @@
 //! becomes an [`AgentFailure`] with a 76000-series code, so the allocation engine can decide
 //! whether the next candidate may do better.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_http::{CallError, JsonClient};
 use berth_protocol::ErrorCode;
 use berth_protocol::agent_api::{
-    AllocateRequest, CommandRequest, DeallocateRequest, DeployRequest, InstanceView,
-    MetadataRequest, StopRequest,
+    AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
+    DeallocateRequest, DeployRequest, InstanceView, MetadataRequest, StopRequest,
 };
 use http::Method;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// The agent's own answer comes within 5 s; allow for the network on top.
 const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(6);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to reach one host's agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AgentTarget {
     pub host_id: u64,
     pub host_name: String,
     pub url: String,
     pub token: String,
+    /// The host's batching lane for allocations and releases, when it has one.
+    pub lane: Option<Lane>,
+}
+
+/// Batches sent to one agent at once; more queue up and go out together.
+const LANE_IN_FLIGHT: usize = 4;
+/// Most operations in one batch.
+const LANE_BATCH: usize = 256;
+
+type LaneItem = (
+    BatchOperation,
+    oneshot::Sender<Result<InstanceView, AgentFailure>>,
+);
+
+/// One host's lane: allocation and release calls queued for the same agent go out as one
+/// `POST /v1/instances/batch`, so under load one HTTP exchange carries many of them. With no
+/// load a batch holds one call and costs nothing extra.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    tx: mpsc::UnboundedSender<LaneItem>,
+}
+
+impl Lane {
+    async fn call(
+        &self,
+        op: BatchOperation,
+        target: &AgentTarget,
+    ) -> Result<InstanceView, AgentFailure> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send((op, reply)).is_err() {
+            return Err(internal(
+                target,
+                "nothing: its lane has stopped".to_owned(),
+                0,
+            ));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(internal(
+                target,
+                "nothing: its lane has stopped".to_owned(),
+                0,
+            ))
+        })
+    }
+}
+
+async fn lane_task(
+    http: JsonClient,
+    target: AgentTarget,
+    mut rx: mpsc::UnboundedReceiver<LaneItem>,
+) {
+    let permits = Arc::new(Semaphore::new(LANE_IN_FLIGHT));
+    let url = format!("{}/v1/instances/batch", target.url);
+    loop {
+        // A permit first, then the queue: while all batches are in flight, calls accumulate
+        // and the next batch takes them all.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut items = vec![first];
+        while items.len() < LANE_BATCH {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let http = http.clone();
+        let target = target.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (ops, replies): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+            let body = BatchRequest { operations: ops };
+            let result: Result<BatchResponse, CallError> = http
+                .post(&url, Some(&target.token), None, &body, ALLOCATE_TIMEOUT)
+                .await;
+            let elapsed = started.elapsed();
+            match result {
+                Ok(resp) if resp.results.len() == replies.len() => {
+                    for (r, reply) in resp.results.into_iter().zip(replies) {
+                        let _ = reply.send(match r {
+                            BatchResult::Instance(v) => Ok(*v),
+                            BatchResult::Error(body) => Err(AgentFailure {
+                                host_id: target.host_id,
+                                status: body.status_code,
+                                code: body.code,
+                                error_code: body.error_code,
+                                details: body.details,
+                                elapsed_ms: elapsed.as_millis() as u64,
+                            }),
+                        });
+                    }
+                }
+                Ok(resp) => {
+                    let what = format!(
+                        "{} results for {} operations",
+                        resp.results.len(),
+                        replies.len()
+                    );
+                    for reply in replies {
+                        let _ = reply.send(Err(internal(
+                            &target,
+                            what.clone(),
+                            elapsed.as_millis() as u64,
+                        )));
+                    }
+                }
+                Err(e) => {
+                    let f = failure(&target, e, elapsed);
+                    for reply in replies {
+                        let _ = reply.send(Err(f.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// An agent call that did not succeed, as an error code the controller can pass on.
@@ -80,6 +200,17 @@ impl AgentClient {
         result.map_err(|e| failure(target, e, started.elapsed()))
     }
 
+    /// Starts the batching lane for one host.
+    pub fn lane(&self, target: &AgentTarget) -> Lane {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let plain = AgentTarget {
+            lane: None,
+            ..target.clone()
+        };
+        tokio::spawn(lane_task(self.http.clone(), plain, rx));
+        Lane { tx }
+    }
+
     pub async fn allocate(
         &self,
         target: &AgentTarget,
@@ -87,6 +218,14 @@ impl AgentClient {
         req: &AllocateRequest,
         correlation: &str,
     ) -> Result<InstanceView, AgentFailure> {
+        if let Some(lane) = &target.lane {
+            let op = BatchOperation::Allocate {
+                id: instance_id.to_owned(),
+                identifier: Some(correlation.to_owned()),
+                request: req.clone(),
+            };
+            return lane.call(op, target).await;
+        }
         let path = format!("/v1/instances/{instance_id}/allocate");
         self.call(
             target,
@@ -106,6 +245,14 @@ impl AgentClient {
         req: &DeallocateRequest,
         correlation: Option<&str>,
     ) -> Result<InstanceView, AgentFailure> {
+        if let Some(lane) = &target.lane {
+            let op = BatchOperation::Deallocate {
+                id: instance_id.to_owned(),
+                identifier: correlation.map(str::to_owned),
+                request: req.clone(),
+            };
+            return lane.call(op, target).await;
+        }
         let path = format!("/v1/instances/{instance_id}/deallocate");
         self.call(
             target,

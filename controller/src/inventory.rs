@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::agent_client::{AgentFailure, AgentTarget};
+use crate::agent_client::{AgentClient, AgentFailure, AgentTarget, Lane};
 use crate::config::{Config, digest};
 use crate::engine::{self, Availability, Cond, Facts, Resolved};
 use crate::metrics::Metrics;
@@ -381,6 +381,8 @@ impl InventoryHandle {
 #[derive(Debug)]
 struct Host {
     rec: HostRecord,
+    /// Batches this host's allocations and releases.
+    lane: Lane,
     token_digest: [u8; 32],
     last_heartbeat: Instant,
     reachable: bool,
@@ -392,10 +394,8 @@ struct Host {
 impl Host {
     fn target(&self) -> AgentTarget {
         AgentTarget {
-            host_id: self.rec.id,
-            host_name: self.rec.name.clone(),
-            url: self.rec.advertise_url.clone(),
-            token: self.rec.agent_token.clone(),
+            lane: Some(self.lane.clone()),
+            ..plain_target(&self.rec)
         }
     }
 }
@@ -452,6 +452,7 @@ pub struct Inventory {
     story_map: HashMap<String, ErrorStory>,
     stories_since_prune: usize,
     actions: mpsc::UnboundedSender<Action>,
+    agents: AgentClient,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -460,6 +461,16 @@ impl std::fmt::Debug for Inventory {
             .field("hosts", &self.hosts.len())
             .field("instances", &self.instances.len())
             .finish_non_exhaustive()
+    }
+}
+
+fn plain_target(rec: &HostRecord) -> AgentTarget {
+    AgentTarget {
+        host_id: rec.id,
+        host_name: rec.name.clone(),
+        url: rec.advertise_url.clone(),
+        token: rec.agent_token.clone(),
+        lane: None,
     }
 }
 
@@ -490,6 +501,7 @@ impl Inventory {
         snapshot: Snapshot,
         writer: Writer,
         metrics: Arc<Metrics>,
+        agents: AgentClient,
     ) -> (InventoryHandle, mpsc::UnboundedReceiver<Action>) {
         let (actions, actions_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
@@ -523,9 +535,11 @@ impl Inventory {
                 .into_iter()
                 .map(|rec| {
                     let token_digest = parse_digest(&rec.host_token_digest);
+                    let lane = agents.lane(&plain_target(&rec));
                     (
                         rec.id,
                         Host {
+                            lane,
                             rec,
                             token_digest,
                             last_heartbeat: now,
@@ -550,6 +564,7 @@ impl Inventory {
             stories_since_prune: 0,
             actions,
             config,
+            agents,
         };
         for rec in snapshot.instances {
             inv.insert_instance(rec);
@@ -1549,9 +1564,11 @@ impl Inventory {
         let commit = self
             .writer
             .submit_durable(Write::Host(Box::new(rec.clone())));
+        let lane = self.agents.lane(&plain_target(&rec));
         self.hosts.insert(
             id,
             Host {
+                lane,
                 rec,
                 token_digest,
                 last_heartbeat: Instant::now(),

@@ -65,9 +65,14 @@ pub async fn run(
     );
     let writer = store.start_writer();
     let metrics = Arc::new(metrics::Metrics::new());
-    let (inventory, actions) =
-        inventory::Inventory::start(config.clone(), snapshot, writer, metrics.clone());
     let agents = agent_client::AgentClient::new();
+    let (inventory, actions) = inventory::Inventory::start(
+        config.clone(),
+        snapshot,
+        writer,
+        metrics.clone(),
+        agents.clone(),
+    );
 
     let listener = TcpListener::bind(config.listen)
         .await

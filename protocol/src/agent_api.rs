@@ -239,3 +239,48 @@ pub struct HostView {
     pub registered: bool,
     pub controller_url: String,
 }
+
+/// One operation of `POST /v1/instances/batch`: the controller sends whatever allocations and
+/// releases it has queued for a host in one request, so that under load one HTTP exchange
+/// carries many of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "op", deny_unknown_fields)]
+pub enum BatchOperation {
+    #[serde(rename_all = "camelCase")]
+    Allocate {
+        id: String,
+        /// The correlation id of the request this operation serves.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identifier: Option<String>,
+        request: AllocateRequest,
+    },
+    #[serde(rename_all = "camelCase")]
+    Deallocate {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identifier: Option<String>,
+        request: DeallocateRequest,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchRequest {
+    pub operations: Vec<BatchOperation>,
+}
+
+/// The outcome of one operation: the instance as it is now, or the error the single-operation
+/// route would have answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BatchResult {
+    Instance(Box<InstanceView>),
+    Error(Box<crate::ErrorBody>),
+}
+
+/// Results in the order of the operations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchResponse {
+    pub results: Vec<BatchResult>,
+}

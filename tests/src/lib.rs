@@ -542,6 +542,9 @@ fn collect_pids(v: &Value, out: &mut BTreeSet<u32>) {
 /// self-contained host (no controller, `is_virtual` given, its own port block).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The address the agent listens on (and the harness calls it at): loopback by default,
+    /// another address e.g. inside a network namespace.
+    pub listen_ip: String,
     pub listen_port: u16,
     pub host_name: String,
     pub region: String,
@@ -554,12 +557,16 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// Raw TOML lines written before `[[tokens]]` (top-level keys or whole tables).
     pub extra: Vec<String>,
+    /// A command the agent is run under, e.g. `["ip", "netns", "exec", "<ns>"]`; it must
+    /// `exec` the agent (so the child's pid is the agent's). Empty: the agent is run directly.
+    pub wrapper: Vec<String>,
 }
 
 impl AgentConfig {
     pub fn new(host_name: &str) -> Self {
         let ports = PortBlock::next();
         Self {
+            listen_ip: "127.0.0.1".to_owned(),
             listen_port: free_port(),
             host_name: host_name.to_owned(),
             region: "eu-west-1".to_owned(),
@@ -571,6 +578,7 @@ impl AgentConfig {
             controller_url: None,
             join_token: None,
             extra: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -611,7 +619,7 @@ impl AgentConfig {
         };
         line(format!(
             "listen = {}",
-            s(&format!("127.0.0.1:{}", self.listen_port))
+            s(&format!("{}:{}", self.listen_ip, self.listen_port))
         ));
         line(format!("state_dir = {}", s(&state_dir.to_string_lossy())));
         line(format!("host_name = {}", s(&self.host_name)));
@@ -695,7 +703,14 @@ impl AgentProcess {
             .open(&self.log_path)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
         let log_err = log.try_clone().expect("clone the log file handle");
-        let mut cmd = Command::new(bin("berth-agent"));
+        let mut cmd = match self.config.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("berth-agent"));
+                cmd
+            }
+            None => Command::new(bin("berth-agent")),
+        };
         cmd.arg("--config").arg(&self.config_path);
         // The agent takes `BERTH_*` variables as config overrides; only the file may count.
         for (k, _) in std::env::vars_os() {
@@ -709,7 +724,7 @@ impl AgentProcess {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .expect("spawn berth-agent");
+            .unwrap_or_else(|e| panic!("spawn berth-agent ({:?}): {e}", self.config.wrapper));
         self.child = Some(child);
         self.wait_ready().await;
     }
@@ -772,7 +787,10 @@ impl AgentProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.config.listen_port)
+        format!(
+            "http://{}:{}",
+            self.config.listen_ip, self.config.listen_port
+        )
     }
 
     pub fn token(&self) -> &str {
@@ -958,8 +976,12 @@ impl AgentProcess {
         }
         if self.child.is_some() {
             // A last listing covers games deployed but not yet seen or persisted.
-            if let Some(list) = blocking_get(self.config.listen_port, "/v1/instances", self.token())
-            {
+            if let Some(list) = blocking_get(
+                &self.config.listen_ip,
+                self.config.listen_port,
+                "/v1/instances",
+                self.token(),
+            ) {
                 collect_pids(&list, &mut pids);
             }
         }
@@ -996,8 +1018,8 @@ fn pid_of(pid: u32) -> Pid {
 }
 
 /// A minimal blocking GET, for use in `Drop` (no runtime there to lean on).
-fn blocking_get(port: u16, path: &str, token: &str) -> Option<Value> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+fn blocking_get(ip: &str, port: u16, path: &str, token: &str) -> Option<Value> {
+    let addr = std::net::SocketAddr::new(ip.parse().ok()?, port);
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
@@ -1029,6 +1051,9 @@ pub struct ControllerToken {
 /// heartbeats every 200 ms, a host unreachable after 1 s of silence, a reconcile every 200 ms.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
+    /// The address the controller listens on: loopback by default; `0.0.0.0` to be reachable
+    /// from other network namespaces too (the harness still calls it on loopback).
+    pub listen_ip: String,
     pub listen_port: u16,
     pub join_token: String,
     pub admin_token: String,
@@ -1055,6 +1080,7 @@ impl ControllerConfig {
     pub fn new() -> Self {
         let secret = |what: &str| format!("e2e-{what}-{}", uuid::Uuid::new_v4().simple());
         Self {
+            listen_ip: "127.0.0.1".to_owned(),
             listen_port: free_port(),
             join_token: secret("join"),
             admin_token: secret("admin"),
@@ -1084,7 +1110,7 @@ impl ControllerConfig {
         };
         line(format!(
             "listen = {}",
-            s(&format!("127.0.0.1:{}", self.listen_port))
+            s(&format!("{}:{}", self.listen_ip, self.listen_port))
         ));
         line(format!(
             "database = {}",
@@ -1271,7 +1297,11 @@ impl ControllerProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.config.listen_port)
+        let ip = match self.config.listen_ip.as_str() {
+            "0.0.0.0" => "127.0.0.1",
+            ip => ip,
+        };
+        format!("http://{ip}:{}", self.config.listen_port)
     }
 
     pub fn config(&self) -> &ControllerConfig {
@@ -1691,8 +1721,8 @@ impl FaultProxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// On: every `POST …/allocate` is answered `200 OK` with a non-JSON body and never reaches
-    /// the agent. Off: everything is forwarded.
+    /// On: every allocation (`POST …/allocate`, or a batch holding one) is answered `200 OK`
+    /// with a non-JSON body and never reaches the agent. Off: everything is forwarded.
     pub fn garbage_allocations(&self, on: bool) {
         self.faults.garbage.store(on, Ordering::SeqCst);
     }
@@ -1732,19 +1762,20 @@ async fn proxy_one(
             .expect("a static response")
     };
     let (parts, body) = req.into_parts();
-    if faults.garbage.load(Ordering::SeqCst)
-        && parts.method == Method::POST
-        && parts.uri.path().ends_with("/allocate")
-    {
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        return reply(400, "request body cut off");
+    };
+    // Allocations reach the agent alone (`…/allocate`) or in the controller's batches.
+    let allocates = parts.uri.path().ends_with("/allocate")
+        || (parts.uri.path().ends_with("/batch")
+            && String::from_utf8_lossy(&body).contains(r#""op":"allocate""#));
+    if faults.garbage.load(Ordering::SeqCst) && parts.method == Method::POST && allocates {
         faults.garbage_answers.fetch_add(1, Ordering::SeqCst);
         return reply(
             200,
             "<html>this is not the agent you are looking for</html>",
         );
     }
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        return reply(400, "request body cut off");
-    };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = http::Request::builder()
         .method(parts.method.clone())
@@ -1834,8 +1865,13 @@ pub fn deploy_body(id: &str, profile: Value) -> Value {
 /// Asks a test game what it learned over Arcus: connect to its game port, send `INFO`, read
 /// one JSON line.
 pub async fn game_info(port: u16) -> io::Result<Value> {
+    game_info_at("127.0.0.1", port).await
+}
+
+/// [`game_info`] of a game reachable at `ip` (e.g. inside a network namespace).
+pub async fn game_info_at(ip: &str, port: u16) -> io::Result<Value> {
     let query = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut stream = TcpStream::connect((ip, port)).await?;
         stream.write_all(b"INFO\n").await?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).await?;
@@ -1908,6 +1944,28 @@ pub fn pids_with_arg(needle: &str) -> Vec<u32> {
         .filter(|&pid| pid != me && pid_alive(pid))
         .filter(|&pid| cmdline(pid).is_some_and(|args| args.iter().any(|a| a.contains(needle))))
         .collect()
+}
+
+/// Live processes whose standard output is a file under `dir`: every game an agent with that
+/// state directory started (the agent sends each game's output to a log file there), whatever
+/// the agent itself knows about them.
+pub fn pids_writing_under(dir: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != me && pid_alive(pid))
+        .filter(|&pid| {
+            std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|out| out.starts_with(dir))
+        })
+        .collect()
+}
+
+/// The value of a `--name=value` argument of a live process.
+pub fn arg_value(pid: u32, name: &str) -> Option<String> {
+    let prefix = format!("--{name}=");
+    cmdline(pid)?
+        .into_iter()
+        .find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
 }
 
 /// How many live processes run the game of `instance_id` (exactly one, unless something is
