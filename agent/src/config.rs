@@ -34,6 +34,7 @@ struct RawConfig {
     allocation_timeout_ms: Option<u64>,
     max_instances: Option<usize>,
     log_format: Option<String>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     tokens: Vec<RawToken>,
 }
@@ -77,6 +78,8 @@ pub struct Config {
     pub allocation_timeout: Duration,
     pub max_instances: usize,
     pub log_format: LogFormat,
+    /// Runtime threads (1: everything on one thread).
+    pub worker_threads: usize,
     /// Tokens accepted on the API besides the one the agent gives the controller.
     pub api_tokens: Vec<String>,
 }
@@ -100,6 +103,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("allocation_timeout_ms", Kind::Int),
     ("max_instances", Kind::Int),
     ("log_format", Kind::Str),
+    ("worker_threads", Kind::Int),
 ];
 
 impl Config {
@@ -270,6 +274,13 @@ impl Config {
             return Err(err("max_instances", "must be at least 1".to_owned()));
         }
         let log_format = LogFormat::parse(file, raw.log_format.as_deref())?;
+        let worker_threads = raw.worker_threads.unwrap_or(1);
+        if !(1..=64).contains(&worker_threads) {
+            return Err(err(
+                "worker_threads",
+                format!("{worker_threads} is outside 1-64"),
+            ));
+        }
 
         let addresses = match raw.addresses {
             Some(list) => {
@@ -318,6 +329,7 @@ impl Config {
             allocation_timeout: Duration::from_millis(allocation_timeout_ms),
             max_instances,
             log_format,
+            worker_threads,
             api_tokens,
         })
     }

@@ -160,19 +160,23 @@ pub fn write_atomic(state_dir: &Path, bytes: &[u8]) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Hands snapshots to the writer task; the newest one always wins.
+/// Hands snapshots to the writer task; the newest one always wins. Every snapshot carries a
+/// sequence number, and the writer publishes the number of the last one it wrote, so that an
+/// answer can wait until what it acknowledges is on disk.
 #[derive(Debug, Clone)]
 pub struct StateWriter {
-    tx: watch::Sender<Option<Vec<u8>>>,
+    tx: watch::Sender<Option<(u64, Vec<u8>)>>,
+    written: watch::Receiver<u64>,
 }
 
 impl StateWriter {
     /// Starts the writer task for `state_dir`.
     pub fn start(state_dir: PathBuf) -> Self {
-        let (tx, mut rx) = watch::channel::<Option<Vec<u8>>>(None);
+        let (tx, mut rx) = watch::channel::<Option<(u64, Vec<u8>)>>(None);
+        let (written_tx, written) = watch::channel(0u64);
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let Some(bytes) = rx.borrow_and_update().clone() else {
+                let Some((seq, bytes)) = rx.borrow_and_update().clone() else {
                     continue;
                 };
                 let dir = state_dir.clone();
@@ -181,13 +185,22 @@ impl StateWriter {
                     Ok(Err(e)) => tracing::error!(error = %e, "state file not written"),
                     Err(e) => tracing::error!(error = %e, "state writer failed"),
                 }
+                // Published after failures too: a broken disk is logged, not a reason to
+                // hold answers forever.
+                written_tx.send_replace(seq);
             }
         });
-        Self { tx }
+        Self { tx, written }
     }
 
-    pub fn save(&self, bytes: Vec<u8>) {
-        self.tx.send_replace(Some(bytes));
+    /// Queues snapshot number `seq` (numbers increase).
+    pub fn save(&self, seq: u64, bytes: Vec<u8>) {
+        self.tx.send_replace(Some((seq, bytes)));
+    }
+
+    /// The number of the last snapshot written.
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.clone()
     }
 }
 

@@ -36,9 +36,9 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// Changes are written to the state file at most this long after they happen.
-/// Bounded so a burst of allocations costs one write; an allocation whose id is lost to an
-/// agent crash inside this window is still held by the controller and by the game (status 5).
+/// Changes are written to the state file at most this long after they happen, so a burst
+/// costs one write. Allocations do not wait for it: they are written at once and answered
+/// only when on disk (`answer_when_saved`).
 const FLUSH_DELAY: Duration = Duration::from_millis(100);
 /// How long a released game that never confirms allocations stays out of the pool.
 const RELEASE_GRACE: Duration = Duration::from_secs(2);
@@ -467,6 +467,12 @@ pub struct Supervisor {
     rx: mpsc::Receiver<Command>,
     updates: mpsc::UnboundedSender<Update>,
     writer: StateWriter,
+    /// The number of the last snapshot handed to the writer, and of the last one written.
+    snapshot_seq: u64,
+    written: tokio::sync::watch::Receiver<u64>,
+    /// Allocations done but not yet answered: answered once a snapshot numbered at least this
+    /// holds them, so an acknowledged allocation survives an agent crash.
+    unsaved_answers: Vec<(u64, Reply<InstanceView, AllocateError>, InstanceView)>,
     generation: u64,
     agent_token: String,
     counter: u64,
@@ -498,6 +504,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(8192);
         state.generation += 1;
         let writer = StateWriter::start(config.state_dir.clone());
+        let written = writer.written();
         let mut sup = Self {
             ports: PortPool::new(config.game_ports.clone(), config.management_ports.clone()),
             host,
@@ -507,6 +514,9 @@ impl Supervisor {
             rx,
             updates,
             writer,
+            snapshot_seq: 0,
+            written,
+            unsaved_answers: Vec::new(),
             generation: state.generation,
             agent_token: state.agent_token.clone(),
             counter: 0,
@@ -620,6 +630,7 @@ impl Supervisor {
 
     /// Runs until `shutdown` fires. Games are left running; the state is written first.
     pub async fn run(mut self, mut shutdown: crate::Shutdown) {
+        let mut writer_alive = true;
         loop {
             let flush_at = self.flush_at;
             tokio::select! {
@@ -627,6 +638,10 @@ impl Supervisor {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
+                changed = self.written.changed(), if writer_alive => {
+                    writer_alive = changed.is_ok();
+                    self.snapshot_written();
+                }
                 _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)).await }, if flush_at.is_some() => {
                     self.flush_now();
                 }
@@ -635,11 +650,14 @@ impl Supervisor {
         }
         // Persist synchronously: the writer task may not get another turn.
         match serde_json::to_vec(&self.snapshot()) {
-            Ok(bytes) => {
-                if let Err(e) = crate::state::write_atomic(&self.config.state_dir, &bytes) {
-                    tracing::error!(error = %e, "state not saved at shutdown");
+            Ok(bytes) => match crate::state::write_atomic(&self.config.state_dir, &bytes) {
+                Ok(()) => {
+                    for (_, reply, view) in self.unsaved_answers.drain(..) {
+                        let _ = reply.send(Ok(view));
+                    }
                 }
-            }
+                Err(e) => tracing::error!(error = %e, "state not saved at shutdown"),
+            },
             Err(e) => tracing::error!(error = %e, "state not serialised at shutdown"),
         }
         tracing::info!(
@@ -660,8 +678,38 @@ impl Supervisor {
     fn flush_now(&mut self) {
         self.flush_at = None;
         match serde_json::to_vec(&self.snapshot()) {
-            Ok(bytes) => self.writer.save(bytes),
+            Ok(bytes) => {
+                self.snapshot_seq += 1;
+                self.writer.save(self.snapshot_seq, bytes);
+            }
             Err(e) => tracing::error!(error = %e, "state not serialised"),
+        }
+    }
+
+    /// Answers an allocation once the state file holds it: an allocation the agent
+    /// acknowledged and then forgot in a crash would come back as one the game made itself,
+    /// with no id, which no release can end. Written now if the writer is idle; otherwise with
+    /// everything else that waits, as soon as the write in progress ends (group commit).
+    fn answer_when_saved(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
+        self.unsaved_answers
+            .push((self.snapshot_seq + 1, reply, view));
+        if *self.written.borrow() >= self.snapshot_seq {
+            self.flush_now();
+        }
+    }
+
+    /// The writer finished a snapshot: answer what it holds, and write what still waits.
+    fn snapshot_written(&mut self) {
+        let written = *self.written.borrow_and_update();
+        let (saved, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsaved_answers)
+            .into_iter()
+            .partition(|(seq, _, _)| *seq <= written);
+        for (_, reply, view) in saved {
+            let _ = reply.send(Ok(view));
+        }
+        self.unsaved_answers = waiting;
+        if !self.unsaved_answers.is_empty() && written >= self.snapshot_seq {
+            self.flush_now();
         }
     }
 
@@ -1255,7 +1303,8 @@ impl Supervisor {
             }
             Ok(Allocated::Done) => {
                 self.metrics.allocations_ok.inc();
-                let _ = reply.send(Ok(self.instances[&id].view()));
+                let view = self.instances[&id].view();
+                self.answer_when_saved(reply, view);
             }
             Err(e) => {
                 self.metrics.allocations_failed.inc();
@@ -1498,6 +1547,10 @@ impl Supervisor {
                 tracing::debug!(instance_id = %id, "Arcus link up");
                 inst.arcus_connected = true;
                 self.metrics.arcus_connects.inc();
+                // A release made while the link was down: the game hears of it now.
+                if inst.release_pending.is_some() && tell_released(inst) {
+                    self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
+                }
             }
             LinkEvent::Disconnected { reason } => {
                 tracing::info!(instance_id = %id, %reason, "Arcus link down");
@@ -1555,7 +1608,8 @@ impl Supervisor {
                             let view_id = id.to_owned();
                             self.changed(&view_id, true);
                             self.metrics.allocations_ok.inc();
-                            let _ = p.reply.send(Ok(self.instances[&view_id].view()));
+                            let view = self.instances[&view_id].view();
+                            self.answer_when_saved(p.reply, view);
                             return;
                         }
                     }
@@ -1607,7 +1661,10 @@ fn tell_released(inst: &mut Instance) -> bool {
             )]))
             .is_ok()
         });
-    if told {
+    if told || (inst.is_arcus() && inst.pid.is_some()) {
+        // Not told because the link is down (e.g. the game was just re-adopted): the game
+        // still believes it is allocated and will say so when the link is back. It is told
+        // then (see `LinkEvent::Connected`); until it acknowledges, its 5 is stale.
         inst.release_pending = Some(Instant::now());
     }
     told

@@ -137,6 +137,9 @@ impl Drop for Daemon {
 /// A controller and agents in a scratch directory.
 #[derive(Debug)]
 pub struct Cluster {
+    /// `worker_threads` for the controller and the agents (None: their defaults).
+    pub controller_threads: Option<usize>,
+    pub agent_threads: Option<usize>,
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub client: Client,
@@ -150,6 +153,8 @@ impl Cluster {
             std::env::temp_dir().join(format!("berth-bench-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
+            controller_threads: None,
+            agent_threads: None,
             dir,
             bin,
             client: Client::new(),
@@ -172,6 +177,7 @@ impl Cluster {
 database = "sqlite://{db}"
 join_token = "{JOIN}"
 log_format = "json"
+{threads}
 [[tokens]]
 token = "{ADMIN}"
 role = "admin"
@@ -183,7 +189,10 @@ id = 1
 name = "bench"
 ping_ip = "127.0.0.1"
 "#,
-                db = self.dir.join("controller.db").display()
+                db = self.dir.join("controller.db").display(),
+                threads = self
+                    .controller_threads
+                    .map_or(String::new(), |n| format!("worker_threads = {n}")),
             ),
         )?;
         let mut d = Daemon {
@@ -234,12 +243,16 @@ addresses = ["127.0.0.1"]
 game_ports = "{game}-{}"
 management_ports = "{mgmt}-{}"
 log_format = "json"
+{threads}
 [[tokens]]
 token = "{ADMIN}"
 "#,
                 game + 1099,
                 mgmt + 1099,
                 state = state.display(),
+                threads = self
+                    .agent_threads
+                    .map_or(String::new(), |n| format!("worker_threads = {n}")),
             ),
         )?;
         let mut d = Daemon {

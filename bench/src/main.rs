@@ -51,6 +51,12 @@ enum Cmd {
         agents: usize,
         #[arg(long, default_value_t = 100)]
         instances_per_agent: u32,
+        /// worker_threads of each agent (default: the agent's own default).
+        #[arg(long)]
+        agent_threads: Option<usize>,
+        /// worker_threads of the controller (default: the controller's own default).
+        #[arg(long)]
+        controller_threads: Option<usize>,
         /// Print only the JSON line (the default prints it too, after a summary).
         #[arg(long)]
         json: bool,
@@ -91,10 +97,21 @@ fn main() -> Result<()> {
                 concurrency,
                 agents,
                 instances_per_agent,
+                agent_threads,
+                controller_threads,
                 json,
             } => {
                 let bin = bin_dir(cli.bin_dir.as_deref())?;
-                let r = allocate(bin, seconds, concurrency, agents, instances_per_agent).await?;
+                let threads = (controller_threads, agent_threads);
+                let r = allocate(
+                    bin,
+                    seconds,
+                    concurrency,
+                    agents,
+                    instances_per_agent,
+                    threads,
+                )
+                .await?;
                 report(&r, json);
                 Ok(())
             }
@@ -216,6 +233,7 @@ async fn allocate(
     concurrency: usize,
     agents: usize,
     per_agent: u32,
+    (controller_threads, agent_threads): (Option<usize>, Option<usize>),
 ) -> Result<Value> {
     let instances = agents * per_agent as usize;
     if instances < concurrency {
@@ -224,6 +242,8 @@ async fn allocate(
         );
     }
     let mut cluster = Cluster::new(bin.clone())?;
+    cluster.controller_threads = controller_threads;
+    cluster.agent_threads = agent_threads;
     cluster.start_controller().await?;
     for i in 0..agents {
         cluster.start_agent(i, false, true).await?;
@@ -347,6 +367,8 @@ async fn allocate(
         "instances": instances,
         "concurrency": concurrency,
         "agents": agents,
+        "agentThreads": agent_threads,
+        "controllerThreads": controller_threads,
         "seconds": seconds,
         "allocations": stats.ok,
         "errors": stats.errors,

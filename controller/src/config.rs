@@ -25,6 +25,7 @@ struct RawConfig {
     reconcile_interval_ms: Option<u64>,
     error_retention: Option<usize>,
     log_format: Option<String>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     tokens: Vec<RawToken>,
     #[serde(default)]
@@ -91,6 +92,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub error_retention: usize,
     pub log_format: LogFormat,
+    /// Runtime threads (1: everything on one thread).
+    pub worker_threads: usize,
     pub tokens: Vec<TokenEntry>,
     pub regions: Vec<Region>,
     pub dc_locations: Vec<DcLocation>,
@@ -108,6 +111,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("reconcile_interval_ms", Kind::Int),
     ("error_retention", Kind::Int),
     ("log_format", Kind::Str),
+    ("worker_threads", Kind::Int),
 ];
 
 pub fn digest(token: &str) -> [u8; 32] {
@@ -180,6 +184,15 @@ impl Config {
             ));
         }
         let log_format = LogFormat::parse(file, raw.log_format.as_deref())?;
+        let worker_threads = raw
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        if !(1..=256).contains(&worker_threads) {
+            return Err(file.err(
+                "worker_threads",
+                format!("{worker_threads} is outside 1-256"),
+            ));
+        }
 
         let mut tokens = Vec::new();
         for (i, t) in raw.tokens.into_iter().enumerate() {
@@ -273,6 +286,7 @@ impl Config {
             reconcile_interval: Duration::from_millis(reconcile),
             error_retention: raw.error_retention.unwrap_or(10_000).max(100),
             log_format,
+            worker_threads,
             tokens,
             regions,
             dc_locations,

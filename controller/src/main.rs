@@ -63,10 +63,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     berth_daemon::init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match berth_daemon::runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("berth-controller: cannot start the runtime: {e}");

@@ -215,6 +215,21 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The tokio runtime of a daemon: one thread runs everything when `worker_threads` is 1 (no
+/// cross-thread wake-ups, the cheapest on small machines), otherwise a work-stealing pool.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    }
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 pub async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
