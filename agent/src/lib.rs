@@ -161,7 +161,16 @@ pub async fn run(
     });
     tracing::info!(listen = %local, host_name = %config.host_name, "agent ready");
     on_ready(local);
-    let watchdog = tokio::spawn(watchdog(handle.clone(), shutdown.clone()));
+    let watchdog = {
+        let supervisor = handle.clone();
+        tokio::spawn(berth_daemon::watchdog(
+            move || {
+                let supervisor = supervisor.clone();
+                async move { supervisor.list().await.is_some() }
+            },
+            shutdown.clone(),
+        ))
+    };
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN).await {
         tracing::warn!(error = %e, "shutdown");
     }
@@ -171,28 +180,4 @@ pub async fn run(
     }
     let _ = sup_task.await;
     Ok(())
-}
-
-/// Pings systemd's watchdog only after a round trip through the supervisor, so a wedged
-/// supervisor gets the agent restarted (and its games re-adopted) rather than looking alive.
-async fn watchdog(supervisor: supervisor::SupervisorHandle, mut shutdown: Shutdown) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let period = Duration::from_micros(usec) / 3;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = shutdown.changed() => return,
-        }
-        if tokio::time::timeout(period, supervisor.list())
-            .await
-            .is_ok_and(|l| l.is_some())
-        {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        } else {
-            tracing::error!("supervisor did not answer; withholding the watchdog ping");
-        }
-    }
 }

@@ -84,17 +84,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            berth_daemon::stop_signal().await;
-            tracing::info!("stopping; games keep running");
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            let _ = tx.send(true);
-        });
-        berth_agent::run(config, rx, |_| {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        })
-        .await
+        let rx = berth_daemon::shutdown_on_signal("games keep running");
+        berth_agent::run(config, rx, |_| berth_daemon::notify_ready()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -375,6 +375,10 @@ struct Instance {
     release_pending: Option<Instant>,
     /// The game has reported 5 during this run: it acknowledges allocations and releases.
     game_confirms: bool,
+    /// Re-adopted with no allocation on record and no status heard since: a 5 the game
+    /// reports now is an allocation the agent told it of but crashed before writing down (and
+    /// so never acknowledged), not one the game made itself.
+    adopted_free: bool,
     version: u64,
 }
 
@@ -562,6 +566,7 @@ impl Supervisor {
                 pending: None,
                 release_pending: None,
                 game_confirms: false,
+                adopted_free: false,
                 version: 0,
             };
             let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
@@ -579,6 +584,7 @@ impl Supervisor {
                     inst.status = if inst.allocation.is_some() {
                         InstanceStatus::Allocated
                     } else {
+                        inst.adopted_free = true;
                         InstanceStatus::Starting
                     };
                     if inst.desired == Desired::Stopped {
@@ -841,6 +847,7 @@ impl Supervisor {
             pending: None,
             release_pending: None,
             game_confirms: false,
+            adopted_free: false,
             version: 0,
         };
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
@@ -1539,6 +1546,7 @@ impl Supervisor {
             return;
         }
         let mut persist = false;
+        let mut grace = false;
         // Changes nobody outside sees (the game confirming what we already report) are saved
         // but neither versioned nor pushed to the controller.
         let mut visible = true;
@@ -1576,6 +1584,7 @@ impl Supervisor {
                 if status == 5 {
                     inst.game_confirms = true;
                 }
+                let adopted_free = std::mem::take(&mut inst.adopted_free);
                 match (status, inst.status) {
                     // The game's own 4 after it confirmed: the match is over.
                     (4, InstanceStatus::Allocated) => {
@@ -1595,6 +1604,11 @@ impl Supervisor {
                     (5, _) if inst.release_pending.is_some() && inst.pending.is_none() => {
                         inst.game_confirms = true;
                         visible = false;
+                    }
+                    (5, _) if adopted_free => {
+                        tracing::warn!(instance_id = %id, "re-adopted game reports an allocation the agent never acknowledged; releasing it");
+                        inst.metadata.clear();
+                        grace = tell_released(inst);
                     }
                     (5, InstanceStatus::Allocating) => {
                         if let Some(p) = inst.pending.take() {
@@ -1637,6 +1651,9 @@ impl Supervisor {
                     }
                 }
             }
+        }
+        if grace {
+            self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
         }
         if visible {
             self.changed(id, persist);

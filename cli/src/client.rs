@@ -1,21 +1,16 @@
 //! Talking to the controller, and turning every way that can fail into one clear message with
 //! the right exit code.
 //!
-//! berth-http's `JsonClient` cannot send extra headers (`Idempotency-Key`) and decodes answers
-//! into types, while `--json` must print what the controller sent byte for byte; so this is a
-//! small client of its own that reports failures as berth-http's [`CallError`].
+//! Built on berth-http's `JsonClient`, but answers are kept as bytes: `--json` prints what the
+//! controller sent, byte for byte.
 
 use std::time::Duration;
 
 use anyhow::Result;
-use berth_http::CallError;
+use berth_http::{CallError, JsonClient};
 use berth_protocol::{ErrorBody, ErrorCode};
 use bytes::Bytes;
-use http::{Method, Request, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -30,20 +25,17 @@ pub struct Api {
     base: String,
     base_source: Source,
     token: Option<(String, Source)>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: JsonClient,
     timeout: Duration,
 }
 
 impl Api {
     pub fn new(base: String, base_source: Source, token: Option<(String, Source)>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
         Self {
             base,
             base_source,
             token,
-            http: Client::builder(TokioExecutor::new()).build(connector),
+            http: JsonClient::new(),
             timeout: TIMEOUT,
         }
     }
@@ -69,61 +61,16 @@ impl Api {
         headers: &[(&str, &str)],
     ) -> Result<Bytes, CallError> {
         let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url).header(
-            header::USER_AGENT,
+        let mut all = vec![(
+            header::USER_AGENT.as_str(),
             concat!("berthctl/", env!("CARGO_PKG_VERSION")),
-        );
-        if let Some((t, _)) = &self.token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|_| CallError::InvalidUrl(url.clone()))?;
-        let call = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| CallError::Unreachable {
-                    url: url.clone(),
-                    reason: root_cause(&e),
-                })?;
-            let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| CallError::Unreachable {
-                    url: url.clone(),
-                    reason: format!("the answer was cut off: {}", root_cause(&e)),
-                })?
-                .to_bytes();
-            Ok::<_, CallError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(self.timeout, call)
+        )];
+        all.extend_from_slice(headers);
+        let token = self.token.as_ref().map(|(t, _)| t.as_str());
+        self.http
+            .send_with(method, &url, token, &all, body, self.timeout)
             .await
-            .map_err(|_| CallError::TimedOut {
-                url: url.clone(),
-                ms: self.timeout.as_millis(),
-            })??;
-        if !(200..300).contains(&status) {
-            return Err(CallError::Status {
-                url,
-                status,
-                body: serde_json::from_slice::<ErrorBody>(&bytes)
-                    .ok()
-                    .map(Box::new),
-                // Whole, not cut: under --json it is printed as the controller's answer.
-                text: String::from_utf8_lossy(&bytes).into_owned(),
-            });
-        }
-        Ok(bytes)
+            .map(|(_, bytes)| bytes)
     }
 
     pub async fn get(&self, path: &str) -> Result<Bytes> {
@@ -329,16 +276,6 @@ pub fn refusal_message(body: &ErrorBody) -> String {
         body.identifier, body.identifier, body.code
     ));
     out
-}
-
-/// hyper says "client error (Connect)"; the innermost cause ("Connection refused") is what
-/// helps.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut last: &(dyn std::error::Error + 'static) = e;
-    while let Some(s) = last.source() {
-        last = s;
-    }
-    last.to_string()
 }
 
 /// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).

@@ -1711,16 +1711,26 @@ impl Inventory {
             return;
         }
         if let Some(a) = self.allocations.get(&id) {
+            // The agent holding another allocation id means it released ours: a release
+            // answered just before a controller crash, and so not yet on disk, brings the
+            // allocation back at restart while the agent has long moved on.
+            let other = rec
+                .view
+                .allocation_id
+                .as_ref()
+                .is_some_and(|held| *held != a.id);
             let still_ours = matches!(
                 rec.view.status,
                 InstanceStatus::Allocated | InstanceStatus::Allocating
-            );
+            ) && !other;
             if !still_ours && rec.view.version > a.agent_version {
                 let why = match rec.view.status {
                     InstanceStatus::Online => "the game ended its match",
+                    _ if other => "its agent holds another allocation",
                     _ => "the game exited",
                 };
                 self.release_allocation(&id, why);
+                self.check_dangling(&id);
             }
         } else {
             self.check_dangling(&id);

@@ -105,7 +105,16 @@ pub async fn run(
         config.reconcile_interval,
         shutdown.clone(),
     ));
-    let watchdog = tokio::spawn(watchdog(inventory.clone(), shutdown.clone()));
+    let watchdog = {
+        let inventory = inventory.clone();
+        tokio::spawn(berth_daemon::watchdog(
+            move || {
+                let inventory = inventory.clone();
+                async move { inventory.counts().await.is_ok() }
+            },
+            shutdown.clone(),
+        ))
+    };
     let app = api::router(api::AppState::new(
         &config, inventory, agents, store, metrics,
     ));
@@ -118,28 +127,4 @@ pub async fn run(
     actuator.abort();
     watchdog.abort();
     Ok(())
-}
-
-/// Pings systemd's watchdog only after a round trip through the inventory, so a wedged
-/// inventory gets the controller restarted rather than looking alive.
-async fn watchdog(inventory: inventory::InventoryHandle, mut shutdown: watch::Receiver<bool>) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let period = Duration::from_micros(usec) / 3;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = shutdown.changed() => return,
-        }
-        if tokio::time::timeout(period, inventory.counts())
-            .await
-            .is_ok_and(|c| c.is_ok())
-        {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        } else {
-            tracing::error!("inventory did not answer; withholding the watchdog ping");
-        }
-    }
 }

@@ -71,17 +71,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            berth_daemon::stop_signal().await;
-            tracing::info!("stopping: no new requests, finishing in-flight ones");
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            let _ = tx.send(true);
-        });
-        berth_controller::run(config, rx, |_| {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        })
-        .await
+        let rx = berth_daemon::shutdown_on_signal("no new requests, finishing in-flight ones");
+        berth_controller::run(config, rx, |_| berth_daemon::notify_ready()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

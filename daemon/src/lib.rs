@@ -230,6 +230,50 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     }
 }
 
+/// The shutdown signal every task of a daemon watches: becomes `true` on SIGTERM or SIGINT,
+/// after telling systemd the service is stopping. `what` is logged (e.g. "games keep running").
+pub fn shutdown_on_signal(what: &'static str) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("stopping: {what}");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Tells systemd the daemon is ready (no-op outside systemd).
+pub fn notify_ready() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Pings systemd's watchdog (when `WatchdogSec=` is set) only after `alive` answers true: the
+/// probe is a round trip through the daemon's owner task, so a wedged state machine gets the
+/// daemon restarted rather than kept alive by a healthy-looking timer.
+pub async fn watchdog<F, Fut>(alive: F, mut shutdown: tokio::sync::watch::Receiver<bool>)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = std::time::Duration::from_micros(usec) / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        if tokio::time::timeout(period, alive()).await.unwrap_or(false) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("the owner task did not answer; withholding the watchdog ping");
+        }
+    }
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 pub async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -111,12 +111,30 @@ impl JsonClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
+        let headers: &[(&str, &str)] = match correlation {
+            Some(c) => &[(crate::CORRELATION_HEADER, c)],
+            None => &[],
+        };
+        self.send_with(method, url, token, headers, body, timeout)
+            .await
+    }
+
+    /// [`JsonClient::send`] with any extra headers (`Idempotency-Key`, `User-Agent`, …).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
         let mut req = Request::builder().method(method).uri(url);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        if let Some(c) = correlation {
-            req = req.header(crate::CORRELATION_HEADER, c);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let has_body = body.is_some();
         if has_body {
@@ -160,7 +178,9 @@ impl JsonClient {
                 body: serde_json::from_slice::<ErrorBody>(&bytes)
                     .ok()
                     .map(Box::new),
-                text: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+                // Whole (error bodies are small; 64 KiB bounds a misbehaving peer): a CLI
+                // prints it as the peer's answer.
+                text: String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)]).into_owned(),
             });
         }
         Ok((status, bytes))
@@ -174,14 +194,12 @@ fn decode<R: DeserializeOwned>(url: &str, bytes: &[u8]) -> Result<R, CallError> 
     })
 }
 
-/// hyper's errors say "client error (Connect)"; the cause underneath is what helps.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
+/// hyper says "client error (Connect)"; the innermost cause ("Connection refused") is what
+/// helps a reader.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = e;
+    while let Some(s) = last.source() {
+        last = s;
     }
-    out
+    last.to_string()
 }
