@@ -471,8 +471,10 @@ pub struct Supervisor {
     rx: mpsc::Receiver<Command>,
     updates: mpsc::UnboundedSender<Update>,
     writer: StateWriter,
-    /// The number of the last snapshot handed to the writer, and of the last one written.
+    /// The number of the last job (snapshot or journal line) handed to the writer, of the last
+    /// snapshot among them, and of the last job written.
     snapshot_seq: u64,
+    base_seq: u64,
     written: tokio::sync::watch::Receiver<u64>,
     /// Allocations done but not yet answered: answered once a snapshot numbered at least this
     /// holds them, so an acknowledged allocation survives an agent crash.
@@ -518,7 +520,8 @@ impl Supervisor {
             rx,
             updates,
             writer,
-            snapshot_seq: 0,
+            snapshot_seq: state.seq,
+            base_seq: state.seq,
             written,
             unsaved_answers: Vec::new(),
             generation: state.generation,
@@ -654,17 +657,26 @@ impl Supervisor {
                 _ = shutdown.changed() => break,
             }
         }
-        // Persist synchronously: the writer task may not get another turn.
-        match serde_json::to_vec(&self.snapshot()) {
-            Ok(bytes) => match crate::state::write_atomic(&self.config.state_dir, &bytes) {
-                Ok(()) => {
-                    for (_, reply, view) in self.unsaved_answers.drain(..) {
-                        let _ = reply.send(Ok(view));
-                    }
+        // The last snapshot goes through the writer too (in order, after anything still
+        // queued), and the agent exits only once it is on disk.
+        self.flush_now();
+        let target = self.snapshot_seq;
+        let mut written = self.writer.written();
+        let on_disk = tokio::time::timeout(Duration::from_secs(10), async {
+            while *written.borrow_and_update() < target {
+                if written.changed().await.is_err() {
+                    return false;
                 }
-                Err(e) => tracing::error!(error = %e, "state not saved at shutdown"),
-            },
-            Err(e) => tracing::error!(error = %e, "state not serialised at shutdown"),
+            }
+            true
+        })
+        .await;
+        if on_disk == Ok(true) {
+            for (_, reply, view) in self.unsaved_answers.drain(..) {
+                let _ = reply.send(Ok(view));
+            }
+        } else {
+            tracing::error!("state not saved at shutdown");
         }
         tracing::info!(
             instances = self.instances.len(),
@@ -672,39 +684,51 @@ impl Supervisor {
         );
     }
 
-    fn snapshot(&self) -> StateFile {
+    fn snapshot(&self, seq: u64) -> StateFile {
         StateFile {
             format: 1,
             generation: self.generation,
             agent_token: self.agent_token.clone(),
+            seq,
             instances: self.instances.values().map(Instance::persisted).collect(),
         }
     }
 
     fn flush_now(&mut self) {
         self.flush_at = None;
-        match serde_json::to_vec(&self.snapshot()) {
+        let seq = self.snapshot_seq + 1;
+        match serde_json::to_vec(&self.snapshot(seq)) {
             Ok(bytes) => {
-                self.snapshot_seq += 1;
-                self.writer.save(self.snapshot_seq, bytes);
+                self.snapshot_seq = seq;
+                self.base_seq = seq;
+                self.writer.save(seq, bytes);
             }
             Err(e) => tracing::error!(error = %e, "state not serialised"),
         }
     }
 
-    /// Answers an allocation once the state file holds it: an allocation the agent
-    /// acknowledged and then forgot in a crash would come back as one the game made itself,
-    /// with no id, which no release can end. Written now if the writer is idle; otherwise with
-    /// everything else that waits, as soon as the write in progress ends (group commit).
+    /// Answers an allocation once it is on disk: an allocation the agent acknowledged and then
+    /// forgot in a crash would come back as one the game made itself, with no id, which no
+    /// release can end. One journal line, committed with every other line waiting (group
+    /// commit).
     fn answer_when_saved(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
-        self.unsaved_answers
-            .push((self.snapshot_seq + 1, reply, view));
-        if *self.written.borrow() >= self.snapshot_seq {
-            self.flush_now();
-        }
+        let Some(inst) = self.instances.get(&view.id) else {
+            let _ = reply.send(Ok(view));
+            return;
+        };
+        self.snapshot_seq += 1;
+        let entry = crate::state::JournalEntry {
+            base: self.base_seq,
+            id: inst.id.clone(),
+            status: inst.status,
+            allocation: inst.allocation.clone(),
+            metadata: inst.metadata.clone(),
+        };
+        self.writer.append(self.snapshot_seq, &entry);
+        self.unsaved_answers.push((self.snapshot_seq, reply, view));
     }
 
-    /// The writer finished a snapshot: answer what it holds, and write what still waits.
+    /// The writer finished a batch: answer what it holds.
     fn snapshot_written(&mut self) {
         let written = *self.written.borrow_and_update();
         let (saved, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsaved_answers)
@@ -714,9 +738,6 @@ impl Supervisor {
             let _ = reply.send(Ok(view));
         }
         self.unsaved_answers = waiting;
-        if !self.unsaved_answers.is_empty() && written >= self.snapshot_seq {
-            self.flush_now();
-        }
     }
 
     /// Records a change: new version, snapshot to the controller, state file later.
