@@ -24,7 +24,9 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::cluster::{ADMIN, Cluster, MATCHMAKER, bin_dir, free_port, rss_bytes};
+use crate::cluster::{
+    ADMIN, Cluster, MATCHMAKER, bin_dir, cpu_seconds, free_port, pids_of, rss_bytes,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -305,6 +307,21 @@ async fn allocate(
             })
         })
     };
+    // CPU used by each kind of process over the run: where an allocation's cost goes.
+    let cpu_now = |cluster: &Cluster| {
+        let controller = cluster
+            .controller
+            .as_ref()
+            .map_or(0.0, |c| cpu_seconds(c.pid()));
+        let agents: f64 = cluster.agents.iter().map(|a| cpu_seconds(a.pid())).sum();
+        let games: f64 = pids_of(&cluster.sample_game())
+            .into_iter()
+            .map(cpu_seconds)
+            .sum();
+        let me = cpu_seconds(std::process::id());
+        [controller, agents, games, me]
+    };
+    let cpu_before = cpu_now(&cluster);
     let (mut stats, window) = drive(
         concurrency,
         Duration::from_secs(1),
@@ -312,6 +329,15 @@ async fn allocate(
         op,
     )
     .await;
+    let cpu_after = cpu_now(&cluster);
+    let per_alloc_ms =
+        |i: usize| round3((cpu_after[i] - cpu_before[i]) * 1000.0 / (stats.ok.max(1) as f64));
+    let cpu_ms_per_allocation = json!({
+        "controller": per_alloc_ms(0),
+        "agents": per_alloc_ms(1),
+        "games": per_alloc_ms(2),
+        "loadGenerator": per_alloc_ms(3),
+    });
     let controller_rss = cluster
         .controller
         .as_ref()
@@ -376,6 +402,7 @@ async fn allocate(
         "agentRssBytes": agent_rss,
         "controllerRssBytes": controller_rss,
         "ceilingRequestsPerSecond": ceiling.round(),
+        "cpuMsPerAllocation": cpu_ms_per_allocation,
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
 }
