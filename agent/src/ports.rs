@@ -148,13 +148,24 @@ mod tests {
 
     #[test]
     fn reserves_distinct_ports_and_skips_busy_ones() {
-        // A port held by someone else is skipped.
-        let busy = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
-        let busy_port = busy.local_addr().expect("addr").port();
-        let mut pool = PortPool::new(busy_port..=busy_port.saturating_add(3), 1100..=1101);
+        // A block of four free game ports and two free management ports, found by probing so
+        // that other programs on the machine cannot make this test flaky.
+        let (base, busy) = (21_000..29_000u16)
+            .step_by(7)
+            .find_map(|p| {
+                let all_free = (p..p + 4).all(game_port_free);
+                let busy = TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).ok()?;
+                all_free.then_some((p, busy))
+            })
+            .expect("a free block of ports");
+        let mgmt = (31_000..32_700u16)
+            .step_by(5)
+            .find(|p| (*p..*p + 2).all(management_port_free))
+            .expect("two free management ports");
+        let mut pool = PortPool::new(base..=base + 3, mgmt..=mgmt + 1);
         let (g, m) = pool.reserve().expect("ports");
-        assert_ne!(g, busy_port);
-        assert!((1100..=1101).contains(&m));
+        assert_ne!(g, base, "a port held by someone else is skipped");
+        assert!((mgmt..=mgmt + 1).contains(&m));
         let (g2, m2) = pool.reserve().expect("ports");
         assert_ne!(g, g2);
         assert_ne!(m, m2);
@@ -167,5 +178,6 @@ mod tests {
         ));
         pool.release(m);
         assert!(pool.reserve().is_ok());
+        drop(busy);
     }
 }

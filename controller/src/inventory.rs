@@ -1725,7 +1725,11 @@ impl Inventory {
             ) && !other;
             if !still_ours && rec.view.version > a.agent_version {
                 let why = match rec.view.status {
-                    InstanceStatus::Online => "the game ended its match",
+                    // Either the game reported 4, or a release answered just before a
+                    // controller crash came back at restart: the agent is right either way.
+                    InstanceStatus::Online => {
+                        "its agent reports it free (the game ended its match, or a release was not yet on disk when the controller stopped)"
+                    }
                     _ if other => "its agent holds another allocation",
                     _ => "the game exited",
                 };

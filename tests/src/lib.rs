@@ -19,7 +19,12 @@
 //!   check error bodies ([`Response::assert_error`]).
 //! * [`wait_for`] polls a condition until it holds, failing with the last thing it saw.
 //! * [`game_info`], [`sample_game_profile`], [`bad_game_profile`]: drive the test games.
-//! * [`pid_alive`], [`count_instance_processes`]: what the kernel says about processes.
+//! * [`pid_alive`], [`count_instance_processes`], [`pids_writing_under`], [`arg_value`]: what
+//!   the kernel says about processes.
+//! * Agents and controllers can listen on other addresses than loopback
+//!   ([`AgentConfig::listen_ip`], [`ControllerConfig::listen_ip`]) and an agent can run under a
+//!   wrapper command ([`AgentConfig::wrapper`], e.g. `ip netns exec <ns>`), for tests that put
+//!   daemons in network namespaces; [`game_info_at`] reaches such a game.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -223,11 +228,21 @@ impl PortBlock {
             NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7) % BLOCKS));
         for _ in 0..BLOCKS {
             let block = counter.fetch_add(1, Ordering::Relaxed) % BLOCKS;
-            if claim_block(block) {
+            // A block some other program sits in (a benchmark or a dev cluster, whose agents
+            // use the default ranges from their start) stays claimed but unused.
+            if claim_block(block) && Self::block(block).is_free() {
                 return Self::block(block);
             }
         }
         Self::block(counter.fetch_add(1, Ordering::Relaxed) % BLOCKS)
+    }
+
+    /// Whether every port of the block can be bound on loopback right now.
+    fn is_free(&self) -> bool {
+        self.game
+            .clone()
+            .chain(self.management.clone())
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
     }
 
     fn block(block: u32) -> Self {
@@ -994,11 +1009,20 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        let pids = self.candidate_game_pids();
+        let mut pids = self.candidate_game_pids();
+        let spawners = self.pid().map(children_of).unwrap_or_default();
         if let Some(mut child) = self.child.take() {
             let _ = kill(pid_of(child.id()), Signal::SIGKILL);
             let _ = child.wait();
         }
+        // The agent's spawner exits once the agent is gone, after finishing a start in
+        // progress; then every game of this agent, even one no listing or state file has
+        // seen yet, is a process writing into this agent's directory.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while spawners.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        pids.extend(pids_writing_under(&self.state_dir));
         let bins = bin_dir();
         for pid in pids {
             // Only our own game binaries: a recorded pid may have been reused by now.
