@@ -3,9 +3,9 @@
 //! Two files. The **snapshot** (`agent-state.json`) holds every instance; it is written
 //! atomically (temp file, fsync, rename, fsync of the directory) and coalesced, so a burst of
 //! changes costs one write. The **journal** (`agent-state.journal`) takes the one change that
-//! must be on disk before it is answered — an allocation — as one small line, and the writer
-//! commits every line waiting with one `fdatasync` (group commit), so an allocation never waits
-//! for every instance to be serialised. Each line names the snapshot it follows: after a newer
+//! must be written before it is answered — an allocation — as one small line, and the writer
+//! writes every line waiting at once (group commit), so an allocation never waits for every
+//! instance to be serialised. Journal lines are not fsynced (see `write_loop`). Each line names the snapshot it follows: after a newer
 //! snapshot it is ignored, even if the crash came before the journal was emptied.
 
 use std::fs::{File, OpenOptions};
@@ -296,8 +296,12 @@ fn write_loop(state_dir: &Path, rx: &std::sync::mpsc::Receiver<Job>, written: &w
             }
         }
         if !lines.is_empty() {
+            // No fsync: the journal protects against the *agent process* dying (SIGKILL,
+            // restart, upgrade), and a written line survives that in the page cache, readable
+            // at once. Only a host crash loses it, and that also ends every game it describes.
+            // Snapshots, in contrast, are synced: the agent must be able to start after one.
             let result = match file.as_mut() {
-                Some(f) => f.write_all(&lines).and_then(|()| f.sync_data()),
+                Some(f) => f.write_all(&lines),
                 None => Err(io::Error::other("the journal could not be opened")),
             };
             if let Err(e) = result {
