@@ -7,6 +7,7 @@
 //! the store's writer; the inventory never waits for the disk itself, it hands the commit
 //! receipt to the caller that must not answer before it.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -408,6 +409,20 @@ struct Inst {
     removing: bool,
 }
 
+/// Where a host ranks for packing: bare metal first, then the most allocations, then the
+/// lowest id — the engine's order.
+type HostRank = (bool, Reverse<u32>, u64);
+
+/// The idle instances of one application, ordered so that the first one that passes the
+/// filter on a usable host is the engine's choice. Only instance-level conditions decide
+/// membership; host-level ones (reachable, re-synced, not draining, the filter's host columns)
+/// are checked while walking, so a host changing state needs no update here.
+#[derive(Debug, Default)]
+struct AppIndex {
+    hosts: BTreeSet<HostRank>,
+    idle: HashMap<u64, BTreeSet<String>>,
+}
+
 /// The parts of an allocation an instance object shows.
 #[derive(Debug, Clone, Copy)]
 struct AllocView<'a> {
@@ -444,6 +459,10 @@ pub struct Inventory {
     allocations: HashMap<String, AllocationRecord>,
     by_key: HashMap<String, String>,
     host_allocations: HashMap<u64, u32>,
+    /// The candidate index: allocation walks it instead of scanning every instance.
+    index: HashMap<u32, AppIndex>,
+    /// Instances skipped after an agent refused them, put back on the tick that ends that.
+    refused: HashSet<String>,
     claims: HashMap<u64, Claim>,
     inflight_keys: HashSet<String>,
     next_claim: u64,
@@ -555,6 +574,8 @@ impl Inventory {
             allocations: HashMap::new(),
             by_key: HashMap::new(),
             host_allocations: HashMap::new(),
+            index: HashMap::new(),
+            refused: HashSet::new(),
             claims: HashMap::new(),
             inflight_keys: HashSet::new(),
             next_claim: 1,
@@ -683,13 +704,91 @@ impl Inventory {
 
     // ----- indexes -------------------------------------------------------------------------
 
+    fn rank(&self, host_id: u64) -> HostRank {
+        let vm = self.hosts.get(&host_id).is_some_and(|h| h.rec.is_virtual);
+        let n = self.host_allocations.get(&host_id).copied().unwrap_or(0);
+        (vm, Reverse(n), host_id)
+    }
+
+    /// Instance-level conditions of [`Availability::Allocatable`].
+    fn instance_idle(&self, i: &Inst, now: Instant) -> bool {
+        !i.removing
+            && i.claim.is_none()
+            && !self.allocations.contains_key(&i.rec.id)
+            && i.refused_until.is_none_or(|t| t <= now)
+            && i.rec.view.is_allocatable()
+    }
+
+    /// Puts an instance in or out of the candidate index after anything about it changed.
+    fn reindex(&mut self, id: &str) {
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
+        let (app, host) = (inst.rec.application_id, inst.rec.host_id);
+        let idle = self.instance_idle(inst, Instant::now());
+        let rank = self.rank(host);
+        let ai = self.index.entry(app).or_default();
+        if idle {
+            let set = ai.idle.entry(host).or_default();
+            if set.insert(id.to_owned()) && set.len() == 1 {
+                ai.hosts.insert(rank);
+            }
+        } else if let Some(set) = ai.idle.get_mut(&host)
+            && set.remove(id)
+            && set.is_empty()
+        {
+            ai.idle.remove(&host);
+            ai.hosts.remove(&rank);
+        }
+    }
+
+    /// A host's rank is about to change (its allocation count, or VM flag): moves its entries.
+    fn rerank(&mut self, host_id: u64, old: HostRank) {
+        let new = self.rank(host_id);
+        if new == old {
+            return;
+        }
+        for ai in self.index.values_mut() {
+            if ai.hosts.remove(&old) {
+                ai.hosts.insert(new);
+            }
+        }
+    }
+
+    /// The engine's choice, found through the index: the first idle instance, on a usable host
+    /// in rank order, that passes the filter.
+    fn choose_indexed(&self, app: u32, filter: &Resolved, now: Instant) -> Option<String> {
+        let ai = self.index.get(&app)?;
+        for &(_, _, host_id) in &ai.hosts {
+            let Some(host) = self.hosts.get(&host_id) else {
+                continue;
+            };
+            if !host.reachable || !host.synced || host.rec.draining {
+                continue;
+            }
+            for id in ai.idle.get(&host_id).into_iter().flatten() {
+                let Some(inst) = self.instances.get(id) else {
+                    continue;
+                };
+                let f = self.facts(inst, now);
+                if f.availability == Availability::Allocatable
+                    && filter.conds.iter().all(|(c, _)| cond_matches(c, &f))
+                {
+                    return Some(id.clone());
+                }
+            }
+        }
+        None
+    }
+
     fn insert_instance(&mut self, rec: InstanceRecord) {
         self.by_application
             .entry(rec.application_id)
             .or_default()
             .insert(rec.id.clone());
+        let id = rec.id.clone();
         self.instances.insert(
-            rec.id.clone(),
+            id.clone(),
             Inst {
                 rec,
                 claim: None,
@@ -697,14 +796,19 @@ impl Inventory {
                 removing: false,
             },
         );
+        self.reindex(&id);
     }
 
     fn insert_allocation(&mut self, a: AllocationRecord) {
         if let Some(k) = &a.idempotency_key {
             self.by_key.insert(k.clone(), a.instance_id.clone());
         }
+        let old = self.rank(a.host_id);
         *self.host_allocations.entry(a.host_id).or_insert(0) += 1;
-        self.allocations.insert(a.instance_id.clone(), a);
+        self.rerank(a.host_id, old);
+        let id = a.instance_id.clone();
+        self.allocations.insert(id.clone(), a);
+        self.reindex(&id);
     }
 
     /// Ends an allocation in memory and on disk. Nobody waits for the disk here: a release
@@ -717,15 +821,24 @@ impl Inventory {
         if let Some(k) = &a.idempotency_key {
             self.by_key.remove(k);
         }
+        let old = self.rank(a.host_id);
         if let Some(n) = self.host_allocations.get_mut(&a.host_id) {
             *n = n.saturating_sub(1);
         }
+        self.rerank(a.host_id, old);
+        self.reindex(instance_id);
         tracing::debug!(instance_id, allocation_id = %a.id, reason = why, "allocation released");
         self.writer.submit(Write::ReleaseAllocation(a.id));
     }
 
     fn remove_instance(&mut self, id: &str, why: &str) {
         self.release_allocation(id, why);
+        if let Some(inst) = self.instances.get_mut(id) {
+            // Out of the index before it leaves the map.
+            inst.removing = true;
+        }
+        self.reindex(id);
+        self.refused.remove(id);
         if let Some(mut inst) = self.instances.remove(id) {
             if let Some(set) = self.by_application.get_mut(&inst.rec.application_id) {
                 set.remove(id);
@@ -1139,19 +1252,34 @@ impl Inventory {
         let chosen = if claim.attempts.len() >= self.config.max_allocation_attempts as usize {
             None
         } else {
-            let ids: Vec<&String> = self
-                .by_application
-                .get(&claim.input.application_id)
-                .map(|s| s.iter().collect())
-                .unwrap_or_default();
-            let facts: Vec<Facts> = ids
-                .iter()
-                .filter_map(|id| self.instances.get(*id))
-                .map(|i| self.facts(i, now))
-                .collect();
-            match engine::choose(&facts, &claim.resolved) {
-                Ok(i) => Some(ids[i].clone()),
-                Err(refusal) if claim.attempts.is_empty() => {
+            let indexed = self.choose_indexed(claim.input.application_id, &claim.resolved, now);
+            // The index must agree with the pure engine: checked on every choice in debug
+            // builds (every end-to-end test), and the full scan also explains a refusal.
+            let scanned = if indexed.is_none() || cfg!(debug_assertions) {
+                let ids: Vec<&String> = self
+                    .by_application
+                    .get(&claim.input.application_id)
+                    .map(|s| s.iter().collect())
+                    .unwrap_or_default();
+                let facts: Vec<Facts> = ids
+                    .iter()
+                    .filter_map(|id| self.instances.get(*id))
+                    .map(|i| self.facts(i, now))
+                    .collect();
+                Some(engine::choose(&facts, &claim.resolved).map(|i| ids[i].clone()))
+            } else {
+                None
+            };
+            if let (Some(i), Some(Ok(s))) = (&indexed, &scanned) {
+                debug_assert_eq!(i, s, "candidate index disagrees with the engine");
+            }
+            match (indexed, scanned) {
+                (Some(id), _) => Some(id),
+                (None, Some(Ok(id))) => {
+                    debug_assert!(false, "candidate index missed {id}");
+                    Some(id)
+                }
+                (None, Some(Err(refusal))) if claim.attempts.is_empty() => {
                     let mut f = Failure::new(
                         ErrorCode::NoAllocatableInstance,
                         "Unable to allocate application instance.",
@@ -1160,7 +1288,7 @@ impl Inventory {
                     f.story = Some(Box::new(json!({"decision": refusal.to_json()})));
                     return self.finish_claim(claim, f, Some(refusal));
                 }
-                Err(_) => None,
+                (None, _) => None,
             }
         };
         let Some(instance_id) = chosen else {
@@ -1173,6 +1301,7 @@ impl Inventory {
         };
         inst.claim = Some(claim_id);
         let host_id = inst.rec.host_id;
+        self.reindex(&instance_id);
         let Some(target) = self.hosts.get(&host_id).map(Host::target) else {
             return self.fail_after_attempts(claim);
         };
@@ -1277,6 +1406,7 @@ impl Inventory {
         if let Some(inst) = self.instances.get_mut(&instance_id) {
             inst.claim = None;
         }
+        self.reindex(&instance_id);
         match result {
             Ok(view) => {
                 let Some(inst) = self.instances.get_mut(&instance_id) else {
@@ -1354,7 +1484,9 @@ impl Inventory {
                 });
                 if let Some(inst) = self.instances.get_mut(&instance_id) {
                     inst.refused_until = Some(Instant::now() + REFUSED_FOR);
+                    self.refused.insert(instance_id.clone());
                 }
+                self.reindex(&instance_id);
                 self.next_attempt(claim)
             }
         }
@@ -1565,6 +1697,8 @@ impl Inventory {
             .writer
             .submit_durable(Write::Host(Box::new(rec.clone())));
         let lane = self.agents.lane(&plain_target(&rec));
+        // The host's rank includes its VM flag, which a re-registration may change.
+        let old_rank = self.rank(id);
         self.hosts.insert(
             id,
             Host {
@@ -1577,6 +1711,7 @@ impl Inventory {
                 deploy_backoff_until: None,
             },
         );
+        self.rerank(id, old_rank);
         // Reconcile the full report: what the agent no longer has is gone; what it has that
         // we did not know is adopted.
         let reported: HashSet<&str> = req.instances.iter().map(|v| v.id.as_str()).collect();
@@ -1704,6 +1839,11 @@ impl Inventory {
         }
         inst.refused_until = None;
         inst.rec.view = view;
+        self.refused.remove(&id);
+        self.reindex(&id);
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return;
+        };
         // Live state is not persisted: agents report it in full when they (re-)register.
         let rec = inst.rec.clone();
         let claimed = inst.claim.is_some();
@@ -1768,6 +1908,21 @@ impl Inventory {
     }
 
     fn tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .refused
+            .iter()
+            .filter(|id| {
+                self.instances
+                    .get(*id)
+                    .is_none_or(|i| i.refused_until.is_none_or(|t| t <= now))
+            })
+            .cloned()
+            .collect();
+        for id in expired {
+            self.refused.remove(&id);
+            self.reindex(&id);
+        }
         let expiry = self.config.expiry();
         for h in self.hosts.values_mut() {
             if h.reachable && h.last_heartbeat.elapsed() > expiry {
@@ -1985,6 +2140,7 @@ impl Inventory {
             if let Some(inst) = self.instances.get_mut(&id) {
                 inst.removing = true;
             }
+            self.reindex(&id);
             actions.push(Action::Remove {
                 target,
                 instance_id: id,
@@ -2031,6 +2187,7 @@ impl Inventory {
                     if let Some(i) = self.instances.get_mut(&instance_id) {
                         i.removing = false;
                     }
+                    self.reindex(&instance_id);
                 }
             },
             ActionResult::Deallocated { host_id, result } => {
