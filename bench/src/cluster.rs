@@ -14,7 +14,7 @@ use crate::client::Client;
 
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 pub const MATCHMAKER: &str = "bench-matchmaker-token-0123456789";
-const JOIN: &str = "bench-join-token-0123456789";
+pub const JOIN: &str = "bench-join-token-0123456789";
 
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -75,6 +75,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Controller memory with a large inventory: hosts are registered through the agent API
+    /// by this process (no games run), then the controller's RSS is read.
+    Inventory {
+        #[arg(long, default_value_t = 100_000)]
+        instances: usize,
+        #[arg(long, default_value_t = 100)]
+        per_host: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: one hop of the ceiling chain.
     #[command(hide = true)]
     Hop {
@@ -120,6 +130,16 @@ fn main() -> Result<()> {
             Cmd::Spawn { games, json } => {
                 let bin = bin_dir(cli.bin_dir.as_deref())?;
                 let r = spawn(bin, &games).await?;
+                report(&r, json);
+                Ok(())
+            }
+            Cmd::Inventory {
+                instances,
+                per_host,
+                json,
+            } => {
+                let bin = bin_dir(cli.bin_dir.as_deref())?;
+                let r = inventory(bin, instances, per_host).await?;
                 report(&r, json);
                 Ok(())
             }
@@ -572,5 +592,68 @@ async fn detect(bin: PathBuf) -> Result<Value> {
         "detectedMs": detected.as_millis() as u64,
         "allocateWhileDeadStatus": status,
         "rejoinedMs": rejoined.as_millis() as u64,
+    }))
+}
+
+/// Registers `instances` instances on hosts of `per_host` each, as agents would, and reads the
+/// controller's memory. The instances carry realistic fields (ids, live state, ports).
+async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Value> {
+    let mut cluster = Cluster::new(bin)?;
+    cluster.start_controller().await?;
+    let base = cluster.controller_url().to_owned();
+    let client = cluster.client.clone();
+    let rss_empty = rss_bytes(cluster.controller.as_ref().map_or(0, |c| c.pid()));
+    let hosts = instances.div_ceil(per_host.max(1));
+    let started = Instant::now();
+    let mut made = 0usize;
+    for h in 0..hosts {
+        let n = per_host.min(instances - made);
+        let views: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({
+                    "id": uuid::Uuid::new_v4().to_string(), "applicationId": 1, "fleetId": 1,
+                    "profileId": "bench-1", "build": "1.0.0", "managementProtocol": "arcus",
+                    "port": 20000 + i, "managementPort": 30000 + i, "status": 4, "state": "running",
+                    "pid": 1000 + i, "pidChangedAt": 1_700_000_000u64, "startedAt": 1_700_000_000u64,
+                    "createdAt": 1_700_000_000u64, "updatedAt": 1_700_000_000u64, "restarts": 0,
+                    "autoRestart": true, "arcusConnected": true, "numPlayers": 0, "numPlayersMax": 16,
+                    "liveHostName": format!("bench-game-{h}-{i}"), "liveMap": "dust", "liveRules": "ranked",
+                    "liveGameVersion": "1.0.0", "metadata": [], "reverseMetadata": [], "version": 1,
+                })
+            })
+            .collect();
+        made += n;
+        let body = json!({
+            "hostName": format!("synthetic-{h}"), "region": "bench", "dcLocation": "bench-1",
+            "isVirtual": false, "advertiseUrl": format!("http://127.0.0.1:9/{h}"),
+            "addresses": ["127.0.0.1"], "labels": {}, "capacity": {"cpus": 32, "memoryBytes": 1u64 << 37},
+            "agentVersion": "bench", "agentToken": format!("synthetic-agent-token-{h}-0123456789"),
+            "instances": views,
+        });
+        let (status, text) = client
+            .post(
+                &format!("{base}/v1/agent/register"),
+                Some(cluster::JOIN),
+                &body,
+            )
+            .await?;
+        if status != 200 {
+            bail!("register host {h}: {status} {text}");
+        }
+    }
+    let registered = started.elapsed();
+    // Let the database writer and the allocator settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, b) = client.get(&format!("{base}/v1/hosts"), Some(ADMIN)).await?;
+    let listed: Vec<Value> = serde_json::from_slice(&b)?;
+    let rss = rss_bytes(cluster.controller.as_ref().map_or(0, |c| c.pid()));
+    Ok(json!({
+        "benchmark": "inventory",
+        "instances": made,
+        "hosts": listed.len(),
+        "registerSeconds": round3(registered.as_secs_f64()),
+        "controllerRssBytes": rss,
+        "controllerRssEmptyBytes": rss_empty,
+        "bytesPerInstance": (rss.saturating_sub(rss_empty)) / made.max(1) as u64,
     }))
 }
