@@ -57,14 +57,14 @@ impl Lane {
         if self.tx.send((op, reply)).is_err() {
             return Err(internal(
                 target,
-                "nothing: its lane has stopped".to_owned(),
+                "nothing (its lane has stopped)".to_owned(),
                 0,
             ));
         }
         rx.await.unwrap_or_else(|_| {
             Err(internal(
                 target,
-                "nothing: its lane has stopped".to_owned(),
+                "nothing (its lane has stopped)".to_owned(),
                 0,
             ))
         })
@@ -398,12 +398,12 @@ fn failure(target: &AgentTarget, e: CallError, elapsed: Duration) -> AgentFailur
         },
         CallError::Status { status, text, .. } => internal(
             target,
-            format!("HTTP {status} with a body that is not an error body: {text}"),
+            format!("with HTTP {status} and a body that is not an error body: {text}"),
             elapsed_ms,
         ),
         CallError::Decode { reason, .. } => internal(
             target,
-            format!("an answer that is not an instance: {reason}"),
+            format!("with something that is not an instance ({reason})"),
             elapsed_ms,
         ),
         CallError::InvalidUrl(u) => {

@@ -194,7 +194,19 @@ impl FromRequestParts<AppState> for HostToken {
 pub fn router(state: AppState) -> Router {
     let sink: FailureSink = {
         let inv = state.inventory.clone();
-        Arc::new(move |r| inv.record_failure(r))
+        Arc::new(move |r| {
+            // Requests with no valid credentials, over their rate, or to no route are not
+            // kept: anyone who can reach the port could otherwise make the controller write.
+            let anonymous = matches!(
+                r.body.code,
+                ErrorCode::MissingCredentials
+                    | ErrorCode::InvalidCredentials
+                    | ErrorCode::RateLimited
+            ) || r.body.details.starts_with("no route ");
+            if !anonymous {
+                inv.record_failure(r);
+            }
+        })
     };
     Router::new()
         .route("/healthz", get(healthz))
@@ -384,7 +396,14 @@ fn parse_filter(text: &str) -> Result<Filter, Failure> {
 }
 
 fn check_metadata(field: &str, pairs: &[KeyValue]) -> Result<(), Failure> {
-    metadata::validate(pairs).map_err(|e| Failure::invalid_request(format!("{field}: {e}")))
+    // The validation messages already say "metadata…"; a separate game metadata list is named.
+    metadata::validate(pairs).map_err(|e| {
+        Failure::invalid_request(if field == "metadata" {
+            e.to_string()
+        } else {
+            format!("{field}: {e}")
+        })
+    })
 }
 
 fn request_digest(
@@ -720,6 +739,7 @@ fn removed_object(r: crate::model::InstanceRecord) -> InstanceObject {
         allocated_at: None,
         restarts: v.restarts,
         auto_restart: v.auto_restart,
+        releasing: false,
         created_at: berth_protocol::time::rfc3339(r.created_at),
         updated_at: berth_protocol::time::rfc3339(r.removed_at.unwrap_or(v.updated_at)),
     }

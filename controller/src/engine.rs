@@ -18,6 +18,8 @@ pub enum Availability {
     NotOnline,
     ArcusDown,
     HostUnreachable,
+    /// The host's agent did not answer a call a moment ago (though it may still heartbeat).
+    AgentNotAnswering,
     /// The host has not re-registered since the controller started.
     HostResyncing,
     HostDraining,
@@ -38,6 +40,7 @@ impl Availability {
             Self::NotOnline => "not online (starting or offline)",
             Self::ArcusDown => "with the Arcus link down",
             Self::HostUnreachable => "on unreachable hosts",
+            Self::AgentNotAnswering => "on hosts whose agent did not answer a moment ago",
             Self::HostResyncing => "on hosts not yet re-registered after a controller restart",
             Self::HostDraining => "on draining hosts",
             Self::RecentlyRefused => "just refused by their agent",

@@ -39,6 +39,9 @@ use crate::unix_now;
 
 /// How long an instance an agent refused is skipped, unless the agent reports it sooner.
 const REFUSED_FOR: Duration = Duration::from_secs(5);
+/// How long a host whose agent could not be reached is skipped. Heartbeats do not shorten it:
+/// they prove the agent can reach the controller, not the other way round.
+const NOT_ANSWERING_FOR: Duration = Duration::from_secs(2);
 /// Instances a fleet deploys per host per reconcile round.
 const DEPLOY_BURST: u32 = 32;
 /// How long a host that failed a deploy is left alone.
@@ -390,6 +393,8 @@ struct Host {
     /// A full report arrived since the controller started (or since the host came back).
     synced: bool,
     deploy_backoff_until: Option<Instant>,
+    /// The agent did not answer a call: skip the host until then.
+    not_answering_until: Option<Instant>,
 }
 
 impl Host {
@@ -565,6 +570,7 @@ impl Inventory {
                             reachable: true,
                             synced: false,
                             deploy_backoff_until: None,
+                            not_answering_until: None,
                         },
                     )
                 })
@@ -763,7 +769,11 @@ impl Inventory {
             let Some(host) = self.hosts.get(&host_id) else {
                 continue;
             };
-            if !host.reachable || !host.synced || host.rec.draining {
+            if !host.reachable
+                || !host.synced
+                || host.rec.draining
+                || host.not_answering_until.is_some_and(|t| t > now)
+            {
                 continue;
             }
             for id in ai.idle.get(&host_id).into_iter().flatten() {
@@ -873,6 +883,9 @@ impl Inventory {
         if !host.reachable {
             return Availability::HostUnreachable;
         }
+        if host.not_answering_until.is_some_and(|t| t > now) {
+            return Availability::AgentNotAnswering;
+        }
         if !host.synced {
             return Availability::HostResyncing;
         }
@@ -980,6 +993,7 @@ impl Inventory {
             allocated_at: alloc.as_ref().map(|a| rfc3339(a.created_at)),
             restarts: v.restarts,
             auto_restart: v.auto_restart,
+            releasing: v.releasing,
             created_at: rfc3339(inst.rec.created_at),
             updated_at: rfc3339(v.updated_at),
         }
@@ -1468,7 +1482,7 @@ impl Inventory {
             Err(f) => {
                 self.metrics.agent_attempt_failures.inc();
                 let host = self.hosts.get(&f.host_id);
-                tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, "agent refused the allocation; trying the next candidate");
+                tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, attempt = claim.attempts.len() + 1, "agent refused the allocation");
                 claim.attempts.push(AttemptStory {
                     instance_id: instance_id.clone(),
                     host_id: f.host_id,
@@ -1482,6 +1496,11 @@ impl Inventory {
                     details: f.details.clone(),
                     elapsed_ms: f.elapsed_ms,
                 });
+                if f.code == ErrorCode::AgentUnreachable
+                    && let Some(h) = self.hosts.get_mut(&f.host_id)
+                {
+                    h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
+                }
                 if let Some(inst) = self.instances.get_mut(&instance_id) {
                     inst.refused_until = Some(Instant::now() + REFUSED_FOR);
                     self.refused.insert(instance_id.clone());
@@ -1709,6 +1728,7 @@ impl Inventory {
                 reachable: true,
                 synced: true,
                 deploy_backoff_until: None,
+                not_answering_until: None,
             },
         );
         self.rerank(id, old_rank);

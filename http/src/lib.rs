@@ -145,6 +145,9 @@ async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Resp
         span.in_scope(|| {
             if body.status_code >= 500 {
                 tracing::error!(code = %body.code, details = %body.details, "request failed");
+            } else if body.code == berth_protocol::ErrorCode::ResourceNotFound {
+                // Probes for things that may not exist (`apply`, listings) are routine.
+                tracing::debug!(code = %body.code, details = %body.details, "request refused");
             } else {
                 tracing::info!(code = %body.code, details = %body.details, "request refused");
             }

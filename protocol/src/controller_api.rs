@@ -143,6 +143,9 @@ pub struct InstanceObject {
     pub allocated_at: Option<String>,
     pub restarts: u32,
     pub auto_restart: bool,
+    /// Released, waiting for its game to acknowledge (report 4): not offered until it does.
+    #[serde(default)]
+    pub releasing: bool,
     pub created_at: String,
     pub updated_at: String,
 }
