@@ -1,4 +1,4 @@
-//! `berthctl apply -f FILE`: make the controller's regions, applications, profiles and fleets
+//! `berthctl apply -f FILE`: make the controller's regions, applications, builds, profiles and fleets
 //! match a TOML file. Field names are exactly the API's camelCase ones, so what one GETs is what
 //! one applies.
 //!
@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use berth_protocol::agent_api::Profile;
-use berth_protocol::controller_api::{Application, Fleet, Region};
+use berth_protocol::controller_api::{Application, Build, Fleet, Region};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -44,6 +44,14 @@ impl Kind for Application {
     }
 }
 
+impl Kind for Build {
+    const KIND: &'static str = "build";
+    const COLLECTION: &'static str = "builds";
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+}
+
 impl Kind for Profile {
     const KIND: &'static str = "profile";
     const COLLECTION: &'static str = "profiles";
@@ -68,6 +76,7 @@ impl Kind for Fleet {
 pub enum Resource {
     Region(Region),
     Application(Application),
+    Build(Box<Build>),
     Profile(Box<Profile>),
     Fleet(Box<Fleet>),
 }
@@ -77,6 +86,7 @@ impl Resource {
         match self {
             Self::Region(r) => format!("region {}", r.id()),
             Self::Application(a) => format!("application {}", a.id()),
+            Self::Build(b) => format!("build {}", b.id()),
             Self::Profile(p) => format!("profile {}", p.id()),
             Self::Fleet(f) => format!("fleet {}", f.id()),
         }
@@ -84,7 +94,7 @@ impl Resource {
 }
 
 /// The top-level tables, in apply order.
-const TABLES: [&str; 4] = ["regions", "applications", "profiles", "fleets"];
+const TABLES: [&str; 5] = ["regions", "applications", "builds", "profiles", "fleets"];
 
 /// Parses and checks the file completely; every error names the file, the table and the key.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Resource>, String> {
@@ -118,6 +128,11 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<Resource>, String> {
                 items_of::<Application>(file, name, items)?
                     .into_iter()
                     .map(Resource::Application),
+            ),
+            "builds" => out.extend(
+                items_of::<Build>(file, name, items)?
+                    .into_iter()
+                    .map(|b| Resource::Build(Box::new(b))),
             ),
             "profiles" => out.extend(
                 items_of::<Profile>(file, name, items)?
@@ -265,6 +280,7 @@ pub async fn apply(api: &Api, r: &Resource) -> Result<Outcome> {
     match r {
         Resource::Region(x) => apply_typed(api, x).await,
         Resource::Application(x) => apply_typed(api, x).await,
+        Resource::Build(x) => apply_typed(api, x.as_ref()).await,
         Resource::Profile(x) => apply_typed(api, x.as_ref()).await,
         Resource::Fleet(x) => apply_typed(api, x.as_ref()).await,
     }
@@ -326,7 +342,7 @@ pub async fn run(api: &Api, file: &Path, json: bool) -> Result<()> {
         .map_err(|e| Exit::failed(format!("error: {e}\nnothing was applied")))?;
     if resources.is_empty() {
         println!(
-            "{} has no [[regions]], [[applications]], [[profiles]] or [[fleets]]; nothing to do",
+            "{} has no [[regions]], [[applications]], [[builds]], [[profiles]] or [[fleets]]; nothing to do",
             file.display()
         );
         return Ok(());
@@ -387,6 +403,12 @@ env = { MODE = "ranked" }
 id = 1
 name = "eu-west-1"
 pingIp = "203.0.113.10"
+
+[[builds]]
+id = "arena-1.0.0"
+applicationId = 7
+version = "1.0.0"
+executable = "/opt/arena/server"
 "#;
 
     #[test]
@@ -398,6 +420,7 @@ pingIp = "203.0.113.10"
             [
                 "region 1",
                 "application 7",
+                "build arena-1.0.0",
                 "profile arena-1.0",
                 "fleet 456"
             ]

@@ -40,7 +40,7 @@ pub async fn list(api: &Api, json: bool) -> Result<()> {
             h.name.clone(),
             h.region_name.clone(),
             h.dc_location_name.clone(),
-            kind(h.is_virtual).to_owned(),
+            kind(h.is_virtual),
             h.state.clone(),
             instance_counts(h),
             ago_of(h.last_heartbeat_at.as_deref()),
@@ -151,8 +151,8 @@ pub async fn resolve(api: &Api, host: &str) -> Result<u64> {
     )))
 }
 
-pub fn kind(is_virtual: u8) -> &'static str {
-    if is_virtual == 1 { "vm" } else { "bare metal" }
+pub fn kind(is_virtual: u8) -> String {
+    berth_protocol::HostKind::from_is_virtual(is_virtual == 1).to_string()
 }
 
 fn state_sentence(h: &HostObject) -> String {

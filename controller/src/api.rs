@@ -20,7 +20,7 @@ use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
 };
 use berth_protocol::controller_api::{
-    AllocateBody, Application, DcLocation, DeallocateBody, DeploymentEnvironment, Fleet,
+    AllocateBody, Application, Build, DcLocation, DeallocateBody, DeploymentEnvironment, Fleet,
     I3dAllocateBody, I3dInstance, InstanceObject, Region,
 };
 use berth_protocol::filter::Filter;
@@ -241,6 +241,11 @@ pub fn router(state: AppState) -> Router {
             get(get_application)
                 .put(put_application)
                 .delete(delete_application),
+        )
+        .route("/v1/builds", get(list_builds).post(create_build))
+        .route(
+            "/v1/builds/{id}",
+            get(get_build).put(put_build).delete(delete_build),
         )
         .route("/v1/profiles", get(list_profiles).post(create_profile))
         .route(
@@ -933,6 +938,49 @@ resource!(
     Box::new,
     |f: &Fleet| f.id
 );
+
+async fn list_builds(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
+    crud(&st, Crud::ListBuilds, false).await
+}
+
+async fn get_build(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::GetBuild(id), false).await
+}
+
+async fn create_build(
+    State(st): State<AppState>,
+    _: Admin,
+    JsonBody(b): JsonBody<Build>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::PutBuild(Box::new(b), true), true).await
+}
+
+async fn put_build(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<Build>,
+) -> Result<Response, Failure> {
+    if b.id != id {
+        return Err(Failure::invalid_request(format!(
+            "the body's id {:?} differs from the path's {id:?}",
+            b.id
+        )));
+    }
+    crud(&st, Crud::PutBuild(Box::new(b), false), false).await
+}
+
+async fn delete_build(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    crud(&st, Crud::DeleteBuild(id), false).await
+}
 
 async fn list_profiles(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
     crud(&st, Crud::ListProfiles, false).await

@@ -15,8 +15,8 @@ use std::time::Duration;
 use berth_http::Failure;
 use berth_protocol::agent_api::{DeployRequest, InstanceView, Profile};
 use berth_protocol::controller_api::{
-    Application, AttemptStory, DcLocation, DeploymentEnvironment, ErrorStory, Fleet, HostObject,
-    I3dInstance, I3dIpAddress, InstanceObject, Region,
+    Application, AttemptStory, Build, DcLocation, DeploymentEnvironment, ErrorStory, Fleet,
+    HostObject, I3dInstance, I3dIpAddress, InstanceObject, Region,
 };
 use berth_protocol::filter::{Condition, Filter};
 use berth_protocol::link::{
@@ -217,6 +217,10 @@ pub enum Crud {
     DeleteApplication(u32),
     ListApplications,
     GetApplication(u32),
+    PutBuild(Box<Build>, bool),
+    DeleteBuild(String),
+    ListBuilds,
+    GetBuild(String),
     PutProfile(Box<Profile>, bool),
     DeleteProfile(String),
     ListProfiles,
@@ -456,6 +460,7 @@ pub struct Inventory {
     environments: BTreeMap<u32, DeploymentEnvironment>,
     applications: BTreeMap<u32, Application>,
     profiles: BTreeMap<String, Profile>,
+    builds: BTreeMap<String, Build>,
     fleets: BTreeMap<u64, Fleet>,
     hosts: BTreeMap<u64, Host>,
     instances: HashMap<String, Inst>,
@@ -552,6 +557,11 @@ impl Inventory {
                 .profiles
                 .into_iter()
                 .map(|p| (p.id.clone(), p))
+                .collect(),
+            builds: snapshot
+                .builds
+                .into_iter()
+                .map(|b| (b.id.clone(), b))
                 .collect(),
             fleets: snapshot.fleets.into_iter().map(|f| (f.id, f)).collect(),
             hosts: snapshot
@@ -1353,7 +1363,7 @@ impl Inventory {
                 self.regions
                     .get(&h.rec.region_id)
                     .map_or("?", |r| r.name.as_str()),
-                if h.rec.is_virtual { "VM" } else { "bare metal" }
+                berth_protocol::HostKind::from_is_virtual(h.rec.is_virtual)
             )
         });
         let details = format!(
@@ -2261,6 +2271,67 @@ impl Inventory {
                 let commit = self.writer.submit_durable(Write::DeleteApplication(id));
                 Ok((json(&a), Some(commit)))
             }
+            Crud::ListBuilds => Ok((json(&self.builds.values().collect::<Vec<_>>()), None)),
+            Crud::GetBuild(id) => self
+                .builds
+                .get(&id)
+                .map(|b| (json(b), None))
+                .ok_or_else(|| not_found(&format!("build {id} does not exist"))),
+            Crud::PutBuild(b, create) => {
+                if b.id.trim().is_empty() || b.version.trim().is_empty() {
+                    return Err(invalid("build id and version must not be empty"));
+                }
+                if !self.applications.contains_key(&b.application_id) {
+                    return Err(invalid(format!(
+                        "build.applicationId {} names no application; create it first",
+                        b.application_id
+                    )));
+                }
+                if let Some(h) = &b.sha256
+                    && (h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()))
+                {
+                    return Err(invalid(format!(
+                        "build.sha256 {h:?} is not 64 hexadecimal characters"
+                    )));
+                }
+                if create && self.builds.contains_key(&b.id) {
+                    return Err(invalid(format!(
+                        "build {} already exists; use PUT /v1/builds/{} to change it",
+                        b.id, b.id
+                    )));
+                }
+                if let Some(other) = self.builds.values().find(|o| {
+                    o.id != b.id && o.application_id == b.application_id && o.version == b.version
+                }) {
+                    return Err(invalid(format!(
+                        "application {} already has build {} with version {:?}",
+                        b.application_id, other.id, b.version
+                    )));
+                }
+                let commit = self.writer.submit_durable(Write::Build((*b).clone()));
+                let v = json(&*b);
+                self.builds.insert(b.id.clone(), *b);
+                Ok((v, Some(commit)))
+            }
+            Crud::DeleteBuild(id) => {
+                let b = self
+                    .builds
+                    .get(&id)
+                    .ok_or_else(|| not_found(&format!("build {id} does not exist")))?;
+                if let Some(p) = self
+                    .profiles
+                    .values()
+                    .find(|p| p.application_id == b.application_id && p.build == b.version)
+                {
+                    return Err(invalid(format!(
+                        "build {id} is launched by profile {}; change or delete the profile first",
+                        p.id
+                    )));
+                }
+                let b = self.builds.remove(&id);
+                let commit = self.writer.submit_durable(Write::DeleteBuild(id));
+                Ok((json(&b), Some(commit)))
+            }
             Crud::ListProfiles => Ok((json(&self.profiles.values().collect::<Vec<_>>()), None)),
             Crud::GetProfile(id) => self
                 .profiles
@@ -2275,6 +2346,21 @@ impl Inventory {
                     return Err(invalid(format!(
                         "profile.applicationId {} names no application; create it first",
                         p.application_id
+                    )));
+                }
+                // Once an application registers builds, its profiles must name one of them.
+                let versions: Vec<&str> = self
+                    .builds
+                    .values()
+                    .filter(|b| b.application_id == p.application_id)
+                    .map(|b| b.version.as_str())
+                    .collect();
+                if !versions.is_empty() && !versions.contains(&p.build.as_str()) {
+                    return Err(invalid(format!(
+                        "profile.build {:?} is not a build of application {}; its builds: {}",
+                        p.build,
+                        p.application_id,
+                        versions.join(", ")
                     )));
                 }
                 if create && self.profiles.contains_key(&p.id) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use berth_protocol::agent_api::Profile;
 use berth_protocol::controller_api::{
-    Application, DcLocation, DeploymentEnvironment, ErrorStory, Fleet, Region,
+    Application, Build, DcLocation, DeploymentEnvironment, ErrorStory, Fleet, Region,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -62,6 +62,8 @@ pub enum Write {
     DeleteApplication(u32),
     Profile(Profile),
     DeleteProfile(String),
+    Build(Build),
+    DeleteBuild(String),
     Fleet(Fleet),
     DeleteFleet(u64),
     Host(Box<HostRecord>),
@@ -85,6 +87,7 @@ pub struct Snapshot {
     pub environments: Vec<DeploymentEnvironment>,
     pub applications: Vec<Application>,
     pub profiles: Vec<Profile>,
+    pub builds: Vec<Build>,
     pub fleets: Vec<Fleet>,
     pub hosts: Vec<HostRecord>,
     /// Instances not removed.
@@ -186,6 +189,7 @@ impl Store {
             profiles: self
                 .bodies("profiles", "SELECT id, body FROM profiles")
                 .await?,
+            builds: self.bodies("builds", "SELECT id, body FROM builds").await?,
             fleets: self.bodies("fleets", "SELECT id, body FROM fleets").await?,
             hosts: self.bodies("hosts", "SELECT id, body FROM hosts").await?,
             instances: self
@@ -419,6 +423,22 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
         }
         Write::DeleteProfile(id) => {
             sqlx::query("DELETE FROM profiles WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Write::Build(b) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO builds (id, application_id, body) VALUES (?, ?, ?)",
+            )
+            .bind(&b.id)
+            .bind(b.application_id)
+            .bind(to_json(b))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Write::DeleteBuild(id) => {
+            sqlx::query("DELETE FROM builds WHERE id = ?")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;

@@ -21,6 +21,28 @@ pub struct Application {
     pub confirm_allocation: bool,
 }
 
+/// `POST /v1/builds`: a version of an application's server. Profiles name it in their
+/// `build` field; for the process runtime it is an executable (and its files) present on the
+/// hosts, for the container runtime an image. Uploading and distributing build files is
+/// phase 2; the record, and the check that profiles name a known build, are here now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Build {
+    pub id: String,
+    pub application_id: u32,
+    /// What profiles write in `build` (e.g. "1.0.0").
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Hex SHA-256 of the build's archive or executable, for verification on hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
 /// `POST /v1/regions`; also `[[regions]]` in controller.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -17,4 +17,4 @@ pub mod time;
 
 pub use error::{Attempt, ErrorBody, ErrorCode};
 pub use metadata::KeyValue;
-pub use status::{InstanceStatus, ManagementProtocol, RuntimeState};
+pub use status::{HostKind, InstanceStatus, ManagementProtocol, RuntimeState};

@@ -133,6 +133,42 @@ impl fmt::Display for RuntimeState {
     }
 }
 
+/// What a host is: allocation prefers bare metal, and VMs are chosen only when no bare-metal
+/// candidate is left (or the filter asks for `isVirtual=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostKind {
+    BareMetal,
+    Virtual,
+}
+
+impl HostKind {
+    pub fn from_is_virtual(is_virtual: bool) -> Self {
+        if is_virtual {
+            Self::Virtual
+        } else {
+            Self::BareMetal
+        }
+    }
+
+    pub fn is_virtual(self) -> bool {
+        self == Self::Virtual
+    }
+
+    /// As the filter language and the i3D instance object write it: 0 or 1.
+    pub fn flag(self) -> u8 {
+        u8::from(self.is_virtual())
+    }
+}
+
+impl fmt::Display for HostKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BareMetal => "bare metal",
+            Self::Virtual => "VM",
+        })
+    }
+}
+
 /// How a game talks to the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -1385,3 +1385,72 @@ async fn readyz_and_metrics() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. Builds
+
+/// Builds are the versions profiles launch: once an application has builds, a profile must
+/// name one, and a build in use cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_are_what_profiles_launch() {
+    let c = ControllerProcess::start_new("ctl-builds").await;
+    c.create_application(9, "builds").await;
+    let build = json!({
+        "id": "builds-1.0.0", "applicationId": 9, "version": "1.0.0",
+        "executable": "/opt/game/server", "sha256": "ab".repeat(32),
+    });
+    c.admin(Method::POST, "/v1/builds", Some(&build))
+        .await
+        .expect(201);
+    let listed = c
+        .admin(Method::GET, "/v1/builds", None)
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    // A second build with the same version, and a malformed digest, are refused.
+    let mut dup = build.clone();
+    dup["id"] = json!("builds-again");
+    c.admin(Method::POST, "/v1/builds", Some(&dup))
+        .await
+        .assert_error(400, "INVALID_REQUEST", None);
+    let mut bad = build.clone();
+    bad["id"] = json!("builds-bad");
+    bad["version"] = json!("2.0.0");
+    bad["sha256"] = json!("not-a-digest");
+    let r = c.admin(Method::POST, "/v1/builds", Some(&bad)).await;
+    assert!(details(r.assert_error(400, "INVALID_REQUEST", None)).contains("sha256"));
+
+    // A profile naming a version that is not a build of its application.
+    let mut profile = berth_e2e::sample_game_profile("builds-p", 9, 0, 0);
+    profile["build"] = json!("9.9.9");
+    let r = c.admin(Method::POST, "/v1/profiles", Some(&profile)).await;
+    let body = r.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(body).contains("1.0.0"),
+        "the known builds are listed: {body}"
+    );
+    profile["build"] = json!("1.0.0");
+    c.create_profile(&profile).await;
+
+    // In use: not deletable until the profile goes.
+    c.admin(Method::DELETE, "/v1/builds/builds-1.0.0", None)
+        .await
+        .assert_error(400, "INVALID_REQUEST", None);
+    c.admin(Method::DELETE, "/v1/profiles/builds-p", None)
+        .await
+        .expect(200);
+    c.admin(Method::DELETE, "/v1/builds/builds-1.0.0", None)
+        .await
+        .expect(200);
+    c.admin(Method::GET, "/v1/builds/builds-1.0.0", None)
+        .await
+        .assert_error(404, "RESOURCE_NOT_FOUND", None);
+    // Builds are an admin resource; a matchmaker may read them.
+    c.matchmaker(Method::POST, "/v1/builds", Some(&build))
+        .await
+        .assert_error(403, "INVALID_CREDENTIALS", None);
+    c.matchmaker(Method::GET, "/v1/builds", None)
+        .await
+        .expect(200);
+}
