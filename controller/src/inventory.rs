@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ use crate::agent_client::{AgentClient, AgentFailure, AgentTarget, Lane};
 use crate::config::{Config, digest};
 use crate::engine::{self, Availability, Cond, Facts, Resolved};
 use crate::metrics::Metrics;
-use crate::model::{AllocationRecord, HostRecord, InstanceRecord, hex};
+use crate::model::{AllocationRecord, HostRecord, InstanceRecord, Interner, Report, hex};
 use crate::store::{Snapshot, Write, Writer};
 use crate::unix_now;
 
@@ -410,12 +411,38 @@ impl Host {
     }
 }
 
+/// An instance in memory: compact (see [`Report`]); [`Inst::record`] gives the stored form.
 #[derive(Debug)]
 struct Inst {
-    rec: InstanceRecord,
-    claim: Option<u64>,
-    refused_until: Option<Instant>,
+    id: Arc<str>,
+    host_id: u64,
+    application_id: u32,
+    fleet_id: Option<u64>,
+    created_at: u64,
+    report: Report,
+    /// An allocation attempt is in flight to this instance's agent.
+    claimed: bool,
     removing: bool,
+}
+
+impl Inst {
+    fn view(&self) -> InstanceView {
+        self.report
+            .to_view(&self.id, self.application_id, self.fleet_id)
+    }
+
+    /// The stored form (written when the instance appears and when it is removed).
+    fn record(&self, removed_at: Option<u64>) -> InstanceRecord {
+        InstanceRecord {
+            id: self.id.to_string(),
+            host_id: self.host_id,
+            application_id: self.application_id,
+            fleet_id: self.fleet_id,
+            view: self.view(),
+            created_at: self.created_at,
+            removed_at,
+        }
+    }
 }
 
 /// Where a host ranks for packing: bare metal first, then the most allocations, then the
@@ -429,7 +456,7 @@ type HostRank = (bool, Reverse<u32>, u64);
 #[derive(Debug, Default)]
 struct AppIndex {
     hosts: BTreeSet<HostRank>,
-    idle: HashMap<u64, BTreeSet<String>>,
+    idle: HashMap<u64, BTreeSet<Arc<str>>>,
 }
 
 /// The parts of an allocation an instance object shows.
@@ -463,16 +490,19 @@ pub struct Inventory {
     builds: BTreeMap<String, Build>,
     fleets: BTreeMap<u64, Fleet>,
     hosts: BTreeMap<u64, Host>,
-    instances: HashMap<String, Inst>,
-    by_application: HashMap<u32, BTreeSet<String>>,
+    instances: HashMap<Arc<str>, Inst>,
+    by_application: HashMap<u32, BTreeSet<Arc<str>>>,
+    /// Profile ids, builds, maps, modes and versions, stored once.
+    strings: Interner,
     /// Active allocations by instance id.
     allocations: HashMap<String, AllocationRecord>,
     by_key: HashMap<String, String>,
     host_allocations: HashMap<u64, u32>,
     /// The candidate index: allocation walks it instead of scanning every instance.
     index: HashMap<u32, AppIndex>,
-    /// Instances skipped after an agent refused them, put back on the tick that ends that.
-    refused: HashSet<String>,
+    /// Instances whose agent refused an allocation, until when they are passed over (put back
+    /// on the tick that ends that): few at any time, so kept here rather than in every instance.
+    refused: HashMap<String, Instant>,
     claims: HashMap<u64, Claim>,
     inflight_keys: HashSet<String>,
     next_claim: u64,
@@ -587,11 +617,12 @@ impl Inventory {
                 .collect(),
             instances: HashMap::new(),
             by_application: HashMap::new(),
+            strings: Interner::default(),
             allocations: HashMap::new(),
             by_key: HashMap::new(),
             host_allocations: HashMap::new(),
             index: HashMap::new(),
-            refused: HashSet::new(),
+            refused: HashMap::new(),
             claims: HashMap::new(),
             inflight_keys: HashSet::new(),
             next_claim: 1,
@@ -726,13 +757,17 @@ impl Inventory {
         (vm, Reverse(n), host_id)
     }
 
+    fn refused_at(&self, id: &str, now: Instant) -> bool {
+        !self.refused.is_empty() && self.refused.get(id).is_some_and(|t| *t > now)
+    }
+
     /// Instance-level conditions of [`Availability::Allocatable`].
     fn instance_idle(&self, i: &Inst, now: Instant) -> bool {
         !i.removing
-            && i.claim.is_none()
-            && !self.allocations.contains_key(&i.rec.id)
-            && i.refused_until.is_none_or(|t| t <= now)
-            && i.rec.view.is_allocatable()
+            && !i.claimed
+            && !self.allocations.contains_key(&*i.id)
+            && !self.refused_at(&i.id, now)
+            && i.report.is_allocatable()
     }
 
     /// Puts an instance in or out of the candidate index after anything about it changed.
@@ -740,13 +775,14 @@ impl Inventory {
         let Some(inst) = self.instances.get(id) else {
             return;
         };
-        let (app, host) = (inst.rec.application_id, inst.rec.host_id);
+        let (app, host) = (inst.application_id, inst.host_id);
+        let inst_id = inst.id.clone();
         let idle = self.instance_idle(inst, Instant::now());
         let rank = self.rank(host);
         let ai = self.index.entry(app).or_default();
         if idle {
             let set = ai.idle.entry(host).or_default();
-            if set.insert(id.to_owned()) && set.len() == 1 {
+            if set.insert(inst_id) && set.len() == 1 {
                 ai.hosts.insert(rank);
             }
         } else if let Some(set) = ai.idle.get_mut(&host)
@@ -794,7 +830,7 @@ impl Inventory {
                 if f.availability == Availability::Allocatable
                     && filter.conds.iter().all(|(c, _)| cond_matches(c, &f))
                 {
-                    return Some(id.clone());
+                    return Some(id.to_string());
                 }
             }
         }
@@ -802,20 +838,23 @@ impl Inventory {
     }
 
     fn insert_instance(&mut self, rec: InstanceRecord) {
+        // One allocation of the id, shared by the map, the application's set and the index.
+        let id: Arc<str> = Arc::from(rec.id.as_str());
         self.by_application
             .entry(rec.application_id)
             .or_default()
-            .insert(rec.id.clone());
-        let id = rec.id.clone();
-        self.instances.insert(
-            id.clone(),
-            Inst {
-                rec,
-                claim: None,
-                refused_until: None,
-                removing: false,
-            },
-        );
+            .insert(id.clone());
+        let inst = Inst {
+            id: id.clone(),
+            host_id: rec.host_id,
+            application_id: rec.application_id,
+            fleet_id: rec.fleet_id,
+            created_at: rec.created_at,
+            report: Report::from_view(rec.view, &mut self.strings),
+            claimed: false,
+            removing: false,
+        };
+        self.instances.insert(id.clone(), inst);
         self.reindex(&id);
     }
 
@@ -860,18 +899,18 @@ impl Inventory {
         self.reindex(id);
         self.refused.remove(id);
         if let Some(mut inst) = self.instances.remove(id) {
-            if let Some(set) = self.by_application.get_mut(&inst.rec.application_id) {
+            if let Some(set) = self.by_application.get_mut(&inst.application_id) {
                 set.remove(id);
             }
-            inst.rec.removed_at = Some(unix_now());
-            inst.rec.view.status = InstanceStatus::Inactive;
+            inst.report.status = InstanceStatus::Inactive;
             tracing::info!(
                 instance_id = id,
-                host_id = inst.rec.host_id,
+                host_id = inst.host_id,
                 reason = why,
                 "instance removed"
             );
-            self.writer.submit(Write::Instance(Box::new(inst.rec)));
+            self.writer
+                .submit(Write::Instance(Box::new(inst.record(Some(unix_now())))));
         }
     }
 
@@ -881,13 +920,13 @@ impl Inventory {
         if i.removing {
             return Availability::Stopping;
         }
-        if i.claim.is_some() {
+        if i.claimed {
             return Availability::Allocating;
         }
-        if self.allocations.contains_key(&i.rec.id) {
+        if self.allocations.contains_key(&*i.id) {
             return Availability::Allocated;
         }
-        let Some(host) = self.hosts.get(&i.rec.host_id) else {
+        let Some(host) = self.hosts.get(&i.host_id) else {
             return Availability::HostUnreachable;
         };
         if !host.reachable {
@@ -902,10 +941,10 @@ impl Inventory {
         if host.rec.draining {
             return Availability::HostDraining;
         }
-        if i.refused_until.is_some_and(|t| t > now) {
+        if self.refused_at(&i.id, now) {
             return Availability::RecentlyRefused;
         }
-        let v = &i.rec.view;
+        let v = &i.report;
         match v.status {
             InstanceStatus::Allocated | InstanceStatus::Allocating => Availability::Allocated,
             InstanceStatus::Online if v.releasing => Availability::Releasing,
@@ -927,12 +966,12 @@ impl Inventory {
     fn answer(&self, id: &str) -> Option<Answer> {
         let inst = self.instances.get(id)?;
         let native = self.object(inst);
-        let i3d = i3d_object(&native, &inst.rec);
+        let i3d = i3d_object(&native, inst);
         Some(Answer { native, i3d })
     }
 
     fn object(&self, inst: &Inst) -> InstanceObject {
-        let alloc = self.allocations.get(&inst.rec.id).map(|a| AllocView {
+        let alloc = self.allocations.get(&*inst.id).map(|a| AllocView {
             id: &a.id,
             created_at: a.created_at,
             metadata: &a.metadata,
@@ -941,11 +980,12 @@ impl Inventory {
     }
 
     fn object_with(&self, inst: &Inst, alloc: Option<AllocView<'_>>) -> InstanceObject {
-        let v = &inst.rec.view;
-        let host = self.hosts.get(&inst.rec.host_id);
+        let v = &inst.report;
+        let game = v.game.as_deref();
+        let host = self.hosts.get(&inst.host_id);
         let region_id = host.map_or(0, |h| h.rec.region_id);
         let dc_id = host.map_or(0, |h| h.rec.dc_location_id);
-        let status = if inst.claim.is_some() {
+        let status = if inst.claimed {
             InstanceStatus::Allocating
         } else if alloc.is_some() {
             InstanceStatus::Allocated
@@ -958,13 +998,13 @@ impl Inventory {
             v.state
         };
         InstanceObject {
-            id: inst.rec.id.clone(),
-            application_id: inst.rec.application_id,
-            fleet_id: inst.rec.fleet_id,
-            deployment_environment_id: self.environment_of(inst.rec.fleet_id),
-            profile_id: v.profile_id.clone(),
-            build: v.build.clone(),
-            host_id: inst.rec.host_id,
+            id: inst.id.to_string(),
+            application_id: inst.application_id,
+            fleet_id: inst.fleet_id,
+            deployment_environment_id: self.environment_of(inst.fleet_id),
+            profile_id: v.profile_id.to_string(),
+            build: v.build.to_string(),
+            host_id: inst.host_id,
             host_name: host.map(|h| h.rec.name.clone()).unwrap_or_default(),
             region_id,
             region_name: self
@@ -986,42 +1026,38 @@ impl Inventory {
             management_port: v.management_port,
             status,
             state,
-            pid: v.pid,
+            pid: v.pid.map(NonZeroU32::get),
             arcus_connected: v.arcus_connected,
-            num_players: v.num_players,
-            num_players_max: v.num_players_max,
-            live_host_name: v.live_host_name.clone(),
-            live_map: v.live_map.clone(),
-            live_rules: v.live_rules.clone(),
-            live_game_version: v.live_game_version.clone(),
+            num_players: game.and_then(|g| g.num_players),
+            num_players_max: game.and_then(|g| g.num_players_max),
+            live_host_name: game.and_then(|g| g.live_host_name.as_deref().map(str::to_owned)),
+            live_map: game.and_then(|g| g.live_map.as_deref().map(str::to_owned)),
+            live_rules: game.and_then(|g| g.live_rules.as_deref().map(str::to_owned)),
+            live_game_version: game.and_then(|g| g.live_game_version.as_deref().map(str::to_owned)),
             metadata: match &alloc {
-                Some(a) if v.metadata.is_empty() => a.metadata.to_vec(),
-                _ => v.metadata.clone(),
+                Some(a) if v.metadata().is_empty() => a.metadata.to_vec(),
+                _ => v.metadata().to_vec(),
             },
-            reverse_metadata: v.reverse_metadata.clone(),
+            reverse_metadata: v.reverse_metadata().to_vec(),
             allocation_id: alloc.as_ref().map(|a| a.id.to_owned()),
             allocated_at: alloc.as_ref().map(|a| rfc3339(a.created_at)),
             restarts: v.restarts,
             auto_restart: v.auto_restart,
             releasing: v.releasing,
-            created_at: rfc3339(inst.rec.created_at),
-            updated_at: rfc3339(v.updated_at),
+            created_at: rfc3339(inst.created_at),
+            updated_at: rfc3339(u64::from(v.updated_at)),
         }
     }
 
     fn host_object(&self, h: &Host) -> HostObject {
         let mut by_status = BTreeMap::new();
         let mut count = 0;
-        for inst in self
-            .instances
-            .values()
-            .filter(|i| i.rec.host_id == h.rec.id)
-        {
+        for inst in self.instances.values().filter(|i| i.host_id == h.rec.id) {
             count += 1;
-            let status = if self.allocations.contains_key(&inst.rec.id) {
+            let status = if self.allocations.contains_key(&*inst.id) {
                 InstanceStatus::Allocated
             } else {
-                inst.rec.view.status
+                inst.report.status
             };
             *by_status.entry(status.name().to_owned()).or_insert(0) += 1;
         }
@@ -1067,12 +1103,12 @@ impl Inventory {
     fn counts(&self) -> Counts {
         let mut by_status = [0i64; 7];
         for i in self.instances.values() {
-            let s = if i.claim.is_some() {
+            let s = if i.claimed {
                 InstanceStatus::Allocating
-            } else if self.allocations.contains_key(&i.rec.id) {
+            } else if self.allocations.contains_key(&*i.id) {
                 InstanceStatus::Allocated
             } else {
-                i.rec.view.status
+                i.report.status
             };
             by_status[s as usize] += 1;
         }
@@ -1187,18 +1223,18 @@ impl Inventory {
     }
 
     fn facts(&self, inst: &Inst, now: Instant) -> Facts {
-        let host = self.hosts.get(&inst.rec.host_id);
+        let host = self.hosts.get(&inst.host_id);
         Facts {
-            host_id: inst.rec.host_id,
-            fleet_id: inst.rec.fleet_id,
-            environment_id: self.environment_of(inst.rec.fleet_id),
+            host_id: inst.host_id,
+            fleet_id: inst.fleet_id,
+            environment_id: self.environment_of(inst.fleet_id),
             region_id: host.map_or(0, |h| h.rec.region_id),
             dc_location_id: host.map_or(0, |h| h.rec.dc_location_id),
             is_virtual: host.is_some_and(|h| h.rec.is_virtual),
             availability: self.availability(inst, now),
             host_allocations: self
                 .host_allocations
-                .get(&inst.rec.host_id)
+                .get(&inst.host_id)
                 .copied()
                 .unwrap_or(0),
         }
@@ -1280,17 +1316,17 @@ impl Inventory {
             // The index must agree with the pure engine: checked on every choice in debug
             // builds (every end-to-end test), and the full scan also explains a refusal.
             let scanned = if indexed.is_none() || cfg!(debug_assertions) {
-                let ids: Vec<&String> = self
+                let ids: Vec<&Arc<str>> = self
                     .by_application
                     .get(&claim.input.application_id)
                     .map(|s| s.iter().collect())
                     .unwrap_or_default();
                 let facts: Vec<Facts> = ids
                     .iter()
-                    .filter_map(|id| self.instances.get(*id))
+                    .filter_map(|id| self.instances.get(&***id))
                     .map(|i| self.facts(i, now))
                     .collect();
-                Some(engine::choose(&facts, &claim.resolved).map(|i| ids[i].clone()))
+                Some(engine::choose(&facts, &claim.resolved).map(|i| ids[i].to_string()))
             } else {
                 None
             };
@@ -1320,11 +1356,11 @@ impl Inventory {
         };
         let claim_id = self.next_claim;
         self.next_claim += 1;
-        let Some(inst) = self.instances.get_mut(&instance_id) else {
+        let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
             return self.fail_after_attempts(claim);
         };
-        inst.claim = Some(claim_id);
-        let host_id = inst.rec.host_id;
+        inst.claimed = true;
+        let host_id = inst.host_id;
         self.reindex(&instance_id);
         let Some(target) = self.hosts.get(&host_id).map(Host::target) else {
             return self.fail_after_attempts(claim);
@@ -1427,23 +1463,23 @@ impl Inventory {
             )));
         };
         let instance_id = claim.instance_id.clone();
-        if let Some(inst) = self.instances.get_mut(&instance_id) {
-            inst.claim = None;
+        if let Some(inst) = self.instances.get_mut(instance_id.as_str()) {
+            inst.claimed = false;
         }
         self.reindex(&instance_id);
         match result {
             Ok(view) => {
-                let Some(inst) = self.instances.get_mut(&instance_id) else {
+                let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
                     // Removed while the agent was allocating: nothing to hand out.
                     return self.fail_after_attempts(claim);
                 };
-                if view.version >= inst.rec.view.version {
-                    inst.rec.view = view;
+                if view.version >= inst.report.version {
+                    inst.report = Report::from_view(view, &mut self.strings);
                 }
-                let host_id = inst.rec.host_id;
-                let rec_copy = inst.rec.clone();
+                let host_id = inst.host_id;
+                let agent_version = inst.report.version;
                 let created_at = unix_now();
-                let Some(inst) = self.instances.get(&instance_id) else {
+                let Some(inst) = self.instances.get(instance_id.as_str()) else {
                     return self.fail_after_attempts(claim);
                 };
                 let native = self.object_with(
@@ -1454,7 +1490,7 @@ impl Inventory {
                         metadata: &claim.input.metadata,
                     }),
                 );
-                let i3d = i3d_object(&native, &inst.rec);
+                let i3d = i3d_object(&native, inst);
                 let alloc = AllocationRecord {
                     id: claim.allocation_id.clone(),
                     instance_id: instance_id.clone(),
@@ -1463,7 +1499,7 @@ impl Inventory {
                     metadata: claim.input.metadata.clone(),
                     idempotency_key: claim.input.idempotency_key.clone(),
                     request_digest: claim.input.request_digest.clone(),
-                    agent_version: rec_copy.view.version,
+                    agent_version,
                     identifier: claim.input.identifier.clone(),
                     created_at,
                     released_at: None,
@@ -1511,9 +1547,9 @@ impl Inventory {
                 {
                     h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
                 }
-                if let Some(inst) = self.instances.get_mut(&instance_id) {
-                    inst.refused_until = Some(Instant::now() + REFUSED_FOR);
-                    self.refused.insert(instance_id.clone());
+                if self.instances.contains_key(instance_id.as_str()) {
+                    self.refused
+                        .insert(instance_id.clone(), Instant::now() + REFUSED_FOR);
                 }
                 self.reindex(&instance_id);
                 self.next_attempt(claim)
@@ -1532,7 +1568,7 @@ impl Inventory {
             if let Some(target) = self
                 .instances
                 .get(instance_id)
-                .and_then(|i| self.hosts.get(&i.rec.host_id))
+                .and_then(|i| self.hosts.get(&i.host_id))
                 .map(Host::target)
             {
                 let _ = self.actions.send(Action::Deallocate {
@@ -1549,7 +1585,7 @@ impl Inventory {
             .instances
             .get(id)
             .ok_or_else(|| not_found(&format!("instance {id} does not exist")))?;
-        if inst.claim.is_some() {
+        if inst.claimed {
             return Err(Failure::new(
                 ErrorCode::InstanceAllocating,
                 "Unable to deallocate application instance.",
@@ -1558,7 +1594,7 @@ impl Inventory {
         }
         let target = self
             .hosts
-            .get(&inst.rec.host_id)
+            .get(&inst.host_id)
             .map(Host::target)
             .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
         match self.allocations.get(id) {
@@ -1578,9 +1614,9 @@ impl Inventory {
             }
             // The game allocated itself, or an allocation the controller lost: release it
             // on the agent too.
-            None if inst.rec.view.status == InstanceStatus::Allocated => Ok(Release::Call {
+            None if inst.report.status == InstanceStatus::Allocated => Ok(Release::Call {
                 target,
-                allocation_id: inst.rec.view.allocation_id.clone(),
+                allocation_id: inst.report.allocation_id().map(str::to_owned),
             }),
             None => Ok(Release::NotAllocated(Box::new(
                 self.answer(id).ok_or_else(|| not_found(id))?,
@@ -1594,7 +1630,7 @@ impl Inventory {
         allocation_id: Option<String>,
         result: Result<InstanceView, AgentFailure>,
     ) -> Option<Answer> {
-        let host_id = self.instances.get(id).map(|i| i.rec.host_id)?;
+        let host_id = self.instances.get(id).map(|i| i.host_id)?;
         // Released first, so the agent's answer below is not mistaken for the game ending
         // its match.
         if let (Some(want), Some(a)) = (&allocation_id, self.allocations.get(id))
@@ -1620,7 +1656,7 @@ impl Inventory {
             .ok_or_else(|| not_found(&format!("instance {id} does not exist")))?;
         let host = self
             .hosts
-            .get(&inst.rec.host_id)
+            .get(&inst.host_id)
             .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
         if !host.reachable {
             return Err(Failure::new(
@@ -1748,9 +1784,9 @@ impl Inventory {
         let gone: Vec<String> = self
             .instances
             .values()
-            .filter(|i| i.rec.host_id == id && !reported.contains(i.rec.id.as_str()))
-            .filter(|i| !self.pending_deploys.contains_key(&i.rec.id))
-            .map(|i| i.rec.id.clone())
+            .filter(|i| i.host_id == id && !reported.contains(&*i.id))
+            .filter(|i| !self.pending_deploys.contains_key(&*i.id))
+            .map(|i| i.id.to_string())
             .collect();
         for g in gone {
             self.remove_instance(&g, "not reported by its agent");
@@ -1820,8 +1856,8 @@ impl Inventory {
         for r in req.removed {
             let ours = self
                 .instances
-                .get(&r.id)
-                .is_some_and(|i| i.rec.host_id == req.host_id && i.rec.view.version <= r.version);
+                .get(r.id.as_str())
+                .is_some_and(|i| i.host_id == req.host_id && i.report.version <= r.version);
             if ours {
                 self.remove_instance(&r.id, "removed by its agent");
             }
@@ -1834,7 +1870,7 @@ impl Inventory {
     /// instance can arrive before this answer, and must not be undone by it (the instance would
     /// come back as a ghost that no agent runs).
     fn apply_answer(&mut self, host_id: u64, view: InstanceView) {
-        if self.instances.contains_key(&view.id) {
+        if self.instances.contains_key(view.id.as_str()) {
             self.apply_view(host_id, view);
         }
     }
@@ -1842,7 +1878,7 @@ impl Inventory {
     /// Takes an agent's report of one instance into account.
     fn apply_view(&mut self, host_id: u64, view: InstanceView) {
         let id = view.id.clone();
-        let Some(inst) = self.instances.get_mut(&id) else {
+        let Some(inst) = self.instances.get_mut(id.as_str()) else {
             self.pending_deploys.remove(&id);
             let fleet_id = view.fleet_id.filter(|f| self.fleets.contains_key(f));
             let rec = InstanceRecord {
@@ -1860,23 +1896,22 @@ impl Inventory {
             self.check_dangling(&id);
             return;
         };
-        if inst.rec.host_id != host_id {
-            tracing::warn!(instance_id = %id, host_id, owner = inst.rec.host_id, "a host reported another host's instance; ignored");
+        if inst.host_id != host_id {
+            tracing::warn!(instance_id = %id, host_id, owner = inst.host_id, "a host reported another host's instance; ignored");
             return;
         }
-        if view.version <= inst.rec.view.version {
+        if view.version <= inst.report.version {
             return;
         }
-        inst.refused_until = None;
-        inst.rec.view = view;
+        inst.report = Report::from_view(view, &mut self.strings);
         self.refused.remove(&id);
         self.reindex(&id);
-        let Some(inst) = self.instances.get_mut(&id) else {
+        let Some(inst) = self.instances.get_mut(id.as_str()) else {
             return;
         };
         // Live state is not persisted: agents report it in full when they (re-)register.
-        let rec = inst.rec.clone();
-        let claimed = inst.claim.is_some();
+        let (status, version) = (inst.report.status, inst.report.version);
+        let claimed = inst.claimed;
         if claimed {
             return;
         }
@@ -1884,17 +1919,13 @@ impl Inventory {
             // The agent holding another allocation id means it released ours: a release
             // answered just before a controller crash, and so not yet on disk, brings the
             // allocation back at restart while the agent has long moved on.
-            let other = rec
-                .view
-                .allocation_id
-                .as_ref()
-                .is_some_and(|held| *held != a.id);
+            let other = inst.report.allocation_id().is_some_and(|held| held != a.id);
             let still_ours = matches!(
-                rec.view.status,
+                status,
                 InstanceStatus::Allocated | InstanceStatus::Allocating
             ) && !other;
-            if !still_ours && rec.view.version > a.agent_version {
-                let why = match rec.view.status {
+            if !still_ours && version > a.agent_version {
+                let why = match status {
                     // Either the game reported 4, or a release answered just before a
                     // controller crash came back at restart: the agent is right either way.
                     InstanceStatus::Online => {
@@ -1917,16 +1948,16 @@ impl Inventory {
         let Some(inst) = self.instances.get(id) else {
             return;
         };
-        if inst.claim.is_some() || self.allocations.contains_key(id) {
+        if inst.claimed || self.allocations.contains_key(id) {
             return;
         }
-        if inst.rec.view.status != InstanceStatus::Allocated {
+        if inst.report.status != InstanceStatus::Allocated {
             return;
         }
-        let Some(allocation_id) = inst.rec.view.allocation_id.clone() else {
+        let Some(allocation_id) = inst.report.allocation_id().map(str::to_owned) else {
             return;
         };
-        let Some(target) = self.hosts.get(&inst.rec.host_id).map(Host::target) else {
+        let Some(target) = self.hosts.get(&inst.host_id).map(Host::target) else {
             return;
         };
         tracing::warn!(instance_id = id, %allocation_id, "agent holds an allocation the controller never acknowledged; releasing it");
@@ -1942,12 +1973,8 @@ impl Inventory {
         let expired: Vec<String> = self
             .refused
             .iter()
-            .filter(|id| {
-                self.instances
-                    .get(*id)
-                    .is_none_or(|i| i.refused_until.is_none_or(|t| t <= now))
-            })
-            .cloned()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
             self.refused.remove(&id);
@@ -1981,7 +2008,7 @@ impl Inventory {
         let mut out: Vec<InstanceObject> = self
             .instances
             .values()
-            .filter(|i| q.application_id.is_none_or(|a| i.rec.application_id == a))
+            .filter(|i| q.application_id.is_none_or(|a| i.application_id == a))
             .filter(|i| {
                 let f = self.facts(i, now);
                 resolved.conds.iter().all(|(c, _)| cond_matches(c, &f))
@@ -2067,37 +2094,34 @@ impl Inventory {
         let now = Instant::now();
         let mut actions = Vec::new();
         let mut count: HashMap<(u64, u64), u32> = HashMap::new();
-        let mut idle: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+        let mut idle: HashMap<(u64, u64), Vec<Arc<str>>> = HashMap::new();
         let mut removals = Vec::new();
         for inst in self.instances.values() {
-            let Some(fleet_id) = inst.rec.fleet_id else {
+            let Some(fleet_id) = inst.fleet_id else {
                 continue;
             };
             if inst.removing {
                 continue;
             }
-            let host_id = inst.rec.host_id;
-            let dead = inst.rec.view.status == InstanceStatus::Offline
-                && !inst.rec.view.auto_restart
-                && matches!(
-                    inst.rec.view.state,
-                    RuntimeState::Exited | RuntimeState::Dead
-                );
-            let held = inst.claim.is_some()
-                || self.allocations.contains_key(&inst.rec.id)
-                || inst.rec.view.status == InstanceStatus::Allocated;
+            let host_id = inst.host_id;
+            let dead = inst.report.status == InstanceStatus::Offline
+                && !inst.report.auto_restart
+                && matches!(inst.report.state, RuntimeState::Exited | RuntimeState::Dead);
+            let held = inst.claimed
+                || self.allocations.contains_key(&*inst.id)
+                || inst.report.status == InstanceStatus::Allocated;
             let wanted = self.fleets.get(&fleet_id).is_some_and(|f| {
                 self.hosts
                     .get(&host_id)
                     .is_some_and(|h| self.fleet_wants(f, h))
             });
             if dead && !held {
-                removals.push((host_id, inst.rec.id.clone()));
+                removals.push((host_id, inst.id.clone()));
                 continue;
             }
             if !wanted {
                 if !held {
-                    removals.push((host_id, inst.rec.id.clone()));
+                    removals.push((host_id, inst.id.clone()));
                 }
                 continue;
             }
@@ -2105,7 +2129,7 @@ impl Inventory {
             if !held {
                 idle.entry((fleet_id, host_id))
                     .or_default()
-                    .push(inst.rec.id.clone());
+                    .push(inst.id.clone());
             }
         }
         for (host_id, fleet_id) in self.pending_deploys.values() {
@@ -2147,11 +2171,11 @@ impl Inventory {
                     && let Some(list) = idle.get(&(fleet.id, host.rec.id))
                 {
                     // Remove the least useful first: not online before online.
-                    let mut list: Vec<&String> = list.iter().collect();
+                    let mut list: Vec<&Arc<str>> = list.iter().collect();
                     list.sort_by_key(|id| {
                         self.instances
-                            .get(*id)
-                            .map(|i| i.rec.view.status == InstanceStatus::Online)
+                            .get(&***id)
+                            .map(|i| i.report.status == InstanceStatus::Online)
                     });
                     for id in list.into_iter().take((have - want) as usize) {
                         removals.push((host.rec.id, id.clone()));
@@ -2167,13 +2191,13 @@ impl Inventory {
                 continue;
             };
             let target = host.target();
-            if let Some(inst) = self.instances.get_mut(&id) {
+            if let Some(inst) = self.instances.get_mut(&*id) {
                 inst.removing = true;
             }
             self.reindex(&id);
             actions.push(Action::Remove {
                 target,
-                instance_id: id,
+                instance_id: id.to_string(),
             });
         }
         actions
@@ -2214,7 +2238,7 @@ impl Inventory {
                 }
                 Err(f) => {
                     tracing::warn!(instance_id = %instance_id, details = %f.details, "remove failed; will retry");
-                    if let Some(i) = self.instances.get_mut(&instance_id) {
+                    if let Some(i) = self.instances.get_mut(instance_id.as_str()) {
                         i.removing = false;
                     }
                     self.reindex(&instance_id);
@@ -2566,8 +2590,8 @@ fn cond_matches(c: &Cond, f: &Facts) -> bool {
     }
 }
 
-fn i3d_object(o: &InstanceObject, rec: &InstanceRecord) -> I3dInstance {
-    let v = &rec.view;
+fn i3d_object(o: &InstanceObject, inst: &Inst) -> I3dInstance {
+    let v = &inst.report;
     I3dInstance {
         id: o.id.clone(),
         application_id: o.application_id,
@@ -2596,13 +2620,13 @@ fn i3d_object(o: &InstanceObject, rec: &InstanceRecord) -> I3dInstance {
         label_read_only: Vec::new(),
         label_public: Vec::new(),
         pid: o.pid.unwrap_or(0),
-        pid_changed_at: v.pid_changed_at.unwrap_or(0),
-        started_at: v.started_at.unwrap_or(0),
-        stopped_at: v.stopped_at.unwrap_or(0),
-        created_at: rec.created_at,
-        updated_at: v.updated_at,
+        pid_changed_at: u64::from(v.pid_changed_at),
+        started_at: u64::from(v.started_at),
+        stopped_at: u64::from(v.stopped_at),
+        created_at: inst.created_at,
+        updated_at: u64::from(v.updated_at),
         auto_restart: u8::from(o.auto_restart),
-        manually_deployed: u8::from(rec.fleet_id.is_none()),
+        manually_deployed: u8::from(inst.fleet_id.is_none()),
         marked_for_deletion: 0,
     }
 }
