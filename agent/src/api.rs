@@ -194,11 +194,11 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// Ready when the supervisor answers: state restored and commands flowing.
 async fn readyz(State(st): State<ApiState>) -> Response {
-    let answer = tokio::time::timeout(Duration::from_secs(2), st.supervisor.list()).await;
+    let answer = tokio::time::timeout(Duration::from_secs(2), st.supervisor.ping()).await;
     match answer {
-        Ok(Some(list)) => axum::Json(serde_json::json!({
+        Ok(Some(instances)) => axum::Json(serde_json::json!({
             "status": "ready",
-            "instances": list.len(),
+            "instances": instances,
             "registered": st.host_id.borrow().is_some(),
         }))
         .into_response(),
@@ -293,39 +293,39 @@ async fn batch(
     axum::Extension(CorrelationId(batch_id)): axum::Extension<CorrelationId>,
     JsonBody(req): JsonBody<BatchRequest, { 16 << 20 }>,
 ) -> Json<BatchResponse> {
+    let batch_id = batch_id.as_str();
     let ops = req.operations.into_iter().map(|op| {
         let sup = st.supervisor.clone();
-        let batch_id = batch_id.clone();
         async move {
-            let (id, identifier, path, result) = match op {
+            let (id, identifier, route, result) = match op {
                 BatchOperation::Allocate {
                     id,
                     identifier,
                     request,
                 } => {
-                    let path = format!("/v1/instances/{id}/allocate");
-                    let ident = identifier.unwrap_or(batch_id);
+                    let ident = identifier.as_deref().unwrap_or(batch_id);
                     let span = tracing::info_span!("allocate", identifier = %ident, instance_id = %id);
                     let r = sup.allocate(id.clone(), request).instrument(span).await;
-                    (id, ident, path, r.map_err(ApiError::from))
+                    (id, identifier, "allocate", r.map_err(ApiError::from))
                 }
                 BatchOperation::Deallocate {
                     id,
                     identifier,
                     request,
                 } => {
-                    let path = format!("/v1/instances/{id}/deallocate");
-                    let ident = identifier.unwrap_or(batch_id);
+                    let ident = identifier.as_deref().unwrap_or(batch_id);
                     let span = tracing::info_span!("deallocate", identifier = %ident, instance_id = %id);
                     let r = sup.deallocate(id.clone(), request).instrument(span).await;
-                    (id, ident, path, r.map_err(ApiError::from))
+                    (id, identifier, "deallocate", r.map_err(ApiError::from))
                 }
             };
             match result {
                 Ok(view) => BatchResult::Instance(Box::new(view)),
                 Err(e) => {
+                    let identifier = identifier.as_deref().unwrap_or(batch_id);
+                    let path = format!("/v1/instances/{id}/{route}");
                     tracing::info!(instance_id = %id, identifier = %identifier, code = %e.code(), "operation refused");
-                    BatchResult::Error(Box::new(e.failure().body(&identifier, &path)))
+                    BatchResult::Error(Box::new(e.failure().body(identifier, &path)))
                 }
             }
         }

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::supervisor::{Command, LinkEvent};
 
@@ -143,7 +143,10 @@ async fn session(
         Err(_) => {
             return Outcome::Closed {
                 handshake_done: false,
-                reason: "the game sent no hello within 5 s".to_owned(),
+                reason: format!(
+                    "the game sent no hello within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                ),
             };
         }
         Ok(Err(e)) => {
@@ -190,7 +193,7 @@ async fn session(
         reason,
     };
     loop {
-        let can_write = paused_until.is_none_or(|t| Instant::now() >= t);
+        let pause_deadline = paused_until.unwrap_or_else(Instant::now);
         tokio::select! {
             read = reader.read(&mut buf) => {
                 let n = match read {
@@ -216,7 +219,7 @@ async fn session(
                     }
                 }
             }
-            msg = outgoing.recv(), if can_write => {
+            msg = outgoing.recv(), if paused_until.is_none() => {
                 let Some(msg) = msg else { return Outcome::Finished };
                 out.clear();
                 if let Err(e) = encoder.encode(&msg, &mut out) {
@@ -238,7 +241,8 @@ async fn session(
                     paused_until = Some(Instant::now() + BURST_PAUSE);
                 }
             }
-            _ = sleep(BURST_PAUSE), if !can_write => {
+            // A fixed deadline, so frames read or health sent meanwhile do not push it back.
+            _ = sleep_until(pause_deadline), if paused_until.is_some() => {
                 paused_until = None;
                 unanswered = 0;
             }
@@ -250,7 +254,10 @@ async fn session(
                     return closed(format!("write failed: {e}"));
                 }
                 if last_frame.elapsed() >= LINK_TIMEOUT {
-                    return closed("no frame from the game for 20 s".to_owned());
+                    return closed(format!(
+                        "no frame from the game for {} s",
+                        LINK_TIMEOUT.as_secs()
+                    ));
                 }
             }
         }

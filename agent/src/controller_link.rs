@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_http::{CallError, JsonClient};
-use berth_protocol::agent_api::{Capacity, InstanceView};
+use berth_protocol::agent_api::InstanceView;
 use berth_protocol::link::{
     EventsRequest, EventsResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, RemovedInstance,
 };
-use std::collections::BTreeMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -31,20 +30,13 @@ const BATCH: usize = 256;
 /// instance several times within a millisecond or two, and one snapshot covers them all.
 const LINGER: Duration = Duration::from_millis(5);
 
-/// What the agent tells the controller about itself.
+/// Where the controller is, and what the agent tells it about itself.
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub controller_url: String,
     pub join_token: String,
-    pub host_name: String,
-    pub region: String,
-    pub dc_location: String,
-    pub is_virtual: bool,
-    pub advertise_url: String,
-    pub addresses: Vec<String>,
-    pub labels: BTreeMap<String, String>,
-    pub capacity: Capacity,
-    pub agent_token: String,
+    /// Sent at every registration with `instances` replaced by the current list.
+    pub register: RegisterRequest,
 }
 
 #[derive(Debug, Default)]
@@ -85,10 +77,13 @@ impl Pending {
     }
 
     fn take_batch(&mut self) -> (Vec<InstanceView>, Vec<RemovedInstance>) {
-        let ids: Vec<String> = self.instances.keys().take(BATCH).cloned().collect();
-        let instances = ids
-            .iter()
-            .filter_map(|id| self.instances.remove(id))
+        // Stopping `extract_if` early keeps the entries it has not reached, so no key is
+        // copied and only the first BATCH entries are visited.
+        let instances = self
+            .instances
+            .extract_if(|_, _| true)
+            .take(BATCH)
+            .map(|(_, v)| v)
             .collect();
         let removed = self
             .removed
@@ -173,21 +168,9 @@ async fn register(
     let url = format!("{}/v1/agent/register", identity.controller_url);
     let mut backoff = BACKOFF_START;
     let mut failures = 0u32;
+    let mut req = identity.register.clone();
     loop {
-        let instances = supervisor.list().await?;
-        let req = RegisterRequest {
-            host_name: identity.host_name.clone(),
-            region: identity.region.clone(),
-            dc_location: identity.dc_location.clone(),
-            is_virtual: identity.is_virtual,
-            advertise_url: identity.advertise_url.clone(),
-            addresses: identity.addresses.clone(),
-            labels: identity.labels.clone(),
-            capacity: identity.capacity.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            agent_token: identity.agent_token.clone(),
-            instances,
-        };
+        req.instances = supervisor.list().await?;
         let result: Result<RegisterResponse, CallError> = client
             .post(
                 &url,

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_protocol::agent_api::Capacity;
+use berth_protocol::link::RegisterRequest;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -111,15 +112,19 @@ pub async fn run(
             let identity = controller_link::Identity {
                 controller_url: url.clone(),
                 join_token: join.clone(),
-                host_name: config.host_name.clone(),
-                region: config.region.clone(),
-                dc_location: config.dc_location.clone(),
-                is_virtual,
-                advertise_url: config.advertise_url.clone(),
-                addresses: config.addresses.clone(),
-                labels: config.labels.clone(),
-                capacity: capacity.clone(),
-                agent_token: agent_token.clone(),
+                register: RegisterRequest {
+                    host_name: config.host_name.clone(),
+                    region: config.region.clone(),
+                    dc_location: config.dc_location.clone(),
+                    is_virtual,
+                    advertise_url: config.advertise_url.clone(),
+                    addresses: config.addresses.clone(),
+                    labels: config.labels.clone(),
+                    capacity: capacity.clone(),
+                    agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    agent_token: agent_token.clone(),
+                    instances: Vec::new(),
+                },
             };
             Some(tokio::spawn(controller_link::run(
                 identity,
@@ -166,7 +171,7 @@ pub async fn run(
         tokio::spawn(berth_daemon::watchdog(
             move || {
                 let supervisor = supervisor.clone();
-                async move { supervisor.list().await.is_some() }
+                async move { supervisor.ping().await.is_some() }
             },
             shutdown.clone(),
         ))

@@ -75,24 +75,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    berth_daemon::init_tracing(config.log_format);
-    let runtime = match berth_daemon::runtime(config.worker_threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let rx = berth_daemon::shutdown_on_signal("games keep running");
-        berth_agent::run(config, rx, |_| berth_daemon::notify_ready()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "agent failed");
-            eprintln!("berth-agent: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_daemon::run_daemon(
+        "berth-agent",
+        config.log_format,
+        config.worker_threads,
+        "games keep running",
+        |rx| berth_agent::run(config, rx, |_| berth_daemon::notify_ready()),
+    )
 }

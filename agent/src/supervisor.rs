@@ -6,16 +6,17 @@
 //! controller link as a snapshot, and marks the state file dirty (written shortly after, in
 //! one batch).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, DeployRequest, InstanceView, Profile,
 };
 use berth_protocol::arcus::{LiveState, Message};
 use berth_protocol::metadata::{self, MetadataError};
+use berth_protocol::time::unix_now;
 use berth_protocol::{InstanceStatus, KeyValue, ManagementProtocol, RuntimeState};
 use nix::sys::signal::Signal;
 use serde_json::{Map, Value, json};
@@ -42,6 +43,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const FLUSH_DELAY: Duration = Duration::from_millis(100);
 /// How long a released game that never confirms allocations stays out of the pool.
 const RELEASE_GRACE: Duration = Duration::from_secs(2);
+/// Why a message could not be handed to a game whose link queue is full.
+const QUEUE_FULL: &str = "the game is not reading its Arcus link (queue full)";
 
 /// What the Arcus link (or the port probe of a `none` game) saw.
 #[derive(Debug)]
@@ -122,6 +125,11 @@ pub enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<InstanceView>>,
+    },
+    /// A liveness probe, answered with the number of instances: unlike `List` it copies
+    /// nothing, so the watchdog and `/readyz` cost the supervisor next to no time.
+    Ping {
+        reply: oneshot::Sender<usize>,
     },
     /// The controller gave us a host id.
     Registered {
@@ -310,6 +318,14 @@ impl SupervisorHandle {
         rx.await.ok()
     }
 
+    /// The number of instances, once the supervisor has worked through the commands queued
+    /// before this one; `None` when it has stopped.
+    pub async fn ping(&self) -> Option<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Ping { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
     pub async fn registered(&self, host_id: u64) {
         let _ = self.tx.send(Command::Registered { host_id }).await;
     }
@@ -320,7 +336,6 @@ impl SupervisorHandle {
 struct Pending {
     seq: u64,
     allocation_id: Option<String>,
-    metadata: Vec<KeyValue>,
     reply: Reply<InstanceView, AllocateError>,
 }
 
@@ -329,7 +344,6 @@ enum Allocated {
     AwaitingGame {
         seq: u64,
         allocation_id: Option<String>,
-        metadata: Vec<KeyValue>,
     },
 }
 
@@ -383,6 +397,55 @@ struct Instance {
 }
 
 impl Instance {
+    /// A just-deployed instance: never started, nothing heard from the game yet.
+    fn new(
+        id: String,
+        fleet_id: Option<u64>,
+        protocol: ManagementProtocol,
+        confirm_allocation: bool,
+        profile: Profile,
+        port: u16,
+        management_port: u16,
+    ) -> Self {
+        let now = unix_now();
+        Self {
+            id,
+            fleet_id,
+            protocol,
+            confirm_allocation,
+            profile,
+            port,
+            management_port,
+            status: InstanceStatus::Setup,
+            state: RuntimeState::Created,
+            desired: Desired::Running,
+            run: 0,
+            spawning: false,
+            pid: None,
+            start_time: 0,
+            started_at: None,
+            run_started: None,
+            pid_changed_at: None,
+            stopped_at: None,
+            created_at: now,
+            updated_at: now,
+            exit: None,
+            restarts: 0,
+            crash_streak: 0,
+            link: None,
+            arcus_connected: false,
+            live: None,
+            metadata: Vec::new(),
+            reverse_metadata: Vec::new(),
+            allocation: None,
+            pending: None,
+            release_pending: None,
+            game_confirms: false,
+            adopted_free: false,
+            version: 0,
+        }
+    }
+
     fn view(&self) -> InstanceView {
         let (exit_code, exit_signal) = match self.exit {
             Some(ExitInfo::Code(c)) => (Some(c), None),
@@ -453,12 +516,11 @@ impl Instance {
     fn is_arcus(&self) -> bool {
         self.protocol == ManagementProtocol::Arcus
     }
-}
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    /// The link, if the game behind it has finished the Arcus handshake.
+    fn connected_link(&self) -> Option<&mpsc::Sender<Message>> {
+        self.link.as_ref().filter(|_| self.arcus_connected)
+    }
 }
 
 /// The supervisor task's state.
@@ -477,8 +539,9 @@ pub struct Supervisor {
     base_seq: u64,
     written: tokio::sync::watch::Receiver<u64>,
     /// Allocations done but not yet answered: answered once a snapshot numbered at least this
-    /// holds them, so an acknowledged allocation survives an agent crash.
-    unsaved_answers: Vec<(u64, Reply<InstanceView, AllocateError>, InstanceView)>,
+    /// holds them, so an acknowledged allocation survives an agent crash. In increasing order
+    /// of that number, as each takes the next one.
+    unsaved_answers: VecDeque<(u64, Reply<InstanceView, AllocateError>, InstanceView)>,
     generation: u64,
     agent_token: String,
     counter: u64,
@@ -523,7 +586,7 @@ impl Supervisor {
             snapshot_seq: state.seq,
             base_seq: state.seq,
             written,
-            unsaved_answers: Vec::new(),
+            unsaved_answers: VecDeque::new(),
             generation: state.generation,
             agent_token: state.agent_token.clone(),
             counter: 0,
@@ -537,40 +600,27 @@ impl Supervisor {
             sup.ports.mark_used(p.port);
             sup.ports.mark_used(p.management_port);
             let mut inst = Instance {
-                id: p.id.clone(),
-                fleet_id: p.fleet_id,
-                protocol: p.management_protocol,
-                confirm_allocation: p.confirm_allocation,
-                profile: p.profile,
-                port: p.port,
-                management_port: p.management_port,
                 status: InstanceStatus::Offline,
                 state: RuntimeState::Exited,
                 desired: p.desired,
-                run: 0,
-                spawning: false,
-                pid: None,
-                start_time: 0,
                 started_at: p.started_at,
-                run_started: None,
                 pid_changed_at: p.pid_changed_at,
                 stopped_at: p.stopped_at,
                 created_at: p.created_at,
                 updated_at: now,
-                exit: None,
                 restarts: p.restarts,
-                crash_streak: 0,
-                link: None,
-                arcus_connected: false,
-                live: None,
                 metadata: p.metadata,
                 reverse_metadata: p.reverse_metadata,
                 allocation: p.allocation,
-                pending: None,
-                release_pending: None,
-                game_confirms: false,
-                adopted_free: false,
-                version: 0,
+                ..Instance::new(
+                    p.id.clone(),
+                    p.fleet_id,
+                    p.management_protocol,
+                    p.confirm_allocation,
+                    p.profile,
+                    p.port,
+                    p.management_port,
+                )
             };
             let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
             match adopted {
@@ -725,31 +775,47 @@ impl Supervisor {
             metadata: inst.metadata.clone(),
         };
         self.writer.append(self.snapshot_seq, &entry);
-        self.unsaved_answers.push((self.snapshot_seq, reply, view));
+        self.unsaved_answers
+            .push_back((self.snapshot_seq, reply, view));
     }
 
     /// The writer finished a batch: answer what it holds.
     fn snapshot_written(&mut self) {
         let written = *self.written.borrow_and_update();
-        let (saved, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsaved_answers)
-            .into_iter()
-            .partition(|(seq, _, _)| *seq <= written);
-        for (_, reply, view) in saved {
+        while let Some((_, reply, view)) = self
+            .unsaved_answers
+            .pop_front_if(|(seq, _, _)| *seq <= written)
+        {
             let _ = reply.send(Ok(view));
         }
-        self.unsaved_answers = waiting;
     }
 
     /// Records a change: new version, snapshot to the controller, state file later.
     fn changed(&mut self, id: &str, persist: bool) {
+        // Taken before the lookup (which borrows `self.instances`); a version skipped for an
+        // unknown id is harmless, versions only have to rise.
+        let version = self.next_version();
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
-        self.counter += 1;
-        inst.version = (self.generation << 40) | self.counter;
+        inst.version = version;
         inst.updated_at = unix_now();
         let _ = self.updates.send(Update::Instance(Box::new(inst.view())));
-        if persist && self.flush_at.is_none() {
+        if persist {
+            self.schedule_flush();
+        }
+    }
+
+    /// Versions carry the generation in their high bits, so they keep rising across agent
+    /// restarts and a stale snapshot never overwrites a newer one at the controller.
+    fn next_version(&mut self) -> u64 {
+        self.counter += 1;
+        (self.generation << 40) | self.counter
+    }
+
+    /// Writes the state file within `FLUSH_DELAY`, together with whatever else changes by then.
+    fn schedule_flush(&mut self) {
+        if self.flush_at.is_none() {
             self.flush_at = Some(Instant::now() + FLUSH_DELAY);
         }
     }
@@ -802,6 +868,9 @@ impl Supervisor {
                 all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
                 let _ = reply.send(all);
             }
+            Command::Ping { reply } => {
+                let _ = reply.send(self.instances.len());
+            }
             Command::Registered { host_id } => self.registered(host_id),
             Command::Spawned { id, run, result } => self.spawned(&id, run, result),
             Command::Exited { id, run, exit } => self.exited(&id, run, exit),
@@ -834,43 +903,15 @@ impl Supervisor {
         }
         validate_profile(&req.profile, &self.host).map_err(DeployError::Invalid)?;
         let (port, management_port) = self.ports.reserve()?;
-        let now = unix_now();
-        let inst = Instance {
-            id: id.clone(),
-            fleet_id: req.fleet_id,
-            protocol: req.management_protocol,
-            confirm_allocation: req.confirm_allocation,
-            profile: req.profile,
+        let inst = Instance::new(
+            id.clone(),
+            req.fleet_id,
+            req.management_protocol,
+            req.confirm_allocation,
+            req.profile,
             port,
             management_port,
-            status: InstanceStatus::Setup,
-            state: RuntimeState::Created,
-            desired: Desired::Running,
-            run: 0,
-            spawning: false,
-            pid: None,
-            start_time: 0,
-            started_at: None,
-            run_started: None,
-            pid_changed_at: None,
-            stopped_at: None,
-            created_at: now,
-            updated_at: now,
-            exit: None,
-            restarts: 0,
-            crash_streak: 0,
-            link: None,
-            arcus_connected: false,
-            live: None,
-            metadata: Vec::new(),
-            reverse_metadata: Vec::new(),
-            allocation: None,
-            pending: None,
-            release_pending: None,
-            game_confirms: false,
-            adopted_free: false,
-            version: 0,
-        };
+        );
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
         self.instances.insert(id.clone(), inst);
         self.changed(&id, true);
@@ -897,13 +938,13 @@ impl Supervisor {
 
     /// Starts a process for the instance and its Arcus link.
     fn spawn_run(&mut self, id: &str) {
-        let host = self.host.clone();
+        let host = &self.host;
         let log_dir = self.config.log_dir.clone();
         let run_as = self.config.run_as.clone();
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
-        let vars = |name: &str| template_var(name, inst_vars(inst), &host);
+        let vars = |name: &str| template_var(name, inst_vars(inst), host);
         let args: Result<Vec<String>, _> = inst
             .profile
             .args
@@ -1037,7 +1078,7 @@ impl Supervisor {
 
     /// Watches a (spawned or adopted) process and starts its link.
     fn watch(&mut self, id: &str, proc_: process::Process) {
-        let host = self.host.clone();
+        let host = &self.host;
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
@@ -1060,8 +1101,8 @@ impl Supervisor {
                     instance_id: inst.id.clone(),
                     run,
                     management_port: inst.management_port,
-                    host_information: host_information(&host),
-                    instance_information: instance_information(inst, &host),
+                    host_information: host_information(host),
+                    instance_information: instance_information(inst, host),
                 },
                 self.tx.clone(),
             ),
@@ -1150,20 +1191,16 @@ impl Supervisor {
     }
 
     fn finish_remove(&mut self, id: &str) {
-        if let Some(mut inst) = self.instances.remove(id) {
+        if let Some(inst) = self.instances.remove(id) {
             self.ports.release(inst.port);
             self.ports.release(inst.management_port);
-            self.counter += 1;
-            inst.version = (self.generation << 40) | self.counter;
-            inst.status = InstanceStatus::Inactive;
+            let version = self.next_version();
             let _ = self.updates.send(Update::Removed {
                 id: id.to_owned(),
-                version: inst.version,
+                version,
             });
             tracing::info!(instance_id = %id, "instance removed");
-            if self.flush_at.is_none() {
-                self.flush_at = Some(Instant::now() + FLUSH_DELAY);
-            }
+            self.schedule_flush();
         }
     }
 
@@ -1256,8 +1293,7 @@ impl Supervisor {
             }
             Some(pid) => {
                 let soft = inst.is_arcus()
-                    && inst.arcus_connected
-                    && inst.link.as_ref().is_some_and(|l| {
+                    && inst.connected_link().is_some_and(|l| {
                         l.try_send(Message::SoftStop {
                             timeout: timeout as i32,
                         })
@@ -1314,17 +1350,12 @@ impl Supervisor {
         reply: Reply<InstanceView, AllocateError>,
     ) {
         match self.try_allocate(&id, req) {
-            Ok(Allocated::AwaitingGame {
-                seq,
-                allocation_id,
-                metadata,
-            }) => {
+            Ok(Allocated::AwaitingGame { seq, allocation_id }) => {
                 // Answered when the game confirms, or by the timeout.
                 if let Some(inst) = self.instances.get_mut(&id) {
                     inst.pending = Some(Pending {
                         seq,
                         allocation_id,
-                        metadata,
                         reply,
                     });
                 }
@@ -1384,7 +1415,7 @@ impl Supervisor {
             });
         }
         if inst.is_arcus() {
-            let Some(link) = inst.link.as_ref().filter(|_| inst.arcus_connected) else {
+            let Some(link) = inst.connected_link() else {
                 return Err(AllocateError::NotAllocatable {
                     id: id.to_owned(),
                     reason: "the Arcus link to the game is down".to_owned(),
@@ -1394,7 +1425,7 @@ impl Supervisor {
             if link.capacity() < 2 {
                 return Err(AllocateError::TimedOut {
                     id: id.to_owned(),
-                    reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+                    reason: QUEUE_FULL.to_owned(),
                 });
             }
             let _ = link.try_send(Message::Allocated(req.metadata.clone()));
@@ -1403,7 +1434,10 @@ impl Supervisor {
             }
         }
         let now = unix_now();
-        inst.metadata = req.metadata.clone();
+        // Recorded now, not when the game confirms: pairs pushed while it is pending reach the
+        // game after `allocated`, so merging them into this copy keeps it equal to what the
+        // game was sent.
+        inst.metadata = req.metadata;
         if inst.confirm_allocation && inst.is_arcus() {
             inst.status = InstanceStatus::Allocating;
             let run = inst.run;
@@ -1412,7 +1446,6 @@ impl Supervisor {
             return Ok(Allocated::AwaitingGame {
                 seq,
                 allocation_id: req.allocation_id,
-                metadata: req.metadata,
             });
         }
         inst.status = InstanceStatus::Allocated;
@@ -1482,9 +1515,7 @@ impl Supervisor {
                 "instance {id} uses management protocol none; the game cannot receive messages"
             )));
         }
-        inst.link
-            .as_ref()
-            .filter(|_| inst.arcus_connected)
+        inst.connected_link()
             .ok_or_else(|| InstanceError::Unreachable {
                 id: id.to_owned(),
                 reason: "the Arcus link to the game is down".to_owned(),
@@ -1501,18 +1532,13 @@ impl Supervisor {
         link.try_send(Message::Metadata(pairs.clone()))
             .map_err(|_| InstanceError::Unreachable {
                 id: id.to_owned(),
-                reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+                reason: QUEUE_FULL.to_owned(),
             })?;
         let inst = self
             .instances
             .get_mut(id)
             .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
-        for kv in pairs {
-            match inst.metadata.iter_mut().find(|m| m.key == kv.key) {
-                Some(m) => m.value = kv.value,
-                None => inst.metadata.push(kv),
-            }
-        }
+        metadata::merge(&mut inst.metadata, pairs);
         self.changed(id, true);
         Ok(self.instances[id].view())
     }
@@ -1537,7 +1563,7 @@ impl Supervisor {
         link.try_send(Message::CustomCommand(data))
             .map_err(|_| InstanceError::Unreachable {
                 id: id.to_owned(),
-                reason: "the game is not reading its Arcus link (queue full)".to_owned(),
+                reason: QUEUE_FULL.to_owned(),
             })?;
         Ok(self.instances[id].view())
     }
@@ -1547,13 +1573,13 @@ impl Supervisor {
             return;
         }
         self.host.host_id = Some(host_id);
-        let host = self.host.clone();
+        let host = &self.host;
         // Connected games learn the host id now, others when their link comes up.
         for inst in self.instances.values() {
-            if let Some(link) = inst.link.as_ref().filter(|_| inst.arcus_connected) {
-                let _ = link.try_send(Message::HostInformation(host_information(&host)));
+            if let Some(link) = inst.connected_link() {
+                let _ = link.try_send(Message::HostInformation(host_information(host)));
                 let _ = link.try_send(Message::InstanceInformation(instance_information(
-                    inst, &host,
+                    inst, host,
                 )));
             }
         }
@@ -1639,11 +1665,9 @@ impl Supervisor {
                                 at: unix_now(),
                                 game_confirmed: true,
                             });
-                            inst.metadata = p.metadata;
-                            let view_id = id.to_owned();
-                            self.changed(&view_id, true);
+                            self.changed(id, true);
                             self.metrics.allocations_ok.inc();
-                            let view = self.instances[&view_id].view();
+                            let view = self.instances[id].view();
                             self.answer_when_saved(p.reply, view);
                             return;
                         }
@@ -1678,8 +1702,8 @@ impl Supervisor {
         }
         if visible {
             self.changed(id, persist);
-        } else if persist && self.flush_at.is_none() {
-            self.flush_at = Some(Instant::now() + FLUSH_DELAY);
+        } else if persist {
+            self.schedule_flush();
         }
     }
 }
@@ -1688,17 +1712,13 @@ impl Supervisor {
 /// treats this custom command as one. Returns whether the game was told (and so whether its
 /// acknowledgement is awaited).
 fn tell_released(inst: &mut Instance) -> bool {
-    let told = inst
-        .link
-        .as_ref()
-        .filter(|_| inst.arcus_connected)
-        .is_some_and(|link| {
-            link.try_send(Message::CustomCommand(vec![KeyValue::new(
-                "command",
-                "deallocated",
-            )]))
-            .is_ok()
-        });
+    let told = inst.connected_link().is_some_and(|link| {
+        link.try_send(Message::CustomCommand(vec![KeyValue::new(
+            "command",
+            "deallocated",
+        )]))
+        .is_ok()
+    });
     if told || (inst.is_arcus() && inst.pid.is_some()) {
         // Not told because the link is down (e.g. the game was just re-adopted): the game
         // still believes it is allocated and will say so when the link is back. It is told

@@ -3,6 +3,7 @@
 //! tracing setup (JSON under systemd, text on a terminal), and the stop signals.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use serde::de::DeserializeOwned;
 
@@ -227,6 +228,41 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
             .worker_threads(worker_threads)
             .enable_all()
             .build()
+    }
+}
+
+/// The part of a daemon's `main` after its configuration is known to be valid: starts tracing
+/// and the runtime, runs `run` with the stop signal, and maps the outcome to an exit code.
+/// `name` (`berth-agent`) prefixes what is written to stderr; `stopping` is logged on a stop
+/// signal (see [`shutdown_on_signal`]).
+pub fn run_daemon<Fut, E>(
+    name: &str,
+    log_format: LogFormat,
+    worker_threads: usize,
+    stopping: &'static str,
+    run: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> Fut,
+) -> ExitCode
+where
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    init_tracing(log_format);
+    let runtime = match runtime(worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async { run(shutdown_on_signal(stopping)).await });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let role = name.strip_prefix("berth-").unwrap_or(name);
+            tracing::error!(error = %e, "{role} failed");
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use berth_protocol::ErrorBody;
 use bytes::Bytes;
-use http::{Method, Request, header};
+use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,6 +23,10 @@ pub struct JsonClient {
 pub enum CallError {
     #[error("invalid URL {0:?}")]
     InvalidUrl(String),
+    /// The request could not be built for another reason than its URL: `reason` names the
+    /// header at fault (a token, a correlation or idempotency id) and what it must look like.
+    #[error("cannot send a request to {url}: {reason}")]
+    InvalidRequest { url: String, reason: String },
     #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("{url} did not answer within {ms} ms")]
@@ -75,19 +79,6 @@ impl JsonClient {
         decode(url, &raw)
     }
 
-    pub async fn get<R: DeserializeOwned>(
-        &self,
-        url: &str,
-        token: Option<&str>,
-        correlation: Option<&str>,
-        timeout: Duration,
-    ) -> Result<R, CallError> {
-        let (_, raw) = self
-            .send(Method::GET, url, token, correlation, None, timeout)
-            .await?;
-        decode(url, &raw)
-    }
-
     pub async fn delete<R: DeserializeOwned>(
         &self,
         url: &str,
@@ -129,12 +120,32 @@ impl JsonClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
-        let mut req = Request::builder().method(method).uri(url);
+        // Each part is checked on its own so that the error names the part to fix: only a bad
+        // URL is reported as one.
+        let uri = Uri::try_from(url).map_err(|_| CallError::InvalidUrl(url.to_owned()))?;
+        let invalid = |reason: String| CallError::InvalidRequest {
+            url: url.to_owned(),
+            reason,
+        };
+        const VALUE_RULE: &str =
+            "a header value must be visible ASCII characters or spaces, with no line breaks";
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            // The token is a secret: named, never shown.
+            let v = HeaderValue::try_from(format!("Bearer {t}")).map_err(|_| {
+                invalid(format!(
+                    "the token cannot be sent in the Authorization header ({VALUE_RULE}); check it for a stray line break or a non-ASCII character"
+                ))
+            })?;
+            req = req.header(header::AUTHORIZATION, v);
         }
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            let name = HeaderName::try_from(*k)
+                .map_err(|_| invalid(format!("{k:?} is not a valid HTTP header name")))?;
+            let value = HeaderValue::try_from(*v).map_err(|_| {
+                invalid(format!("the {k} header cannot carry {v:?} ({VALUE_RULE})"))
+            })?;
+            req = req.header(name, value);
         }
         let has_body = body.is_some();
         if has_body {
@@ -142,7 +153,7 @@ impl JsonClient {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|_| CallError::InvalidUrl(url.to_owned()))?;
+            .map_err(|e| invalid(e.to_string()))?;
         let call = async {
             let resp = self
                 .inner
@@ -202,4 +213,45 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         last = s;
     }
     last.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_bad_url_is_blamed_on_the_url() {
+        let c = JsonClient::new();
+        let t = Duration::from_secs(1);
+        let url = "http://127.0.0.1:1/v1/hosts";
+        let e = c
+            .send(Method::GET, url, Some("tok\nen"), None, None, t)
+            .await
+            .expect_err("token");
+        assert!(
+            matches!(&e, CallError::InvalidRequest { reason, .. }
+                if reason.contains("token") && !reason.contains("tok\nen")),
+            "{e}"
+        );
+        let e = c
+            .send_with(
+                Method::GET,
+                url,
+                None,
+                &[("Idempotency-Key", "a\r\nb")],
+                None,
+                t,
+            )
+            .await
+            .expect_err("header");
+        assert!(
+            matches!(&e, CallError::InvalidRequest { reason, .. } if reason.contains("Idempotency-Key")),
+            "{e}"
+        );
+        let e = c
+            .send(Method::GET, "http://exa mple/", None, None, None, t)
+            .await
+            .expect_err("url");
+        assert!(matches!(e, CallError::InvalidUrl(_)), "{e}");
+    }
 }

@@ -18,7 +18,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use berth_protocol::{Attempt, ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::Instrument;
 
 /// Largest request body either daemon accepts.
@@ -44,6 +43,9 @@ pub struct Failure {
     /// What led to the refusal (candidates, attempts), kept by the controller as the story of
     /// the request; never sent in the body.
     pub story: Option<Box<serde_json::Value>>,
+    /// Set by [`not_found`] and [`method_not_allowed`]: the request reached no handler, so no
+    /// caller was authenticated (a recording sink must not keep it).
+    pub unrouted: bool,
 }
 
 impl Failure {
@@ -56,6 +58,7 @@ impl Failure {
             error_code: code.agent_code(),
             retry_after_secs: None,
             story: None,
+            unrouted: false,
         }
     }
 
@@ -88,11 +91,7 @@ impl IntoResponse for Failure {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use berth_protocol::time::unix_now;
 
 fn valid_correlation(v: &HeaderValue) -> Option<&str> {
     let s = v.to_str().ok()?;
@@ -109,6 +108,8 @@ pub struct FailureRecord {
     pub method: String,
     pub body: ErrorBody,
     pub story: Option<serde_json::Value>,
+    /// See [`Failure::unrouted`].
+    pub unrouted: bool,
 }
 
 /// Where failed requests go to be remembered.
@@ -164,6 +165,7 @@ async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Resp
                 method: method.to_string(),
                 body,
                 story: failure.story.map(|b| *b),
+                unrouted: failure.unrouted,
             });
         }
         resp = rendered;
@@ -176,20 +178,24 @@ async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Resp
 
 /// For routes that do not exist.
 pub async fn not_found(req: Request) -> Failure {
-    Failure::new(
+    let mut f = Failure::new(
         ErrorCode::ResourceNotFound,
         "Not found.",
         format!("no route {} {}", req.method(), req.uri().path()),
-    )
+    );
+    f.unrouted = true;
+    f
 }
 
 /// For a known route with the wrong method.
 pub async fn method_not_allowed(req: Request) -> Failure {
-    Failure::invalid_request(format!(
+    let mut f = Failure::invalid_request(format!(
         "{} is not allowed on {}",
         req.method(),
         req.uri().path()
-    ))
+    ));
+    f.unrouted = true;
+    f
 }
 
 /// The bearer token of a request, if any.
@@ -352,6 +358,20 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         let deep = "[".repeat(10_000);
         assert!(parse_json::<serde_json::Value>(deep.as_bytes()).is_err());
+    }
+
+    #[tokio::test]
+    async fn unrouted_failures_are_marked() {
+        let req = || {
+            axum::http::Request::builder()
+                .method("DELETE")
+                .uri("/v1/nothing")
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        assert!(not_found(req()).await.unrouted);
+        assert!(method_not_allowed(req()).await.unrouted);
+        assert!(!Failure::invalid_request("a handler's refusal").unrouted);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::io;
 use std::time::Duration;
 
 use crate::metadata::KeyValue;
@@ -172,12 +173,8 @@ impl Message {
         }
     }
 
-    /// The JSON payload, or nothing for payload-less messages (never `{}`).
-    fn payload(&self) -> Result<Option<Vec<u8>>, serde_json::Error> {
-        #[derive(Serialize)]
-        struct Data<'a> {
-            data: &'a [KeyValue],
-        }
+    /// Writes the JSON payload to `w`; payload-less messages write nothing (never `{}`).
+    fn write_payload<W: io::Write>(&self, w: W) -> serde_json::Result<()> {
         #[derive(Serialize)]
         struct Timeout {
             timeout: i32,
@@ -186,24 +183,53 @@ impl Message {
         struct Status {
             status: i32,
         }
-        let bytes = match self {
-            Self::Health | Self::HelloReply => return Ok(None),
-            Self::SoftStop { timeout } => serde_json::to_vec(&Timeout { timeout: *timeout }),
+        match self {
+            Self::Health | Self::HelloReply => Ok(()),
+            Self::SoftStop { timeout } => serde_json::to_writer(w, &Timeout { timeout: *timeout }),
             Self::Metadata(d)
             | Self::CustomCommand(d)
             | Self::Allocated(d)
-            | Self::ReverseMetadata(d) => serde_json::to_vec(&Data { data: d }),
+            | Self::ReverseMetadata(d) => serde_json::to_writer(w, &Data { data: d }),
             Self::HostInformation(m) | Self::InstanceInformation(m) => {
                 if m.is_empty() {
-                    return Ok(None);
+                    return Ok(());
                 }
-                serde_json::to_vec(m)
+                serde_json::to_writer(w, m)
             }
-            Self::LiveState(s) => serde_json::to_vec(s),
-            Self::InstanceStatus { status } => serde_json::to_vec(&Status { status: *status }),
-        };
-        bytes.map(Some)
+            Self::LiveState(s) => serde_json::to_writer(w, s),
+            Self::InstanceStatus { status } => {
+                serde_json::to_writer(w, &Status { status: *status })
+            }
+        }
     }
+}
+
+/// The `{"data": [...]}` payload shared by the key/value messages.
+#[derive(Serialize)]
+struct Data<'a> {
+    data: &'a [KeyValue],
+}
+
+/// Counts bytes instead of keeping them, so sizes can be checked without a buffer.
+#[derive(Debug, Default)]
+struct ByteCounter(usize);
+
+impl io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `value`'s compact JSON encoding, without building it.
+pub fn json_len<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<usize> {
+    let mut counter = ByteCounter::default();
+    serde_json::to_writer(&mut counter, value)?;
+    Ok(counter.0)
 }
 
 /// What [`decode`] found at the start of a buffer.
@@ -470,34 +496,31 @@ pub fn encode_with_id(
         out.extend_from_slice(&HELLO_REPLY);
         return Ok(());
     }
-    let payload = message
-        .payload()
-        .map_err(|e| ArcusError::InvalidPayload {
-            opcode,
-            reason: e.to_string(),
-        })?
-        .unwrap_or_default();
-    if payload.len() > MAX_PAYLOAD_LEN as usize {
-        return Err(ArcusError::PayloadTooLarge {
-            opcode,
-            len: payload.len(),
-        });
-    }
-    out.reserve(HEADER_LEN + payload.len());
+    // Serialised straight into `out`, so the payload is neither buffered nor copied: the length
+    // is patched in once known, and `out` is cut back on failure so nothing is written.
+    let start = out.len();
     out.extend_from_slice(&[0, opcode as u8, 0, 0]);
     out.extend_from_slice(&packet_id.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&[0; 4]);
+    if let Err(e) = message.write_payload(&mut *out) {
+        out.truncate(start);
+        return Err(ArcusError::InvalidPayload {
+            opcode,
+            reason: e.to_string(),
+        });
+    }
+    let len = out.len() - start - HEADER_LEN;
+    if len > MAX_PAYLOAD_LEN as usize {
+        out.truncate(start);
+        return Err(ArcusError::PayloadTooLarge { opcode, len });
+    }
+    out[start + 8..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
 /// The size in bytes of the `data` payload for these pairs, to check limits before sending.
 pub fn data_payload_len(data: &[KeyValue]) -> usize {
-    Message::Allocated(data.to_vec())
-        .payload()
-        .ok()
-        .flatten()
-        .map_or(0, |p| p.len())
+    json_len(&Data { data }).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -704,14 +727,34 @@ mod tests {
     }
 
     #[test]
+    fn measured_sizes_match_the_encoding() {
+        let data = vec![
+            KeyValue::new("map", "dust \"2\""),
+            KeyValue::new("é", "\u{1}"),
+        ];
+        let frame = encoded(&Message::Allocated(data.clone()), 1);
+        assert_eq!(data_payload_len(&data), frame.len() - HEADER_LEN);
+        let value = serde_json::json!({"a": [1, 2.5, null], "b": "\n"});
+        assert_eq!(
+            json_len(&value).expect("len"),
+            serde_json::to_vec(&value).expect("vec").len()
+        );
+    }
+
+    #[test]
     fn oversized_payload_is_refused_by_encoder() {
         let big = vec![KeyValue::new("k", "x".repeat(MAX_PAYLOAD_LEN as usize))];
         let mut out = Vec::new();
         assert!(matches!(
-            encode_with_id(&Message::Allocated(big), 1, &mut out),
+            encode_with_id(&Message::Allocated(big.clone()), 1, &mut out),
             Err(ArcusError::PayloadTooLarge { .. })
         ));
         assert!(out.is_empty());
+        // Frames already in the buffer are kept.
+        let health = encoded(&Message::Health, 1);
+        out.extend_from_slice(&health);
+        assert!(encode_with_id(&Message::Allocated(big), 2, &mut out).is_err());
+        assert_eq!(out, health);
     }
 
     #[test]

@@ -47,6 +47,17 @@ pub enum MetadataError {
     FrameTooLarge(usize),
 }
 
+/// Applies a metadata update: a key already present gets the new value in place, so the pairs
+/// keep the order they were first sent in; new keys are appended in order.
+pub fn merge(into: &mut Vec<KeyValue>, data: Vec<KeyValue>) {
+    for kv in data {
+        match into.iter_mut().find(|old| old.key == kv.key) {
+            Some(old) => old.value = kv.value,
+            None => into.push(kv),
+        }
+    }
+}
+
 /// Checks the limits of DESIGN.md §3.4 and that the list fits in one Arcus frame.
 pub fn validate(pairs: &[KeyValue]) -> Result<(), MetadataError> {
     if pairs.len() > MAX_PAIRS {
@@ -80,6 +91,30 @@ pub fn validate(pairs: &[KeyValue]) -> Result<(), MetadataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_replaces_in_place_and_appends_new_keys() {
+        let mut into = vec![KeyValue::new("map", "dust"), KeyValue::new("mode", "ctf")];
+        merge(
+            &mut into,
+            vec![
+                KeyValue::new("players", "8"),
+                KeyValue::new("map", "nuke"),
+                KeyValue::new("region", "eu"),
+            ],
+        );
+        assert_eq!(
+            into,
+            [
+                KeyValue::new("map", "nuke"),
+                KeyValue::new("mode", "ctf"),
+                KeyValue::new("players", "8"),
+                KeyValue::new("region", "eu"),
+            ]
+        );
+        merge(&mut into, Vec::new());
+        assert_eq!(into.len(), 4);
+    }
 
     #[test]
     fn limits() {

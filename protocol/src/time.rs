@@ -1,4 +1,14 @@
-//! RFC 3339 formatting of unix times, so neither daemon needs a date crate for one function.
+//! Unix times and their RFC 3339 formatting, so neither daemon needs a date crate for one
+//! function.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch; a clock set before 1970 reads as 0 rather than failing.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// `2026-11-22T07:51:49Z` for a count of seconds since the Unix epoch.
 pub fn rfc3339(unix_secs: u64) -> String {

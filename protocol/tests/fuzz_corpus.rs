@@ -6,7 +6,7 @@
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
-use berth_protocol::arcus::Role;
+use berth_protocol::arcus::{self, Frame, HEADER_LEN, Role};
 use std::path::PathBuf;
 
 /// Every file of one target's corpus, by name. An empty or missing corpus fails the test: it
@@ -48,6 +48,25 @@ fn arcus_decode_corpus_replays() {
         } else if name.starts_with("vector_") || name.starts_with("stream_") {
             // Wrong-way frames are ignored, not errors, so both roles read every seed.
             assert_eq!(errors(&data), [false, false], "{name} should decode");
+        } else if name.starts_with("empty_object_") {
+            // `{}` must read exactly as a payload-less frame: each message re-encodes with
+            // length 0.
+            assert_eq!(errors(&data), [false, false], "{name} should decode");
+            let mut messages = 0;
+            for role in [Role::Agent, Role::Game] {
+                for frame in checks::walk(&data, role).frames {
+                    let Frame::Message { packet_id, message } = frame else {
+                        continue;
+                    };
+                    let mut out = Vec::new();
+                    arcus::encode_with_id(&message, packet_id, &mut out).expect("re-encode");
+                    assert_eq!(out.len(), HEADER_LEN, "{name}: {message:?} has a payload");
+                    messages += 1;
+                }
+            }
+            assert!(messages > 0, "{name}: no message read");
+        } else {
+            panic!("{name}: no expected outcome for this name; see the prefixes above");
         }
     }
 }
@@ -62,6 +81,8 @@ fn filter_parse_corpus_replays() {
             assert!(parsed.is_ok(), "{name}: {parsed:?}");
         } else if name.starts_with("invalid_") {
             assert!(parsed.is_err(), "{name}: {parsed:?}");
+        } else {
+            panic!("{name}: no expected outcome for this name; use valid_ or invalid_");
         }
     }
 }

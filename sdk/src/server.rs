@@ -139,12 +139,10 @@ impl ArcusHandle {
             }
             .into());
         }
-        let len = serde_json::to_vec(&state)
-            .map_err(|e| ArcusError::InvalidPayload {
-                opcode: Opcode::LiveState,
-                reason: e.to_string(),
-            })?
-            .len();
+        let len = arcus::json_len(&state).map_err(|e| ArcusError::InvalidPayload {
+            opcode: Opcode::LiveState,
+            reason: e.to_string(),
+        })?;
         if len > MAX_PAYLOAD_LEN as usize {
             return Err(ArcusError::PayloadTooLarge {
                 opcode: Opcode::LiveState,

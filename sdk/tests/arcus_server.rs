@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use berth_protocol::KeyValue;
 use berth_protocol::arcus::{
-    ArcusError, HEALTH_INTERVAL, HELLO, HELLO_REPLY, LiveState, Message, encode_with_id,
+    ArcusError, HEALTH_INTERVAL, HELLO, HELLO_REPLY, LiveState, Message, Opcode, encode_with_id,
 };
 use berth_sdk::{
     ArcusServer, Event, GameStatus, HELLO_REPLY_TIMEOUT, HandshakeError, LinkClosed, SdkError,
@@ -374,8 +374,11 @@ async fn new_connection_replaces_the_old_one() {
     assert_eq!(second.next_status().await, 4);
 }
 
+/// Whether an error is the one a malformed frame must cause.
+type ExpectedError = fn(&ArcusError) -> bool;
+
 /// Bytes that are not valid Arcus for the game, each with a check of the error it must cause.
-fn malformed_frames() -> Vec<(&'static str, Vec<u8>)> {
+fn malformed_frames() -> Vec<(&'static str, Vec<u8>, ExpectedError)> {
     let frame = |opcode: u8, payload: &[u8]| {
         let mut v = vec![0, opcode, 0, 0, 0, 0, 0, 1];
         v.extend_from_slice(&u32::try_from(payload.len()).expect("len").to_be_bytes());
@@ -385,23 +388,40 @@ fn malformed_frames() -> Vec<(&'static str, Vec<u8>)> {
     let mut flags = frame(0x02, b"");
     flags[0] = 1;
     vec![
-        ("non-zero flags", flags),
-        ("unknown opcode", frame(0x99, b"")),
+        ("non-zero flags", flags, |e| {
+            matches!(e, ArcusError::NonZeroFlags(1))
+        }),
+        ("unknown opcode", frame(0x99, b""), |e| {
+            matches!(e, ArcusError::UnknownOpcode(0x99))
+        }),
         (
             "frame over the limit",
             vec![0, 0x40, 0, 0, 0, 0, 0, 1, 0, 0x01, 0xff, 0xf5],
+            |e| matches!(e, ArcusError::FrameTooLarge(131_061)),
         ),
-        ("invalid JSON", frame(0x40, b"{\"data\":")),
-        ("array root", frame(0x50, b"[1,2]")),
-        ("missing field", frame(0x30, b"{}")),
-        ("float timeout", frame(0x30, b"{\"timeout\":5.0}")),
+        ("invalid JSON", frame(0x40, b"{\"data\":"), |e| {
+            matches!(e, ArcusError::InvalidPayload { opcode: Opcode::Metadata, reason }
+                if reason.contains("EOF while parsing"))
+        }),
+        ("array root", frame(0x50, b"[1,2]"), |e| {
+            matches!(e, ArcusError::InvalidPayload { opcode: Opcode::HostInformation, reason }
+                if reason.contains("root must be an object, got an array"))
+        }),
+        ("missing field", frame(0x30, b"{}"), |e| {
+            matches!(e, ArcusError::InvalidPayload { opcode: Opcode::SoftStop, reason }
+                if reason.contains("missing field `timeout`"))
+        }),
+        ("float timeout", frame(0x30, b"{\"timeout\":5.0}"), |e| {
+            matches!(e, ArcusError::InvalidPayload { opcode: Opcode::SoftStop, reason }
+                if reason.contains("floating point"))
+        }),
     ]
 }
 
 #[tokio::test]
 async fn malformed_frame_closes_the_link_and_the_server_accepts_a_new_one() {
     let mut server = server().await;
-    for (name, bytes) in malformed_frames() {
+    for (name, bytes, expected) in malformed_frames() {
         let mut agent = Agent::connect(server.local_addr()).await;
         assert_eq!(agent.next_status().await, 3, "{name}");
         expect_connected(&mut server).await;
@@ -409,8 +429,8 @@ async fn malformed_frame_closes_the_link_and_the_server_accepts_a_new_one() {
         agent.expect_closed().await;
         match next_event(&mut server).await {
             Event::Disconnected {
-                reason: LinkClosed::Protocol(_),
-            } => {}
+                reason: LinkClosed::Protocol(e),
+            } => assert!(expected(&e), "{name}: wrong protocol error {e:?}"),
             other => panic!("{name}: expected a protocol error, got {other:?}"),
         }
     }

@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use berth_protocol::metadata;
 use berth_sdk::{ArcusHandle, ArcusServer, Event, Events, GameStatus, KeyValue, LiveState};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
@@ -250,7 +251,7 @@ impl Game {
             }
             Event::Metadata(data) => self
                 .info
-                .send_modify(|info| merge(&mut info.metadata, data)),
+                .send_modify(|info| metadata::merge(&mut info.metadata, data)),
             Event::HostInformation(object) => {
                 self.info.send_modify(|info| info.host_information = object);
             }
@@ -263,16 +264,6 @@ impl Game {
             Event::Rejected { peer, reason } => eprintln!("refused {peer}: {reason}"),
         }
         Ok(Flow::Continue)
-    }
-}
-
-/// New values replace the pairs with the same key; new keys are appended in order.
-fn merge(into: &mut Vec<KeyValue>, data: Vec<KeyValue>) {
-    for kv in data {
-        match into.iter_mut().find(|old| old.key == kv.key) {
-            Some(old) => old.value = kv.value,
-            None => into.push(kv),
-        }
     }
 }
 
