@@ -82,7 +82,7 @@ async fn execute(client: &AgentClient, action: Action) -> ActionResult {
                 .deallocate(
                     &target,
                     &instance_id,
-                    &DeallocateRequest {
+                    DeallocateRequest {
                         allocation_id: Some(allocation_id),
                     },
                     None,

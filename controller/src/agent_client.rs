@@ -11,7 +11,7 @@ use berth_protocol::agent_api::{
     AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
     DeallocateRequest, DeployRequest, InstanceView, MetadataRequest, StopRequest,
 };
-use http::Method;
+use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// The agent's own answer comes within 5 s; allow for the network on top.
@@ -54,20 +54,17 @@ impl Lane {
         target: &AgentTarget,
     ) -> Result<InstanceView, AgentFailure> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send((op, reply)).is_err() {
-            return Err(internal(
-                target,
-                "nothing (its lane has stopped)".to_owned(),
-                0,
-            ));
+        // The queue closed or the reply dropped: either way the lane's task has ended.
+        if self.tx.send((op, reply)).is_ok()
+            && let Ok(answer) = rx.await
+        {
+            return answer;
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(internal(
-                target,
-                "nothing (its lane has stopped)".to_owned(),
-                0,
-            ))
-        })
+        Err(internal(
+            target,
+            "nothing (its lane has stopped)".to_owned(),
+            0,
+        ))
     }
 }
 
@@ -168,38 +165,6 @@ impl AgentClient {
         }
     }
 
-    async fn call<B: serde::Serialize>(
-        &self,
-        target: &AgentTarget,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-        correlation: Option<&str>,
-        timeout: Duration,
-    ) -> Result<InstanceView, AgentFailure> {
-        let started = Instant::now();
-        let url = format!("{}{path}", target.url);
-        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
-        let result = self
-            .http
-            .send(
-                method,
-                &url,
-                Some(&target.token),
-                correlation,
-                bytes,
-                timeout,
-            )
-            .await
-            .and_then(|(_, raw)| {
-                serde_json::from_slice::<InstanceView>(&raw).map_err(|e| CallError::Decode {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                })
-            });
-        result.map_err(|e| failure(target, e, started.elapsed()))
-    }
-
     /// Starts the batching lane for one host.
     pub fn lane(&self, target: &AgentTarget) -> Lane {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -211,58 +176,61 @@ impl AgentClient {
         Lane { tx }
     }
 
+    async fn post<B: Serialize>(
+        &self,
+        target: &AgentTarget,
+        path: &str,
+        body: &B,
+        correlation: Option<&str>,
+        timeout: Duration,
+    ) -> Result<InstanceView, AgentFailure> {
+        let url = format!("{}{path}", target.url);
+        let token = Some(target.token.as_str());
+        timed(
+            target,
+            self.http.post(&url, token, correlation, body, timeout),
+        )
+        .await
+    }
+
     pub async fn allocate(
         &self,
         target: &AgentTarget,
         instance_id: &str,
-        req: &AllocateRequest,
+        req: AllocateRequest,
         correlation: &str,
     ) -> Result<InstanceView, AgentFailure> {
         if let Some(lane) = &target.lane {
             let op = BatchOperation::Allocate {
                 id: instance_id.to_owned(),
                 identifier: Some(correlation.to_owned()),
-                request: req.clone(),
+                request: req,
             };
             return lane.call(op, target).await;
         }
         let path = format!("/v1/instances/{instance_id}/allocate");
-        self.call(
-            target,
-            Method::POST,
-            &path,
-            Some(req),
-            Some(correlation),
-            ALLOCATE_TIMEOUT,
-        )
-        .await
+        self.post(target, &path, &req, Some(correlation), ALLOCATE_TIMEOUT)
+            .await
     }
 
     pub async fn deallocate(
         &self,
         target: &AgentTarget,
         instance_id: &str,
-        req: &DeallocateRequest,
+        req: DeallocateRequest,
         correlation: Option<&str>,
     ) -> Result<InstanceView, AgentFailure> {
         if let Some(lane) = &target.lane {
             let op = BatchOperation::Deallocate {
                 id: instance_id.to_owned(),
                 identifier: correlation.map(str::to_owned),
-                request: req.clone(),
+                request: req,
             };
             return lane.call(op, target).await;
         }
         let path = format!("/v1/instances/{instance_id}/deallocate");
-        self.call(
-            target,
-            Method::POST,
-            &path,
-            Some(req),
-            correlation,
-            CALL_TIMEOUT,
-        )
-        .await
+        self.post(target, &path, &req, correlation, CALL_TIMEOUT)
+            .await
     }
 
     pub async fn deploy(
@@ -270,15 +238,8 @@ impl AgentClient {
         target: &AgentTarget,
         req: &DeployRequest,
     ) -> Result<InstanceView, AgentFailure> {
-        self.call(
-            target,
-            Method::POST,
-            "/v1/instances",
-            Some(req),
-            None,
-            CALL_TIMEOUT,
-        )
-        .await
+        self.post(target, "/v1/instances", req, None, CALL_TIMEOUT)
+            .await
     }
 
     pub async fn remove(
@@ -286,9 +247,9 @@ impl AgentClient {
         target: &AgentTarget,
         instance_id: &str,
     ) -> Result<InstanceView, AgentFailure> {
-        let path = format!("/v1/instances/{instance_id}");
-        self.call::<()>(target, Method::DELETE, &path, None, None, CALL_TIMEOUT)
-            .await
+        let url = format!("{}/v1/instances/{instance_id}", target.url);
+        let token = Some(target.token.as_str());
+        timed(target, self.http.delete(&url, token, None, CALL_TIMEOUT)).await
     }
 
     pub async fn metadata(
@@ -299,15 +260,8 @@ impl AgentClient {
         correlation: &str,
     ) -> Result<InstanceView, AgentFailure> {
         let path = format!("/v1/instances/{instance_id}/metadata");
-        self.call(
-            target,
-            Method::POST,
-            &path,
-            Some(req),
-            Some(correlation),
-            CALL_TIMEOUT,
-        )
-        .await
+        self.post(target, &path, req, Some(correlation), CALL_TIMEOUT)
+            .await
     }
 
     pub async fn command(
@@ -318,15 +272,8 @@ impl AgentClient {
         correlation: &str,
     ) -> Result<InstanceView, AgentFailure> {
         let path = format!("/v1/instances/{instance_id}/command");
-        self.call(
-            target,
-            Method::POST,
-            &path,
-            Some(req),
-            Some(correlation),
-            CALL_TIMEOUT,
-        )
-        .await
+        self.post(target, &path, req, Some(correlation), CALL_TIMEOUT)
+            .await
     }
 
     pub async fn stop(
@@ -341,16 +288,20 @@ impl AgentClient {
             "/v1/instances/{instance_id}/stop{}",
             if force { "?force=true" } else { "" }
         );
-        self.call(
-            target,
-            Method::POST,
-            &path,
-            Some(req),
-            Some(correlation),
-            CALL_TIMEOUT,
-        )
-        .await
+        self.post(target, &path, req, Some(correlation), CALL_TIMEOUT)
+            .await
     }
+}
+
+/// Runs one call, turning its failure into what the controller reports (with how long the
+/// agent took, for the attempt story).
+async fn timed(
+    target: &AgentTarget,
+    call: impl Future<Output = Result<InstanceView, CallError>>,
+) -> Result<InstanceView, AgentFailure> {
+    let started = Instant::now();
+    call.await
+        .map_err(|e| failure(target, e, started.elapsed()))
 }
 
 /// Maps a failed call to the code the controller reports.
@@ -409,6 +360,17 @@ fn failure(target: &AgentTarget, e: CallError, elapsed: Duration) -> AgentFailur
         CallError::InvalidUrl(u) => {
             internal(target, format!("invalid agent URL {u:?}"), elapsed_ms)
         }
+        CallError::InvalidRequest { reason, .. } => AgentFailure {
+            host_id: target.host_id,
+            status: 500,
+            code: ErrorCode::AgentInternalError,
+            error_code: Some(76000),
+            details: format!(
+                "the controller could not call the agent of host {} ({}) at {}: {reason}; the token is the one the agent sent when it registered, so the agent must register again with a valid one",
+                target.host_id, target.host_name, target.url
+            ),
+            elapsed_ms,
+        },
     }
 }
 

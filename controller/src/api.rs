@@ -21,7 +21,7 @@ use berth_protocol::agent_api::{
 };
 use berth_protocol::controller_api::{
     AllocateBody, Application, Build, DcLocation, DeallocateBody, DeploymentEnvironment, Fleet,
-    I3dAllocateBody, I3dInstance, InstanceObject, Region,
+    I3dAllocateBody, InstanceObject, Region,
 };
 use berth_protocol::filter::Filter;
 use berth_protocol::link::{EventsRequest, HeartbeatRequest, RegisterRequest};
@@ -31,10 +31,10 @@ use sha2::{Digest, Sha256};
 use crate::agent_client::{AgentClient, AgentFailure};
 use crate::config::{Config, Role, digest};
 use crate::inventory::{
-    AllocateInput, Answer, Crud, InstanceOp, InventoryHandle, ListQuery, Release, Step,
+    AllocateInput, Crud, InstanceOp, InventoryHandle, ListQuery, Release, Step,
 };
 use crate::metrics::Metrics;
-use crate::model::hex;
+use crate::model::{AllocationRecord, hex};
 use crate::store::Store;
 
 /// Registration carries every instance of a host in full: allow more than the default limit.
@@ -195,14 +195,15 @@ pub fn router(state: AppState) -> Router {
     let sink: FailureSink = {
         let inv = state.inventory.clone();
         Arc::new(move |r| {
-            // Requests with no valid credentials, over their rate, or to no route are not
-            // kept: anyone who can reach the port could otherwise make the controller write.
+            // Requests with no valid credentials, over their rate, or to no route (no path, or
+            // not that method) are not kept: anyone who can reach the port could otherwise make
+            // the controller write.
             let anonymous = matches!(
                 r.body.code,
                 ErrorCode::MissingCredentials
                     | ErrorCode::InvalidCredentials
                     | ErrorCode::RateLimited
-            ) || r.body.details.starts_with("no route ");
+            ) || r.unrouted;
             if !anonymous {
                 inv.record_failure(r);
             }
@@ -417,13 +418,31 @@ fn request_digest(
     metadata: &[KeyValue],
     game: &Option<Vec<KeyValue>>,
 ) -> String {
-    let canonical = serde_json::json!([application_id, filter.to_string(), metadata, game]);
-    hex(&Sha256::digest(canonical.to_string().as_bytes()))
+    hex(&Sha256::digest(canonical_request(
+        application_id,
+        filter,
+        metadata,
+        game,
+    )))
+}
+
+/// What a request digest is taken of. Digests are stored with allocations and compared after a
+/// restart, so these bytes must never change: the compact JSON array
+/// `[applicationId, filter, metadata, game]` (a test pins them).
+fn canonical_request(
+    application_id: u32,
+    filter: &Filter,
+    metadata: &[KeyValue],
+    game: &Option<Vec<KeyValue>>,
+) -> Vec<u8> {
+    let canonical = (application_id, filter.to_string(), metadata, game);
+    // Numbers, strings and lists of string pairs: serialising cannot fail.
+    serde_json::to_vec(&canonical).unwrap_or_default()
 }
 
 /// Runs an allocation to its end in its own task: a matchmaker that hangs up must not leave
 /// an instance claimed forever.
-async fn allocate(st: AppState, input: AllocateInput) -> Result<Answer, Failure> {
+async fn allocate(st: AppState, input: AllocateInput) -> Result<Arc<AllocationRecord>, Failure> {
     tokio::spawn(allocate_flow(st, input)).await.map_err(|e| {
         Failure::new(
             ErrorCode::InternalError,
@@ -433,7 +452,10 @@ async fn allocate(st: AppState, input: AllocateInput) -> Result<Answer, Failure>
     })?
 }
 
-async fn allocate_flow(st: AppState, input: AllocateInput) -> Result<Answer, Failure> {
+async fn allocate_flow(
+    st: AppState,
+    input: AllocateInput,
+) -> Result<Arc<AllocationRecord>, Failure> {
     let correlation = input.identifier.clone();
     let mut step = st.inventory.claim(input).await;
     loop {
@@ -447,22 +469,23 @@ async fn allocate_flow(st: AppState, input: AllocateInput) -> Result<Answer, Fai
                 };
                 let result = st
                     .agents
-                    .allocate(&call.target, &call.instance_id, &req, &correlation)
+                    .allocate(&call.target, &call.instance_id, req, &correlation)
                     .await;
                 step = st.inventory.settle(call.claim_id, result).await;
             }
-            Step::Done { answer, committed } => {
+            Step::Done {
+                allocation,
+                committed,
+            } => {
                 if let Some(commit) = committed
                     && let Err(f) = durable(commit).await
                 {
-                    if let Some(alloc) = answer.native.allocation_id.clone() {
-                        st.inventory
-                            .abort_allocation(answer.native.id.clone(), alloc)
-                            .await;
-                    }
+                    st.inventory
+                        .abort_allocation(allocation.instance_id.clone(), allocation.id.clone())
+                        .await;
                     return Err(f);
                 }
-                return Ok(*answer);
+                return Ok(allocation);
             }
             Step::Refused(f) => return Err(*f),
         }
@@ -476,7 +499,7 @@ async fn allocate_native(
     Extension(CorrelationId(identifier)): Extension<CorrelationId>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<AllocateBody>,
-) -> ApiResult<InstanceObject> {
+) -> Result<Response, Failure> {
     let application_id = number("applicationId", &application_id)?;
     let filter = parse_filter(&body.filter)?;
     check_metadata("metadata", &body.metadata)?;
@@ -497,7 +520,9 @@ async fn allocate_native(
         idempotency_key: idempotency_key(&headers)?,
         identifier,
     };
-    Ok(Json(allocate(st, input).await?.native))
+    // Served from the record the inventory keeps (the same answer an idempotent replay gets).
+    let allocation = allocate(st, input).await?;
+    Ok(Json(&allocation.response).into_response())
 }
 
 async fn allocate_i3d(
@@ -508,7 +533,7 @@ async fn allocate_i3d(
     Extension(CorrelationId(identifier)): Extension<CorrelationId>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<I3dAllocateBody>,
-) -> ApiResult<Vec<I3dInstance>> {
+) -> Result<Response, Failure> {
     let application_id = number("applicationId", &application_id)?;
     let text = berth_http::query_param(query.as_deref(), "filters").unwrap_or_default();
     let filter = parse_filter(&text)?;
@@ -522,7 +547,8 @@ async fn allocate_i3d(
         idempotency_key: idempotency_key(&headers)?,
         identifier,
     };
-    Ok(Json(vec![allocate(st, input).await?.i3d]))
+    let allocation = allocate(st, input).await?;
+    Ok(Json([&allocation.response_i3d]).into_response())
 }
 
 fn agent_failure(f: AgentFailure, message: &str) -> Failure {
@@ -544,7 +570,7 @@ async fn deallocate(
             .begin_release(id.clone(), body.allocation_id)
             .await?
         {
-            Release::NotAllocated(answer) => Ok(answer.native),
+            Release::NotAllocated(object) => Ok(*object),
             Release::Call {
                 target,
                 allocation_id,
@@ -554,13 +580,9 @@ async fn deallocate(
                 };
                 let result = st
                     .agents
-                    .deallocate(&target, &id, &req, Some(&identifier))
+                    .deallocate(&target, &id, req, Some(&identifier))
                     .await;
-                let answer = st
-                    .inventory
-                    .finish_release(id, allocation_id, result)
-                    .await?;
-                Ok(answer.native)
+                st.inventory.finish_release(id, allocation_id, result).await
             }
         }
     };
@@ -582,7 +604,7 @@ async fn through_agent<F, Fut>(
     call: F,
 ) -> ApiResult<InstanceObject>
 where
-    F: FnOnce(crate::agent_client::AgentTarget) -> Fut,
+    F: FnOnce(Arc<crate::agent_client::AgentTarget>) -> Fut,
     Fut:
         std::future::Future<Output = Result<berth_protocol::agent_api::InstanceView, AgentFailure>>,
 {
@@ -591,7 +613,7 @@ where
     let view = call(target)
         .await
         .map_err(|f| agent_failure(f, "Unable to act on application instance."))?;
-    let answer = st
+    let object = st
         .inventory
         .apply_view(host_id, view)
         .await
@@ -602,7 +624,7 @@ where
                 format!("instance {id} is gone"),
             )
         })?;
-    Ok(Json(answer.native))
+    Ok(Json(object))
 }
 
 async fn push_metadata(
@@ -758,7 +780,7 @@ async fn get_instance(
     st.inventory
         .instance(id.clone())
         .await?
-        .map(|a| Json(a.native))
+        .map(Json)
         .ok_or_else(|| {
             Failure::new(
                 ErrorCode::ResourceNotFound,
@@ -854,9 +876,11 @@ async fn crud(st: &AppState, op: Crud, created: bool) -> Result<Response, Failur
     Ok((status, Json(value)).into_response())
 }
 
+/// The five handlers of a resource. `$put_op` makes the inventory command from a body and
+/// whether it is a create (POST refuses an id that exists; PUT replaces).
 macro_rules! resource {
     ($list:ident, $get:ident, $create:ident, $put:ident, $delete:ident, $ty:ty, $id:ty, $name:literal,
-     $List:ident, $Get:ident, $Put:ident, $Delete:ident, $wrap:expr, $idof:expr) => {
+     $List:ident, $Get:ident, $put_op:expr, $Delete:ident, $idof:expr) => {
         async fn $list(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
             crud(&st, Crud::$List, false).await
         }
@@ -873,7 +897,7 @@ macro_rules! resource {
             _: Admin,
             JsonBody(body): JsonBody<$ty>,
         ) -> Result<Response, Failure> {
-            crud(&st, Crud::$Put($wrap(body), true), true).await
+            crud(&st, ($put_op)(body, true), true).await
         }
         async fn $put(
             State(st): State<AppState>,
@@ -883,13 +907,13 @@ macro_rules! resource {
         ) -> Result<Response, Failure> {
             let id: $id = number(concat!($name, " id"), &id)?;
             let idof: fn(&$ty) -> $id = $idof;
-            if idof(&body) != id {
+            let body_id = idof(&body);
+            if body_id != id {
                 return Err(Failure::invalid_request(format!(
-                    "the body's id {} differs from the path's {id}",
-                    idof(&body)
+                    "the body's id {body_id:?} differs from the path's {id:?}; they must be the same"
                 )));
             }
-            crud(&st, Crud::$Put($wrap(body), false), false).await
+            crud(&st, ($put_op)(body, false), false).await
         }
         async fn $delete(
             State(st): State<AppState>,
@@ -900,10 +924,6 @@ macro_rules! resource {
             crud(&st, Crud::$Delete(id), false).await
         }
     };
-}
-
-fn same<T>(t: T) -> T {
-    t
 }
 
 resource!(
@@ -917,9 +937,8 @@ resource!(
     "application",
     ListApplications,
     GetApplication,
-    PutApplication,
+    Crud::PutApplication,
     DeleteApplication,
-    same,
     |a: &Application| a.id
 );
 resource!(
@@ -933,139 +952,56 @@ resource!(
     "fleet",
     ListFleets,
     GetFleet,
-    PutFleet,
+    |f, create| Crud::PutFleet(Box::new(f), create),
     DeleteFleet,
-    Box::new,
     |f: &Fleet| f.id
 );
-
-async fn list_builds(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
-    crud(&st, Crud::ListBuilds, false).await
-}
-
-async fn get_build(
-    State(st): State<AppState>,
-    _: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::GetBuild(id), false).await
-}
-
-async fn create_build(
-    State(st): State<AppState>,
-    _: Admin,
-    JsonBody(b): JsonBody<Build>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::PutBuild(Box::new(b), true), true).await
-}
-
-async fn put_build(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-    JsonBody(b): JsonBody<Build>,
-) -> Result<Response, Failure> {
-    if b.id != id {
-        return Err(Failure::invalid_request(format!(
-            "the body's id {:?} differs from the path's {id:?}",
-            b.id
-        )));
-    }
-    crud(&st, Crud::PutBuild(Box::new(b), false), false).await
-}
-
-async fn delete_build(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::DeleteBuild(id), false).await
-}
-
-async fn list_profiles(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
-    crud(&st, Crud::ListProfiles, false).await
-}
-
-async fn get_profile(
-    State(st): State<AppState>,
-    _: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::GetProfile(id), false).await
-}
-
-async fn create_profile(
-    State(st): State<AppState>,
-    _: Admin,
-    JsonBody(p): JsonBody<Profile>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::PutProfile(Box::new(p), true), true).await
-}
-
-async fn put_profile(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-    JsonBody(p): JsonBody<Profile>,
-) -> Result<Response, Failure> {
-    if p.id != id {
-        return Err(Failure::invalid_request(format!(
-            "the body's id {:?} differs from the path's {id:?}",
-            p.id
-        )));
-    }
-    crud(&st, Crud::PutProfile(Box::new(p), false), false).await
-}
-
-async fn delete_profile(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::DeleteProfile(id), false).await
-}
-
-async fn list_regions(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
-    crud(&st, Crud::ListRegions, false).await
-}
-
-async fn get_region(
-    State(st): State<AppState>,
-    _: Caller,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::GetRegion(number("region id", &id)?), false).await
-}
-
-async fn create_region(
-    State(st): State<AppState>,
-    _: Admin,
-    JsonBody(r): JsonBody<Region>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::PutRegion(r), true).await
-}
-
-async fn put_region(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-    JsonBody(r): JsonBody<Region>,
-) -> Result<Response, Failure> {
-    if r.id != number::<u32>("region id", &id)? {
-        return Err(Failure::invalid_request(
-            "the body's id differs from the path's",
-        ));
-    }
-    crud(&st, Crud::PutRegion(r), false).await
-}
-
-async fn delete_region(
-    State(st): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    crud(&st, Crud::DeleteRegion(number("region id", &id)?), false).await
-}
+resource!(
+    list_builds,
+    get_build,
+    create_build,
+    put_build,
+    delete_build,
+    Build,
+    String,
+    "build",
+    ListBuilds,
+    GetBuild,
+    |b, create| Crud::PutBuild(Box::new(b), create),
+    DeleteBuild,
+    |b: &Build| b.id.clone()
+);
+resource!(
+    list_profiles,
+    get_profile,
+    create_profile,
+    put_profile,
+    delete_profile,
+    Profile,
+    String,
+    "profile",
+    ListProfiles,
+    GetProfile,
+    |p, create| Crud::PutProfile(Box::new(p), create),
+    DeleteProfile,
+    |p: &Profile| p.id.clone()
+);
+// A region POST replaces like a PUT, as it always has (configured regions are re-put at start).
+resource!(
+    list_regions,
+    get_region,
+    create_region,
+    put_region,
+    delete_region,
+    Region,
+    u32,
+    "region",
+    ListRegions,
+    GetRegion,
+    |r, _create| Crud::PutRegion(r),
+    DeleteRegion,
+    |r: &Region| r.id
+);
 
 async fn list_dc_locations(State(st): State<AppState>, _: Caller) -> Result<Response, Failure> {
     crud(&st, Crud::ListDcLocations, false).await
@@ -1089,4 +1025,57 @@ async fn create_environment(
     JsonBody(e): JsonBody<DeploymentEnvironment>,
 ) -> Result<Response, Failure> {
     crud(&st, Crud::PutEnvironment(e), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How the digest input was built before it was serialised directly.
+    fn canonical_before(
+        application_id: u32,
+        filter: &Filter,
+        metadata: &[KeyValue],
+        game: &Option<Vec<KeyValue>>,
+    ) -> Vec<u8> {
+        serde_json::json!([application_id, filter.to_string(), metadata, game])
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn request_digests_stored_before_still_match() {
+        let metadata = [
+            KeyValue::new("map", "dust \"2\" \\ é 🚀\n\t\u{1}\u{7f}</script>"),
+            KeyValue::new("", ""),
+            KeyValue::new("mode", "ctf"),
+        ];
+        let games = [
+            None,
+            Some(Vec::new()),
+            Some(vec![KeyValue::new("seed", "42")]),
+        ];
+        for text in ["", "fleetId=456", "regionName=\"eu west\" and isVirtual=1"] {
+            let filter = Filter::parse(text).expect("filter");
+            for m in [&metadata[..], &[]] {
+                for g in &games {
+                    for app in [0, 7, u32::MAX] {
+                        assert_eq!(
+                            canonical_request(app, &filter, m, g),
+                            canonical_before(app, &filter, m, g),
+                            "{app} {text:?} {m:?} {g:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // And the digest itself, as stored by earlier versions.
+        let filter = Filter::parse("fleetId=456").expect("filter");
+        assert_eq!(
+            request_digest(7, &filter, &metadata[2..], &None),
+            hex(&Sha256::digest(
+                br#"[7,"fleetId=456",[{"key":"mode","value":"ctf"}],null]"#
+            ))
+        );
+    }
 }

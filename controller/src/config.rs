@@ -2,7 +2,9 @@
 //! [`Config`] before any port is bound.
 
 use std::collections::HashSet;
+use std::fmt::Display;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -156,43 +158,24 @@ impl Config {
                 )
                 })?;
         let period = raw.heartbeat_period_ms.unwrap_or(1000);
-        if !(100..=60_000).contains(&period) {
-            return Err(file.err(
-                "heartbeat_period_ms",
-                format!("{period} is outside 100-60000"),
-            ));
-        }
+        within(file, "heartbeat_period_ms", period, 100..=60_000, "")?;
         let factor = raw.heartbeat_expiry_factor.unwrap_or(5.0);
-        if !(1.5..=100.0).contains(&factor) {
-            return Err(file.err(
-                "heartbeat_expiry_factor",
-                format!("{factor} is outside 1.5-100: one late heartbeat must not kill a host"),
-            ));
-        }
+        within(
+            file,
+            "heartbeat_expiry_factor",
+            factor,
+            1.5..=100.0,
+            ": one late heartbeat must not kill a host",
+        )?;
         let attempts = raw.max_allocation_attempts.unwrap_or(3);
-        if !(1..=20).contains(&attempts) {
-            return Err(file.err(
-                "max_allocation_attempts",
-                format!("{attempts} is outside 1-20"),
-            ));
-        }
+        within(file, "max_allocation_attempts", attempts, 1..=20, "")?;
         let reconcile = raw.reconcile_interval_ms.unwrap_or(1000);
-        if !(100..=600_000).contains(&reconcile) {
-            return Err(file.err(
-                "reconcile_interval_ms",
-                format!("{reconcile} is outside 100-600000"),
-            ));
-        }
+        within(file, "reconcile_interval_ms", reconcile, 100..=600_000, "")?;
         let log_format = LogFormat::parse(file, raw.log_format.as_deref())?;
         let worker_threads = raw
             .worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        if !(1..=256).contains(&worker_threads) {
-            return Err(file.err(
-                "worker_threads",
-                format!("{worker_threads} is outside 1-256"),
-            ));
-        }
+        within(file, "worker_threads", worker_threads, 1..=256, "")?;
 
         let mut tokens = Vec::new();
         for (i, t) in raw.tokens.into_iter().enumerate() {
@@ -295,6 +278,21 @@ impl Config {
     }
 }
 
+/// `KEY: V is outside LO-HI` (then `why`, if any) unless `v` is in `range`.
+fn within<T: PartialOrd + Display>(
+    file: &ConfigFile,
+    key: &str,
+    v: T,
+    range: RangeInclusive<T>,
+    why: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&v) {
+        return Ok(());
+    }
+    let (lo, hi) = range.into_inner();
+    Err(file.err(key, format!("{v} is outside {lo}-{hi}{why}")))
+}
+
 /// `sqlite:///abs/path.db` or `sqlite://relative/path.db` → the file path.
 fn database_path(file: &ConfigFile, url: &str) -> Result<PathBuf, ConfigError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -379,6 +377,31 @@ ping_ip = "203.0.113.10"
         assert_eq!(
             key(&OK.replace("203.0.113.10", "nope")),
             "regions[0].ping_ip"
+        );
+    }
+
+    #[test]
+    fn range_messages_name_the_range() {
+        let message = |t: &str| load(t).expect_err("invalid").message;
+        assert_eq!(
+            message(&OK.replace("5.0", "1.0")),
+            "1 is outside 1.5-100: one late heartbeat must not kill a host"
+        );
+        assert_eq!(
+            message(&OK.replace("= 1000", "= 99")),
+            "99 is outside 100-60000"
+        );
+        assert_eq!(
+            message(&format!("max_allocation_attempts = 21\n{OK}")),
+            "21 is outside 1-20"
+        );
+        assert_eq!(
+            message(&format!("reconcile_interval_ms = 600001\n{OK}")),
+            "600001 is outside 100-600000"
+        );
+        assert_eq!(
+            message(&format!("worker_threads = 0\n{OK}")),
+            "0 is outside 1-256"
         );
     }
 }

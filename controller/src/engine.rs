@@ -75,7 +75,8 @@ pub enum Cond {
 }
 
 impl Cond {
-    fn matches(&self, f: &Facts) -> bool {
+    /// Shared with the inventory's candidate index, which must choose exactly as [`choose`].
+    pub fn matches(&self, f: &Facts) -> bool {
         match self {
             Self::FleetIds(ids) => f.fleet_id.is_some_and(|id| ids.contains(&id)),
             Self::EnvironmentIds(ids) => f.environment_id.is_some_and(|id| ids.contains(&id)),
@@ -167,17 +168,22 @@ impl Refusal {
     }
 }
 
-/// Picks the best allocatable candidate, or says why there is none.
-/// Sort key: bare metal first, then the busiest host, then the lowest host id.
-type Rank = (bool, Reverse<u32>, u64);
+/// Where a host ranks (lower first): bare metal first, then the busiest host, then the lowest
+/// host id. The inventory orders its candidate index by it too.
+pub type Rank = (bool, Reverse<u32>, u64);
 
+pub fn rank(is_virtual: bool, host_allocations: u32, host_id: u64) -> Rank {
+    (is_virtual, Reverse(host_allocations), host_id)
+}
+
+/// Picks the best allocatable candidate, or says why there is none.
 pub fn choose(candidates: &[Facts], filter: &Resolved) -> Result<usize, Refusal> {
     let mut best: Option<(usize, Rank)> = None;
     for (i, f) in candidates.iter().enumerate() {
         if f.availability != Availability::Allocatable || filter.first_mismatch(f).is_some() {
             continue;
         }
-        let key = (f.is_virtual, Reverse(f.host_allocations), f.host_id);
+        let key = rank(f.is_virtual, f.host_allocations, f.host_id);
         if best.as_ref().is_none_or(|(_, k)| key < *k) {
             best = Some((i, key));
         }

@@ -7,7 +7,6 @@
 //! the store's writer; the inventory never waits for the disk itself, it hands the commit
 //! receipt to the caller that must not answer before it.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -30,9 +29,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::agent_client::{AgentClient, AgentFailure, AgentTarget, Lane};
+use crate::agent_client::{AgentClient, AgentFailure, AgentTarget};
 use crate::config::{Config, digest};
-use crate::engine::{self, Availability, Cond, Facts, Resolved};
+use crate::engine::{self, Availability, Cond, Facts, Rank, Resolved};
 use crate::metrics::Metrics;
 use crate::model::{AllocationRecord, HostRecord, InstanceRecord, Interner, Report, hex};
 use crate::store::{Snapshot, Write, Writer};
@@ -55,9 +54,10 @@ pub type Commit = oneshot::Receiver<Result<(), String>>;
 pub enum Step {
     /// Ask this agent to allocate, then report the outcome with `settle`.
     Call(Box<AgentCall>),
-    /// Allocated. Answer once `committed` (when present) says the allocation is on disk.
+    /// Allocated. Answer once `committed` (when present) says the allocation is on disk. The
+    /// record carries the answer in both API shapes; it is the one the inventory keeps.
     Done {
-        answer: Box<Answer>,
+        allocation: Arc<AllocationRecord>,
         committed: Option<Commit>,
     },
     Refused(Box<Failure>),
@@ -68,16 +68,9 @@ pub struct AgentCall {
     pub claim_id: u64,
     pub instance_id: String,
     pub allocation_id: String,
-    pub target: AgentTarget,
+    pub target: Arc<AgentTarget>,
     pub metadata: Vec<KeyValue>,
     pub game_metadata: Option<Vec<KeyValue>>,
-}
-
-/// An instance in both API shapes.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub native: InstanceObject,
-    pub i3d: I3dInstance,
 }
 
 /// An allocation request, parsed and validated by the API layer.
@@ -96,17 +89,17 @@ pub struct AllocateInput {
 #[derive(Debug, Clone)]
 pub enum Action {
     Deploy {
-        target: AgentTarget,
+        target: Arc<AgentTarget>,
         request: Box<DeployRequest>,
     },
     Remove {
-        target: AgentTarget,
+        target: Arc<AgentTarget>,
         instance_id: String,
     },
     /// An agent holds an allocation the controller does not know (lost in a crash before it
     /// was acknowledged): release it.
     Deallocate {
-        target: AgentTarget,
+        target: Arc<AgentTarget>,
         instance_id: String,
         allocation_id: String,
     },
@@ -141,10 +134,10 @@ pub enum InstanceOp {
 #[derive(Debug)]
 pub enum Release {
     /// Nothing to release: the instance as it is.
-    NotAllocated(Box<Answer>),
+    NotAllocated(Box<InstanceObject>),
     /// Ask the agent, then `finish_release`.
     Call {
-        target: AgentTarget,
+        target: Arc<AgentTarget>,
         allocation_id: Option<String>,
     },
 }
@@ -176,10 +169,10 @@ pub enum Command {
         String,
         Option<String>,
         Result<InstanceView, AgentFailure>,
-        Reply<Answer>,
+        Reply<InstanceObject>,
     ),
-    BeginOp(String, InstanceOp, Reply<Result<AgentTarget, Failure>>),
-    ApplyView(u64, Box<InstanceView>, Reply<Option<Answer>>),
+    BeginOp(String, InstanceOp, Reply<Result<Arc<AgentTarget>, Failure>>),
+    ApplyView(u64, Box<InstanceView>, Reply<Option<InstanceObject>>),
     Register(
         Box<RegisterRequest>,
         Reply<Result<(RegisterResponse, Commit), Failure>>,
@@ -195,7 +188,7 @@ pub enum Command {
         Reply<Result<EventsResponse, Failure>>,
     ),
     ListInstances(ListQuery, Reply<Result<Vec<InstanceObject>, Failure>>),
-    GetInstance(String, Reply<Option<Answer>>),
+    GetInstance(String, Reply<Option<InstanceObject>>),
     Hosts(Reply<Vec<HostObject>>),
     Host(u64, Reply<Option<HostObject>>),
     Drain(u64, bool, Reply<Result<(HostObject, Commit), Failure>>),
@@ -297,16 +290,16 @@ impl InventoryHandle {
         id: String,
         allocation_id: Option<String>,
         result: Result<InstanceView, AgentFailure>,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<InstanceObject, Failure> {
         self.ask(|r| Command::FinishRelease(id, allocation_id, result, r))
             .await
     }
 
-    pub async fn begin_op(&self, id: String, op: InstanceOp) -> Result<AgentTarget, Failure> {
+    pub async fn begin_op(&self, id: String, op: InstanceOp) -> Result<Arc<AgentTarget>, Failure> {
         self.ask(|r| Command::BeginOp(id, op, r)).await?
     }
 
-    pub async fn apply_view(&self, host_id: u64, view: InstanceView) -> Option<Answer> {
+    pub async fn apply_view(&self, host_id: u64, view: InstanceView) -> Option<InstanceObject> {
         self.ask(|r| Command::ApplyView(host_id, Box::new(view), r))
             .await
             .ok()
@@ -341,7 +334,7 @@ impl InventoryHandle {
         self.ask(|r| Command::ListInstances(q, r)).await?
     }
 
-    pub async fn instance(&self, id: String) -> Result<Option<Answer>, Failure> {
+    pub async fn instance(&self, id: String) -> Result<Option<InstanceObject>, Failure> {
         self.ask(|r| Command::GetInstance(id, r)).await
     }
 
@@ -390,8 +383,9 @@ impl InventoryHandle {
 #[derive(Debug)]
 struct Host {
     rec: HostRecord,
-    /// Batches this host's allocations and releases.
-    lane: Lane,
+    /// How to reach the agent, with the lane that batches its allocations and releases; built
+    /// at registration and shared by every call, which only reads it.
+    target: Arc<AgentTarget>,
     token_digest: [u8; 32],
     last_heartbeat: Instant,
     reachable: bool,
@@ -403,11 +397,50 @@ struct Host {
 }
 
 impl Host {
-    fn target(&self) -> AgentTarget {
-        AgentTarget {
-            lane: Some(self.lane.clone()),
-            ..plain_target(&self.rec)
+    fn target(&self) -> Arc<AgentTarget> {
+        self.target.clone()
+    }
+
+    fn state(&self) -> HostState {
+        if !self.reachable {
+            HostState::Unreachable
+        } else if self.rec.draining {
+            HostState::Draining
+        } else {
+            HostState::Ready
         }
+    }
+}
+
+/// A host as listings and metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostState {
+    Ready,
+    Unreachable,
+    Draining,
+}
+
+impl HostState {
+    const ALL: [Self; 3] = [Self::Ready, Self::Unreachable, Self::Draining];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Unreachable => "unreachable",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// The status an instance is shown with: the controller's own knowledge (an allocation in
+/// flight or held) overrides what its agent last reported.
+fn shown_status(claimed: bool, allocated: bool, reported: InstanceStatus) -> InstanceStatus {
+    if claimed {
+        InstanceStatus::Allocating
+    } else if allocated {
+        InstanceStatus::Allocated
+    } else {
+        reported
     }
 }
 
@@ -445,17 +478,14 @@ impl Inst {
     }
 }
 
-/// Where a host ranks for packing: bare metal first, then the most allocations, then the
-/// lowest id — the engine's order.
-type HostRank = (bool, Reverse<u32>, u64);
-
 /// The idle instances of one application, ordered so that the first one that passes the
 /// filter on a usable host is the engine's choice. Only instance-level conditions decide
 /// membership; host-level ones (reachable, re-synced, not draining, the filter's host columns)
 /// are checked while walking, so a host changing state needs no update here.
 #[derive(Debug, Default)]
 struct AppIndex {
-    hosts: BTreeSet<HostRank>,
+    /// Hosts with idle instances, in the engine's order ([`engine::rank`]).
+    hosts: BTreeSet<Rank>,
     idle: HashMap<u64, BTreeSet<Arc<str>>>,
 }
 
@@ -494,8 +524,9 @@ pub struct Inventory {
     by_application: HashMap<u32, BTreeSet<Arc<str>>>,
     /// Profile ids, builds, maps, modes and versions, stored once.
     strings: Interner,
-    /// Active allocations by instance id.
-    allocations: HashMap<String, AllocationRecord>,
+    /// Active allocations by instance id, shared with the writer (and with the handler that
+    /// answers from one) rather than copied.
+    allocations: HashMap<String, Arc<AllocationRecord>>,
     by_key: HashMap<String, String>,
     host_allocations: HashMap<u64, u32>,
     /// The candidate index: allocation walks it instead of scanning every instance.
@@ -523,18 +554,30 @@ impl std::fmt::Debug for Inventory {
     }
 }
 
-fn plain_target(rec: &HostRecord) -> AgentTarget {
-    AgentTarget {
+/// The host's agent as calls reach it, starting its batching lane.
+fn host_target(agents: &AgentClient, rec: &HostRecord) -> Arc<AgentTarget> {
+    let plain = AgentTarget {
         host_id: rec.id,
         host_name: rec.name.clone(),
         url: rec.advertise_url.clone(),
         token: rec.agent_token.clone(),
         lane: None,
-    }
+    };
+    let lane = agents.lane(&plain);
+    Arc::new(AgentTarget {
+        lane: Some(lane),
+        ..plain
+    })
 }
 
 fn not_found(what: &str) -> Failure {
     Failure::new(ErrorCode::ResourceNotFound, "Not found.", what.to_owned())
+}
+
+fn host_not_registered(host_id: u64, instance_id: &str) -> Failure {
+    not_found(&format!(
+        "host {host_id} of instance {instance_id} is not registered; its agent must register again"
+    ))
 }
 
 fn invalid(details: impl Into<String>) -> Failure {
@@ -599,11 +642,10 @@ impl Inventory {
                 .into_iter()
                 .map(|rec| {
                     let token_digest = parse_digest(&rec.host_token_digest);
-                    let lane = agents.lane(&plain_target(&rec));
                     (
                         rec.id,
                         Host {
-                            lane,
+                            target: host_target(&agents, &rec),
                             rec,
                             token_digest,
                             last_heartbeat: now,
@@ -638,7 +680,7 @@ impl Inventory {
             inv.insert_instance(rec);
         }
         for a in snapshot.allocations {
-            inv.insert_allocation(a);
+            inv.insert_allocation(Arc::new(a));
         }
         // Configured regions, DC locations and environments win over stored ones.
         for r in inv.config.regions.clone() {
@@ -705,7 +747,7 @@ impl Inventory {
             Command::ApplyView(host_id, view, reply) => {
                 let id = view.id.clone();
                 self.apply_answer(host_id, *view);
-                let _ = reply.send(self.answer(&id));
+                let _ = reply.send(self.object_of(&id));
             }
             Command::Register(req, reply) => {
                 let _ = reply.send(self.register(*req));
@@ -720,13 +762,16 @@ impl Inventory {
                 let _ = reply.send(self.list_instances(&q));
             }
             Command::GetInstance(id, reply) => {
-                let _ = reply.send(self.answer(&id));
+                let _ = reply.send(self.object_of(&id));
             }
             Command::Hosts(reply) => {
-                let _ = reply.send(self.hosts.values().map(|h| self.host_object(h)).collect());
+                let tally = self.tally(None);
+                let hosts = self.hosts.values();
+                let _ = reply.send(hosts.map(|h| self.host_object(h, &tally)).collect());
             }
             Command::Host(id, reply) => {
-                let _ = reply.send(self.hosts.get(&id).map(|h| self.host_object(h)));
+                let tally = self.tally(Some(id));
+                let _ = reply.send(self.hosts.get(&id).map(|h| self.host_object(h, &tally)));
             }
             Command::Drain(id, on, reply) => {
                 let _ = reply.send(self.drain(id, on));
@@ -751,10 +796,10 @@ impl Inventory {
 
     // ----- indexes -------------------------------------------------------------------------
 
-    fn rank(&self, host_id: u64) -> HostRank {
+    fn rank(&self, host_id: u64) -> Rank {
         let vm = self.hosts.get(&host_id).is_some_and(|h| h.rec.is_virtual);
         let n = self.host_allocations.get(&host_id).copied().unwrap_or(0);
-        (vm, Reverse(n), host_id)
+        engine::rank(vm, n, host_id)
     }
 
     fn refused_at(&self, id: &str, now: Instant) -> bool {
@@ -795,7 +840,7 @@ impl Inventory {
     }
 
     /// A host's rank is about to change (its allocation count, or VM flag): moves its entries.
-    fn rerank(&mut self, host_id: u64, old: HostRank) {
+    fn rerank(&mut self, host_id: u64, old: Rank) {
         let new = self.rank(host_id);
         if new == old {
             return;
@@ -828,7 +873,7 @@ impl Inventory {
                 };
                 let f = self.facts(inst, now);
                 if f.availability == Availability::Allocatable
-                    && filter.conds.iter().all(|(c, _)| cond_matches(c, &f))
+                    && filter.conds.iter().all(|(c, _)| c.matches(&f))
                 {
                     return Some(id.to_string());
                 }
@@ -858,7 +903,7 @@ impl Inventory {
         self.reindex(&id);
     }
 
-    fn insert_allocation(&mut self, a: AllocationRecord) {
+    fn insert_allocation(&mut self, a: Arc<AllocationRecord>) {
         if let Some(k) = &a.idempotency_key {
             self.by_key.insert(k.clone(), a.instance_id.clone());
         }
@@ -887,7 +932,7 @@ impl Inventory {
         self.rerank(a.host_id, old);
         self.reindex(instance_id);
         tracing::debug!(instance_id, allocation_id = %a.id, reason = why, "allocation released");
-        self.writer.submit(Write::ReleaseAllocation(a.id));
+        self.writer.submit(Write::ReleaseAllocation(a.id.clone()));
     }
 
     fn remove_instance(&mut self, id: &str, why: &str) {
@@ -957,17 +1002,22 @@ impl Inventory {
         }
     }
 
+    fn shown_status(&self, i: &Inst) -> InstanceStatus {
+        shown_status(
+            i.claimed,
+            self.allocations.contains_key(&*i.id),
+            i.report.status,
+        )
+    }
+
     fn environment_of(&self, fleet_id: Option<u64>) -> Option<u32> {
         fleet_id
             .and_then(|f| self.fleets.get(&f))
             .map(|f| f.deployment_environment_id)
     }
 
-    fn answer(&self, id: &str) -> Option<Answer> {
-        let inst = self.instances.get(id)?;
-        let native = self.object(inst);
-        let i3d = i3d_object(&native, inst);
-        Some(Answer { native, i3d })
+    fn object_of(&self, id: &str) -> Option<InstanceObject> {
+        self.instances.get(id).map(|i| self.object(i))
     }
 
     fn object(&self, inst: &Inst) -> InstanceObject {
@@ -985,13 +1035,7 @@ impl Inventory {
         let host = self.hosts.get(&inst.host_id);
         let region_id = host.map_or(0, |h| h.rec.region_id);
         let dc_id = host.map_or(0, |h| h.rec.dc_location_id);
-        let status = if inst.claimed {
-            InstanceStatus::Allocating
-        } else if alloc.is_some() {
-            InstanceStatus::Allocated
-        } else {
-            v.status
-        };
+        let status = shown_status(inst.claimed, alloc.is_some(), v.status);
         let state = if host.is_some_and(|h| !h.reachable) {
             RuntimeState::ServerUnreachable
         } else {
@@ -1049,25 +1093,29 @@ impl Inventory {
         }
     }
 
-    fn host_object(&self, h: &Host) -> HostObject {
-        let mut by_status = BTreeMap::new();
-        let mut count = 0;
-        for inst in self.instances.values().filter(|i| i.host_id == h.rec.id) {
-            count += 1;
-            let status = if self.allocations.contains_key(&*inst.id) {
-                InstanceStatus::Allocated
-            } else {
-                inst.report.status
-            };
-            *by_status.entry(status.name().to_owned()).or_insert(0) += 1;
+    /// Instances per host by status, in one pass over the instances (of one host, or all).
+    /// A claimed instance counts under its reported status here, unlike in instance objects
+    /// and the metrics: host listings have always shown it so.
+    fn tally(&self, only: Option<u64>) -> HashMap<u64, [usize; 7]> {
+        let mut out: HashMap<u64, [usize; 7]> = HashMap::new();
+        for i in self.instances.values() {
+            if only.is_some_and(|h| h != i.host_id) {
+                continue;
+            }
+            let allocated = self.allocations.contains_key(&*i.id);
+            let status = shown_status(false, allocated, i.report.status);
+            out.entry(i.host_id).or_default()[status as usize] += 1;
         }
-        let state = if !h.reachable {
-            "unreachable"
-        } else if h.rec.draining {
-            "draining"
-        } else {
-            "ready"
-        };
+        out
+    }
+
+    fn host_object(&self, h: &Host, tally: &HashMap<u64, [usize; 7]>) -> HostObject {
+        let counts = tally.get(&h.rec.id).copied().unwrap_or_default();
+        let by_status: BTreeMap<String, usize> = InstanceStatus::ALL
+            .into_iter()
+            .filter(|s| counts[*s as usize] > 0)
+            .map(|s| (s.name().to_owned(), counts[s as usize]))
+            .collect();
         let last = h.last_heartbeat.elapsed().as_secs();
         HostObject {
             id: h.rec.id,
@@ -1090,12 +1138,12 @@ impl Inventory {
             addresses: h.rec.addresses.clone(),
             capacity: h.rec.capacity.clone(),
             agent_version: h.rec.agent_version.clone(),
-            state: state.to_owned(),
+            state: h.state().name().to_owned(),
             reachable: h.reachable,
             draining: h.rec.draining,
             last_heartbeat_at: Some(rfc3339(unix_now().saturating_sub(last))),
             registered_at: rfc3339(h.rec.registered_at),
-            instances: count,
+            instances: counts.iter().sum(),
             instances_by_status: by_status,
         }
     }
@@ -1103,33 +1151,17 @@ impl Inventory {
     fn counts(&self) -> Counts {
         let mut by_status = [0i64; 7];
         for i in self.instances.values() {
-            let s = if i.claimed {
-                InstanceStatus::Allocating
-            } else if self.allocations.contains_key(&*i.id) {
-                InstanceStatus::Allocated
-            } else {
-                i.report.status
-            };
-            by_status[s as usize] += 1;
+            by_status[self.shown_status(i) as usize] += 1;
         }
-        let (mut ready, mut unreachable, mut draining) = (0, 0, 0);
+        let mut hosts = [0i64; 3];
         for h in self.hosts.values() {
-            if !h.reachable {
-                unreachable += 1;
-            } else if h.rec.draining {
-                draining += 1;
-            } else {
-                ready += 1;
-            }
+            hosts[h.state() as usize] += 1;
         }
-        (
-            by_status,
-            vec![
-                ("ready", ready),
-                ("unreachable", unreachable),
-                ("draining", draining),
-            ],
-        )
+        let hosts = HostState::ALL
+            .into_iter()
+            .map(|s| (s.name(), hosts[s as usize]))
+            .collect();
+        (by_status, hosts)
     }
 
     // ----- filters ---------------------------------------------------------------------------
@@ -1270,10 +1302,7 @@ impl Inventory {
                 }
                 tracing::info!(instance_id = %a.instance_id, allocation_id = %a.id, "idempotent replay");
                 return Step::Done {
-                    answer: Box::new(Answer {
-                        native: a.response.clone(),
-                        i3d: a.response_i3d.clone(),
-                    }),
+                    allocation: a.clone(),
                     committed: None,
                 };
             }
@@ -1343,10 +1372,10 @@ impl Inventory {
                     let mut f = Failure::new(
                         ErrorCode::NoAllocatableInstance,
                         "Unable to allocate application instance.",
-                        String::new(),
+                        refusal.details(claim.input.application_id),
                     );
                     f.story = Some(Box::new(json!({"decision": refusal.to_json()})));
-                    return self.finish_claim(claim, f, Some(refusal));
+                    return self.finish_claim(claim, f);
                 }
                 (None, _) => None,
             }
@@ -1354,17 +1383,18 @@ impl Inventory {
         let Some(instance_id) = chosen else {
             return self.fail_after_attempts(claim);
         };
-        let claim_id = self.next_claim;
-        self.next_claim += 1;
         let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
             return self.fail_after_attempts(claim);
         };
-        inst.claimed = true;
-        let host_id = inst.host_id;
-        self.reindex(&instance_id);
-        let Some(target) = self.hosts.get(&host_id).map(Host::target) else {
+        // Claimed only once there is an agent to ask: a claim nobody settles would hide the
+        // instance from allocation for good.
+        let Some(target) = self.hosts.get(&inst.host_id).map(Host::target) else {
             return self.fail_after_attempts(claim);
         };
+        inst.claimed = true;
+        self.reindex(&instance_id);
+        let claim_id = self.next_claim;
+        self.next_claim += 1;
         claim.instance_id = instance_id.clone();
         claim.allocation_id = uuid::Uuid::new_v4().to_string();
         let call = AgentCall {
@@ -1388,7 +1418,7 @@ impl Inventory {
                 "Unable to allocate application instance.",
                 "no candidate could be claimed",
             );
-            return self.finish_claim(claim, f, None);
+            return self.finish_claim(claim, f);
         };
         let code = ErrorCode::parse(&last.code).unwrap_or(ErrorCode::AgentInternalError);
         let host = self.hosts.get(&last.host_id);
@@ -1425,20 +1455,12 @@ impl Inventory {
                 })
                 .collect(),
         );
-        self.finish_claim(claim, f, None)
+        self.finish_claim(claim, f)
     }
 
-    fn finish_claim(
-        &mut self,
-        claim: Claim,
-        mut failure: Failure,
-        refusal: Option<engine::Refusal>,
-    ) -> Step {
+    fn finish_claim(&mut self, claim: Claim, mut failure: Failure) -> Step {
         if let Some(key) = &claim.input.idempotency_key {
             self.inflight_keys.remove(key);
-        }
-        if let Some(r) = &refusal {
-            failure.details = r.details(claim.input.application_id);
         }
         let mut story = failure.story.take().map_or_else(|| json!({}), |b| *b);
         if story.get("decision").is_none() {
@@ -1463,10 +1485,10 @@ impl Inventory {
             )));
         };
         let instance_id = claim.instance_id.clone();
+        // Back in the candidate index below, once the outcome is known.
         if let Some(inst) = self.instances.get_mut(instance_id.as_str()) {
             inst.claimed = false;
         }
-        self.reindex(&instance_id);
         match result {
             Ok(view) => {
                 let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
@@ -1476,52 +1498,50 @@ impl Inventory {
                 if view.version >= inst.report.version {
                     inst.report = Report::from_view(view, &mut self.strings);
                 }
-                let host_id = inst.host_id;
-                let agent_version = inst.report.version;
+                let (host_id, agent_version) = (inst.host_id, inst.report.version);
                 let created_at = unix_now();
-                let Some(inst) = self.instances.get(instance_id.as_str()) else {
-                    return self.fail_after_attempts(claim);
-                };
-                let native = self.object_with(
+                let inst = &self.instances[instance_id.as_str()];
+                let Claim {
+                    input,
+                    allocation_id,
+                    started,
+                    ..
+                } = claim;
+                let response = self.object_with(
                     inst,
                     Some(AllocView {
-                        id: &claim.allocation_id,
+                        id: &allocation_id,
                         created_at,
-                        metadata: &claim.input.metadata,
+                        metadata: &input.metadata,
                     }),
                 );
-                let i3d = i3d_object(&native, inst);
-                let alloc = AllocationRecord {
-                    id: claim.allocation_id.clone(),
-                    instance_id: instance_id.clone(),
-                    host_id,
-                    application_id: claim.input.application_id,
-                    metadata: claim.input.metadata.clone(),
-                    idempotency_key: claim.input.idempotency_key.clone(),
-                    request_digest: claim.input.request_digest.clone(),
-                    agent_version,
-                    identifier: claim.input.identifier.clone(),
-                    created_at,
-                    released_at: None,
-                    response: native.clone(),
-                    response_i3d: i3d.clone(),
-                };
-                let committed = Some(
-                    self.writer
-                        .submit_durable(Write::Allocation(Box::new(alloc.clone()))),
-                );
-                self.insert_allocation(alloc);
-                let answer = Answer { native, i3d };
-                if let Some(key) = &claim.input.idempotency_key {
+                let response_i3d = i3d_object(&response, inst);
+                if let Some(key) = &input.idempotency_key {
                     self.inflight_keys.remove(key);
                 }
+                let alloc = Arc::new(AllocationRecord {
+                    id: allocation_id,
+                    instance_id,
+                    host_id,
+                    application_id: input.application_id,
+                    metadata: input.metadata,
+                    idempotency_key: input.idempotency_key,
+                    request_digest: input.request_digest,
+                    agent_version,
+                    identifier: input.identifier,
+                    created_at,
+                    response,
+                    response_i3d,
+                });
+                let committed = Some(self.writer.submit_durable(Write::Allocation(alloc.clone())));
+                self.insert_allocation(alloc.clone());
                 self.metrics.allocation(Ok(()));
                 self.metrics
                     .allocation_seconds
-                    .observe(claim.started.elapsed().as_secs_f64());
-                tracing::debug!(instance_id = %instance_id, host_id, allocation_id = %claim.allocation_id, "allocated");
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(instance_id = %alloc.instance_id, host_id, allocation_id = %alloc.id, "allocated");
                 Step::Done {
-                    answer: Box::new(answer),
+                    allocation: alloc,
                     committed,
                 }
             }
@@ -1596,7 +1616,7 @@ impl Inventory {
             .hosts
             .get(&inst.host_id)
             .map(Host::target)
-            .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
+            .ok_or_else(|| host_not_registered(inst.host_id, id))?;
         match self.allocations.get(id) {
             Some(a) => {
                 if let Some(w) = &want
@@ -1618,9 +1638,7 @@ impl Inventory {
                 target,
                 allocation_id: inst.report.allocation_id().map(str::to_owned),
             }),
-            None => Ok(Release::NotAllocated(Box::new(
-                self.answer(id).ok_or_else(|| not_found(id))?,
-            ))),
+            None => Ok(Release::NotAllocated(Box::new(self.object(inst)))),
         }
     }
 
@@ -1629,7 +1647,7 @@ impl Inventory {
         id: &str,
         allocation_id: Option<String>,
         result: Result<InstanceView, AgentFailure>,
-    ) -> Option<Answer> {
+    ) -> Option<InstanceObject> {
         let host_id = self.instances.get(id).map(|i| i.host_id)?;
         // Released first, so the agent's answer below is not mistaken for the game ending
         // its match.
@@ -1646,10 +1664,10 @@ impl Inventory {
                 tracing::warn!(instance_id = id, error = %f.details, "agent did not confirm the release");
             }
         }
-        self.answer(id)
+        self.object_of(id)
     }
 
-    fn begin_op(&self, id: &str, op: InstanceOp) -> Result<AgentTarget, Failure> {
+    fn begin_op(&self, id: &str, op: InstanceOp) -> Result<Arc<AgentTarget>, Failure> {
         let inst = self
             .instances
             .get(id)
@@ -1657,7 +1675,7 @@ impl Inventory {
         let host = self
             .hosts
             .get(&inst.host_id)
-            .ok_or_else(|| not_found(&format!("host of instance {id}")))?;
+            .ok_or_else(|| host_not_registered(inst.host_id, id))?;
         if !host.reachable {
             return Err(Failure::new(
                 ErrorCode::AgentUnreachable,
@@ -1714,7 +1732,14 @@ impl Inventory {
 
     fn register(&mut self, req: RegisterRequest) -> Result<(RegisterResponse, Commit), Failure> {
         if req.host_name.trim().is_empty() || req.host_name.len() > 253 {
-            return Err(invalid("hostName must be 1-253 characters"));
+            // A runaway name is shown cut short: the point is which agent sent it.
+            let name = &req.host_name;
+            let shown: String = name.chars().take(64).collect();
+            let cut = if shown.len() < name.len() { "…" } else { "" };
+            return Err(invalid(format!(
+                "hostName {shown:?}{cut} is {} bytes long; it must be 1-253 bytes and not blank (set host_name in agent.toml)",
+                name.len()
+            )));
         }
         if !req.advertise_url.starts_with("http://") {
             return Err(invalid(format!(
@@ -1761,13 +1786,13 @@ impl Inventory {
         let commit = self
             .writer
             .submit_durable(Write::Host(Box::new(rec.clone())));
-        let lane = self.agents.lane(&plain_target(&rec));
+        let target = host_target(&self.agents, &rec);
         // The host's rank includes its VM flag, which a re-registration may change.
         let old_rank = self.rank(id);
         self.hosts.insert(
             id,
             Host {
-                lane,
+                target,
                 rec,
                 token_digest,
                 last_heartbeat: Instant::now(),
@@ -2009,12 +2034,12 @@ impl Inventory {
             .instances
             .values()
             .filter(|i| q.application_id.is_none_or(|a| i.application_id == a))
+            .filter(|i| q.status.is_none_or(|s| self.shown_status(i) == s))
             .filter(|i| {
                 let f = self.facts(i, now);
-                resolved.conds.iter().all(|(c, _)| cond_matches(c, &f))
+                resolved.conds.iter().all(|(c, _)| c.matches(&f))
             })
             .map(|i| self.object(i))
-            .filter(|o| q.status.is_none_or(|s| o.status == s))
             .collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -2030,34 +2055,36 @@ impl Inventory {
             .writer
             .submit_durable(Write::Host(Box::new(host.rec.clone())));
         tracing::info!(host_id = id, draining = on, "host drain changed");
-        let obj = self.host_object(&self.hosts[&id]);
+        let obj = self.host_object(&self.hosts[&id], &self.tally(Some(id)));
         Ok((obj, commit))
     }
 
     // ----- error stories ---------------------------------------------------------------------
 
     fn record_failure(&mut self, r: berth_http::FailureRecord) {
-        let story = r.story.unwrap_or_default();
+        let mut story = r.story.unwrap_or_default();
         let attempts: Vec<AttemptStory> = story
-            .get("attempts")
-            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .get_mut("attempts")
+            .and_then(|a| serde_json::from_value(a.take()).ok())
             .unwrap_or_default();
+        let body = r.body;
         let s = ErrorStory {
-            identifier: r.body.identifier.clone(),
-            timestamp: r.body.timestamp.clone(),
+            identifier: body.identifier,
+            timestamp: body.timestamp,
             method: r.method,
-            path: r.body.path.clone(),
-            status_code: r.body.status_code,
-            code: r.body.code.as_str().to_owned(),
-            error_code: r.body.error_code,
-            message: r.body.message.clone(),
-            details: r.body.details.clone(),
-            decision: story.get("decision").cloned(),
+            path: body.path,
+            status_code: body.status_code,
+            code: body.code.as_str().to_owned(),
+            error_code: body.error_code,
+            message: body.message,
+            details: body.details,
+            decision: story.get_mut("decision").map(serde_json::Value::take),
             attempts,
         };
         self.writer.submit(Write::ErrorStory(Box::new(s.clone())));
-        if self.story_map.insert(s.identifier.clone(), s).is_none() {
-            self.stories.push_back(r.body.identifier);
+        let identifier = s.identifier.clone();
+        if self.story_map.insert(identifier.clone(), s).is_none() {
+            self.stories.push_back(identifier);
         }
         while self.stories.len() > self.config.error_retention {
             if let Some(old) = self.stories.pop_front() {
@@ -2266,9 +2293,10 @@ impl Inventory {
                 .ok_or_else(|| not_found(&format!("application {id} does not exist"))),
             Crud::PutApplication(a, create) => {
                 if a.id == 0 || a.name.trim().is_empty() {
-                    return Err(invalid(
-                        "application id must be non-zero and name non-empty",
-                    ));
+                    return Err(invalid(format!(
+                        "application id must be non-zero and name non-empty; got id {} and name {:?}",
+                        a.id, a.name
+                    )));
                 }
                 if create && self.applications.contains_key(&a.id) {
                     return Err(invalid(format!(
@@ -2303,7 +2331,10 @@ impl Inventory {
                 .ok_or_else(|| not_found(&format!("build {id} does not exist"))),
             Crud::PutBuild(b, create) => {
                 if b.id.trim().is_empty() || b.version.trim().is_empty() {
-                    return Err(invalid("build id and version must not be empty"));
+                    return Err(invalid(format!(
+                        "build id and version must not be empty; got id {:?} and version {:?}",
+                        b.id, b.version
+                    )));
                 }
                 if !self.applications.contains_key(&b.application_id) {
                     return Err(invalid(format!(
@@ -2364,7 +2395,10 @@ impl Inventory {
                 .ok_or_else(|| not_found(&format!("profile {id} does not exist"))),
             Crud::PutProfile(p, create) => {
                 if p.id.trim().is_empty() || p.executable.trim().is_empty() {
-                    return Err(invalid("profile id and executable must not be empty"));
+                    return Err(invalid(format!(
+                        "profile id and executable must not be empty; got id {:?} and executable {:?}",
+                        p.id, p.executable
+                    )));
                 }
                 if !self.applications.contains_key(&p.application_id) {
                     return Err(invalid(format!(
@@ -2420,7 +2454,10 @@ impl Inventory {
                 .ok_or_else(|| not_found(&format!("fleet {id} does not exist"))),
             Crud::PutFleet(mut f, create) => {
                 if f.id == 0 || f.name.trim().is_empty() {
-                    return Err(invalid("fleet id must be non-zero and name non-empty"));
+                    return Err(invalid(format!(
+                        "fleet id must be non-zero and name non-empty; got id {} and name {:?}",
+                        f.id, f.name
+                    )));
                 }
                 if create && self.fleets.contains_key(&f.id) {
                     return Err(invalid(format!(
@@ -2513,16 +2550,19 @@ impl Inventory {
                 .ok_or_else(|| not_found(&format!("region {id} does not exist"))),
             Crud::PutRegion(r) => {
                 if r.id == 0 || r.name.trim().is_empty() {
-                    return Err(invalid("region id must be non-zero and name non-empty"));
+                    return Err(invalid(format!(
+                        "region id must be non-zero and name non-empty; got id {} and name {:?}",
+                        r.id, r.name
+                    )));
                 }
-                if self
+                if let Some(o) = self
                     .regions
                     .values()
-                    .any(|o| o.name == r.name && o.id != r.id)
+                    .find(|o| o.name == r.name && o.id != r.id)
                 {
                     return Err(invalid(format!(
-                        "region name {:?} is taken by another id",
-                        r.name
+                        "region name {:?} is taken by region {}; choose another name, or PUT /v1/regions/{} to change that region",
+                        r.name, o.id, o.id
                     )));
                 }
                 let commit = self.writer.submit_durable(Write::Region(r.clone()));
@@ -2531,9 +2571,10 @@ impl Inventory {
                 Ok((v, Some(commit)))
             }
             Crud::DeleteRegion(id) => {
-                if self.hosts.values().any(|h| h.rec.region_id == id) {
+                if let Some(h) = self.hosts.values().find(|h| h.rec.region_id == id) {
                     return Err(invalid(format!(
-                        "region {id} has hosts; it cannot be deleted"
+                        "region {id} has hosts (host {} {:?} among them); it cannot be deleted while any host is registered in it",
+                        h.rec.id, h.rec.name
                     )));
                 }
                 let r = self
@@ -2563,9 +2604,10 @@ impl Inventory {
             }
             Crud::PutEnvironment(e) => {
                 if e.id == 0 || e.name.trim().is_empty() {
-                    return Err(invalid(
-                        "environment id must be non-zero and name non-empty",
-                    ));
+                    return Err(invalid(format!(
+                        "environment id must be non-zero and name non-empty; got id {} and name {:?}",
+                        e.id, e.name
+                    )));
                 }
                 let commit = self.writer.submit_durable(Write::Environment(e.clone()));
                 let v = json(&e);
@@ -2578,16 +2620,6 @@ impl Inventory {
 
 fn json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_default()
-}
-
-fn cond_matches(c: &Cond, f: &Facts) -> bool {
-    match c {
-        Cond::FleetIds(ids) => f.fleet_id.is_some_and(|id| ids.contains(&id)),
-        Cond::EnvironmentIds(ids) => f.environment_id.is_some_and(|id| ids.contains(&id)),
-        Cond::RegionIds(ids) => ids.contains(&f.region_id),
-        Cond::DcLocationIds(ids) => ids.contains(&f.dc_location_id),
-        Cond::IsVirtual(v) => f.is_virtual == *v,
-    }
 }
 
 fn i3d_object(o: &InstanceObject, inst: &Inst) -> I3dInstance {

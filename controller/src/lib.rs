@@ -17,7 +17,7 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,11 +29,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// How often host expiry is checked: well inside the 1 s slack of the detection target.
 const TICK: Duration = Duration::from_millis(100);
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use berth_protocol::time::unix_now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -62,24 +62,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    berth_daemon::init_tracing(config.log_format);
-    let runtime = match berth_daemon::runtime(config.worker_threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth-controller: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let rx = berth_daemon::shutdown_on_signal("no new requests, finishing in-flight ones");
-        berth_controller::run(config, rx, |_| berth_daemon::notify_ready()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "controller failed");
-            eprintln!("berth-controller: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_daemon::run_daemon(
+        "berth-controller",
+        config.log_format,
+        config.worker_threads,
+        "no new requests, finishing in-flight ones",
+        |rx| berth_controller::run(config, rx, |_| berth_daemon::notify_ready()),
+    )
 }

@@ -47,7 +47,8 @@ pub struct InstanceRecord {
     pub removed_at: Option<u64>,
 }
 
-/// A matchmaker's claim on an instance.
+/// A matchmaker's claim on an instance. Bodies stored by older versions also carry
+/// `releasedAt: null`, which loading ignores: a release deletes the row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AllocationRecord {
@@ -63,7 +64,6 @@ pub struct AllocationRecord {
     pub agent_version: u64,
     pub identifier: String,
     pub created_at: u64,
-    pub released_at: Option<u64>,
     /// The answer given, replayed as is for a repeated `Idempotency-Key` (in both shapes,
     /// for the native and the i3D route).
     pub response: InstanceObject,
@@ -71,9 +71,11 @@ pub struct AllocationRecord {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push_str(&format!("{b:02x}"));
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
     }
     s
 }
@@ -281,6 +283,51 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocations_stored_with_released_at_still_load() {
+        // A body as earlier versions wrote it, `releasedAt` included.
+        let response = serde_json::json!({
+            "id": "i-1", "applicationId": 7, "fleetId": 456, "deploymentEnvironmentId": 1,
+            "profileId": "arena-1.0", "build": "1.0.0", "hostId": 1, "hostName": "bm-1",
+            "regionId": 1, "regionName": "eu", "dcLocationId": 1, "dcLocationName": "eu-1",
+            "isVirtual": 0, "ipAddress": "203.0.113.1", "port": 20000,
+            "managementPort": 30000, "status": 5, "state": "running", "pid": 42,
+            "arcusConnected": true, "numPlayers": null, "numPlayersMax": null,
+            "liveHostName": null, "liveMap": null, "liveRules": null,
+            "liveGameVersion": null, "metadata": [], "reverseMetadata": [],
+            "allocationId": "a-1", "allocatedAt": "2026-11-18T00:00:00Z", "restarts": 0,
+            "autoRestart": true, "releasing": false,
+            "createdAt": "2026-11-18T00:00:00Z", "updatedAt": "2026-11-18T00:00:00Z",
+        });
+        let response_i3d = serde_json::json!({
+            "id": "i-1", "applicationId": 7, "applicationBuildId": "1.0.0",
+            "deploymentEnvironmentId": 1, "fleetId": 456, "hostId": 1, "regionId": 1,
+            "dcLocationId": 1, "isVirtual": 0,
+            "ipAddress": [{"ipAddress": "203.0.113.1", "ipVersion": 4, "private": 0}],
+            "port": 20000, "managementPort": 30000, "status": 5, "numPlayers": 0,
+            "numPlayersMax": 0, "liveHostName": "", "liveMap": "", "liveRules": "",
+            "liveGameVersion": "", "metadata": [], "labelReadOnly": [], "labelPublic": [],
+            "pid": 42, "pidChangedAt": 0, "startedAt": 0, "stoppedAt": 0,
+            "createdAt": 1_795_000_000u64, "updatedAt": 1_795_000_000u64, "autoRestart": 1,
+            "manuallyDeployed": 0, "markedForDeletion": 0,
+        });
+        let body = serde_json::json!({
+            "id": "a-1", "instanceId": "i-1", "hostId": 1, "applicationId": 7,
+            "metadata": [{"key": "map", "value": "dust"}], "idempotencyKey": null,
+            "requestDigest": "00", "agentVersion": 3, "identifier": "c-1",
+            "createdAt": 1_795_000_000u64, "releasedAt": null,
+            "response": response, "responseI3d": response_i3d,
+        });
+        let a: AllocationRecord = serde_json::from_value(body.clone()).expect("old body");
+        assert_eq!(a.request_digest, "00");
+        // What is written now is the same body without the field.
+        let mut now = body;
+        if let Some(o) = now.as_object_mut() {
+            o.remove("releasedAt");
+        }
+        assert_eq!(serde_json::to_value(&a).expect("body"), now);
+    }
 
     #[test]
     fn report_round_trips_the_view() {

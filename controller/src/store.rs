@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use berth_protocol::agent_api::Profile;
@@ -68,8 +69,8 @@ pub enum Write {
     DeleteFleet(u64),
     Host(Box<HostRecord>),
     Instance(Box<InstanceRecord>),
-    /// A new allocation (inserted; never rewritten).
-    Allocation(Box<AllocationRecord>),
+    /// A new allocation (inserted; never rewritten), shared with the inventory's copy.
+    Allocation(Arc<AllocationRecord>),
     /// A released allocation (deleted: active allocations are the only ones kept).
     ReleaseAllocation(String),
     ErrorStory(Box<ErrorStory>),
