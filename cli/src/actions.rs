@@ -29,20 +29,10 @@ pub async fn allocate(api: &Api, args: &AllocateArgs, json: bool) -> Result<()> 
     let i: InstanceObject = api.decode(&path, &raw)?;
     println!("allocated instance {} at {}:{}", i.id, i.ip_address, i.port);
     let mut f = Fields::new();
-    f.add(
-        "host",
-        format!(
-            "{} (id {}), {} / {}, {}",
-            i.host_name,
-            i.host_id,
-            i.region_name,
-            i.dc_location_name,
-            hosts::kind(i.is_virtual)
-        ),
-    )
-    .add("allocation", i.allocation_id.as_deref().unwrap_or("-"))
-    .add("metadata", kv_list(&i.metadata))
-    .add("status", i.status.to_string());
+    f.add("host", instances::host_line(&i))
+        .add("allocation", i.allocation_id.as_deref().unwrap_or("-"))
+        .add("metadata", kv_list(&i.metadata))
+        .add("status", i.status.to_string());
     print!("{}", f.render(2));
     let release = match &i.allocation_id {
         Some(a) => format!(
@@ -75,23 +65,21 @@ pub async fn deallocate(api: &Api, args: &DeallocateArgs, json: bool) -> Result<
     }
     let i: InstanceObject = api.decode(&path, &raw)?;
     let was_allocated = before.as_ref().is_none_or(|b| b.allocation_id.is_some());
+    let status = format!(
+        "{} {}, state {}",
+        i.status.number(),
+        i.status.name(),
+        i.state
+    );
     if was_allocated {
         println!(
-            "released instance {} on {}: now {} {}, state {}",
-            i.id,
-            i.host_name,
-            i.status.number(),
-            i.status.name(),
-            i.state
+            "released instance {} on {}: now {status}",
+            i.id, i.host_name
         );
     } else {
         println!(
-            "instance {} on {} was not allocated; nothing to release (status {} {}, state {})",
-            i.id,
-            i.host_name,
-            i.status.number(),
-            i.status.name(),
-            i.state
+            "instance {} on {} was not allocated; nothing to release (status {status})",
+            i.id, i.host_name
         );
     }
     Ok(())

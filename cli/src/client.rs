@@ -148,6 +148,16 @@ impl Api {
                 EXIT_FAILED,
                 format!("error: {url:?} is not a valid URL; check the controller URL{from}"),
             ),
+            // The URL is fine; a header is not (the reason names which and what it must be).
+            CallError::InvalidRequest { reason, .. } => Exit::new(
+                EXIT_FAILED,
+                format!(
+                    "error: {method} {path} was not sent to the controller at {base}: {reason}{}",
+                    self.token
+                        .as_ref()
+                        .map_or_else(String::new, |(_, s)| format!(" (the token is from {s})"))
+                ),
+            ),
             CallError::Unreachable { reason, .. } => Exit::new(
                 EXIT_UNREACHABLE,
                 format!(

@@ -897,9 +897,14 @@ impl Cluster {
         }
         if !left.is_empty() {
             let pids: Vec<String> = left.iter().map(|g| g.pid.to_string()).collect();
+            let pids = pids.join(" ");
             return Err(Exit::failed(format!(
-                "error: sample games still running after SIGKILL: pids {}",
-                pids.join(" ")
+                "error: sample games still running after SIGKILL: pids {pids}\n\
+                 They hold their ports until they are gone. See what they are doing with \
+                 `ps -o pid,stat,wchan,cmd -p {}` (state D: stuck in the kernel, usually on \
+                 I/O; it dies once that returns), then `kill -9 {pids}` again before the next \
+                 `berthctl dev`.",
+                pids.replace(' ', ",")
             )));
         }
         Ok(())

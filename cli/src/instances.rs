@@ -184,8 +184,7 @@ pub async fn resolve(api: &Api, id: &str) -> Result<String> {
     let path = "/v1/instances?all=true";
     let raw = api.get(path).await?;
     let list: Vec<InstanceObject> = api.decode(path, &raw)?;
-    let mut found: Vec<&InstanceObject> = list.iter().filter(|i| i.id.starts_with(id)).collect();
-    found.dedup_by(|a, b| a.id == b.id);
+    let found: Vec<&InstanceObject> = list.iter().filter(|i| i.id.starts_with(id)).collect();
     match found.as_slice() {
         [] => Ok(id.to_owned()),
         [one] => Ok(one.id.clone()),
@@ -217,23 +216,25 @@ pub async fn show(api: &Api, id: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Where an instance runs: `name (id N), region / dc location, kind`.
+pub fn host_line(i: &InstanceObject) -> String {
+    format!(
+        "{} (id {}), {} / {}, {}",
+        i.host_name,
+        i.host_id,
+        i.region_name,
+        i.dc_location_name,
+        hosts::kind(i.is_virtual)
+    )
+}
+
 pub fn details(i: &InstanceObject) -> Fields {
     let mut f = Fields::new();
     f.add("id", &i.id)
         .add("application", i.application_id.to_string())
         .add("fleet", or_dash(i.fleet_id))
         .add("profile", format!("{} (build {})", i.profile_id, i.build))
-        .add(
-            "host",
-            format!(
-                "{} (id {}), {} / {}, {}",
-                i.host_name,
-                i.host_id,
-                i.region_name,
-                i.dc_location_name,
-                hosts::kind(i.is_virtual)
-            ),
-        )
+        .add("host", host_line(i))
         .add("address", format!("{}:{}", i.ip_address, i.port))
         .add("management port", i.management_port.to_string())
         .add("status", i.status.to_string())

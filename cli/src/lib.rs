@@ -57,6 +57,7 @@ pub struct Cli {
         env = "BERTH_TOKEN",
         hide_env_values = true,
         value_name = "TOKEN",
+        value_parser = TokenParser,
         help_heading = "Global options"
     )]
     pub token: Option<String>,
@@ -153,7 +154,7 @@ pub struct AllocateArgs {
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     pub meta: Vec<(String, String)>,
     /// Send an Idempotency-Key: a retry with the same key gets the same instance back.
-    #[arg(long, value_name = "KEY")]
+    #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
     pub idempotency_key: Option<String>,
 }
 
@@ -254,6 +255,72 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err("expected KEY=VALUE, e.g. map=dust".to_owned()),
+    }
+}
+
+/// What keeps `s` from being an HTTP header value (a control character such as a line
+/// break), if anything.
+fn header_value_problem(s: &str) -> Option<String> {
+    if http::HeaderValue::from_str(s).is_ok() {
+        return None;
+    }
+    let found = s
+        .chars()
+        .enumerate()
+        .find(|&(_, c)| (c < ' ' && c != '\t') || c == '\x7f');
+    Some(match found {
+        Some((at, c)) => format!(
+            "character {} is the control character U+{:04X}",
+            at + 1,
+            u32::from(c)
+        ),
+        None => "it holds bytes an HTTP header cannot carry".to_owned(),
+    })
+}
+
+fn parse_idempotency_key(s: &str) -> Result<String, String> {
+    match header_value_problem(s) {
+        None => Ok(s.to_owned()),
+        Some(why) => Err(format!(
+            "--idempotency-key is sent as the Idempotency-Key header, and a header cannot hold \
+             control characters: {why}; use 1-255 visible ASCII characters, e.g. a UUID from \
+             `uuidgen`"
+        )),
+    }
+}
+
+/// `--token` / `BERTH_TOKEN`: it is trimmed later (settings.rs) and sent as `Authorization:
+/// Bearer <token>`, so it must make a header value. Its own error, because clap's would print
+/// the value, a secret.
+#[derive(Debug, Clone, Copy)]
+struct TokenParser;
+
+impl clap::builder::TypedValueParser for TokenParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let refuse = |why: &str| {
+            cmd.clone().error(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "the token (--token or BERTH_TOKEN) is sent in the Authorization header, \
+                     and {why}; copy the token again from the [[tokens]] of controller.toml \
+                     (or from the output of `berthctl dev`)"
+                ),
+            )
+        };
+        let s = value.to_str().ok_or_else(|| refuse("it is not UTF-8"))?;
+        match header_value_problem(s.trim()) {
+            None => Ok(s.to_owned()),
+            Some(why) => Err(refuse(&format!(
+                "a header cannot hold control characters: {why}"
+            ))),
+        }
     }
 }
 

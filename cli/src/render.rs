@@ -1,6 +1,6 @@
 //! Tables, key/value blocks, JSON and times for humans.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use berth_protocol::time::unix_now;
 
 /// Columns aligned on the widest cell, two spaces apart, no trailing blanks.
 #[derive(Debug, Default)]
@@ -165,12 +165,6 @@ pub fn pretty_json(raw: &[u8]) -> String {
         }
     }
     out
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Seconds since the epoch of `2026-11-22T07:51:49Z` (fractions and offsets tolerated).

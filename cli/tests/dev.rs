@@ -1,44 +1,10 @@
 //! `berthctl dev --check` end to end: real controller, agent and sample games, an allocation,
 //! the game's own confirmation that the metadata arrived, and a clean stop.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-/// `target/<profile>`, with every workspace binary freshly built: `cargo test -p berthctl`
-/// builds only berthctl, and dev must not run a stale controller or agent.
-fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let berthctl = PathBuf::from(env!("CARGO_BIN_EXE_berthctl"));
-        let profile_dir = berthctl.parent().expect("target/<profile>").to_owned();
-        let target_dir = profile_dir.parent().expect("target").to_owned();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--workspace", "--bins", "--target-dir"])
-            .arg(&target_dir)
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .stdin(Stdio::null());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build --workspace --bins failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+use berth_e2e::{bin_dir, free_port, pid_alive};
 
 /// Runs berthctl, interrupting it (so it still cleans up) if it takes far too long.
 fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
@@ -124,11 +90,8 @@ fn dev_check_runs_a_cluster_allocates_and_stops_cleanly() {
         .collect();
     assert_eq!(pids.len(), 2, "{state}");
     for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let running = stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']));
-        assert!(!running, "game pid {pid} still runs: {stat}");
+        let pid = u32::try_from(pid).expect("a pid");
+        assert!(!pid_alive(pid), "game pid {pid} still runs");
     }
     std::fs::remove_dir_all(&data).expect("cleanup");
 }

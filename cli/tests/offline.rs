@@ -271,3 +271,38 @@ fn usage_errors_exit_64_not_2() {
     assert_eq!(o.status.code(), Some(64), "{o:?}");
     assert!(stderr(&o).contains("KEY=VALUE"));
 }
+
+#[test]
+fn header_values_with_control_characters_are_usage_errors() {
+    let url = format!("http://127.0.0.1:{}", dead_port());
+    let o = berthctl(
+        &[
+            "--controller",
+            &url,
+            "--token",
+            "t",
+            "allocate",
+            "1",
+            "--idempotency-key",
+            "a\nb",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64), "{o:?}");
+    let err = stderr(&o);
+    assert!(err.contains("--idempotency-key"), "{err}");
+    assert!(err.contains("U+000A") && err.contains("uuidgen"), "{err}");
+
+    let o = berthctl(
+        &["--controller", &url, "instances"],
+        &[("BERTH_TOKEN", "abc\u{7}def")],
+    );
+    assert_eq!(o.status.code(), Some(64), "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("BERTH_TOKEN") && err.contains("U+0007"),
+        "{err}"
+    );
+    // Not the token's value: it is a secret.
+    assert!(!err.contains("def"), "{err}");
+}

@@ -12,12 +12,16 @@
 //! * [`ControllerProcess`] writes a `controller.toml` (free loopback port, SQLite database in
 //!   its directory, join/admin/matchmaker tokens, regions, short heartbeats), runs
 //!   `berth-controller`, kills and restarts it on the same database, and drives its API
-//!   (applications, profiles, fleets, allocations, listings, waits).
+//!   (applications, profiles, fleets, allocations, listings, waits); it also starts agents
+//!   registered with it ([`ControllerProcess::spawn_agent`]).
+//! * [`berth_command`] runs a binary without the test environment's `BERTH_*` overrides.
 //! * [`FaultProxy`] sits between the controller and one agent and can answer allocations with
 //!   garbage: fault injection on the network path, with the agent untouched.
 //! * [`Http`] / [`Response`]: any request, with status, headers and JSON body, so tests can
 //!   check error bodies ([`Response::assert_error`]).
 //! * [`wait_for`] polls a condition until it holds, failing with the last thing it saw.
+//! * [`json`]: the fields of API objects tests read ([`json::id_of`], [`json::kv`], …), and
+//!   [`metric`] / [`assert_metrics`] for Prometheus samples.
 //! * [`game_info`], [`sample_game_profile`], [`bad_game_profile`]: drive the test games.
 //! * [`pid_alive`], [`count_instance_processes`], [`pids_writing_under`], [`arg_value`]: what
 //!   the kernel says about processes.
@@ -170,14 +174,6 @@ impl TestDir {
     pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
         self.path.join(name)
     }
-
-    /// The directory's last path component (`<name>-<short id>`), unique per test run.
-    pub fn unique_name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    }
 }
 
 impl Drop for TestDir {
@@ -282,12 +278,21 @@ fn claim_block(block: u32) -> bool {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (for agent and controller listeners).
+/// A TCP port on 127.0.0.1 that was free a moment ago (for agent and controller listeners),
+/// never one this process handed out before: the kernel may give the same ephemeral port to two
+/// `bind(0)` calls in a row once the first socket is closed, and two daemons of tests running at
+/// once would then race for it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// `"a-b"`, as the agent's configuration writes a range.
@@ -551,6 +556,173 @@ fn collect_pids(v: &Value, out: &mut BTreeSet<u32>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Daemons
+
+/// A command running `program` without any `BERTH_*` variable of the test's environment:
+/// the daemons take them as config overrides, and only the files the tests write may count.
+pub fn berth_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BERTH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// One run after another of a daemon binary (`berth-agent` or `berth-controller`), its output
+/// appended to one log file. Dropping it kills the running process.
+#[derive(Debug)]
+struct Daemon {
+    /// The binary's name, for messages.
+    name: &'static str,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(name: &'static str, log_path: PathBuf) -> Self {
+        Self {
+            name,
+            log_path,
+            child: None,
+        }
+    }
+
+    /// Runs `cmd` (from [`berth_command`]) with `BERTH_LOG=log_level`, its stdout and stderr
+    /// appended to the log, then waits until `{url}/readyz` answers 200.
+    async fn start(&mut self, mut cmd: Command, log_level: &str, http: &Http, url: &str) {
+        assert!(
+            self.child.is_none(),
+            "{} is already running; kill9() or sigterm() it first",
+            self.name
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
+        let log_err = log.try_clone().expect("clone the log file handle");
+        // Earlier runs' lines are in the same file; only this run's "ready" line counts.
+        let log_start = log.metadata().map_or(0, |m| m.len() as usize);
+        let child = cmd
+            .env("BERTH_LOG", log_level)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} ({cmd:?}): {e}", self.name));
+        self.child = Some(child);
+        // The daemon may listen on 0.0.0.0 while it is reached on one address: the port decides.
+        let port = url.rsplit(':').next().unwrap_or_default();
+        self.wait_ready(http, &format!("{url}/readyz"), port, log_start)
+            .await;
+    }
+
+    async fn wait_ready(&mut self, http: &Http, readyz: &str, port: &str, log_start: usize) {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "{} exited ({status}) before it was ready; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            // A 200 alone could come from another daemon that took the port first; the
+            // "ready" line in this process's own (JSON) log names the port it bound.
+            match http.try_send(Method::GET, readyz, None, &[], None).await {
+                Ok(r) if r.status == 200 && self.bound(port, log_start) => {
+                    return;
+                }
+                _ if started.elapsed() >= TIMEOUT => panic!(
+                    "{} was not ready within {TIMEOUT:?}; its log:\n{}",
+                    self.name,
+                    self.log()
+                ),
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// Whether this run (the log from `log_start` on) logged its "ready" line for `port`.
+    fn bound(&self, port: &str, log_start: usize) -> bool {
+        let suffix = format!(r#":{port}""#);
+        self.log().get(log_start..).is_some_and(|log| {
+            log.lines()
+                .any(|l| l.contains(r#" ready","listen":""#) && l.contains(&suffix))
+        })
+    }
+
+    /// SIGKILL, and wait until the kernel has reaped it.
+    fn kill9(&mut self) {
+        let child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        reap_killed(child);
+    }
+
+    /// SIGKILL, if it runs.
+    fn kill_if_running(&mut self) {
+        if let Some(child) = self.child.take() {
+            reap_killed(child);
+        }
+    }
+
+    /// SIGTERM, and the exit status once it has stopped.
+    async fn sigterm(&mut self) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        kill(pid_of(child.id()), Signal::SIGTERM)
+            .unwrap_or_else(|e| panic!("SIGTERM {}: {e}", self.name));
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("wait for {}: {e}", self.name))
+            {
+                return status;
+            }
+            if started.elapsed() >= TIMEOUT {
+                reap_killed(child);
+                panic!(
+                    "{} did not stop within {TIMEOUT:?} of SIGTERM; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything it wrote so far (all runs).
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill_if_running();
+    }
+}
+
+fn reap_killed(mut child: Child) {
+    let _ = kill(pid_of(child.id()), Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------------
 // The agent
 
 /// What goes into an agent's `agent.toml`. [`AgentConfig::new`] fills in a deterministic,
@@ -671,8 +843,7 @@ pub struct AgentProcess {
     config: AgentConfig,
     config_path: PathBuf,
     state_dir: PathBuf,
-    log_path: PathBuf,
-    child: Option<Child>,
+    daemon: Daemon,
     http: Http,
     seen_pids: Mutex<BTreeSet<u32>>,
     /// Dropped after `Drop::drop` has killed every process writing into it.
@@ -696,8 +867,7 @@ impl AgentProcess {
             config,
             config_path,
             state_dir,
-            log_path: dir.join("agent.log"),
-            child: None,
+            daemon: Daemon::new("berth-agent", dir.join("agent.log")),
             http: Http::new(),
             seen_pids: Mutex::new(BTreeSet::new()),
             dir,
@@ -708,97 +878,32 @@ impl AgentProcess {
 
     /// Starts the agent (again) on the same config and state; returns once it is ready.
     pub async fn start(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "the agent is already running; kill9() or sigterm() it first"
-        );
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
-        let log_err = log.try_clone().expect("clone the log file handle");
         let mut cmd = match self.config.wrapper.split_first() {
             Some((program, args)) => {
-                let mut cmd = Command::new(program);
+                let mut cmd = berth_command(program);
                 cmd.args(args).arg(bin("berth-agent"));
                 cmd
             }
-            None => Command::new(bin("berth-agent")),
+            None => berth_command(bin("berth-agent")),
         };
         cmd.arg("--config").arg(&self.config_path);
-        // The agent takes `BERTH_*` variables as config overrides; only the file may count.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("BERTH_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .env("BERTH_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn berth-agent ({:?}): {e}", self.config.wrapper));
-        self.child = Some(child);
-        self.wait_ready().await;
-    }
-
-    async fn wait_ready(&mut self) {
-        let url = format!("{}/readyz", self.url());
-        let started = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                panic!(
-                    "berth-agent exited ({status}) before it was ready; its log:\n{}",
-                    self.log()
-                );
-            }
-            match self.http.try_send(Method::GET, &url, None, &[], None).await {
-                Ok(r) if r.status == 200 => return,
-                _ if started.elapsed() >= TIMEOUT => panic!(
-                    "berth-agent was not ready within {TIMEOUT:?}; its log:\n{}",
-                    self.log()
-                ),
-                _ => tokio::time::sleep(POLL).await,
-            }
-        }
+        let url = self.url();
+        self.daemon.start(cmd, "debug", &self.http, &url).await;
     }
 
     /// SIGKILL, and wait until the kernel has reaped it. The games keep running.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("the agent is not running");
-        let _ = kill(pid_of(child.id()), Signal::SIGKILL);
-        let _ = child.wait();
+        self.daemon.kill9();
     }
 
     /// SIGTERM, and the exit status once the agent has stopped.
     pub async fn sigterm(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the agent is not running");
-        kill(pid_of(child.id()), Signal::SIGTERM).expect("SIGTERM the agent");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for the agent") {
-                return status;
-            }
-            if started.elapsed() >= TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "berth-agent did not stop within {TIMEOUT:?} of SIGTERM; its log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.daemon.sigterm().await
     }
 
     /// The agent's own pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     pub fn url(&self) -> String {
@@ -830,7 +935,7 @@ impl AgentProcess {
 
     /// The agent's stdout and stderr so far (all runs).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.daemon.log()
     }
 
     /// A game's log file, where the agent sends its stdout and stderr.
@@ -989,7 +1094,7 @@ impl AgentProcess {
         if let Some(state) = self.state_file() {
             collect_pids(&state, &mut pids);
         }
-        if self.child.is_some() {
+        if self.daemon.pid().is_some() {
             // A last listing covers games deployed but not yet seen or persisted.
             if let Some(list) = blocking_get(
                 &self.config.listen_ip,
@@ -1011,10 +1116,7 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let mut pids = self.candidate_game_pids();
         let spawners = self.pid().map(children_of).unwrap_or_default();
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(pid_of(child.id()), Signal::SIGKILL);
-            let _ = child.wait();
-        }
+        self.daemon.kill_if_running();
         // The agent's spawner exits once the agent is gone, after finishing a start in
         // progress; then every game of this agent, even one no listing or state file has
         // seen yet, is a process writing into this agent's directory.
@@ -1199,10 +1301,9 @@ pub struct ControllerProcess {
     config: ControllerConfig,
     config_path: PathBuf,
     database: PathBuf,
-    log_path: PathBuf,
-    child: Option<Child>,
+    /// Declared before `dir`: dropping it kills the controller before the directory goes.
+    daemon: Daemon,
     http: Http,
-    /// Dropped after `Drop::drop` has killed the process writing into it.
     dir: TestDir,
 }
 
@@ -1223,8 +1324,7 @@ impl ControllerProcess {
             config,
             config_path,
             database,
-            log_path: dir.join("controller.log"),
-            child: None,
+            daemon: Daemon::new("berth-controller", dir.join("controller.log")),
             http: Http::new(),
             dir,
         };
@@ -1235,89 +1335,26 @@ impl ControllerProcess {
     /// Starts the controller (again) on the same config and database; returns once it is
     /// ready.
     pub async fn start(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "the controller is already running; kill9() or sigterm() it first"
-        );
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
-        let log_err = log.try_clone().expect("clone the log file handle");
-        let mut cmd = Command::new(bin("berth-controller"));
+        let mut cmd = berth_command(bin("berth-controller"));
         cmd.arg("--config").arg(&self.config_path);
-        // `BERTH_*` variables override config keys; only the file may count.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("BERTH_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .env("BERTH_LOG", "info,berth_controller=debug")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .expect("spawn berth-controller");
-        self.child = Some(child);
-        self.wait_ready().await;
-    }
-
-    async fn wait_ready(&mut self) {
-        let url = format!("{}/readyz", self.url());
-        let started = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                panic!(
-                    "berth-controller exited ({status}) before it was ready; its log:\n{}",
-                    self.log()
-                );
-            }
-            match self.http.try_send(Method::GET, &url, None, &[], None).await {
-                Ok(r) if r.status == 200 => return,
-                _ if started.elapsed() >= TIMEOUT => panic!(
-                    "berth-controller was not ready within {TIMEOUT:?}; its log:\n{}",
-                    self.log()
-                ),
-                _ => tokio::time::sleep(POLL).await,
-            }
-        }
+        let url = self.url();
+        self.daemon
+            .start(cmd, "info,berth_controller=debug", &self.http, &url)
+            .await;
     }
 
     /// SIGKILL, and wait until the kernel has reaped it.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("the controller is not running");
-        let _ = kill(pid_of(child.id()), Signal::SIGKILL);
-        let _ = child.wait();
+        self.daemon.kill9();
     }
 
     /// SIGTERM, and the exit status once the controller has stopped.
     pub async fn sigterm(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the controller is not running");
-        kill(pid_of(child.id()), Signal::SIGTERM).expect("SIGTERM the controller");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for the controller") {
-                return status;
-            }
-            if started.elapsed() >= TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "berth-controller did not stop within {TIMEOUT:?} of SIGTERM; its log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.daemon.sigterm().await
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     pub fn url(&self) -> String {
@@ -1354,7 +1391,7 @@ impl ControllerProcess {
 
     /// The controller's output so far (all runs).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.daemon.log()
     }
 
     /// Any request to this controller: `path` may carry a query.
@@ -1465,6 +1502,37 @@ impl ControllerProcess {
             .await
             .expect(200)
             .json
+    }
+
+    /// Allocates as soon as the controller offers an instance: after a release (the game must
+    /// first acknowledge it, reporting 4 to its agent, which reports to the controller) or
+    /// while a host re-registers. Meanwhile allocations are refused with 404
+    /// NO_ALLOCATABLE_INSTANCE, and nothing else is acceptable. Returns the instance object.
+    pub async fn allocate_when_offered(
+        &self,
+        application_id: u32,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Value {
+        wait_for("an allocatable instance", TIMEOUT, async || {
+            let r = self.allocate(application_id, body, headers).await;
+            if r.status == 200 {
+                return Ok(r.json);
+            }
+            r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+            Err(r.text)
+        })
+        .await
+    }
+
+    /// A bare-metal agent in eu-west-1 registered with this controller: `host_name` is its
+    /// host name, and its directory is `target/e2e/<prefix>-<host_name>-…`.
+    pub async fn spawn_agent(&self, prefix: &str, host_name: &str) -> AgentProcess {
+        AgentProcess::spawn(
+            &format!("{prefix}-{host_name}"),
+            AgentConfig::joined(host_name, self),
+        )
+        .await
     }
 
     /// The i3D-compatible route (`PATCH` or `POST`), `filters` URL-encoded into the query.
@@ -1599,15 +1667,6 @@ impl ControllerProcess {
     }
 }
 
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(pid_of(child.id()), Signal::SIGKILL);
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A fleet body (DESIGN.md §4.1 shape) in region `eu-west-1`.
 pub fn fleet_body(
     id: u64,
@@ -1676,6 +1735,74 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         let (k, v) = l.rsplit_once(' ')?;
         (k == key).then(|| v.parse().ok()).flatten()
     })
+}
+
+/// Panics, showing the whole exposition `text`, unless every `(name, labels, value)` sample
+/// is present with that value (see [`metric`]).
+#[track_caller]
+pub fn assert_metrics(text: &str, expected: &[(&str, &str, f64)]) {
+    for &(name, labels, value) in expected {
+        assert_eq!(
+            metric(text, name, labels),
+            Some(value),
+            "{name}{{{labels}}} in:\n{text}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+/// Reading the API's JSON objects: fields that must be there, and the metadata shape.
+pub mod json {
+    use std::collections::BTreeSet;
+
+    use serde_json::{Value, json};
+
+    /// `[{"key": k, "value": v}, …]`, the API's metadata shape.
+    pub fn kv(pairs: &[(&str, &str)]) -> Value {
+        pairs
+            .iter()
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect()
+    }
+
+    /// An instance's `id`; panics when it has none.
+    #[track_caller]
+    pub fn id_of(instance: &Value) -> String {
+        instance["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("instance has no id: {instance}"))
+            .to_owned()
+    }
+
+    /// An instance's `pid`; panics when it has none.
+    #[track_caller]
+    pub fn pid_of(instance: &Value) -> u32 {
+        instance["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
+    }
+
+    /// An instance's game `port`; panics when it has none.
+    #[track_caller]
+    pub fn port_of(instance: &Value) -> u16 {
+        instance["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("instance has no port: {instance}"))
+    }
+
+    /// An error body's `details` (empty when absent).
+    pub fn details(body: &Value) -> &str {
+        body["details"].as_str().unwrap_or_default()
+    }
+
+    /// The ids of a list of instances.
+    pub fn ids(list: &[Value]) -> BTreeSet<String> {
+        list.iter().map(id_of).collect()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

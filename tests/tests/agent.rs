@@ -7,34 +7,26 @@
 
 use std::time::{Duration, Instant};
 
+use berth_e2e::json::{kv, pid_of, port_of};
 use berth_e2e::{
-    AgentConfig, AgentProcess, TIMEOUT, TestDir, bad_game_profile, bin, count_instance_processes,
-    deploy_body, game_info, pid_alive, sample_game_profile, short_id, signal, wait_for,
-    wait_game_info,
+    AgentConfig, AgentProcess, TIMEOUT, TestDir, bad_game_profile, berth_command, bin,
+    count_instance_processes, deploy_body, game_info, pid_alive, sample_game_profile, short_id,
+    signal, wait_for, wait_game_info,
 };
 use http::Method;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-fn kv(pairs: &[(&str, &str)]) -> Value {
-    pairs
-        .iter()
-        .map(|(k, v)| json!({"key": k, "value": v}))
+/// The `fields` of the agent's JSON log records with this message about instance `id` (its
+/// log is a file, so the agent writes JSON lines).
+fn log_records(agent: &AgentProcess, message: &str, id: &str) -> Vec<Value> {
+    agent
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|r| r["fields"].clone())
+        .filter(|f| f["message"] == message && f["instance_id"] == id)
         .collect()
-}
-
-fn pid(instance: &Value) -> u32 {
-    instance["pid"]
-        .as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
-}
-
-fn port(instance: &Value) -> u16 {
-    instance["port"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or_else(|| panic!("instance has no port: {instance}"))
 }
 
 /// A unique instance id (instance ids also find game processes in /proc, across parallel
@@ -58,11 +50,11 @@ async fn sample_game_goes_setup_starting_online() {
         .wait_instance(&id, "status 3 (starting)", |i| i["status"] == 3)
         .await;
     assert_eq!(starting["state"], "running", "{starting}");
-    let game_pid = pid(&starting);
+    let game_pid = pid_of(&starting);
     assert!(pid_alive(game_pid));
 
     let online = agent.wait_online(&id).await;
-    assert_eq!(pid(&online), game_pid, "the same process went online");
+    assert_eq!(pid_of(&online), game_pid, "the same process went online");
     assert_eq!(online["restarts"], 0);
     assert_eq!(
         online["liveMap"], "sample",
@@ -95,7 +87,7 @@ async fn allocation_metadata_reaches_the_game() {
     let id = new_id("b");
     agent.deploy_sample(&id, 0, 0).await;
     let online = agent.wait_online(&id).await;
-    let game_port = port(&online);
+    let game_port = port_of(&online);
 
     let metadata = kv(&[("map", "dust"), ("players", "16")]);
     let allocated = agent
@@ -324,7 +316,7 @@ async fn crashed_game_is_restarted() {
     let id = new_id("d");
     agent.deploy_sample(&id, 0, 0).await;
     let before = agent.wait_online(&id).await;
-    let old_pid = pid(&before);
+    let old_pid = pid_of(&before);
 
     signal(old_pid, Signal::SIGKILL).expect("SIGKILL the game");
     // The first restart comes 250 ms after the exit, so the offline instance is normally
@@ -336,7 +328,7 @@ async fn crashed_game_is_restarted() {
             offline = Some(i.clone());
         }
         if i["pid"].is_u64()
-            && pid(&i) != old_pid
+            && pid_of(&i) != old_pid
             && i["status"] == 4
             && i["arcusConnected"] == true
         {
@@ -351,11 +343,29 @@ async fn crashed_game_is_restarted() {
         assert_eq!(o["state"], "restarting", "waiting out the backoff: {o}");
         assert!(o["pid"].is_null(), "{o}");
     }
+    // Whether or not polling caught the offline instance, the agent logged the exit (with the
+    // signal) and the restart it scheduled.
+    let exits = log_records(&agent, "game exited", &id);
+    assert!(
+        exits.iter().any(|r| r["exit"] == "Signal(9)"
+            && r["pid"]
+                .as_str()
+                .is_some_and(|p| p.contains(&old_pid.to_string()))),
+        "no \"game exited\" record with pid {old_pid} and Signal(9) for {id}: {exits:?}\n{}",
+        agent.log()
+    );
+    assert!(
+        !log_records(&agent, "restart scheduled", &id).is_empty(),
+        "no \"restart scheduled\" record for {id}:\n{}",
+        agent.log()
+    );
     assert_eq!(after["restarts"], 1, "{after}");
     assert!(!pid_alive(old_pid));
-    assert!(pid_alive(pid(&after)));
+    assert!(pid_alive(pid_of(&after)));
     assert_eq!(count_instance_processes(&id), 1);
-    let info = game_info(port(&after)).await.expect("the new game answers");
+    let info = game_info(port_of(&after))
+        .await
+        .expect("the new game answers");
     assert_eq!(info["instanceId"], json!(id));
 }
 
@@ -370,8 +380,8 @@ async fn agent_sigkill_three_times_readopts_games() {
     let mut ports = Vec::new();
     for id in &ids {
         let i = agent.wait_online(id).await;
-        pids.push(pid(&i));
-        ports.push(port(&i));
+        pids.push(pid_of(&i));
+        ports.push(port_of(&i));
     }
     let metadata: Vec<Value> = (0..2)
         .map(|n| kv(&[("match", &format!("m{n}")), ("players", "8")]))
@@ -409,7 +419,7 @@ async fn agent_sigkill_three_times_readopts_games() {
                 agent.wait_online(id).await
             };
             assert_eq!(
-                pid(&i),
+                pid_of(&i),
                 pids[n],
                 "round {round}: {id} re-adopted, not restarted"
             );
@@ -449,7 +459,7 @@ async fn agent_sigkill_three_times_readopts_games() {
     let info = wait_game_info(ports[2], "allocated", |i| i["allocated"] == true).await;
     assert_eq!(info["allocation"], fresh);
     for (id, p) in ids.iter().zip(&pids) {
-        assert_eq!(pid(&agent.instance(id).await), *p);
+        assert_eq!(pid_of(&agent.instance(id).await), *p);
     }
 }
 
@@ -459,7 +469,7 @@ async fn game_dying_while_agent_down_is_restarted() {
     let id = new_id("f");
     agent.deploy_sample(&id, 0, 0).await;
     let before = agent.wait_online(&id).await;
-    let old_pid = pid(&before);
+    let old_pid = pid_of(&before);
     // The match dies with the game: the restarted game must come back free.
     agent
         .post(
@@ -496,7 +506,7 @@ async fn game_dying_while_agent_down_is_restarted() {
         "the old match's metadata is gone: {after}"
     );
     assert_eq!(count_instance_processes(&id), 1);
-    let info = game_info(port(&after)).await.expect("INFO");
+    let info = game_info(port_of(&after)).await.expect("INFO");
     assert_eq!(info["instanceId"], json!(id));
 }
 
@@ -573,7 +583,7 @@ async fn malformed_arcus_closes_only_that_link() {
             "{mode}: the game is left running: {i}"
         );
         assert_eq!(i["restarts"], 0, "{mode}: {i}");
-        assert!(pid_alive(pid(&i)), "{mode}");
+        assert!(pid_alive(pid_of(&i)), "{mode}");
         agent
             .post(&format!("/v1/instances/{id}/allocate"), &json!({}))
             .await
@@ -581,7 +591,7 @@ async fn malformed_arcus_closes_only_that_link() {
     }
 
     let sample_now = agent.wait_online(&sample).await;
-    assert_eq!(pid(&sample_now), pid(&sample_before));
+    assert_eq!(pid_of(&sample_now), pid_of(&sample_before));
     let r = agent
         .post(
             &format!("/v1/instances/{sample}/allocate"),
@@ -590,7 +600,10 @@ async fn malformed_arcus_closes_only_that_link() {
         .await
         .expect(200);
     assert_eq!(r.json["status"], 5);
-    wait_game_info(port(&sample_now), "allocated", |i| i["allocated"] == true).await;
+    wait_game_info(port_of(&sample_now), "allocated", |i| {
+        i["allocated"] == true
+    })
+    .await;
     assert!(
         agent.pid().is_some_and(pid_alive),
         "the agent is still running"
@@ -600,13 +613,7 @@ async fn malformed_arcus_closes_only_that_link() {
 
 /// Runs `berth-agent --config <file> validate`: (exit code, stderr).
 fn validate(file: &std::path::Path) -> (Option<i32>, String) {
-    let mut cmd = std::process::Command::new(bin("berth-agent"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BERTH_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
+    let out = berth_command(bin("berth-agent"))
         .arg("--config")
         .arg(file)
         .arg("validate")
@@ -670,7 +677,7 @@ async fn sigterm_leaves_games_running() {
     }
     let mut pids = Vec::new();
     for id in &ids {
-        pids.push(pid(&agent.wait_online(id).await));
+        pids.push(pid_of(&agent.wait_online(id).await));
     }
     // The first allocation must survive the stop: written by the agent's shutdown itself.
     agent
@@ -694,10 +701,10 @@ async fn sigterm_leaves_games_running() {
             i["status"] == 5 && i["arcusConnected"] == true
         })
         .await;
-    assert_eq!(pid(&first), pids[0]);
+    assert_eq!(pid_of(&first), pids[0]);
     assert_eq!(first["metadata"], kv(&[("map", "mirage")]));
     let second = agent.wait_online(&ids[1]).await;
-    assert_eq!(pid(&second), pids[1]);
+    assert_eq!(pid_of(&second), pids[1]);
     assert_eq!(second["restarts"], 0);
 }
 
@@ -706,7 +713,7 @@ async fn stop_and_remove() {
     let agent = AgentProcess::start_new("stop-remove").await;
     let id = new_id("j");
     agent.deploy_sample(&id, 0, 0).await;
-    let old_pid = pid(&agent.wait_online(&id).await);
+    let old_pid = pid_of(&agent.wait_online(&id).await);
 
     let r = agent
         .post(
@@ -763,8 +770,8 @@ async fn stop_and_remove() {
     let still = agent.instance(&busy).await;
     assert_eq!(still["status"], 5, "{still}");
     assert_eq!(still["state"], "running", "{still}");
-    assert_eq!(pid(&still), pid(&online));
-    assert!(pid_alive(pid(&online)), "the match keeps running");
-    let info = wait_game_info(port(&online), "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(pid_of(&still), pid_of(&online));
+    assert!(pid_alive(pid_of(&online)), "the match keeps running");
+    let info = wait_game_info(port_of(&online), "allocated", |i| i["allocated"] == true).await;
     assert_eq!(info["instanceId"], json!(busy));
 }

@@ -13,79 +13,21 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use berth_e2e::json::{details, id_of, ids, kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, ControllerToken, FaultProxy,
-    Response, TIMEOUT, count_instance_processes, fleet_body, game_info, is_allocatable, metric,
-    short_id, signal, wait_for, wait_game_info,
+    Response, TIMEOUT, assert_metrics, count_instance_processes, fleet_body, game_info,
+    is_allocatable, metric, short_id, signal, wait_for, wait_game_info,
 };
 use bytes::Bytes;
 use http::Method;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-fn kv(pairs: &[(&str, &str)]) -> Value {
-    pairs
-        .iter()
-        .map(|(k, v)| json!({"key": k, "value": v}))
-        .collect()
-}
-
-fn id_of(instance: &Value) -> String {
-    instance["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("instance has no id: {instance}"))
-        .to_owned()
-}
-
 fn host_of(instance: &Value) -> u64 {
     instance["hostId"]
         .as_u64()
         .unwrap_or_else(|| panic!("instance has no hostId: {instance}"))
-}
-
-fn pid_of(instance: &Value) -> u32 {
-    instance["pid"]
-        .as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
-}
-
-fn port_of(instance: &Value) -> u16 {
-    instance["port"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or_else(|| panic!("instance has no port: {instance}"))
-}
-
-fn details(body: &Value) -> &str {
-    body["details"].as_str().unwrap_or_default()
-}
-
-/// A bare-metal agent in eu-west-1 registered with `c`; `name` is its host name and, with the
-/// test's prefix, its directory.
-async fn agent(c: &ControllerProcess, test: &str, name: &str) -> AgentProcess {
-    AgentProcess::spawn(&format!("{test}-{name}"), AgentConfig::joined(name, c)).await
-}
-
-/// Allocates as soon as the controller offers an instance: after a release (the game must
-/// first acknowledge it, reporting 4 to its agent, which reports to the controller) or while a
-/// host re-registers. Meanwhile allocations are refused with 404 NO_ALLOCATABLE_INSTANCE, and
-/// nothing else is acceptable.
-async fn allocate_when_offered(
-    c: &ControllerProcess,
-    application_id: u32,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> Value {
-    wait_for("an allocatable instance", TIMEOUT, async || {
-        let r = c.allocate(application_id, body, headers).await;
-        if r.status == 200 {
-            return Ok(r.json);
-        }
-        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
-        Err(r.text)
-    })
-    .await
 }
 
 /// The instances on host `host_id`, from a controller listing.
@@ -96,10 +38,6 @@ fn on_host(list: &[Value], host_id: u64) -> Vec<Value> {
         .collect()
 }
 
-fn ids(list: &[Value]) -> BTreeSet<String> {
-    list.iter().map(id_of).collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Placement order
 
@@ -107,8 +45,8 @@ fn ids(list: &[Value]) -> BTreeSet<String> {
 async fn bare_metal_before_vm_across_three_hosts() {
     let c = ControllerProcess::start_new("ctl-tiers").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
-    let _bm_a = agent(&c, "ctl-tiers", "bm-a").await;
-    let _bm_b = agent(&c, "ctl-tiers", "bm-b").await;
+    let _bm_a = c.spawn_agent("ctl-tiers", "bm-a").await;
+    let _bm_b = c.spawn_agent("ctl-tiers", "bm-b").await;
     let mut vm_config = AgentConfig::joined("vm-c", &c);
     vm_config.is_virtual = true;
     let _vm = AgentProcess::spawn("ctl-tiers-vm-c", vm_config).await;
@@ -290,7 +228,7 @@ fn check_i3d_instance(v: &Value, application_id: u32, fleet_id: u64) {
 async fn every_filter_error() {
     let c = ControllerProcess::start_new("ctl-filters").await;
     c.sample_fleet(7, 456, 3, 0, &[]).await;
-    let _agent = agent(&c, "ctl-filters", "filters-bm").await;
+    let _agent = c.spawn_agent("ctl-filters", "filters-bm").await;
     c.wait_online(7, 3).await;
 
     let cases: &[(&str, u16, &str, &[&str])] = &[
@@ -417,7 +355,7 @@ async fn every_filter_error() {
 async fn metadata_reaches_the_allocated_game() {
     let c = ControllerProcess::start_new("ctl-metadata").await;
     c.sample_fleet(7, 456, 1, 0, &[]).await;
-    let a = agent(&c, "ctl-metadata", "meta-bm").await;
+    let a = c.spawn_agent("ctl-metadata", "meta-bm").await;
     let online = c.wait_online(7, 1).await;
     let id = id_of(&online[0]);
 
@@ -461,8 +399,8 @@ async fn forty_matchmakers_six_instances() {
     const MATCHMAKERS: usize = 40;
     let c = ControllerProcess::start_new("ctl-forty").await;
     c.sample_fleet(7, 456, 3, 0, &[]).await;
-    let a = agent(&c, "ctl-forty", "forty-a").await;
-    let b = agent(&c, "ctl-forty", "forty-b").await;
+    let a = c.spawn_agent("ctl-forty", "forty-a").await;
+    let b = c.spawn_agent("ctl-forty", "forty-b").await;
     let online = c.wait_online(7, 6).await;
 
     let barrier = Arc::new(tokio::sync::Barrier::new(MATCHMAKERS));
@@ -544,7 +482,7 @@ async fn forty_matchmakers_six_instances() {
 async fn idempotent_replay() {
     let mut c = ControllerProcess::start_new("ctl-idempotent").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
-    let _agent = agent(&c, "ctl-idempotent", "idem-bm").await;
+    let _agent = c.spawn_agent("ctl-idempotent", "idem-bm").await;
     c.wait_online(7, 2).await;
 
     let key = format!("match-{}", short_id());
@@ -582,8 +520,9 @@ async fn idempotent_replay() {
 
     // A new key is a new match: the other instance, once the agent has re-registered.
     let fresh_key = format!("match-{}", short_id());
-    let fresh =
-        allocate_when_offered(&c, 7, &body, &[("Idempotency-Key", fresh_key.as_str())]).await;
+    let fresh = c
+        .allocate_when_offered(7, &body, &[("Idempotency-Key", fresh_key.as_str())])
+        .await;
     assert_ne!(fresh["id"], first.json["id"]);
     assert_eq!(c.instances("?status=5").await.len(), 2);
 }
@@ -597,7 +536,7 @@ async fn release_and_reallocation() {
     c.sample_fleet(7, 70, 1, 0, &[]).await;
     // Application 8's game ends its match by itself after 1 s.
     c.sample_fleet(8, 80, 1, 1, &[]).await;
-    let _agent = agent(&c, "ctl-release", "release-bm").await;
+    let _agent = c.spawn_agent("ctl-release", "release-bm").await;
     let x = id_of(&c.wait_online(7, 1).await[0]);
     let y = id_of(&c.wait_online(8, 1).await[0]);
 
@@ -621,7 +560,7 @@ async fn release_and_reallocation() {
     assert_eq!(seen["status"], 4, "{seen}");
     assert!(seen["allocationId"].is_null(), "{seen}");
     wait_game_info(port, "released", |i| i["allocated"] == false).await;
-    let second = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    let second = c.allocate_when_offered(7, &json!({}), &[]).await;
     assert_eq!(
         id_of(&second),
         x,
@@ -673,8 +612,8 @@ async fn frozen_agent_leaves_pool_and_rejoins() {
     let c = ControllerProcess::start_new("ctl-frozen").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
     let agents = [
-        agent(&c, "ctl-frozen", "frozen-a").await,
-        agent(&c, "ctl-frozen", "frozen-b").await,
+        c.spawn_agent("ctl-frozen", "frozen-a").await,
+        c.spawn_agent("ctl-frozen", "frozen-b").await,
     ];
     let before = c.wait_online(7, 4).await;
     let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
@@ -733,7 +672,7 @@ async fn frozen_agent_leaves_pool_and_rejoins() {
     signal(a.pid().expect("agent A runs"), Signal::SIGCONT).expect("SIGCONT agent A");
     c.wait_host(&a_name, "reachable again", |h| h["reachable"] == true)
         .await;
-    let back = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    let back = c.allocate_when_offered(7, &json!({}), &[]).await;
     assert_eq!(id_of(&back), a_idle, "{back}");
     let kept = c.instance(&id_of(&held)).await;
     assert_eq!(kept["status"], 5, "{kept}");
@@ -771,8 +710,8 @@ async fn controller_sigkill_loses_no_acknowledged_allocation() {
     let mut c = ControllerProcess::start_new("ctl-crash").await;
     c.sample_fleet(7, 456, 3, 0, &[]).await;
     let agents = [
-        agent(&c, "ctl-crash", "crash-a").await,
-        agent(&c, "ctl-crash", "crash-b").await,
+        c.spawn_agent("ctl-crash", "crash-a").await,
+        c.spawn_agent("ctl-crash", "crash-b").await,
     ];
     let before = c.wait_online(7, 6).await;
     let mut acked = BTreeMap::new();
@@ -797,19 +736,31 @@ async fn controller_sigkill_loses_no_acknowledged_allocation() {
     };
     check("right after the restart").await;
 
-    // No host is declared dead during the first expiry window after the restart.
+    // No host is declared dead during the first expiry window after the restart, and both
+    // stay listed.
     let window = c.config().expiry();
+    let expected: BTreeSet<&str> = agents
+        .iter()
+        .map(|a| a.config().host_name.as_str())
+        .collect();
+    let mut looks = 0;
     while restarted.elapsed() < window {
-        for h in c.hosts().await {
-            assert_eq!(
-                h["reachable"],
-                true,
-                "{:?} after the restart: {h}",
-                restarted.elapsed()
-            );
+        let hosts = c.hosts().await;
+        let elapsed = restarted.elapsed();
+        let names: BTreeSet<&str> = hosts.iter().filter_map(|h| h["name"].as_str()).collect();
+        assert_eq!(names, expected, "{elapsed:?} after the restart: {hosts:?}");
+        for h in &hosts {
+            assert_eq!(h["reachable"], true, "{elapsed:?} after the restart: {h}");
         }
+        looks += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        looks > 0,
+        "the hosts were never looked at within the {window:?} expiry window: the restart and \
+         the first checks took {:?}",
+        restarted.elapsed()
+    );
 
     for (agent, n) in agents.iter().zip(&registered) {
         wait_for("the agent registers again", TIMEOUT, async || {
@@ -820,7 +771,7 @@ async fn controller_sigkill_loses_no_acknowledged_allocation() {
     check("after the agents re-registered").await;
 
     // New allocations still work: the one idle instance, then nothing.
-    let fresh = allocate_when_offered(&c, 7, &json!({}), &[]).await;
+    let fresh = c.allocate_when_offered(7, &json!({}), &[]).await;
     assert!(!acked.contains_key(&id_of(&fresh)), "{fresh}");
     let none = c.allocate(7, &json!({}), &[]).await;
     let body = none.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
@@ -1319,7 +1270,7 @@ async fn error_story_reconstructs_a_failed_allocation() {
 async fn readyz_and_metrics() {
     let c = ControllerProcess::start_new("ctl-metrics").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
-    let _agent = agent(&c, "ctl-metrics", "metrics-bm").await;
+    let _agent = c.spawn_agent("ctl-metrics", "metrics-bm").await;
     c.wait_online(7, 2).await;
 
     for probe in ["/healthz", "/readyz"] {
@@ -1334,55 +1285,41 @@ async fn readyz_and_metrics() {
         .assert_error(401, "MISSING_CREDENTIALS", None);
 
     let ok = "result=\"ok\"";
+    let (online, allocated) = ("status=\"online\"", "status=\"allocated\"");
     let allocations = "berth_controller_allocations_total";
     let instances = "berth_controller_instances";
     let text = c.metrics().await;
     let before = metric(&text, allocations, ok).unwrap_or(0.0);
-    assert_eq!(
-        metric(&text, instances, "status=\"online\""),
-        Some(2.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, instances, "status=\"allocated\""),
-        Some(0.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "berth_controller_hosts", "state=\"ready\""),
-        Some(1.0),
-        "{text}"
+    assert_metrics(
+        &text,
+        &[
+            (instances, online, 2.0),
+            (instances, allocated, 0.0),
+            ("berth_controller_hosts", "state=\"ready\"", 1.0),
+        ],
     );
 
     c.allocate_ok(7, "").await;
-    let text = c.metrics().await;
-    assert_eq!(metric(&text, allocations, ok), Some(before + 1.0), "{text}");
-    assert_eq!(
-        metric(&text, instances, "status=\"online\""),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, instances, "status=\"allocated\""),
-        Some(1.0),
-        "{text}"
+    assert_metrics(
+        &c.metrics().await,
+        &[
+            (allocations, ok, before + 1.0),
+            (instances, online, 1.0),
+            (instances, allocated, 1.0),
+        ],
     );
 
     c.allocate_ok(7, "").await;
     c.allocate(7, &json!({}), &[])
         .await
         .assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
-    let text = c.metrics().await;
-    assert_eq!(metric(&text, allocations, ok), Some(before + 2.0), "{text}");
-    assert_eq!(
-        metric(&text, allocations, "result=\"NO_ALLOCATABLE_INSTANCE\""),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, instances, "status=\"allocated\""),
-        Some(2.0),
-        "{text}"
+    assert_metrics(
+        &c.metrics().await,
+        &[
+            (allocations, ok, before + 2.0),
+            (allocations, "result=\"NO_ALLOCATABLE_INSTANCE\"", 1.0),
+            (instances, allocated, 2.0),
+        ],
     );
 }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use berth_e2e::json::{details, id_of, ids, kv, pid_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, Response, TIMEOUT,
     arg_value, count_instance_processes, is_allocatable, pid_alive, pids_writing_under, short_id,
@@ -78,40 +79,11 @@ impl Rng {
     }
 }
 
-fn kv(pairs: &[(&str, &str)]) -> Value {
-    pairs
-        .iter()
-        .map(|(k, v)| json!({"key": k, "value": v}))
-        .collect()
-}
-
-fn id_of(instance: &Value) -> String {
-    instance["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("instance has no id: {instance}"))
-        .to_owned()
-}
-
 fn alloc_of(instance: &Value) -> String {
     instance["allocationId"]
         .as_str()
         .unwrap_or_else(|| panic!("instance has no allocationId: {instance}"))
         .to_owned()
-}
-
-fn pid_of(instance: &Value) -> u32 {
-    instance["pid"]
-        .as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
-}
-
-fn details(body: &Value) -> &str {
-    body["details"].as_str().unwrap_or_default()
-}
-
-fn ids(list: &[Value]) -> BTreeSet<String> {
-    list.iter().map(id_of).collect()
 }
 
 /// The errors an allocation may legitimately end with while agents die and come back, with
@@ -212,13 +184,7 @@ async fn concurrent_allocators_history_check() {
     c.sample_fleet(7, 456, 4, 0, &[]).await;
     let mut agents = Vec::new();
     for name in ["hist-a", "hist-b", "hist-c"] {
-        agents.push(
-            AgentProcess::spawn(
-                &format!("flt-history-{name}"),
-                AgentConfig::joined(name, &c),
-            )
-            .await,
-        );
+        agents.push(c.spawn_agent("flt-history", name).await);
     }
     let online = c.wait_online(7, 12).await;
 
@@ -397,8 +363,8 @@ async fn controller_sigkill_during_load_with_idempotent_retries() {
     let mut c = ControllerProcess::start_new("flt-ctlkill").await;
     c.sample_fleet(7, 456, 6, 0, &[]).await;
     let agents = [
-        AgentProcess::spawn("flt-ctlkill-a", AgentConfig::joined("ctlkill-a", &c)).await,
-        AgentProcess::spawn("flt-ctlkill-b", AgentConfig::joined("ctlkill-b", &c)).await,
+        c.spawn_agent("flt", "ctlkill-a").await,
+        c.spawn_agent("flt", "ctlkill-b").await,
     ];
     let before = c.wait_online(7, 12).await;
     let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
@@ -727,15 +693,7 @@ async fn controller_sigkill_during_load_with_idempotent_retries() {
         assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
     }
     if ledger.kept.len() < 12 {
-        let fresh = wait_for("an allocation after the crashes", TIMEOUT, async || {
-            let r = c.allocate(7, &json!({}), &[]).await;
-            if r.status == 200 {
-                Ok(r.json)
-            } else {
-                Err(r.text)
-            }
-        })
-        .await;
+        let fresh = c.allocate_when_offered(7, &json!({}), &[]).await;
         assert!(
             !kept_allocations.contains_key(id_of(&fresh).as_str()),
             "{fresh}"
@@ -755,8 +713,8 @@ async fn agent_sigkill_restart_loop_under_load() {
     let c = ControllerProcess::start_new("flt-agentkill").await;
     c.sample_fleet(7, 456, 4, 0, &[]).await;
     let mut agents = vec![
-        AgentProcess::spawn("flt-agentkill-a", AgentConfig::joined("agentkill-a", &c)).await,
-        AgentProcess::spawn("flt-agentkill-b", AgentConfig::joined("agentkill-b", &c)).await,
+        c.spawn_agent("flt", "agentkill-a").await,
+        c.spawn_agent("flt", "agentkill-b").await,
     ];
     let online = c.wait_online(7, 8).await;
     let pids: BTreeMap<String, u32> = online.iter().map(|i| (id_of(i), pid_of(i))).collect();
@@ -1145,12 +1103,33 @@ impl Drop for NetNs {
 /// Watches the controller while a partition happens, recording every change it sees.
 struct Watch {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+    task: tokio::task::JoinHandle<WatchReport>,
+}
+
+/// What a [`Watch`] saw.
+#[derive(Debug, Default)]
+struct WatchReport {
+    /// Polls that read both the host list and the instance list.
+    observations: usize,
+    /// Every difference from the baseline.
+    changes: Vec<String>,
+    /// Reads that got no usable answer (the first few), and how many there were.
+    failures: Vec<String>,
+    failed_reads: usize,
+}
+
+impl WatchReport {
+    fn failed(&mut self, why: String) {
+        self.failed_reads += 1;
+        if self.failures.len() < 10 {
+            self.failures.push(why);
+        }
+    }
 }
 
 impl Watch {
-    /// Polls every ~20 ms: the host named `host` must stay reachable and every instance keep
-    /// the status, pid and allocation of `baseline`.
+    /// Polls every ~20 ms: the host named `host` must stay listed and reachable and every
+    /// instance keep the status, pid and allocation of `baseline`.
     fn start(
         c: &ControllerProcess,
         host: &str,
@@ -1168,11 +1147,10 @@ impl Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            let mut changes = Vec::new();
-            let mut polls = 0;
+            let mut report = WatchReport::default();
             while !flag.load(Ordering::Relaxed) {
-                polls += 1;
-                if let Ok(r) = http
+                let mut complete = true;
+                let hosts = http
                     .try_send(
                         Method::GET,
                         &format!("{base}/v1/hosts"),
@@ -1180,44 +1158,75 @@ impl Watch {
                         &[],
                         None,
                     )
-                    .await
-                {
-                    for h in r.json.as_array().into_iter().flatten() {
-                        if h["name"] == json!(host) && h["reachable"] != true {
-                            changes.push(format!("host became unreachable: {h}"));
+                    .await;
+                match hosts {
+                    Ok(Response {
+                        status: 200,
+                        json: Value::Array(hosts),
+                        ..
+                    }) => match hosts.iter().find(|h| h["name"] == json!(host)) {
+                        Some(h) if h["reachable"] != true => {
+                            report.changes.push(format!("host became unreachable: {h}"));
                         }
+                        Some(_) => {}
+                        None => report
+                            .changes
+                            .push(format!("host {host} is no longer listed: {hosts:?}")),
+                    },
+                    Ok(r) => {
+                        complete = false;
+                        report.failed(format!("GET /v1/hosts: {} {}", r.status, r.text));
+                    }
+                    Err(e) => {
+                        complete = false;
+                        report.failed(e);
                     }
                 }
-                if let Ok(list) = controller_view(&http, &base, &token).await {
-                    let now: BTreeMap<String, &Value> = list
-                        .iter()
-                        .filter(|i| !excluded.contains(&id_of(i)))
-                        .map(|i| (id_of(i), i))
-                        .collect();
-                    if now.len() != baseline.len() {
-                        changes.push(format!("instance count changed: {}", brief(&list)));
-                    }
-                    for (id, was) in &baseline {
-                        let Some(i) = now.get(id) else { continue };
-                        for field in ["status", "pid", "allocationId", "arcusConnected", "state"] {
-                            if i[field] != was[field] {
-                                changes
-                                    .push(format!("{id}: {field} {} -> {}", was[field], i[field]));
+                match controller_view(&http, &base, &token).await {
+                    Ok(list) => {
+                        let now: BTreeMap<String, &Value> = list
+                            .iter()
+                            .filter(|i| !excluded.contains(&id_of(i)))
+                            .map(|i| (id_of(i), i))
+                            .collect();
+                        if now.len() != baseline.len() {
+                            report
+                                .changes
+                                .push(format!("instance count changed: {}", brief(&list)));
+                        }
+                        for (id, was) in &baseline {
+                            let Some(i) = now.get(id) else { continue };
+                            for field in
+                                ["status", "pid", "allocationId", "arcusConnected", "state"]
+                            {
+                                if i[field] != was[field] {
+                                    report.changes.push(format!(
+                                        "{id}: {field} {} -> {}",
+                                        was[field], i[field]
+                                    ));
+                                }
                             }
                         }
                     }
+                    Err(e) => {
+                        complete = false;
+                        report.failed(e);
+                    }
                 }
-                if changes.len() > 20 {
+                if complete {
+                    report.observations += 1;
+                }
+                if report.changes.len() > 20 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (polls, changes)
+            report
         });
         Self { stop, task }
     }
 
-    async fn finish(self) -> (usize, Vec<String>) {
+    async fn finish(self) -> WatchReport {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("watch task")
     }
@@ -1336,10 +1345,24 @@ async fn network_partitions_with_namespaces() {
     // Observe for a whole expiry window after the link came back: a host that missed
     // heartbeats would be declared unreachable within it.
     tokio::time::sleep(c.config().expiry() + Duration::from_millis(500)).await;
-    let (polls, changes) = watch.finish().await;
+    let watched = watch.finish().await;
     churn_stop.store(true, Ordering::Relaxed);
     let (churned, churn_problems) = churn.await.expect("churn task");
-    assert!(polls >= 10, "the watch looked only {polls} times");
+    assert!(
+        watched.observations >= 10,
+        "the watch saw the controller's hosts and instances only {} times; {} reads failed, \
+         the first: {:#?}",
+        watched.observations,
+        watched.failed_reads,
+        watched.failures
+    );
+    if watched.failed_reads > 0 {
+        eprintln!(
+            "[faults] the watch could not read the controller {} times: {:#?}",
+            watched.failed_reads, watched.failures
+        );
+    }
+    let changes = &watched.changes;
     assert!(
         changes.is_empty(),
         "a {short:?} partition (expiry {:?}) changed: {changes:#?}",
@@ -1616,6 +1639,7 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
     for t in &targets {
         malformed_bodies(&http, t).await;
     }
+    let malformed_took = slow_started.elapsed();
     let mut worst = Duration::ZERO;
     let mut normal = 0;
     while slow_started.elapsed() < Duration::from_secs(8) {
@@ -1637,6 +1661,13 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // At least five rounds over both daemons: a measurement, not an accident of timing.
+    let min_normal = 5 * 2 * targets.len();
+    assert!(
+        normal >= min_normal,
+        "only {normal} normal requests were measured under attack (at least {min_normal} \
+         needed): the malformed bodies took {malformed_took:?} of the 8 s window"
+    );
     assert!(
         worst < Duration::from_secs(1),
         "normal requests kept their latency under attack; the slowest took {worst:?}"

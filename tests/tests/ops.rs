@@ -4,10 +4,10 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{PortBlock, TestDir, bin, free_port};
+use berth_e2e::{PortBlock, TestDir, berth_command, bin, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -75,7 +75,7 @@ fn start_notified(exe: &Path, config: &Path, socket: &Path, log: &Path) -> Child
     let log = std::fs::File::create(log).expect("log");
     // systemd names the watched pid in WATCHDOG_PID; `exec` keeps the shell's pid, so `$$` is
     // the daemon's own.
-    Command::new("/bin/sh")
+    berth_command("/bin/sh")
         .arg("-c")
         .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
         .arg(exe)
@@ -172,7 +172,7 @@ fn controller_validate_exits_78_naming_the_key() {
     let dir = TestDir::new("ops-controller-validate");
     let good = controller_toml(&dir, free_port());
     let run = |path: &Path| {
-        Command::new(bin("berth-controller"))
+        berth_command(bin("berth-controller"))
             .arg("--config")
             .arg(path)
             .arg("validate")
@@ -187,14 +187,27 @@ fn controller_validate_exits_78_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&good).expect("read");
-    for (broken, key) in [
+    // Top-level keys go before the first table: appended at the end, they would land in the
+    // last `[[tokens]]` entry and be refused there as unknown token fields instead.
+    let top_level = |line: &str| {
+        let broken = text.replacen("[[tokens]]", &format!("{line}\n[[tokens]]"), 1);
+        assert_ne!(broken, text, "controller_toml() has a [[tokens]] table");
+        broken
+    };
+    for (broken, key, says) in [
         (
-            format!("{text}\nheartbeat_perod_ms = 5\n"),
+            top_level("heartbeat_perod_ms = 5"),
             "heartbeat_perod_ms",
+            // The keys offered instead are the top-level ones, not a token's.
+            &[
+                "unknown field `heartbeat_perod_ms`",
+                "`heartbeat_period_ms`",
+            ][..],
         ),
         (
             text.replace("role = \"admin\"", "role = \"root\""),
             "tokens[0].role",
+            &["\"root\" is not one of"],
         ),
         (
             text.replace(
@@ -202,10 +215,13 @@ fn controller_validate_exits_78_naming_the_key() {
                 "join_token = \"short\"",
             ),
             "join_token",
+            &["shorter than 16 characters"],
         ),
         (
-            format!("{text}\nheartbeat_expiry_factor = 1.0\n"),
+            top_level("heartbeat_expiry_factor = 1.0"),
             "heartbeat_expiry_factor",
+            // The range check itself, with the value it refused.
+            &["1 is outside 1.5-100"],
         ),
     ] {
         let path = dir.join("broken.toml");
@@ -213,7 +229,16 @@ fn controller_validate_exits_78_naming_the_key() {
         let out = run(&path);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{key}: {stderr}");
-        assert!(stderr.contains(key), "stderr must name {key}: {stderr}");
+        assert!(
+            stderr.contains(&format!(": {key}: ")),
+            "stderr must name {key}: {stderr}"
+        );
+        for needle in says {
+            assert!(
+                stderr.contains(needle),
+                "{key}: stderr must say {needle:?}: {stderr}"
+            );
+        }
     }
     // Validation happens before anything is created: no database file appeared.
     assert!(!dir.join("controller.db").exists());
