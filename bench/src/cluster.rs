@@ -74,8 +74,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+    /// The running process's pid; `None` before it started or after `kill9`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -121,8 +122,12 @@ impl Daemon {
         }
     }
 
+    /// Sends `sig` to the running process; nothing when none runs (a pid of 0 would signal
+    /// our own process group).
     pub fn signal(&self, sig: Signal) {
-        let _ = kill(Pid::from_raw(self.pid() as i32), sig);
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), sig);
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -163,12 +168,30 @@ impl Drop for Daemon {
     }
 }
 
+/// Where agents' game port ranges start.
+const GAME_PORTS_FROM: usize = 20_000;
+/// Where agents' management port ranges start; they end below the kernel's ephemeral range.
+const MANAGEMENT_PORTS_FROM: usize = 30_000;
+/// The most ports an agent gets in each range: room for 1 000 games.
+const MAX_AGENT_PORTS: usize = 1_100;
+
+/// The first port of the kernel's ephemeral range (32768 unless configured otherwise), which
+/// the agent refuses to overlap.
+fn ephemeral_start() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 /// A controller and agents in a scratch directory.
 #[derive(Debug)]
 pub struct Cluster {
     /// `worker_threads` for the controller and the agents (None: their defaults).
     pub controller_threads: Option<usize>,
     pub agent_threads: Option<usize>,
+    /// How many agents the port ranges are divided between (agent indexes `0..agent_slots`).
+    pub agent_slots: usize,
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub client: Client,
@@ -184,6 +207,7 @@ impl Cluster {
         Ok(Self {
             controller_threads: None,
             agent_threads: None,
+            agent_slots: 1,
             dir,
             bin,
             client: Client::new(),
@@ -239,17 +263,57 @@ ping_ip = "127.0.0.1"
         Ok(())
     }
 
-    /// Starts an agent; `index` picks disjoint port ranges.
+    /// Ports each agent gets in its game and its management range: the management ports
+    /// between 30000 and the kernel's ephemeral range, shared by `agent_slots` agents, at most
+    /// 1 100 each.
+    pub fn ports_per_agent(&self) -> usize {
+        (ephemeral_start().saturating_sub(MANAGEMENT_PORTS_FROM) / self.agent_slots.max(1))
+            .min(MAX_AGENT_PORTS)
+    }
+
+    /// Fails unless every agent can get `games` ports in each range, naming the limit.
+    pub fn check_ports_for(&self, games: usize) -> Result<()> {
+        let span = self.ports_per_agent();
+        if games > span {
+            bail!(
+                "{games} games per agent need as many game and management ports each, but with \
+                 {} agents every agent gets {span}: management ports must lie between \
+                 {MANAGEMENT_PORTS_FROM} and the kernel's ephemeral range (from {}, see \
+                 /proc/sys/net/ipv4/ip_local_port_range); use fewer agents or fewer games per \
+                 agent",
+                self.agent_slots,
+                ephemeral_start()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts an agent; `index` (below `agent_slots`) picks disjoint port ranges.
     pub async fn start_agent(
         &mut self,
         index: usize,
         is_virtual: bool,
         register: bool,
     ) -> Result<()> {
+        if index >= self.agent_slots {
+            bail!(
+                "agent index {index} is beyond the {} agents the ports were divided for",
+                self.agent_slots
+            );
+        }
+        let span = self.ports_per_agent();
+        if span == 0 {
+            bail!(
+                "no management ports are left for {} agents between {MANAGEMENT_PORTS_FROM} and \
+                 the kernel's ephemeral range (from {}); use fewer agents",
+                self.agent_slots,
+                ephemeral_start()
+            );
+        }
         let port = free_port()?;
         let state = self.dir.join(format!("agent-{index}"));
-        let game = 20000 + index * 1100;
-        let mgmt = 30000 + index * 1100;
+        let game = GAME_PORTS_FROM + index * span;
+        let mgmt = MANAGEMENT_PORTS_FROM + index * span;
         let controller = if register {
             format!(
                 "controller_url = \"{}\"\njoin_token = \"{JOIN}\"\n",
@@ -276,8 +340,8 @@ log_format = "json"
 [[tokens]]
 token = "{ADMIN}"
 "#,
-                game + 1099,
-                mgmt + 1099,
+                game + span - 1,
+                mgmt + span - 1,
                 state = state.display(),
                 threads = self
                     .agent_threads

@@ -1,8 +1,9 @@
 //! `berth-bench`: measures Berth end to end with real processes on loopback.
 //!
 //! * `allocate` — allocate/release cycles from many concurrent matchmakers against a durable
-//!   controller, agents and sample games; plus the same load through a do-nothing two-hop HTTP
-//!   chain (the ceiling), and a crash check that every held allocation survives a SIGKILL.
+//!   controller, agents and sample games (peak, closed loop); then latency at half that rate
+//!   (open loop) and unloaded (one matchmaker); a crash check that every held allocation
+//!   survives a SIGKILL; and the same load through a do-nothing two-hop HTTP chain (the ceiling).
 //! * `spawn` — time for 100 and 1 000 games to be online on one host, and the agent's RSS.
 //! * `detect` — time from a host freezing to its idle instances leaving the pool.
 //!
@@ -25,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::client::Client;
 use crate::cluster::{
-    ADMIN, Cluster, MATCHMAKER, bin_dir, cpu_seconds, free_port, pids_of, rss_bytes,
+    ADMIN, Cluster, Daemon, MATCHMAKER, bin_dir, cpu_seconds, free_port, pids_of, rss_bytes,
 };
 
 #[derive(Debug, Parser)]
@@ -179,6 +180,24 @@ impl Stats {
         self.micros.extend(o.micros);
     }
 
+    fn record(&mut self, r: Result<Result<Duration, String>, tokio::task::JoinError>) {
+        match r {
+            Ok(Ok(d)) => {
+                self.ok += 1;
+                self.micros
+                    .push(d.as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Ok(Err(e)) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+
     fn percentile_ms(&mut self, p: f64) -> f64 {
         if self.micros.is_empty() {
             return 0.0;
@@ -216,19 +235,8 @@ async fn drive(
                     return s;
                 }
                 let r = op().await;
-                if now < start {
-                    continue;
-                }
-                match r {
-                    Ok(d) => {
-                        s.ok += 1;
-                        s.micros
-                            .push(d.as_micros().min(u128::from(u32::MAX)) as u32);
-                    }
-                    Err(e) => {
-                        s.errors += 1;
-                        s.first_error.get_or_insert(e);
-                    }
+                if now >= start {
+                    s.record(Ok(r));
                 }
             }
         }));
@@ -240,6 +248,50 @@ async fn drive(
         }
     }
     (total, measure)
+}
+
+/// Starts `op` at a steady `rate` per second for `measure` (open loop: a slow answer does not
+/// delay the next start), at most `max_outstanding` at once; a start that finds that many
+/// still running is counted as an error rather than silently skipped.
+async fn drive_paced(rate: f64, max_outstanding: usize, measure: Duration, op: Op) -> Stats {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_outstanding));
+    let t0 = Instant::now();
+    let mut started = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut total = Stats::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let elapsed = t0.elapsed();
+        if elapsed >= measure {
+            break;
+        }
+        let due = (elapsed.as_secs_f64() * rate) as u64;
+        while started < due {
+            started += 1;
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                total.errors += 1;
+                total
+                    .first_error
+                    .get_or_insert_with(|| format!("{max_outstanding} operations outstanding"));
+                continue;
+            };
+            let op = op.clone();
+            tasks.spawn(async move {
+                let r = op().await;
+                drop(permit);
+                r
+            });
+        }
+        while let Some(done) = tasks.try_join_next() {
+            total.record(done);
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        total.record(done);
+    }
+    total
 }
 
 #[derive(serde::Deserialize)]
@@ -263,9 +315,11 @@ async fn allocate(
             "{instances} instances cannot serve {concurrency} concurrent matchmakers; raise --instances-per-agent"
         );
     }
-    let mut cluster = Cluster::new(bin.clone())?;
+    let mut cluster = Cluster::new(bin)?;
     cluster.controller_threads = controller_threads;
     cluster.agent_threads = agent_threads;
+    cluster.agent_slots = agents;
+    cluster.check_ports_for(per_agent as usize)?;
     cluster.start_controller().await?;
     for i in 0..agents {
         cluster.start_agent(i, false, true).await?;
@@ -332,8 +386,14 @@ async fn allocate(
         let controller = cluster
             .controller
             .as_ref()
-            .map_or(0.0, |c| cpu_seconds(c.pid()));
-        let agents: f64 = cluster.agents.iter().map(|a| cpu_seconds(a.pid())).sum();
+            .and_then(Daemon::pid)
+            .map_or(0.0, cpu_seconds);
+        let agents: f64 = cluster
+            .agents
+            .iter()
+            .filter_map(Daemon::pid)
+            .map(cpu_seconds)
+            .sum();
         let games: f64 = pids_of(&cluster.sample_game())
             .into_iter()
             .map(cpu_seconds)
@@ -346,10 +406,27 @@ async fn allocate(
         concurrency,
         Duration::from_secs(1),
         Duration::from_secs(seconds),
-        op,
+        op.clone(),
     )
     .await;
     let cpu_after = cpu_now(&cluster);
+    let peak = stats.ok as f64 / window.as_secs_f64();
+    // DESIGN.md §9 states latency at half of peak load and unloaded; both are measured on the
+    // same cluster right after the peak.
+    let mut half = drive_paced(
+        peak / 2.0,
+        instances,
+        Duration::from_secs(seconds),
+        op.clone(),
+    )
+    .await;
+    let (mut unloaded, _) = drive(
+        1,
+        Duration::from_millis(200),
+        Duration::from_secs(seconds.clamp(1, 5)),
+        op,
+    )
+    .await;
     let per_alloc_ms =
         |i: usize| round3((cpu_after[i] - cpu_before[i]) * 1000.0 / (stats.ok.max(1) as f64));
     let cpu_ms_per_allocation = json!({
@@ -361,11 +438,13 @@ async fn allocate(
     let controller_rss = cluster
         .controller
         .as_ref()
-        .map_or(0, |c| rss_bytes(c.pid()));
+        .and_then(Daemon::pid)
+        .map_or(0, rss_bytes);
     let agent_rss = cluster
         .agents
         .iter()
-        .map(|a| rss_bytes(a.pid()))
+        .filter_map(Daemon::pid)
+        .map(rss_bytes)
         .max()
         .unwrap_or(0);
 
@@ -401,13 +480,26 @@ async fn allocate(
         }
     }
 
-    let ceiling = ceiling(&bin, concurrency, seconds).await?;
+    let ceiling = ceiling(concurrency, seconds).await?;
     let secs = window.as_secs_f64();
     Ok(json!({
         "benchmark": "allocate",
         "allocationsPerSecond": (stats.ok as f64 / secs).round(),
         "p50Ms": round3(stats.percentile_ms(0.50)),
         "p99Ms": round3(stats.percentile_ms(0.99)),
+        "halfLoad": {
+            "ratePerSecond": (peak / 2.0).round(),
+            "achievedPerSecond": (half.ok as f64 / secs).round(),
+            "p50Ms": round3(half.percentile_ms(0.50)),
+            "p99Ms": round3(half.percentile_ms(0.99)),
+            "errors": half.errors,
+            "firstError": half.first_error.take(),
+        },
+        "unloaded": {
+            "p50Ms": round3(unloaded.percentile_ms(0.50)),
+            "p99Ms": round3(unloaded.percentile_ms(0.99)),
+            "errors": unloaded.errors,
+        },
         "durable": durable,
         "heldAcrossControllerKill": held.len(),
         "instances": instances,
@@ -431,23 +523,36 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// A child process killed (and reaped) when this is dropped, on every way out.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Requests per second through client → hop → hop, same concurrency, same machine.
-async fn ceiling(bin: &std::path::Path, concurrency: usize, seconds: u64) -> Result<f64> {
+async fn ceiling(concurrency: usize, seconds: u64) -> Result<f64> {
     let me = std::env::current_exe()?;
-    let _ = bin;
     let (p1, p2) = (free_port()?, free_port()?);
-    let mut hop2 = std::process::Command::new(&me)
-        .args(["hop", "--port", &p2.to_string()])
-        .spawn()?;
-    let mut hop1 = std::process::Command::new(&me)
-        .args([
-            "hop",
-            "--port",
-            &p1.to_string(),
-            "--next",
-            &format!("http://127.0.0.1:{p2}/"),
-        ])
-        .spawn()?;
+    let _hop2 = KillOnDrop(
+        std::process::Command::new(&me)
+            .args(["hop", "--port", &p2.to_string()])
+            .spawn()?,
+    );
+    let _hop1 = KillOnDrop(
+        std::process::Command::new(&me)
+            .args([
+                "hop",
+                "--port",
+                &p1.to_string(),
+                "--next",
+                &format!("http://127.0.0.1:{p2}/"),
+            ])
+            .spawn()?,
+    );
     let client = Client::new();
     let url = format!("http://127.0.0.1:{p1}/");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -479,10 +584,6 @@ async fn ceiling(bin: &std::path::Path, concurrency: usize, seconds: u64) -> Res
         op,
     )
     .await;
-    let _ = hop1.kill();
-    let _ = hop2.kill();
-    let _ = hop1.wait();
-    let _ = hop2.wait();
     Ok(stats.ok as f64 / window.as_secs_f64())
 }
 
@@ -490,6 +591,10 @@ async fn spawn(bin: PathBuf, sizes: &[usize]) -> Result<Value> {
     let mut results = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let mut cluster = Cluster::new(bin.clone())?;
+        // One agent per cluster, each in its own ranges: the last cluster's games may still
+        // be letting go of their ports.
+        cluster.agent_slots = sizes.len();
+        cluster.check_ports_for(n)?;
         cluster.start_agent(i, false, false).await?;
         let agent = cluster.agents[0].url.clone();
         let game = cluster.sample_game().display().to_string();
@@ -539,7 +644,7 @@ async fn spawn(bin: PathBuf, sizes: &[usize]) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let online = started.elapsed();
-        let rss = rss_bytes(cluster.agents[0].pid());
+        let rss = cluster.agents[0].pid().map_or(0, rss_bytes);
         results.push(json!({
             "games": n,
             "onlineSeconds": round3(online.as_secs_f64()),
@@ -602,7 +707,12 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
     cluster.start_controller().await?;
     let base = cluster.controller_url().to_owned();
     let client = cluster.client.clone();
-    let rss_empty = rss_bytes(cluster.controller.as_ref().map_or(0, |c| c.pid()));
+    let controller_pid = cluster
+        .controller
+        .as_ref()
+        .and_then(Daemon::pid)
+        .context("the controller is not running")?;
+    let rss_empty = rss_bytes(controller_pid);
     let hosts = instances.div_ceil(per_host.max(1));
     let started = Instant::now();
     let mut made = 0usize;
@@ -642,11 +752,9 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
         }
     }
     let registered = started.elapsed();
-    // Let the database writer and the allocator settle before reading memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, b) = client.get(&format!("{base}/v1/hosts"), Some(ADMIN)).await?;
-    let listed: Vec<Value> = serde_json::from_slice(&b)?;
-    let rss = rss_bytes(cluster.controller.as_ref().map_or(0, |c| c.pid()));
+    // Read memory once the controller lists everything and its RSS has stopped moving.
+    let listed = wait_inventory(&client, &base, hosts, made, Duration::from_secs(60)).await?;
+    let rss = settled_rss(controller_pid, Duration::from_secs(30)).await?;
     Ok(json!({
         "benchmark": "inventory",
         "instances": made,
@@ -656,4 +764,59 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
         "controllerRssEmptyBytes": rss_empty,
         "bytesPerInstance": (rss.saturating_sub(rss_empty)) / made.max(1) as u64,
     }))
+}
+
+/// Waits until `GET /v1/hosts` lists `hosts` hosts holding `instances` instances in all;
+/// returns that listing.
+async fn wait_inventory(
+    client: &Client,
+    base: &str,
+    hosts: usize,
+    instances: usize,
+    within: Duration,
+) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, b) = client.get(&format!("{base}/v1/hosts"), Some(ADMIN)).await?;
+        if status != 200 {
+            bail!("GET /v1/hosts: {status} {}", String::from_utf8_lossy(&b));
+        }
+        let listed: Vec<Value> = serde_json::from_slice(&b)?;
+        let held: u64 = listed.iter().filter_map(|h| h["instances"].as_u64()).sum();
+        if listed.len() == hosts && held == instances as u64 {
+            return Ok(listed);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after {within:?} the controller lists {} of {hosts} hosts holding {held} of \
+                 {instances} instances",
+                listed.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A process's RSS once it has settled: two readings 200 ms apart that differ by less than
+/// 1 %.
+async fn settled_rss(pid: u32, within: Duration) -> Result<u64> {
+    let deadline = Instant::now() + within;
+    let mut last = rss_bytes(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rss_bytes(pid);
+        if now == 0 {
+            bail!("process {pid} is gone (no RSS in /proc/{pid}/status)");
+        }
+        if now.abs_diff(last) * 100 < last {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the RSS of process {pid} still moved by 1 % or more in 200 ms after {within:?}: \
+                 {last} -> {now} bytes"
+            );
+        }
+        last = now;
+    }
 }
