@@ -416,14 +416,10 @@ fn validate_configs(bins: &Binaries, paths: &ConfigPaths) -> Result<()> {
         (&bins.controller, &paths.controller),
         (&bins.agent, &paths.agent),
     ] {
-        let mut cmd = std::process::Command::new(exe);
-        cmd.arg("--config").arg(config).arg("validate");
-        for (k, _) in std::env::vars_os() {
-            if k.to_str().is_some_and(|k| k.starts_with("BERTH_")) {
-                cmd.env_remove(k);
-            }
-        }
-        let out = cmd
+        let out = process::daemon_command(exe)
+            .arg("--config")
+            .arg(config)
+            .arg("validate")
             .output()
             .with_context(|| format!("cannot run {}", exe.display()))?;
         if !out.status.success() {

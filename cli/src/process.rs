@@ -23,27 +23,33 @@ pub struct Daemon {
     status: Option<ExitStatus>,
 }
 
+/// A command for a Berth daemon, without the caller's `BERTH_<KEY>` overrides: the daemons read
+/// them, and a BERTH_LISTEN or BERTH_DATABASE left in the user's shell would silently point dev
+/// somewhere else. BERTH_LOG (the log level) stays.
+pub fn daemon_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && k.starts_with("BERTH_")
+            && k != "BERTH_LOG"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 impl Daemon {
     pub fn spawn(name: &'static str, exe: &Path, args: &[&OsStr], log: &Path) -> Result<Self> {
         let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = daemon_command(exe);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             // Text logs without colour codes: these files are read with less and tail.
             .env("NO_COLOR", "1");
-        // The daemons read BERTH_<KEY> overrides; a BERTH_LISTEN or BERTH_DATABASE left in the
-        // user's shell would silently point dev somewhere else. BERTH_LOG (the log level) stays.
-        for (k, _) in std::env::vars_os() {
-            if let Some(k) = k.to_str()
-                && k.starts_with("BERTH_")
-                && k != "BERTH_LOG"
-            {
-                cmd.env_remove(k);
-            }
-        }
         // Own process group: Ctrl-C in the terminal reaches only berthctl, which then stops
         // the daemons in order and cleans up after them.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
