@@ -451,7 +451,10 @@ async fn allocate(
     // Durability: hold some allocations, SIGKILL the controller, and find them all again.
     let hold = concurrency.min(instances / 2).max(1);
     let mut held = Vec::new();
-    for _ in 0..hold {
+    // Instances released in the last cycles are offered again once their games acknowledge
+    // the release: a refusal now is a busy pool, retried, not a durability failure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.len() < hold {
         let (status, b) = client
             .send(
                 Method::POST,
@@ -463,13 +466,21 @@ async fn allocate(
         if status == 200 {
             let a: Allocated = serde_json::from_slice(&b)?;
             held.push((a.id, a.allocation_id));
+        } else if Instant::now() >= deadline {
+            bail!(
+                "could not hold {hold} allocations for the crash check ({} held); last answer {status}: {}",
+                held.len(),
+                String::from_utf8_lossy(&b)
+            );
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     let client2 = cluster.client.clone();
     if let Some(c) = cluster.controller.as_mut() {
         c.restart(&client2).await?;
     }
-    let mut durable = held.len() == hold;
+    let mut durable = true;
     for (id, alloc) in &held {
         let (status, b) = client
             .get(&format!("{base}/v1/instances/{id}"), Some(ADMIN))

@@ -280,6 +280,43 @@ impl Report {
     }
 }
 
+/// An allocation row's body as the store keeps it, for tests.
+#[cfg(test)]
+pub(crate) fn allocation_body(id: &str, instance_id: &str) -> serde_json::Value {
+    let response = serde_json::json!({
+        "id": instance_id, "applicationId": 7, "fleetId": 456, "deploymentEnvironmentId": 1,
+        "profileId": "arena-1.0", "build": "1.0.0", "hostId": 1, "hostName": "bm-1",
+        "regionId": 1, "regionName": "eu", "dcLocationId": 1, "dcLocationName": "eu-1",
+        "isVirtual": 0, "ipAddress": "203.0.113.1", "port": 20000,
+        "managementPort": 30000, "status": 5, "state": "running", "pid": 42,
+        "arcusConnected": true, "numPlayers": null, "numPlayersMax": null,
+        "liveHostName": null, "liveMap": null, "liveRules": null,
+        "liveGameVersion": null, "metadata": [], "reverseMetadata": [],
+        "allocationId": id, "allocatedAt": "2026-11-18T00:00:00Z", "restarts": 0,
+        "autoRestart": true, "releasing": false,
+        "createdAt": "2026-11-18T00:00:00Z", "updatedAt": "2026-11-18T00:00:00Z",
+    });
+    let response_i3d = serde_json::json!({
+        "id": instance_id, "applicationId": 7, "applicationBuildId": "1.0.0",
+        "deploymentEnvironmentId": 1, "fleetId": 456, "hostId": 1, "regionId": 1,
+        "dcLocationId": 1, "isVirtual": 0,
+        "ipAddress": [{"ipAddress": "203.0.113.1", "ipVersion": 4, "private": 0}],
+        "port": 20000, "managementPort": 30000, "status": 5, "numPlayers": 0,
+        "numPlayersMax": 0, "liveHostName": "", "liveMap": "", "liveRules": "",
+        "liveGameVersion": "", "metadata": [], "labelReadOnly": [], "labelPublic": [],
+        "pid": 42, "pidChangedAt": 0, "startedAt": 0, "stoppedAt": 0,
+        "createdAt": 1_795_000_000u64, "updatedAt": 1_795_000_000u64, "autoRestart": 1,
+        "manuallyDeployed": 0, "markedForDeletion": 0,
+    });
+    serde_json::json!({
+        "id": id, "instanceId": instance_id, "hostId": 1, "applicationId": 7,
+        "metadata": [{"key": "map", "value": "dust"}], "idempotencyKey": null,
+        "requestDigest": "00", "agentVersion": 3, "identifier": "c-1",
+        "createdAt": 1_795_000_000u64,
+        "response": response, "responseI3d": response_i3d,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,38 +324,10 @@ mod tests {
     #[test]
     fn allocations_stored_with_released_at_still_load() {
         // A body as earlier versions wrote it, `releasedAt` included.
-        let response = serde_json::json!({
-            "id": "i-1", "applicationId": 7, "fleetId": 456, "deploymentEnvironmentId": 1,
-            "profileId": "arena-1.0", "build": "1.0.0", "hostId": 1, "hostName": "bm-1",
-            "regionId": 1, "regionName": "eu", "dcLocationId": 1, "dcLocationName": "eu-1",
-            "isVirtual": 0, "ipAddress": "203.0.113.1", "port": 20000,
-            "managementPort": 30000, "status": 5, "state": "running", "pid": 42,
-            "arcusConnected": true, "numPlayers": null, "numPlayersMax": null,
-            "liveHostName": null, "liveMap": null, "liveRules": null,
-            "liveGameVersion": null, "metadata": [], "reverseMetadata": [],
-            "allocationId": "a-1", "allocatedAt": "2026-11-18T00:00:00Z", "restarts": 0,
-            "autoRestart": true, "releasing": false,
-            "createdAt": "2026-11-18T00:00:00Z", "updatedAt": "2026-11-18T00:00:00Z",
-        });
-        let response_i3d = serde_json::json!({
-            "id": "i-1", "applicationId": 7, "applicationBuildId": "1.0.0",
-            "deploymentEnvironmentId": 1, "fleetId": 456, "hostId": 1, "regionId": 1,
-            "dcLocationId": 1, "isVirtual": 0,
-            "ipAddress": [{"ipAddress": "203.0.113.1", "ipVersion": 4, "private": 0}],
-            "port": 20000, "managementPort": 30000, "status": 5, "numPlayers": 0,
-            "numPlayersMax": 0, "liveHostName": "", "liveMap": "", "liveRules": "",
-            "liveGameVersion": "", "metadata": [], "labelReadOnly": [], "labelPublic": [],
-            "pid": 42, "pidChangedAt": 0, "startedAt": 0, "stoppedAt": 0,
-            "createdAt": 1_795_000_000u64, "updatedAt": 1_795_000_000u64, "autoRestart": 1,
-            "manuallyDeployed": 0, "markedForDeletion": 0,
-        });
-        let body = serde_json::json!({
-            "id": "a-1", "instanceId": "i-1", "hostId": 1, "applicationId": 7,
-            "metadata": [{"key": "map", "value": "dust"}], "idempotencyKey": null,
-            "requestDigest": "00", "agentVersion": 3, "identifier": "c-1",
-            "createdAt": 1_795_000_000u64, "releasedAt": null,
-            "response": response, "responseI3d": response_i3d,
-        });
+        let mut body = allocation_body("a-1", "i-1");
+        if let Some(o) = body.as_object_mut() {
+            o.insert("releasedAt".to_owned(), serde_json::Value::Null);
+        }
         let a: AllocationRecord = serde_json::from_value(body.clone()).expect("old body");
         assert_eq!(a.request_digest, "00");
         // What is written now is the same body without the field.
