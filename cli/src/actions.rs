@@ -4,9 +4,10 @@ use anyhow::Result;
 use berth_protocol::KeyValue;
 use berth_protocol::controller_api::{AllocateBody, DeallocateBody, HostObject, InstanceObject};
 
-use crate::client::{Api, encode};
+use crate::client::Api;
 use crate::render::{Fields, kv_list, pretty_json, short_id};
 use crate::{AllocateArgs, DeallocateArgs, DrainArgs, hosts, instances};
+use berth_http::percent_encode;
 
 pub async fn allocate(api: &Api, args: &AllocateArgs, json: bool) -> Result<()> {
     let body = AllocateBody {
@@ -47,13 +48,13 @@ pub async fn allocate(api: &Api, args: &AllocateArgs, json: bool) -> Result<()> 
 
 pub async fn deallocate(api: &Api, args: &DeallocateArgs, json: bool) -> Result<()> {
     let id = instances::resolve(api, &args.instance_id).await?;
-    let path = format!("/v1/instances/{}/deallocate", encode(&id));
+    let path = format!("/v1/instances/{}/deallocate", percent_encode(&id));
     let body = DeallocateBody {
         allocation_id: args.allocation_id.clone(),
     };
     // The release is idempotent and answers the same either way; only the state before says
     // whether this call released anything.
-    let before_path = format!("/v1/instances/{}", encode(&id));
+    let before_path = format!("/v1/instances/{}", percent_encode(&id));
     let before: Option<InstanceObject> = match api.get_opt(&before_path).await? {
         Some(raw) if !json => Some(api.decode(&before_path, &raw)?),
         _ => None,

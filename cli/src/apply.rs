@@ -16,8 +16,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::Exit;
-use crate::client::{Api, encode};
+use crate::client::Api;
 use crate::render::pretty_json;
+use berth_http::percent_encode;
 
 /// One kind of resource the controller keeps under `/v1/<collection>`.
 pub trait Kind: Serialize + DeserializeOwned + PartialEq + Clone {
@@ -288,7 +289,7 @@ pub async fn apply(api: &Api, r: &Resource) -> Result<Outcome> {
 
 async fn apply_typed<T: Kind>(api: &Api, desired: &T) -> Result<Outcome> {
     let id = desired.id();
-    let one = format!("/v1/{}/{}", T::COLLECTION, encode(&id));
+    let one = format!("/v1/{}/{}", T::COLLECTION, percent_encode(&id));
     let outcome = |action, raw: &[u8]| Outcome {
         kind: T::KIND,
         id: id.clone(),

@@ -287,30 +287,3 @@ pub fn refusal_message(body: &ErrorBody) -> String {
     ));
     out
 }
-
-/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters stay).
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encoding_round_trips_through_the_server_decoder() {
-        let f = "regionName=\"eu west\" and fleetId=456&x+y%é";
-        let e = encode(f);
-        assert!(!e.contains(['=', ' ', '&', '+', '"']), "{e}");
-        assert_eq!(berth_http::percent_decode(&e), f);
-        assert_eq!(encode("arena-1.0"), "arena-1.0");
-    }
-}

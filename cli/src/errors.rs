@@ -5,11 +5,12 @@ use anyhow::Result;
 use berth_protocol::controller_api::ErrorStory;
 use serde_json::Value;
 
-use crate::client::{Api, encode};
+use crate::client::Api;
 use crate::render::{Fields, pretty_json, when};
+use berth_http::percent_encode;
 
 pub async fn show(api: &Api, identifier: &str, json: bool) -> Result<()> {
-    let path = format!("/v1/errors/{}", encode(identifier.trim()));
+    let path = format!("/v1/errors/{}", percent_encode(identifier.trim()));
     let raw = api.get(&path).await?;
     if json {
         println!("{}", pretty_json(&raw));

@@ -8,14 +8,15 @@ use berth_protocol::controller_api::InstanceObject;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::client::{Api, encode};
+use crate::client::Api;
 use crate::render::{Fields, Table, kv_list, or_dash, plural, pretty_json, short_id, when};
 use crate::{Exit, InstancesArgs, hosts};
+use berth_http::percent_encode;
 
 pub fn query(args: &InstancesArgs) -> String {
     let mut q = Vec::new();
     if let Some(f) = args.filter.as_deref().filter(|f| !f.trim().is_empty()) {
-        q.push(format!("filter={}", encode(f)));
+        q.push(format!("filter={}", percent_encode(f)));
     }
     if let Some(s) = args.status {
         q.push(format!("status={s}"));
@@ -201,7 +202,7 @@ pub async fn resolve(api: &Api, id: &str) -> Result<String> {
 
 async fn fetch(api: &Api, id: &str) -> Result<(InstanceObject, bytes::Bytes)> {
     let id = resolve(api, id).await?;
-    let path = format!("/v1/instances/{}", encode(&id));
+    let path = format!("/v1/instances/{}", percent_encode(&id));
     let raw = api.get(&path).await?;
     Ok((api.decode(&path, &raw)?, raw))
 }

@@ -292,6 +292,22 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     })
 }
 
+/// Percent-encodes one path segment or query value: everything but RFC 3986's unreserved
+/// characters, so [`percent_decode`] gives the text back.
+pub fn percent_encode(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -338,6 +354,15 @@ mod tests {
         assert_eq!(query_param(Some("all"), "all").as_deref(), Some(""));
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("%C3%A9"), "é");
+    }
+
+    #[test]
+    fn encoding_round_trips_through_the_decoder() {
+        let f = "regionName=\"eu west\" and fleetId=456&x+y%é";
+        let e = percent_encode(f);
+        assert!(!e.contains(['=', ' ', '&', '+', '"']), "{e}");
+        assert_eq!(percent_decode(&e), f);
+        assert_eq!(percent_encode("arena-1.0"), "arena-1.0");
     }
 
     #[test]

@@ -1547,7 +1547,7 @@ impl ControllerProcess {
             format!("/v3/applicationInstance/game/{application_id}/empty/allocateWithErrors");
         if !filters.is_empty() {
             path.push_str("?filters=");
-            path.push_str(&url_encode(filters));
+            path.push_str(&berth_http::percent_encode(filters));
         }
         self.call(method, &path, Some(self.matchmaker_token()), &[], body)
             .await
@@ -1708,19 +1708,6 @@ fn summary(list: &[Value]) -> String {
         })
         .collect();
     format!("{} instances: [{}]", list.len(), lines.join("; "))
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters (for query values).
-pub fn url_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The value of one Prometheus sample, e.g. `metric(text, "berth_controller_instances",
