@@ -505,6 +505,8 @@ struct Claim {
     allocation_id: String,
     attempts: Vec<AttemptStory>,
     started: Instant,
+    /// The current attempt's row, submitted when the agent is asked, and its commit.
+    written: Option<(Arc<AllocationRecord>, Commit)>,
 }
 
 /// The inventory task's state.
@@ -1300,6 +1302,18 @@ impl Inventory {
                         ),
                     ));
                 }
+                if !a.confirmed {
+                    let mut f = Failure::new(
+                        ErrorCode::ServiceUnavailable,
+                        "Unable to allocate application instance.",
+                        format!(
+                            "allocation {} of instance {} (Idempotency-Key {key:?}) was written just before the controller restarted, and host {} has not reported since, so whether its game received it is not known yet; retry in a moment",
+                            a.id, a.instance_id, a.host_id
+                        ),
+                    );
+                    f.retry_after_secs = Some(1);
+                    return refuse(f);
+                }
                 tracing::info!(instance_id = %a.instance_id, allocation_id = %a.id, "idempotent replay");
                 return Step::Done {
                     allocation: a.clone(),
@@ -1332,6 +1346,7 @@ impl Inventory {
             allocation_id: String::new(),
             attempts: Vec::new(),
             started: Instant::now(),
+            written: None,
         };
         self.next_attempt(claim)
     }
@@ -1397,6 +1412,15 @@ impl Inventory {
         self.next_claim += 1;
         claim.instance_id = instance_id.clone();
         claim.allocation_id = uuid::Uuid::new_v4().to_string();
+        // Written now, while the agent is asked, so that the commit's fsync overlaps the
+        // agent's answer instead of following it. Until the agent confirms, the row proves
+        // nothing: a controller that stops in between finds it at start and keeps it only if
+        // the agent reports holding it (`confirm_loaded_allocations`).
+        let record = Arc::new(self.allocation_record(&claim));
+        let commit = self
+            .writer
+            .submit_durable(Write::Allocation(record.clone()));
+        claim.written = Some((record, commit));
         let call = AgentCall {
             claim_id,
             instance_id,
@@ -1407,6 +1431,41 @@ impl Inventory {
         };
         self.claims.insert(claim_id, claim);
         Step::Call(Box::new(call))
+    }
+
+    /// The allocation of the claim's current attempt as it is answered if the agent takes it:
+    /// the instance as the controller knows it now, allocated. It is written before the agent
+    /// answers, so it is the answer: a replay after a restart gives the same body.
+    fn allocation_record(&self, claim: &Claim) -> AllocationRecord {
+        let inst = &self.instances[claim.instance_id.as_str()];
+        let created_at = unix_now();
+        let mut response = self.object_with(
+            inst,
+            Some(AllocView {
+                id: &claim.allocation_id,
+                created_at,
+                metadata: &claim.input.metadata,
+            }),
+        );
+        // The answer shows the allocation made, not the claim in progress it is for now.
+        response.status = InstanceStatus::Allocated;
+        response.updated_at = rfc3339(created_at);
+        let response_i3d = i3d_object(&response, inst);
+        AllocationRecord {
+            id: claim.allocation_id.clone(),
+            instance_id: claim.instance_id.clone(),
+            host_id: inst.host_id,
+            application_id: claim.input.application_id,
+            metadata: claim.input.metadata.clone(),
+            idempotency_key: claim.input.idempotency_key.clone(),
+            request_digest: claim.input.request_digest.clone(),
+            agent_version: inst.report.version,
+            identifier: claim.input.identifier.clone(),
+            created_at,
+            response,
+            response_i3d,
+            confirmed: false,
+        }
     }
 
     /// Every attempt failed (or candidates ran out after some did): the last agent answer is
@@ -1489,51 +1548,39 @@ impl Inventory {
         if let Some(inst) = self.instances.get_mut(instance_id.as_str()) {
             inst.claimed = false;
         }
-        match result {
-            Ok(view) => {
+        let written = claim.written.take();
+        let present = self.instances.contains_key(instance_id.as_str());
+        let written = match (&result, written) {
+            (Ok(_), Some(w)) if present => Some(w),
+            (_, w) => {
+                if w.is_some() {
+                    // Nobody waits for this: a row left behind by a crash is not confirmed by
+                    // the agent at the next start, and goes then.
+                    self.writer
+                        .submit(Write::ReleaseAllocation(claim.allocation_id.clone()));
+                }
+                None
+            }
+        };
+        match (result, written) {
+            (Ok(view), Some((record, commit))) => {
                 let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
-                    // Removed while the agent was allocating: nothing to hand out.
                     return self.fail_after_attempts(claim);
                 };
                 if view.version >= inst.report.version {
                     inst.report = Report::from_view(view, &mut self.strings);
                 }
-                let (host_id, agent_version) = (inst.host_id, inst.report.version);
-                let created_at = unix_now();
-                let inst = &self.instances[instance_id.as_str()];
-                let Claim {
-                    input,
-                    allocation_id,
-                    started,
-                    ..
-                } = claim;
-                let response = self.object_with(
-                    inst,
-                    Some(AllocView {
-                        id: &allocation_id,
-                        created_at,
-                        metadata: &input.metadata,
-                    }),
-                );
-                let response_i3d = i3d_object(&response, inst);
-                if let Some(key) = &input.idempotency_key {
+                let agent_version = inst.report.version;
+                if let Some(key) = &claim.input.idempotency_key {
                     self.inflight_keys.remove(key);
                 }
-                let alloc = Arc::new(AllocationRecord {
-                    id: allocation_id,
-                    instance_id,
-                    host_id,
-                    application_id: input.application_id,
-                    metadata: input.metadata,
-                    idempotency_key: input.idempotency_key,
-                    request_digest: input.request_digest,
-                    agent_version,
-                    identifier: input.identifier,
-                    created_at,
-                    response,
-                    response_i3d,
-                });
-                let committed = Some(self.writer.submit_durable(Write::Allocation(alloc.clone())));
+                // The answer is the one written, so that a replay after a restart is the same.
+                let mut alloc = Arc::unwrap_or_clone(record);
+                alloc.agent_version = agent_version;
+                alloc.confirmed = true;
+                let alloc = Arc::new(alloc);
+                let (host_id, started) = (alloc.host_id, claim.started);
+                let committed = Some(commit);
                 self.insert_allocation(alloc.clone());
                 self.metrics.allocation(Ok(()));
                 self.metrics
@@ -1545,7 +1592,9 @@ impl Inventory {
                     committed,
                 }
             }
-            Err(f) => {
+            // Removed while the agent was allocating: nothing to hand out.
+            (Ok(_), None) => self.fail_after_attempts(claim),
+            (Err(f), _) => {
                 self.metrics.agent_attempt_failures.inc();
                 let host = self.hosts.get(&f.host_id);
                 tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, attempt = claim.attempts.len() + 1, "agent refused the allocation");
@@ -1819,6 +1868,7 @@ impl Inventory {
         for view in req.instances {
             self.apply_view(id, view);
         }
+        self.confirm_loaded_allocations(id);
         tracing::info!(host_id = id, host_name = %req.host_name, region = %req.region, is_virtual = req.is_virtual, "host registered");
         Ok((
             RegisterResponse {
@@ -1829,6 +1879,43 @@ impl Inventory {
             },
             commit,
         ))
+    }
+
+    /// Allocations loaded at start stand until their agent's full report: each row was written
+    /// while the agent was asked, so one the agent does not hold was never answered (the
+    /// controller stopped first) and is dropped; one it holds is the allocation made.
+    fn confirm_loaded_allocations(&mut self, host_id: u64) {
+        let loaded: Vec<String> = self
+            .allocations
+            .values()
+            .filter(|a| a.host_id == host_id && !a.confirmed)
+            .map(|a| a.instance_id.clone())
+            .collect();
+        for instance_id in loaded {
+            let Some(a) = self.allocations.get(&instance_id) else {
+                continue;
+            };
+            let held = self.instances.get(instance_id.as_str()).and_then(|i| {
+                let holds = matches!(
+                    i.report.status,
+                    InstanceStatus::Allocated | InstanceStatus::Allocating
+                ) && i.report.allocation_id() == Some(a.id.as_str());
+                holds.then_some(i.report.version)
+            });
+            if let Some(version) = held {
+                let mut confirmed = (**a).clone();
+                confirmed.confirmed = true;
+                confirmed.agent_version = version;
+                tracing::info!(instance_id = %instance_id, host_id, allocation_id = %confirmed.id, "allocation confirmed by its agent after the restart");
+                self.allocations.insert(instance_id, Arc::new(confirmed));
+            } else {
+                self.release_allocation(
+                    &instance_id,
+                    "its agent does not hold it: the controller stopped after writing it and before the agent answered, so it was never acknowledged",
+                );
+                self.check_dangling(&instance_id);
+            }
+        }
     }
 
     fn authenticate_host(&mut self, token: [u8; 32], host_id: u64) -> Result<&mut Host, Failure> {

@@ -68,6 +68,12 @@ pub struct AllocationRecord {
     /// for the native and the i3D route).
     pub response: InstanceObject,
     pub response_i3d: I3dInstance,
+    /// The agent is known to hold this allocation: it answered in this run, or reported it
+    /// since the controller started. Not stored, because the row is written while the agent is
+    /// being asked (the commit's fsync overlaps the call): a loaded row may belong to an
+    /// allocation the agent never received, and counts only once the agent's report says so.
+    #[serde(skip)]
+    pub confirmed: bool,
 }
 
 pub fn hex(bytes: &[u8]) -> String {

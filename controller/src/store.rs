@@ -69,7 +69,7 @@ pub enum Write {
     DeleteFleet(u64),
     Host(Box<HostRecord>),
     Instance(Box<InstanceRecord>),
-    /// A new allocation (inserted; never rewritten), shared with the inventory's copy.
+    /// A new allocation (inserted when its agent is asked; never rewritten).
     Allocation(Arc<AllocationRecord>),
     /// A released allocation (deleted: active allocations are the only ones kept).
     ReleaseAllocation(String),

@@ -1381,6 +1381,25 @@ impl ControllerProcess {
         &self.database
     }
 
+    /// The allocation rows on disk as `(allocation id, instance id)`, read from the database
+    /// file itself (another SQLite connection, as after a crash), sorted.
+    pub async fn stored_allocations(&self) -> Vec<(String, String)> {
+        use sqlx::Connection;
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&self.database)
+            .create_if_missing(false);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .expect("open the controller's database");
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, instance_id FROM allocations ORDER BY id")
+                .fetch_all(&mut conn)
+                .await
+                .expect("read the allocations table");
+        let _ = conn.close().await;
+        rows
+    }
+
     pub fn dir(&self) -> &TestDir {
         &self.dir
     }
@@ -1797,9 +1816,9 @@ pub mod json {
 
 /// A tiny HTTP proxy between the controller and one agent (the agent's `advertise_url` points
 /// at it). It forwards every request to the real agent, unless told to answer allocations with
-/// `200 OK` and a body that is not JSON, or to hold the agent's answers to removals back for a
-/// while (a slow network path): fault injection between the controller and the agent, with
-/// the agent itself untouched.
+/// `200 OK` and a body that is not JSON, to swallow allocations, or to hold the agent's answers
+/// to removals back for a while (a slow network path): fault injection between the controller
+/// and the agent, with the agent itself untouched.
 #[derive(Debug)]
 pub struct FaultProxy {
     port: u16,
@@ -1812,6 +1831,8 @@ struct Faults {
     garbage: std::sync::atomic::AtomicBool,
     garbage_answers: std::sync::atomic::AtomicU64,
     removal_delay_ms: std::sync::atomic::AtomicU64,
+    hold: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicU64,
 }
 
 impl FaultProxy {
@@ -1870,6 +1891,18 @@ impl FaultProxy {
         self.faults.garbage_answers.load(Ordering::SeqCst)
     }
 
+    /// On: every allocation is swallowed: never forwarded, never answered (the caller sees
+    /// it only when it gives up or dies), as if the network lost it. Off: forwarded again,
+    /// except those already swallowed.
+    pub fn hold_allocations(&self, on: bool) {
+        self.faults.hold.store(on, Ordering::SeqCst);
+    }
+
+    /// How many allocations were swallowed so far.
+    pub fn held_allocations(&self) -> u64 {
+        self.faults.held.load(Ordering::SeqCst)
+    }
+
     /// Forwards every `DELETE` (instance removal) at once, but holds the agent's answer back
     /// for `delay` before passing it on: by then the agent has long reported the removal over
     /// its own link, so the controller sees the answer after the fact.
@@ -1913,6 +1946,11 @@ async fn proxy_one(
             200,
             "<html>this is not the agent you are looking for</html>",
         );
+    }
+    if faults.hold.load(Ordering::SeqCst) && parts.method == Method::POST && allocates {
+        faults.held.fetch_add(1, Ordering::SeqCst);
+        // Ends only when the caller's connection does.
+        return std::future::pending().await;
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = http::Request::builder()

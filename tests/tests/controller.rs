@@ -507,9 +507,30 @@ async fn idempotent_replay() {
     let err = reused.assert_error(409, "IDEMPOTENCY_KEY_REUSED", None);
     assert!(details(err).contains(&key), "{err}");
 
+    // A restarted controller answers a replay once the agent's report has confirmed the
+    // allocation (rows are written while the agent is asked); until then it says to retry.
+    let agent_pid = _agent.pid().expect("the agent runs");
+    signal(agent_pid, Signal::SIGSTOP).expect("SIGSTOP the agent");
     c.kill9();
     c.start().await;
-    let after = c.allocate(7, &body, &headers).await.expect(200);
+    let early = c.allocate(7, &body, &headers).await;
+    let err = early.assert_error(503, "SERVICE_UNAVAILABLE", None);
+    assert!(details(err).contains("retry in a moment"), "{err}");
+    assert!(details(err).contains(&key), "{err}");
+    assert_eq!(early.header("retry-after"), Some("1"));
+    signal(agent_pid, Signal::SIGCONT).expect("SIGCONT the agent");
+    let after = wait_for("the replay to be answered", TIMEOUT, async || {
+        let r = c.allocate(7, &body, &headers).await;
+        match r.status {
+            200 => Ok(r),
+            503 => Err(format!("still {}", r.text)),
+            _ => panic!(
+                "a replay after the restart answered {} {}",
+                r.status, r.text
+            ),
+        }
+    })
+    .await;
     assert_eq!(
         after.json, first.json,
         "the replay after a controller crash answers the same allocation"
@@ -696,6 +717,106 @@ async fn frozen_agent_leaves_pool_and_rejoins() {
 
 // ---------------------------------------------------------------------------------------------
 // 8. Controller crash
+
+/// An allocation's row is written while its agent is asked, so that the commit's fsync
+/// overlaps the call. A controller that dies in between leaves a row for an allocation no game
+/// received and no matchmaker was told of. At start the row stands (the instance is not handed
+/// out, a replay of its key is told to retry) until the agent's full report shows it does not
+/// hold it; then it goes, and the key allocates afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_written_but_never_answered_is_dropped_at_restart() {
+    let mut c = ControllerProcess::start_new("ctl-unanswered").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let agent_config = AgentConfig::joined("unanswered-bm", &c);
+    let proxy = FaultProxy::start(format!("http://127.0.0.1:{}", agent_config.listen_port)).await;
+    let agent = AgentProcess::spawn(
+        "ctl-unanswered-bm",
+        agent_config.advertise_url(&proxy.url()),
+    )
+    .await;
+    let instance = id_of(&c.wait_online(7, 1).await[0]);
+
+    proxy.hold_allocations(true);
+    let key = format!("match-{}", short_id());
+    let body = json!({"metadata": kv(&[("map", "dust")])});
+    let lost = {
+        let (http, url, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        let (key, body) = (key.clone(), body.clone());
+        tokio::spawn(async move {
+            http.try_send(
+                Method::POST,
+                &format!("{url}/v1/applications/7/allocate"),
+                Some(&token),
+                &[("Idempotency-Key", key.as_str())],
+                Some(&body),
+            )
+            .await
+        })
+    };
+    let rows = wait_for(
+        "the allocation row on disk and its call at the agent's door",
+        TIMEOUT,
+        async || {
+            let rows = c.stored_allocations().await;
+            (!rows.is_empty() && proxy.held_allocations() == 1).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (written, on) = rows[0].clone();
+    assert_eq!(on, instance);
+
+    // The agent is frozen so that the restarted controller is seen before its report.
+    let agent_pid = agent.pid().expect("the agent runs");
+    signal(agent_pid, Signal::SIGSTOP).expect("SIGSTOP the agent");
+    c.kill9();
+    assert!(
+        lost.await.expect("the matchmaker task").is_err(),
+        "the matchmaker never got an answer"
+    );
+    proxy.hold_allocations(false);
+    c.start().await;
+    let i = c.instance(&instance).await;
+    assert_eq!(i["status"], 5, "not handed out while unconfirmed: {i}");
+    assert_eq!(i["allocationId"], json!(written), "{i}");
+    let headers = [("Idempotency-Key", key.as_str())];
+    let early = c.allocate(7, &body, &headers).await;
+    let err = early.assert_error(503, "SERVICE_UNAVAILABLE", None);
+    assert!(details(err).contains(&written), "{err}");
+    assert_eq!(early.header("retry-after"), Some("1"));
+
+    signal(agent_pid, Signal::SIGCONT).expect("SIGCONT the agent");
+    let fresh = wait_for("the key to allocate afresh", TIMEOUT, async || {
+        let r = c.allocate(7, &body, &headers).await;
+        match r.status {
+            200 => Ok(r.json),
+            503 => Err(format!("still {}", r.text)),
+            _ => panic!("the key's retry answered {} {}", r.status, r.text),
+        }
+    })
+    .await;
+    assert_eq!(id_of(&fresh), instance);
+    assert_ne!(fresh["allocationId"], json!(written), "{fresh}");
+    assert!(
+        c.log().contains("its agent does not hold it"),
+        "the controller says why the row went"
+    );
+    let held = agent.instance(&instance).await;
+    assert_eq!(held["allocationId"], fresh["allocationId"], "{held}");
+    let new_id = fresh["allocationId"]
+        .as_str()
+        .expect("allocationId")
+        .to_owned();
+    wait_for("only the new row on disk", TIMEOUT, async || {
+        let rows = c.stored_allocations().await;
+        (rows == [(new_id.clone(), instance.clone())])
+            .then_some(())
+            .ok_or(format!("{rows:?}"))
+    })
+    .await;
+    // The game has the new allocation.
+    wait_game_info(port_of(&held), "allocated", |i| i["allocated"] == true).await;
+}
 
 fn registrations(agent: &AgentProcess) -> usize {
     agent
