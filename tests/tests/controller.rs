@@ -519,18 +519,7 @@ async fn idempotent_replay() {
     assert!(details(err).contains(&key), "{err}");
     assert_eq!(early.header("retry-after"), Some("1"));
     signal(agent_pid, Signal::SIGCONT).expect("SIGCONT the agent");
-    let after = wait_for("the replay to be answered", TIMEOUT, async || {
-        let r = c.allocate(7, &body, &headers).await;
-        match r.status {
-            200 => Ok(r),
-            503 => Err(format!("still {}", r.text)),
-            _ => panic!(
-                "a replay after the restart answered {} {}",
-                r.status, r.text
-            ),
-        }
-    })
-    .await;
+    let after = allocate_once_confirmed(&c, &body, &headers).await;
     assert_eq!(
         after.json, first.json,
         "the replay after a controller crash answers the same allocation"
@@ -718,6 +707,24 @@ async fn frozen_agent_leaves_pool_and_rejoins() {
 // ---------------------------------------------------------------------------------------------
 // 8. Controller crash
 
+/// Allocates with `headers` (an `Idempotency-Key`), retrying while a restarted controller
+/// answers 503 because the key's allocation is not yet confirmed by its agent.
+async fn allocate_once_confirmed(
+    c: &ControllerProcess,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Response {
+    wait_for("the key's allocation to be answered", TIMEOUT, async || {
+        let r = c.allocate(7, body, headers).await;
+        match r.status {
+            200 => Ok(r),
+            503 => Err(format!("still {}", r.text)),
+            _ => panic!("allocate answered {} {}", r.status, r.text),
+        }
+    })
+    .await
+}
+
 /// An allocation's row is written while its agent is asked, so that the commit's fsync
 /// overlaps the call. A controller that dies in between leaves a row for an allocation no game
 /// received and no matchmaker was told of. At start the row stands (the instance is not handed
@@ -786,15 +793,7 @@ async fn allocation_written_but_never_answered_is_dropped_at_restart() {
     assert_eq!(early.header("retry-after"), Some("1"));
 
     signal(agent_pid, Signal::SIGCONT).expect("SIGCONT the agent");
-    let fresh = wait_for("the key to allocate afresh", TIMEOUT, async || {
-        let r = c.allocate(7, &body, &headers).await;
-        match r.status {
-            200 => Ok(r.json),
-            503 => Err(format!("still {}", r.text)),
-            _ => panic!("the key's retry answered {} {}", r.status, r.text),
-        }
-    })
-    .await;
+    let fresh = allocate_once_confirmed(&c, &body, &headers).await.json;
     assert_eq!(id_of(&fresh), instance);
     assert_ne!(fresh["allocationId"], json!(written), "{fresh}");
     assert!(
