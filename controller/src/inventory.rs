@@ -530,6 +530,10 @@ pub struct Inventory {
     /// answers from one) rather than copied.
     allocations: HashMap<String, Arc<AllocationRecord>>,
     by_key: HashMap<String, String>,
+    /// Instances whose allocation was loaded at start and not yet confirmed by its agent: the
+    /// row is written while the agent is asked, so a loaded row may be an allocation the agent
+    /// never received, and counts only once the agent's full report says it holds it.
+    unconfirmed: HashSet<String>,
     host_allocations: HashMap<u64, u32>,
     /// The candidate index: allocation walks it instead of scanning every instance.
     index: HashMap<u32, AppIndex>,
@@ -669,6 +673,7 @@ impl Inventory {
             refused: HashMap::new(),
             claims: HashMap::new(),
             inflight_keys: HashSet::new(),
+            unconfirmed: HashSet::new(),
             next_claim: 1,
             pending_deploys: HashMap::new(),
             stories: VecDeque::new(),
@@ -682,6 +687,7 @@ impl Inventory {
             inv.insert_instance(rec);
         }
         for a in snapshot.allocations {
+            inv.unconfirmed.insert(a.instance_id.clone());
             inv.insert_allocation(Arc::new(a));
         }
         // Configured regions, DC locations and environments win over stored ones.
@@ -924,6 +930,7 @@ impl Inventory {
         let Some(a) = self.allocations.remove(instance_id) else {
             return;
         };
+        self.unconfirmed.remove(instance_id);
         if let Some(k) = &a.idempotency_key {
             self.by_key.remove(k);
         }
@@ -1302,7 +1309,7 @@ impl Inventory {
                         ),
                     ));
                 }
-                if !a.confirmed {
+                if self.unconfirmed.contains(instance_id) {
                     let mut f = Failure::new(
                         ErrorCode::ServiceUnavailable,
                         "Unable to allocate application instance.",
@@ -1464,7 +1471,6 @@ impl Inventory {
             created_at,
             response,
             response_i3d,
-            confirmed: false,
         }
     }
 
@@ -1549,38 +1555,20 @@ impl Inventory {
             inst.claimed = false;
         }
         let written = claim.written.take();
-        let present = self.instances.contains_key(instance_id.as_str());
-        let written = match (&result, written) {
-            (Ok(_), Some(w)) if present => Some(w),
-            (_, w) => {
-                if w.is_some() {
-                    // Nobody waits for this: a row left behind by a crash is not confirmed by
-                    // the agent at the next start, and goes then.
-                    self.writer
-                        .submit(Write::ReleaseAllocation(claim.allocation_id.clone()));
-                }
-                None
-            }
-        };
-        match (result, written) {
-            (Ok(view), Some((record, commit))) => {
-                let Some(inst) = self.instances.get_mut(instance_id.as_str()) else {
-                    return self.fail_after_attempts(claim);
-                };
+        match (
+            result,
+            self.instances.get_mut(instance_id.as_str()),
+            written,
+        ) {
+            (Ok(view), Some(inst), Some((alloc, commit))) => {
                 if view.version >= inst.report.version {
                     inst.report = Report::from_view(view, &mut self.strings);
                 }
-                let agent_version = inst.report.version;
                 if let Some(key) = &claim.input.idempotency_key {
                     self.inflight_keys.remove(key);
                 }
-                // The answer is the one written, so that a replay after a restart is the same.
-                let mut alloc = Arc::unwrap_or_clone(record);
-                alloc.agent_version = agent_version;
-                alloc.confirmed = true;
-                let alloc = Arc::new(alloc);
+                // The record kept is the one written: a replay after a restart is the same.
                 let (host_id, started) = (alloc.host_id, claim.started);
-                let committed = Some(commit);
                 self.insert_allocation(alloc.clone());
                 self.metrics.allocation(Ok(()));
                 self.metrics
@@ -1589,41 +1577,55 @@ impl Inventory {
                 tracing::debug!(instance_id = %alloc.instance_id, host_id, allocation_id = %alloc.id, "allocated");
                 Step::Done {
                     allocation: alloc,
-                    committed,
+                    committed: Some(commit),
                 }
             }
-            // Removed while the agent was allocating: nothing to hand out.
-            (Ok(_), None) => self.fail_after_attempts(claim),
-            (Err(f), _) => {
-                self.metrics.agent_attempt_failures.inc();
-                let host = self.hosts.get(&f.host_id);
-                tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, attempt = claim.attempts.len() + 1, "agent refused the allocation");
-                claim.attempts.push(AttemptStory {
-                    instance_id: instance_id.clone(),
-                    host_id: f.host_id,
-                    host_name: host.map(|h| h.rec.name.clone()).unwrap_or_default(),
-                    agent_url: host
-                        .map(|h| h.rec.advertise_url.clone())
-                        .unwrap_or_default(),
-                    status_code: f.status,
-                    error_code: f.error_code,
-                    code: f.code.as_str().to_owned(),
-                    details: f.details.clone(),
-                    elapsed_ms: f.elapsed_ms,
-                });
-                if f.code == ErrorCode::AgentUnreachable
-                    && let Some(h) = self.hosts.get_mut(&f.host_id)
-                {
-                    h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
+            (result, _, written) => {
+                if written.is_some() {
+                    // Nobody waits for this: a row left behind by a crash is not confirmed by
+                    // the agent at the next start, and goes then.
+                    self.writer
+                        .submit(Write::ReleaseAllocation(claim.allocation_id.clone()));
                 }
-                if self.instances.contains_key(instance_id.as_str()) {
-                    self.refused
-                        .insert(instance_id.clone(), Instant::now() + REFUSED_FOR);
+                match result {
+                    // Removed while the agent was allocating: nothing to hand out.
+                    Ok(_) => self.fail_after_attempts(claim),
+                    Err(f) => self.agent_refused(claim, f),
                 }
-                self.reindex(&instance_id);
-                self.next_attempt(claim)
             }
         }
+    }
+
+    /// The agent refused the claim's current attempt: noted, and the next candidate tried.
+    fn agent_refused(&mut self, mut claim: Claim, f: AgentFailure) -> Step {
+        let instance_id = claim.instance_id.clone();
+        self.metrics.agent_attempt_failures.inc();
+        let host = self.hosts.get(&f.host_id);
+        tracing::warn!(instance_id = %instance_id, host_id = f.host_id, code = %f.code, details = %f.details, attempt = claim.attempts.len() + 1, "agent refused the allocation");
+        claim.attempts.push(AttemptStory {
+            instance_id: instance_id.clone(),
+            host_id: f.host_id,
+            host_name: host.map(|h| h.rec.name.clone()).unwrap_or_default(),
+            agent_url: host
+                .map(|h| h.rec.advertise_url.clone())
+                .unwrap_or_default(),
+            status_code: f.status,
+            error_code: f.error_code,
+            code: f.code.as_str().to_owned(),
+            details: f.details.clone(),
+            elapsed_ms: f.elapsed_ms,
+        });
+        if f.code == ErrorCode::AgentUnreachable
+            && let Some(h) = self.hosts.get_mut(&f.host_id)
+        {
+            h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
+        }
+        if self.instances.contains_key(instance_id.as_str()) {
+            self.refused
+                .insert(instance_id.clone(), Instant::now() + REFUSED_FOR);
+        }
+        self.reindex(&instance_id);
+        self.next_attempt(claim)
     }
 
     /// The allocation could not be made durable: forget it and release it on the agent.
@@ -1886,28 +1888,29 @@ impl Inventory {
     /// controller stopped first) and is dropped; one it holds is the allocation made.
     fn confirm_loaded_allocations(&mut self, host_id: u64) {
         let loaded: Vec<String> = self
-            .allocations
-            .values()
-            .filter(|a| a.host_id == host_id && !a.confirmed)
-            .map(|a| a.instance_id.clone())
+            .unconfirmed
+            .iter()
+            .filter(|id| {
+                self.allocations
+                    .get(*id)
+                    .is_some_and(|a| a.host_id == host_id)
+            })
+            .cloned()
             .collect();
         for instance_id in loaded {
-            let Some(a) = self.allocations.get(&instance_id) else {
-                continue;
-            };
-            let held = self.instances.get(instance_id.as_str()).and_then(|i| {
-                let holds = matches!(
-                    i.report.status,
-                    InstanceStatus::Allocated | InstanceStatus::Allocating
-                ) && i.report.allocation_id() == Some(a.id.as_str());
-                holds.then_some(i.report.version)
-            });
-            if let Some(version) = held {
-                let mut confirmed = (**a).clone();
-                confirmed.confirmed = true;
-                confirmed.agent_version = version;
-                tracing::info!(instance_id = %instance_id, host_id, allocation_id = %confirmed.id, "allocation confirmed by its agent after the restart");
-                self.allocations.insert(instance_id, Arc::new(confirmed));
+            let held = self
+                .allocations
+                .get(&instance_id)
+                .zip(self.instances.get(instance_id.as_str()))
+                .is_some_and(|(a, i)| {
+                    matches!(
+                        i.report.status,
+                        InstanceStatus::Allocated | InstanceStatus::Allocating
+                    ) && i.report.allocation_id() == Some(a.id.as_str())
+                });
+            if held {
+                self.unconfirmed.remove(&instance_id);
+                tracing::info!(instance_id = %instance_id, host_id, "allocation confirmed by its agent after the restart");
             } else {
                 self.release_allocation(
                     &instance_id,

@@ -60,7 +60,8 @@ pub struct AllocationRecord {
     pub idempotency_key: Option<String>,
     /// SHA-256 (hex) of what was asked: the same key with a different request is refused.
     pub request_digest: String,
-    /// The agent's instance version when it confirmed; older reports cannot end it.
+    /// The instance's version when it was claimed for this allocation; no report older than
+    /// that can end it.
     pub agent_version: u64,
     pub identifier: String,
     pub created_at: u64,
@@ -68,12 +69,6 @@ pub struct AllocationRecord {
     /// for the native and the i3D route).
     pub response: InstanceObject,
     pub response_i3d: I3dInstance,
-    /// The agent is known to hold this allocation: it answered in this run, or reported it
-    /// since the controller started. Not stored, because the row is written while the agent is
-    /// being asked (the commit's fsync overlaps the call): a loaded row may belong to an
-    /// allocation the agent never received, and counts only once the agent's report says so.
-    #[serde(skip)]
-    pub confirmed: bool,
 }
 
 pub fn hex(bytes: &[u8]) -> String {

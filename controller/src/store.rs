@@ -599,6 +599,13 @@ mod tests {
         out
     }
 
+    /// [`commit_all`], each write committed.
+    async fn commit_ok(w: &Writer, writes: Vec<Write>) {
+        for r in commit_all(w, writes).await {
+            r.expect("committed");
+        }
+    }
+
     fn pair(id: &str, instance: &str) -> (String, String) {
         (id.to_owned(), instance.to_owned())
     }
@@ -606,19 +613,17 @@ mod tests {
     #[tokio::test]
     async fn single_allocations_and_releases_are_durable() {
         let t = TempStore::new().await;
-        for r in commit_all(&t.writer, vec![allocation("a-1", "i-1")]).await {
-            r.expect("allocation committed");
-        }
-        commit_all(&t.writer, vec![allocation("a-2", "i-2")]).await;
+        commit_ok(&t.writer, vec![allocation("a-1", "i-1")]).await;
+        commit_ok(&t.writer, vec![allocation("a-2", "i-2")]).await;
         assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-2", "i-2")]);
-        commit_all(&t.writer, vec![release("a-1")]).await;
+        commit_ok(&t.writer, vec![release("a-1")]).await;
         assert_eq!(t.active().await, [pair("a-2", "i-2")]);
     }
 
     #[tokio::test]
     async fn a_second_active_allocation_of_one_instance_is_refused() {
         let t = TempStore::new().await;
-        commit_all(&t.writer, vec![allocation("a-1", "i-1")]).await;
+        commit_ok(&t.writer, vec![allocation("a-1", "i-1")]).await;
         let refused = commit_all(&t.writer, vec![allocation("a-2", "i-1")]).await;
         let err = refused[0]
             .as_ref()
@@ -626,17 +631,15 @@ mod tests {
         assert!(err.contains("UNIQUE"), "{err}");
         assert_eq!(t.active().await, [pair("a-1", "i-1")]);
         // The writer goes on after a failed batch.
-        commit_all(&t.writer, vec![allocation("a-3", "i-3")]).await[0]
-            .clone()
-            .expect("committed");
+        commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;
         assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-3", "i-3")]);
     }
 
     #[tokio::test]
     async fn released_and_reallocated_in_one_batch() {
         let t = TempStore::new().await;
-        commit_all(&t.writer, vec![allocation("a-1", "i-1")]).await;
-        let results = commit_all(
+        commit_ok(&t.writer, vec![allocation("a-1", "i-1")]).await;
+        commit_ok(
             &t.writer,
             vec![
                 release("a-1"),
@@ -648,9 +651,6 @@ mod tests {
             ],
         )
         .await;
-        for r in results {
-            r.expect("committed");
-        }
         assert_eq!(t.active().await, [pair("a-2", "i-1")]);
     }
 
@@ -661,22 +661,12 @@ mod tests {
         let writes = (0..n)
             .map(|i| allocation(&format!("a-{i:05}"), &format!("i-{i:05}")))
             .collect();
-        assert!(
-            commit_all(&t.writer, writes)
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
+        commit_ok(&t.writer, writes).await;
         let released = RELEASES_PER_STATEMENT + 66;
         let writes = (0..released)
             .map(|i| release(&format!("a-{i:05}")))
             .collect();
-        assert!(
-            commit_all(&t.writer, writes)
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
+        commit_ok(&t.writer, writes).await;
         let active = t.active().await;
         assert_eq!(active.len(), n - released);
         assert_eq!(

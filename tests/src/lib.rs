@@ -1785,19 +1785,21 @@ pub mod json {
     /// An instance's `pid`; panics when it has none.
     #[track_caller]
     pub fn pid_of(instance: &Value) -> u32 {
-        instance["pid"]
-            .as_u64()
-            .and_then(|p| u32::try_from(p).ok())
-            .unwrap_or_else(|| panic!("instance has no pid: {instance}"))
+        number_of(instance, "pid")
     }
 
     /// An instance's game `port`; panics when it has none.
     #[track_caller]
     pub fn port_of(instance: &Value) -> u16 {
-        instance["port"]
+        number_of(instance, "port")
+    }
+
+    #[track_caller]
+    fn number_of<T: TryFrom<u64>>(instance: &Value, field: &str) -> T {
+        instance[field]
             .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .unwrap_or_else(|| panic!("instance has no port: {instance}"))
+            .and_then(|n| T::try_from(n).ok())
+            .unwrap_or_else(|| panic!("instance has no {field} that fits: {instance}"))
     }
 
     /// An error body's `details` (empty when absent).
