@@ -1,12 +1,14 @@
 //! The agent's local state: enough to re-adopt every game after the agent restarts.
 //!
-//! Two files. The **snapshot** (`agent-state.json`) holds every instance; it is written
-//! atomically (temp file, fsync, rename, fsync of the directory) and coalesced, so a burst of
-//! changes costs one write. The **journal** (`agent-state.journal`) takes the one change that
-//! must be written before it is answered — an allocation — as one small line, and the writer
-//! writes every line waiting at once (group commit), so an allocation never waits for every
-//! instance to be serialised. Journal lines are not fsynced (see `write_loop`). Each line names the snapshot it follows: after a newer
-//! snapshot it is ignored, even if the crash came before the journal was emptied.
+//! Two kinds of file. The **snapshot** (`agent-state.json`) holds every instance; it is written
+//! atomically (temp file, fsync, rename, fsync of the directory) by a writer thread and
+//! coalesced, so a burst of changes costs one write. The **journal** takes the one change that
+//! must be written before it is answered — an allocation — as one small line, written by the
+//! supervisor itself before it answers (`Journal`), so an allocation neither waits for every
+//! instance to be serialised nor hands off to another thread. Each snapshot has a journal file
+//! of its own (`agent-state.journal.<seq>`) for the changes made after it; once a snapshot is
+//! on disk, the writer deletes the journals before it. Loading replays every journal from the
+//! snapshot's on, in order, so a snapshot that never reached the disk loses nothing.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -37,7 +39,8 @@ pub struct StateFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JournalEntry {
-    /// The snapshot this line follows.
+    /// The snapshot this line follows (also the journal file's number; lines of the single
+    /// journal file of earlier versions need it).
     pub base: u64,
     pub id: String,
     pub status: InstanceStatus,
@@ -110,8 +113,31 @@ pub fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent-state.json")
 }
 
-pub fn journal_path(state_dir: &Path) -> PathBuf {
+/// The journal of the changes made after snapshot `base`.
+pub fn journal_path(state_dir: &Path, base: u64) -> PathBuf {
+    state_dir.join(format!("{JOURNAL_PREFIX}{base}"))
+}
+
+const JOURNAL_PREFIX: &str = "agent-state.journal.";
+
+/// The single journal file agents before numbered journals wrote; replayed and then deleted.
+fn legacy_journal_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent-state.journal")
+}
+
+/// The numbered journals in `state_dir`, by number.
+fn journals(state_dir: &Path) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let mut bases: Vec<u64> = dir
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?.strip_prefix(JOURNAL_PREFIX)?.parse().ok()
+        })
+        .collect();
+    bases.sort_unstable();
+    bases
 }
 
 /// Reads the state file, or a fresh state when there is none.
@@ -150,23 +176,97 @@ pub fn load(state_dir: &Path) -> Result<StateFile, StateError> {
     Ok(state)
 }
 
-/// Applies the journal lines that follow this snapshot. A line cut short by a crash (the last
-/// one) is not a change that was acknowledged, and is skipped.
+/// Applies the journal lines that follow this snapshot, oldest first: the old single journal,
+/// then every numbered one from the snapshot's on. Lines of an older snapshot are stale (that
+/// snapshot holds them). A line cut short by a crash (the last one) is not a change that was
+/// acknowledged, and is skipped. Afterwards `seq` is past every journal found, so the next
+/// snapshot's journal is a new file.
 fn replay_journal(state_dir: &Path, state: &mut StateFile) {
-    let Ok(text) = std::fs::read_to_string(journal_path(state_dir)) else {
-        return;
-    };
-    for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<JournalEntry>(line) else {
+    let base = state.seq;
+    let numbered = journals(state_dir);
+    let files = std::iter::once(legacy_journal_path(state_dir)).chain(
+        numbered
+            .iter()
+            .filter(|&&n| n >= base)
+            .map(|&n| journal_path(state_dir, n)),
+    );
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(path) else {
             continue;
         };
-        if e.base != state.seq {
-            continue;
+        for line in text.lines() {
+            let Ok(e) = serde_json::from_str::<JournalEntry>(line) else {
+                continue;
+            };
+            if e.base < base {
+                continue;
+            }
+            state.seq = state.seq.max(e.base);
+            if let Some(inst) = state.instances.iter_mut().find(|i| i.id == e.id) {
+                inst.status = e.status;
+                inst.allocation = e.allocation;
+                inst.metadata = e.metadata;
+            }
         }
-        if let Some(inst) = state.instances.iter_mut().find(|i| i.id == e.id) {
-            inst.status = e.status;
-            inst.allocation = e.allocation;
-            inst.metadata = e.metadata;
+    }
+    if let Some(&last) = numbered.last() {
+        state.seq = state.seq.max(last);
+    }
+}
+
+/// The journal of the newest snapshot, owned by the supervisor. Lines are written at once,
+/// without fsync: the journal protects against the *agent process* dying (SIGKILL, restart,
+/// upgrade), and a written line survives that in the page cache, readable at once. Only a host
+/// crash loses it, and that also ends every game it describes. A write is one small `write` to
+/// the page cache — cheaper than waking another thread to do it.
+#[derive(Debug)]
+pub struct Journal {
+    state_dir: PathBuf,
+    base: u64,
+    file: Option<File>,
+}
+
+impl Journal {
+    /// The journal following snapshot `base` (opened at the first line).
+    pub fn new(state_dir: PathBuf, base: u64) -> Self {
+        Self {
+            state_dir,
+            base,
+            file: None,
+        }
+    }
+
+    /// Snapshot `base` now holds every change so far: the next lines go to its journal.
+    pub fn rotate(&mut self, base: u64) {
+        self.base = base;
+        self.file = None;
+    }
+
+    /// Appends one line, written before this returns. A failure is logged and not retried
+    /// for this line: a broken disk is not a reason to refuse allocations.
+    pub fn append(&mut self, mut entry: JournalEntry) {
+        entry.base = self.base;
+        let mut line = match serde_json::to_vec(&entry) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, instance_id = %entry.id, "journal line not serialised");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let path = journal_path(&self.state_dir, self.base);
+        if self.file.is_none() {
+            match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "journal not opened");
+                    return;
+                }
+            }
+        }
+        if let Some(Err(e)) = self.file.as_mut().map(|f| f.write_all(&line)) {
+            tracing::error!(error = %e, path = %path.display(), instance_id = %entry.id, "journal line not written");
+            self.file = None;
         }
     }
 }
@@ -207,26 +307,18 @@ pub fn write_atomic(state_dir: &Path, bytes: &[u8]) -> Result<(), StateError> {
     Ok(())
 }
 
-/// What the writer thread is given, in order.
-#[derive(Debug)]
-enum Job {
-    Snapshot { seq: u64, bytes: Vec<u8> },
-    Journal { seq: u64, line: Vec<u8> },
-}
-
-/// Hands snapshots and journal lines to the writer thread. Every job carries a sequence
-/// number, and the writer publishes the number of the last one on disk, so that an answer can
-/// wait until what it acknowledges is written.
+/// Hands snapshots to the writer thread. Every snapshot carries a sequence number, and the
+/// writer publishes the number of the last one on disk.
 #[derive(Debug, Clone)]
 pub struct StateWriter {
-    tx: std::sync::mpsc::Sender<Job>,
+    tx: std::sync::mpsc::Sender<(u64, Vec<u8>)>,
     written: watch::Receiver<u64>,
 }
 
 impl StateWriter {
     /// Starts the writer thread for `state_dir`.
     pub fn start(state_dir: PathBuf) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel();
         let (written_tx, written) = watch::channel(0u64);
         let spawned = std::thread::Builder::new()
             .name("berth-state".to_owned())
@@ -239,79 +331,58 @@ impl StateWriter {
 
     /// Queues snapshot number `seq`.
     pub fn save(&self, seq: u64, bytes: Vec<u8>) {
-        let _ = self.tx.send(Job::Snapshot { seq, bytes });
+        let _ = self.tx.send((seq, bytes));
     }
 
-    /// Queues journal line number `seq`.
-    pub fn append(&self, seq: u64, entry: &JournalEntry) {
-        let mut line = serde_json::to_vec(entry).unwrap_or_default();
-        line.push(b'\n');
-        let _ = self.tx.send(Job::Journal { seq, line });
-    }
-
-    /// The number of the last job on disk.
+    /// The number of the last snapshot on disk.
     pub fn written(&self) -> watch::Receiver<u64> {
         self.written.clone()
     }
 }
 
-fn write_loop(state_dir: &Path, rx: &std::sync::mpsc::Receiver<Job>, written: &watch::Sender<u64>) {
-    let journal = journal_path(state_dir);
-    let open_journal = |truncate: bool| {
-        OpenOptions::new()
-            .create(true)
-            .append(!truncate)
-            .write(true)
-            .truncate(truncate)
-            .open(&journal)
-    };
-    let mut file = open_journal(false).ok();
+fn write_loop(
+    state_dir: &Path,
+    rx: &std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+    written: &watch::Sender<u64>,
+) {
+    // Journals that may exist: those found now, and one per snapshot queued since.
+    let mut journals = journals(state_dir);
+    let mut legacy = true;
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(rx.try_iter());
-        let last_seq = jobs.iter().map(|j| match j {
-            Job::Snapshot { seq, .. } | Job::Journal { seq, .. } => *seq,
-        });
-        let last_seq = last_seq.max().unwrap_or(0);
-        // The newest snapshot covers every job queued before it.
-        let newest = jobs.iter().rposition(|j| matches!(j, Job::Snapshot { .. }));
-        let tail = match newest {
-            Some(i) => {
-                if let Job::Snapshot { bytes, .. } = &jobs[i] {
-                    match write_atomic(state_dir, bytes) {
-                        // Lines before it are now stale (and ignored by `base` if this
-                        // truncation is lost in a crash).
-                        Ok(()) => file = open_journal(true).ok(),
-                        Err(e) => tracing::error!(error = %e, "state file not written"),
-                    }
-                }
-                &jobs[i + 1..]
-            }
-            None => &jobs[..],
-        };
-        let mut lines = Vec::new();
-        for j in tail {
-            if let Job::Journal { line, .. } = j {
-                lines.extend_from_slice(line);
-            }
+        // The newest snapshot covers every one queued before it.
+        let mut newest = first;
+        for next in rx.try_iter() {
+            journals.push(newest.0);
+            newest = next;
         }
-        if !lines.is_empty() {
-            // No fsync: the journal protects against the *agent process* dying (SIGKILL,
-            // restart, upgrade), and a written line survives that in the page cache, readable
-            // at once. Only a host crash loses it, and that also ends every game it describes.
-            // Snapshots, in contrast, are synced: the agent must be able to start after one.
-            let result = match file.as_mut() {
-                Some(f) => f.write_all(&lines),
-                None => Err(io::Error::other("the journal could not be opened")),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, path = %journal.display(), "journal not written");
-                file = open_journal(false).ok();
+        let (seq, bytes) = newest;
+        journals.push(seq);
+        match write_atomic(state_dir, &bytes) {
+            Ok(()) => {
+                // Lines of older journals are in this snapshot now.
+                journals.retain(|&base| {
+                    base >= seq || remove_stale(&journal_path(state_dir, base)).is_err()
+                });
+                if legacy && remove_stale(&legacy_journal_path(state_dir)).is_ok() {
+                    legacy = false;
+                }
             }
+            Err(e) => tracing::error!(error = %e, "state file not written"),
         }
         // Published after failures too: a broken disk is logged, not a reason to hold
-        // answers forever.
-        written.send_replace(last_seq);
+        // shutdown forever.
+        written.send_replace(seq);
+    }
+}
+
+/// Deletes a journal a snapshot on disk made stale; one already gone is fine.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(error = %e, path = %path.display(), "stale journal not deleted");
+            Err(e)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -360,47 +431,116 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn journal_lines_follow_their_snapshot() {
+    fn snapshot(seq: u64) -> Vec<u8> {
+        serde_json::to_vec(&StateFile {
+            format: FORMAT,
+            generation: 1,
+            agent_token: "t".into(),
+            seq,
+            instances: vec![instance("a")],
+        })
+        .expect("ser")
+    }
+
+    fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("berth-journal-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let snapshot = |seq| {
-            serde_json::to_vec(&StateFile {
-                format: FORMAT,
-                generation: 1,
-                agent_token: "t".into(),
-                seq,
-                instances: vec![instance("a")],
-            })
-            .expect("ser")
-        };
-        let writer = StateWriter::start(dir.clone());
+        dir
+    }
+
+    fn allocation_of(state: &StateFile) -> Option<&str> {
+        state.instances[0].allocation.as_ref()?.id.as_deref()
+    }
+
+    async fn wait_written(writer: &StateWriter, seq: u64) {
         let mut written = writer.written();
-        writer.save(1, snapshot(1));
-        writer.append(2, &entry(1, "first"));
-        writer.append(3, &entry(1, "second"));
-        while *written.borrow_and_update() < 3 {
+        while *written.borrow_and_update() < seq {
             written.changed().await.expect("writer alive");
         }
+    }
+
+    #[tokio::test]
+    async fn journal_lines_follow_their_snapshot() {
+        let dir = temp_dir();
+        let writer = StateWriter::start(dir.clone());
+        writer.save(1, snapshot(1));
+        wait_written(&writer, 1).await;
+        let mut journal = Journal::new(dir.clone(), 1);
+        journal.append(entry(0, "first"));
+        journal.append(entry(0, "second"));
+        // Written before `append` returns: no writer thread in between.
         let loaded = load(&dir).expect("load");
         let a = &loaded.instances[0];
         assert_eq!(a.status, InstanceStatus::Allocated);
-        assert_eq!(
-            a.allocation.as_ref().and_then(|x| x.id.as_deref()),
-            Some("second")
-        );
+        assert_eq!(allocation_of(&loaded), Some("second"));
         assert_eq!(a.metadata, vec![KeyValue::new("map", "dust")]);
+        assert_eq!(loaded.seq, 1);
 
-        // A newer snapshot makes older lines stale, even if they were still in the file.
+        // A snapshot that never reached the disk loses nothing: its journal is replayed after
+        // the older one.
+        journal.rotate(2);
+        journal.append(entry(0, "third"));
+        let loaded = load(&dir).expect("load");
+        assert_eq!(allocation_of(&loaded), Some("third"));
+        assert_eq!(
+            loaded.seq, 2,
+            "the next snapshot's journal must be a new file"
+        );
+
+        // Once a newer snapshot is on disk, the older journals are gone and their lines stale.
+        writer.save(2, snapshot(2));
+        wait_written(&writer, 2).await;
+        assert!(!journal_path(&dir, 1).exists());
+        assert!(journal_path(&dir, 2).exists());
+        let loaded = load(&dir).expect("load");
+        assert_eq!(allocation_of(&loaded), Some("third"));
+        writer.save(3, snapshot(3));
+        wait_written(&writer, 3).await;
+        assert!(!journal_path(&dir, 2).exists());
+        let loaded = load(&dir).expect("load");
+        assert!(allocation_of(&loaded).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stale_and_torn_lines_are_skipped() {
+        let dir = temp_dir();
         std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let mut stale = serde_json::to_vec(&entry(1, "stale")).expect("ser");
-        stale.push(b'\n');
+        let line = |e: &JournalEntry| {
+            let mut l = serde_json::to_vec(e).expect("ser");
+            l.push(b'\n');
+            l
+        };
+        // Lines older than the snapshot, even in a journal the crash left behind, are stale.
+        std::fs::write(journal_path(&dir, 3), line(&entry(3, "stale"))).expect("journal");
         // A torn last line (a crash mid-write) is not an acknowledged change.
-        stale.extend_from_slice(br#"{"base":4,"id":"a","sta"#);
-        std::fs::write(journal_path(&dir), stale).expect("journal");
+        let mut torn = line(&entry(4, "kept"));
+        torn.extend_from_slice(br#"{"base":4,"id":"a","sta"#);
+        std::fs::write(journal_path(&dir, 4), torn).expect("journal");
+        let loaded = load(&dir).expect("load");
+        assert_eq!(allocation_of(&loaded), Some("kept"));
+        std::fs::remove_file(journal_path(&dir, 4)).expect("rm");
         let loaded = load(&dir).expect("load");
         assert_eq!(loaded.instances[0].status, InstanceStatus::Online);
-        assert!(loaded.instances[0].allocation.is_none());
+        assert!(allocation_of(&loaded).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_single_journal_of_earlier_versions_is_replayed_then_deleted() {
+        let dir = temp_dir();
+        std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
+        let mut lines = serde_json::to_vec(&entry(3, "stale")).expect("ser");
+        lines.push(b'\n');
+        lines.extend(serde_json::to_vec(&entry(4, "upgraded")).expect("ser"));
+        lines.push(b'\n');
+        std::fs::write(legacy_journal_path(&dir), lines).expect("journal");
+        let loaded = load(&dir).expect("load");
+        assert_eq!(allocation_of(&loaded), Some("upgraded"));
+        let writer = StateWriter::start(dir.clone());
+        writer.save(5, snapshot(5));
+        wait_written(&writer, 5).await;
+        assert!(!legacy_journal_path(&dir).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

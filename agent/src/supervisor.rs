@@ -6,7 +6,7 @@
 //! controller link as a snapshot, and marks the state file dirty (written shortly after, in
 //! one batch).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortPool};
 use crate::process::{self, ExitInfo, SpawnRequest, Spawner};
-use crate::state::{Desired, PersistedAllocation, PersistedInstance, StateFile, StateWriter};
+use crate::state::{
+    Desired, Journal, JournalEntry, PersistedAllocation, PersistedInstance, StateFile, StateWriter,
+};
 use crate::template;
 
 /// Grace between SIGTERM and SIGKILL.
@@ -38,8 +40,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Changes are written to the state file at most this long after they happen, so a burst
-/// costs one write. Allocations do not wait for it: they are written at once and answered
-/// only when on disk (`answer_when_saved`).
+/// costs one write. Allocations do not wait for it: they are journaled before they are
+/// answered (`answer_journaled`).
 const FLUSH_DELAY: Duration = Duration::from_millis(100);
 /// How long a released game that never confirms allocations stays out of the pool.
 const RELEASE_GRACE: Duration = Duration::from_secs(2);
@@ -533,15 +535,9 @@ pub struct Supervisor {
     rx: mpsc::Receiver<Command>,
     updates: mpsc::UnboundedSender<Update>,
     writer: StateWriter,
-    /// The number of the last job (snapshot or journal line) handed to the writer, of the last
-    /// snapshot among them, and of the last job written.
+    /// The number of the last snapshot handed to the writer.
     snapshot_seq: u64,
-    base_seq: u64,
-    written: tokio::sync::watch::Receiver<u64>,
-    /// Allocations done but not yet answered: answered once a snapshot numbered at least this
-    /// holds them, so an acknowledged allocation survives an agent crash. In increasing order
-    /// of that number, as each takes the next one.
-    unsaved_answers: VecDeque<(u64, Reply<InstanceView, AllocateError>, InstanceView)>,
+    journal: Journal,
     generation: u64,
     agent_token: String,
     counter: u64,
@@ -573,7 +569,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(8192);
         state.generation += 1;
         let writer = StateWriter::start(config.state_dir.clone());
-        let written = writer.written();
+        let journal = Journal::new(config.state_dir.clone(), state.seq);
         let mut sup = Self {
             ports: PortPool::new(config.game_ports.clone(), config.management_ports.clone()),
             host,
@@ -584,9 +580,7 @@ impl Supervisor {
             updates,
             writer,
             snapshot_seq: state.seq,
-            base_seq: state.seq,
-            written,
-            unsaved_answers: VecDeque::new(),
+            journal,
             generation: state.generation,
             agent_token: state.agent_token.clone(),
             counter: 0,
@@ -689,7 +683,6 @@ impl Supervisor {
 
     /// Runs until `shutdown` fires. Games are left running; the state is written first.
     pub async fn run(mut self, mut shutdown: crate::Shutdown) {
-        let mut writer_alive = true;
         loop {
             let flush_at = self.flush_at;
             tokio::select! {
@@ -697,10 +690,6 @@ impl Supervisor {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
-                changed = self.written.changed(), if writer_alive => {
-                    writer_alive = changed.is_ok();
-                    self.snapshot_written();
-                }
                 _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)).await }, if flush_at.is_some() => {
                     self.flush_now();
                 }
@@ -721,11 +710,7 @@ impl Supervisor {
             true
         })
         .await;
-        if on_disk == Ok(true) {
-            for (_, reply, view) in self.unsaved_answers.drain(..) {
-                let _ = reply.send(Ok(view));
-            }
-        } else {
+        if on_disk != Ok(true) {
             tracing::error!("state not saved at shutdown");
         }
         tracing::info!(
@@ -750,7 +735,7 @@ impl Supervisor {
         match serde_json::to_vec(&self.snapshot(seq)) {
             Ok(bytes) => {
                 self.snapshot_seq = seq;
-                self.base_seq = seq;
+                self.journal.rotate(seq);
                 self.writer.save(seq, bytes);
             }
             Err(e) => tracing::error!(error = %e, "state not serialised"),
@@ -759,35 +744,18 @@ impl Supervisor {
 
     /// Answers an allocation once it is on disk: an allocation the agent acknowledged and then
     /// forgot in a crash would come back as one the game made itself, with no id, which no
-    /// release can end. One journal line, committed with every other line waiting (group
-    /// commit).
-    fn answer_when_saved(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
-        let Some(inst) = self.instances.get(&view.id) else {
-            let _ = reply.send(Ok(view));
-            return;
-        };
-        self.snapshot_seq += 1;
-        let entry = crate::state::JournalEntry {
-            base: self.base_seq,
-            id: inst.id.clone(),
-            status: inst.status,
-            allocation: inst.allocation.clone(),
-            metadata: inst.metadata.clone(),
-        };
-        self.writer.append(self.snapshot_seq, &entry);
-        self.unsaved_answers
-            .push_back((self.snapshot_seq, reply, view));
-    }
-
-    /// The writer finished a batch: answer what it holds.
-    fn snapshot_written(&mut self) {
-        let written = *self.written.borrow_and_update();
-        while let Some((_, reply, view)) = self
-            .unsaved_answers
-            .pop_front_if(|(seq, _, _)| *seq <= written)
-        {
-            let _ = reply.send(Ok(view));
+    /// release can end. One journal line, written here and now.
+    fn answer_journaled(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
+        if let Some(inst) = self.instances.get(&view.id) {
+            self.journal.append(JournalEntry {
+                base: self.snapshot_seq,
+                id: inst.id.clone(),
+                status: inst.status,
+                allocation: inst.allocation.clone(),
+                metadata: inst.metadata.clone(),
+            });
         }
+        let _ = reply.send(Ok(view));
     }
 
     /// Records a change: new version, snapshot to the controller, state file later.
@@ -1363,7 +1331,7 @@ impl Supervisor {
             Ok(Allocated::Done) => {
                 self.metrics.allocations_ok.inc();
                 let view = self.instances[&id].view();
-                self.answer_when_saved(reply, view);
+                self.answer_journaled(reply, view);
             }
             Err(e) => {
                 self.metrics.allocations_failed.inc();
@@ -1668,7 +1636,7 @@ impl Supervisor {
                             self.changed(id, true);
                             self.metrics.allocations_ok.inc();
                             let view = self.instances[id].view();
-                            self.answer_when_saved(p.reply, view);
+                            self.answer_journaled(p.reply, view);
                             return;
                         }
                     }

@@ -369,6 +369,43 @@ async fn crashed_game_is_restarted() {
     assert_eq!(info["instanceId"], json!(id));
 }
 
+/// An allocation is on disk when it is answered: killed right after the answer, before the
+/// coalesced snapshot, the agent still has it at restart (from its journal), with its id and
+/// metadata, and does not release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_answered_then_agent_killed_at_once_survives() {
+    let mut agent = AgentProcess::start_new("kill-after-answer").await;
+    let id = new_id("j");
+    agent.deploy_sample(&id, 0, 0).await;
+    let pid = pid_of(&agent.wait_online(&id).await);
+    agent.wait_pids_persisted(&[id.as_str()]).await;
+    let metadata = kv(&[("match", "journal"), ("players", "4")]);
+    agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": metadata, "allocationId": "alloc-j"}),
+        )
+        .await
+        .expect(200);
+    agent.kill9();
+    let in_snapshot = agent
+        .persisted_instance(&id)
+        .is_some_and(|i| i["allocation"]["id"] == "alloc-j");
+    if in_snapshot {
+        // Only on a machine so slow that the snapshot (100 ms later) beat the kill.
+        eprintln!("the snapshot already held the allocation: the journal was not needed");
+    }
+    agent.start().await;
+    let i = agent
+        .wait_instance(&id, "allocated (5) with the Arcus link up", |i| {
+            i["status"] == 5 && i["arcusConnected"] == true
+        })
+        .await;
+    assert_eq!(pid_of(&i), pid, "re-adopted, not restarted: {i}");
+    assert_eq!(i["allocationId"], "alloc-j", "{i}");
+    assert_eq!(i["metadata"], metadata, "{i}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkill_three_times_readopts_games() {
     let mut agent = AgentProcess::start_new("sigkill-readopt").await;
