@@ -4,7 +4,9 @@
 //! Every write goes through the writer. It takes the first waiting write, drains whatever else
 //! is queued (up to a batch), applies all of it in one `BEGIN IMMEDIATE` transaction and
 //! commits once, so under load one fsync covers many allocations. A caller that must not
-//! answer before its write is durable (an allocation) waits for its batch's commit.
+//! answer before its write is durable (an allocation) waits for its batch's commit. Writes
+//! nobody waits for (a release) linger a few milliseconds for one that somebody does, so an
+//! idle controller's release rides along with the next allocation's commit.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -273,24 +275,47 @@ impl Store {
     }
 }
 
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<(Write, Option<Done>)>) {
+/// How long writes nobody waits for (releases, instance records) wait for company before they
+/// are committed on their own: a durable write arriving meanwhile takes them into its commit.
+/// Without it, an idle controller commits each release by itself, and the next allocation's
+/// commit queues behind that one's fsync. Losing them in a crash costs nothing: a released
+/// allocation's row found at start is dropped at its agent's next report.
+const LINGER: Duration = Duration::from_millis(5);
+
+type Queued = (Write, Option<Done>);
+
+async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut conn = None;
-    while let Some(first) = rx.recv().await {
+    let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
+    let mut open = true;
+    while open {
+        let Some(first) = rx.recv().await else { break };
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+        drain(&mut rx, &mut batch);
+        if batch.iter().all(|(_, done)| done.is_none()) {
+            let until = tokio::time::Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(w)) => {
+                        let durable = w.1.is_some();
+                        batch.push(w);
+                        drain(&mut rx, &mut batch);
+                        if durable {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        open = false;
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         }
         let result = match &mut conn {
             Some(c) => commit(c, &batch).await,
             None => match pool.acquire().await {
-                Ok(c) => {
-                    let c = conn.insert(c);
-                    commit(c, &batch).await
-                }
+                Ok(c) => commit(conn.insert(c), &batch).await,
                 Err(e) => Err(e),
             },
         };
@@ -308,15 +333,22 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<(Write, Op
     }
 }
 
+/// Moves whatever else is queued into the batch, up to its limit.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Queued>, batch: &mut Vec<Queued>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(w) => batch.push(w),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Applies a batch in one transaction. Allocation inserts and releases, the bulk of the
-/// traffic, become at most one DELETE and one INSERT statement each (every statement is a round
-/// trip to SQLite's worker thread); an allocation made and released within the batch is not
-/// written at all. Releases go first so that an instance released and allocated again in the
-/// same batch does not trip the one-active-allocation-per-instance index.
-async fn commit(
-    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
-    batch: &[(Write, Option<Done>)],
-) -> Result<(), sqlx::Error> {
+/// traffic, become at most one DELETE and one INSERT statement each; an allocation made and
+/// released within the batch is not written at all. Releases go first so that an instance
+/// released and allocated again in the same batch does not trip the
+/// one-active-allocation-per-instance index.
+async fn commit(conn: &mut sqlx::SqliteConnection, batch: &[Queued]) -> Result<(), sqlx::Error> {
     let inserted: HashSet<&str> = batch
         .iter()
         .filter_map(|(w, _)| match w {
@@ -339,33 +371,14 @@ async fn commit(
         }
     }
     inserts.retain(|a| !cancelled.contains(a.id.as_str()));
-    let statements = others.len()
-        + releases.len().div_ceil(RELEASES_PER_STATEMENT)
-        + inserts.len().div_ceil(INSERTS_PER_STATEMENT);
-    match statements {
-        0 => return Ok(()),
-        // One statement is its own transaction, as atomic and durable as an explicit one, and
-        // saves the BEGIN and COMMIT round trips to SQLite's thread: when the controller is
-        // not busy, a batch is usually one allocation and they are most of its commit time.
-        1 if others.is_empty() => {
-            return if releases.is_empty() {
-                insert_rows(conn, &inserts).await
-            } else {
-                release_rows(conn, &releases).await
-            };
-        }
-        _ => {}
+    if others.is_empty() {
+        return allocation_rows(conn, &releases, &inserts).await;
     }
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     for w in others {
         apply(&mut tx, w).await?;
     }
-    for chunk in releases.chunks(RELEASES_PER_STATEMENT) {
-        release_rows(&mut tx, chunk).await?;
-    }
-    for chunk in inserts.chunks(INSERTS_PER_STATEMENT) {
-        insert_rows(&mut tx, chunk).await?;
-    }
+    allocation_rows(&mut tx, &releases, &inserts).await?;
     tx.commit().await
 }
 
@@ -373,31 +386,52 @@ async fn commit(
 const RELEASES_PER_STATEMENT: usize = 500;
 const INSERTS_PER_STATEMENT: usize = 1000;
 
-async fn release_rows(conn: &mut sqlx::SqliteConnection, ids: &[&str]) -> Result<(), sqlx::Error> {
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM allocations WHERE id IN (");
-    let mut list = q.separated(", ");
-    for id in ids {
-        list.push_bind(*id);
-    }
-    list.push_unseparated(")");
-    q.build().execute(conn).await.map(drop)
-}
-
-async fn insert_rows(
+/// Deletes the released rows and inserts the new ones with one query string, so that it is
+/// one round trip to SQLite's worker thread (a wake-up of an idle thread each, on the path of
+/// every allocation when the controller is not busy). More than one statement, outside a
+/// transaction, gets its own `BEGIN IMMEDIATE … COMMIT` in the same string.
+async fn allocation_rows(
     conn: &mut sqlx::SqliteConnection,
-    rows: &[&AllocationRecord],
+    releases: &[&str],
+    inserts: &[&AllocationRecord],
 ) -> Result<(), sqlx::Error> {
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO allocations (id, instance_id, idempotency_key, created_at, body) ",
-    );
-    q.push_values(rows, |mut row, a| {
-        row.push_bind(a.id.as_str())
-            .push_bind(a.instance_id.as_str())
-            .push_bind(a.idempotency_key.as_deref())
-            .push_bind(a.created_at as i64)
-            .push_bind(to_json(a));
-    });
-    q.build().execute(conn).await.map(drop)
+    let statements = releases.len().div_ceil(RELEASES_PER_STATEMENT)
+        + inserts.len().div_ceil(INSERTS_PER_STATEMENT);
+    if statements == 0 {
+        return Ok(());
+    }
+    let wrap = statements > 1 && !conn.is_in_transaction();
+    let mut q =
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new(if wrap { "BEGIN IMMEDIATE; " } else { "" });
+    for ids in releases.chunks(RELEASES_PER_STATEMENT) {
+        q.push("DELETE FROM allocations WHERE id IN (");
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        list.push_unseparated("); ");
+    }
+    for rows in inserts.chunks(INSERTS_PER_STATEMENT) {
+        q.push("INSERT INTO allocations (id, instance_id, idempotency_key, created_at, body) ");
+        q.push_values(rows, |mut row, a| {
+            row.push_bind(a.id.as_str())
+                .push_bind(a.instance_id.as_str())
+                .push_bind(a.idempotency_key.as_deref())
+                .push_bind(a.created_at as i64)
+                .push_bind(to_json(a));
+        });
+        q.push("; ");
+    }
+    if wrap {
+        q.push("COMMIT");
+    }
+    let result = q.build().execute(&mut *conn).await;
+    if result.is_err() && wrap {
+        // The statement that failed left the transaction open (or SQLite already rolled it
+        // back, and this fails harmlessly).
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    result.map(drop)
 }
 
 async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::Error> {
@@ -633,6 +667,56 @@ mod tests {
         // The writer goes on after a failed batch.
         commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;
         assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-3", "i-3")]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_changes_nothing_and_the_writer_goes_on() {
+        let t = TempStore::new().await;
+        commit_ok(
+            &t.writer,
+            vec![allocation("a-1", "i-1"), allocation("a-2", "i-2")],
+        )
+        .await;
+        // One batch (this runtime runs the writer only once both are queued): its release and
+        // its refused insert are one transaction, so the release is undone too.
+        let refused = commit_all(&t.writer, vec![release("a-2"), allocation("a-3", "i-1")]).await;
+        assert!(refused.iter().all(Result::is_err), "{refused:?}");
+        assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-2", "i-2")]);
+        // The connection is not left inside the failed transaction.
+        commit_ok(&t.writer, vec![release("a-2"), allocation("a-4", "i-4")]).await;
+        assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-4", "i-4")]);
+    }
+
+    /// Polls the store until `want` are the active allocations.
+    async fn wait_active(t: &TempStore, want: &[(String, String)]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let active = t.active().await;
+            if active == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {active:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_nobody_waits_for_are_committed_alone_after_a_while() {
+        let mut t = TempStore::new().await;
+        commit_ok(
+            &t.writer,
+            vec![allocation("a-1", "i-1"), allocation("a-2", "i-2")],
+        )
+        .await;
+        t.writer.submit(release("a-1"));
+        wait_active(&t, &[pair("a-2", "i-2")]).await;
+        // And when the writer is dropped while they wait.
+        t.writer.submit(release("a-2"));
+        t.writer = t.store.start_writer();
+        wait_active(&t, &[]).await;
     }
 
     #[tokio::test]
