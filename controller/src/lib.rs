@@ -60,6 +60,7 @@ pub async fn run(
         "state loaded"
     );
     let writer = store.start_writer();
+    let flush = writer.clone();
     let metrics = Arc::new(metrics::Metrics::new());
     let agents = agent_client::AgentClient::new();
     let (inventory, actions) = inventory::Inventory::start(
@@ -122,5 +123,9 @@ pub async fn run(
     ticker.abort();
     actuator.abort();
     watchdog.abort();
+    // Writes nobody waits for (releases) may still be lingering in the writer.
+    if let Err(e) = flush.flush().await {
+        tracing::warn!(error = %e, "the last writes were not saved");
+    }
     Ok(())
 }

@@ -80,6 +80,8 @@ pub enum Write {
     PruneErrorStories {
         keep: usize,
     },
+    /// Nothing to write: its commit receipt says that everything queued before it is on disk.
+    Flush,
 }
 
 /// Everything in the database, as loaded at start.
@@ -116,6 +118,14 @@ impl Writer {
     /// Queues a write; it will be committed with the next batch.
     pub fn submit(&self, w: Write) {
         let _ = self.tx.send((w, None));
+    }
+
+    /// Waits until every write queued so far is committed (at shutdown: writes nobody waits
+    /// for may be lingering).
+    pub async fn flush(&self) -> Result<(), String> {
+        self.submit_durable(Write::Flush)
+            .await
+            .unwrap_or_else(|_| Err("the database writer has stopped".to_owned()))
     }
 
     /// Queues a write and returns a receiver that fires once its batch is committed.
@@ -367,6 +377,7 @@ async fn commit(conn: &mut sqlx::SqliteConnection, batch: &[Queued]) -> Result<(
                 cancelled.insert(id.as_str());
             }
             Write::ReleaseAllocation(id) => releases.push(id),
+            Write::Flush => {}
             other => others.push(other),
         }
     }
@@ -558,6 +569,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .execute(&mut *tx)
             .await?;
         }
+        Write::Flush => {}
         Write::PruneErrorStories { keep } => {
             sqlx::query(
                 "DELETE FROM error_stories WHERE identifier NOT IN (SELECT identifier FROM error_stories ORDER BY created_at DESC LIMIT ?)",
@@ -717,6 +729,11 @@ mod tests {
         t.writer.submit(release("a-2"));
         t.writer = t.store.start_writer();
         wait_active(&t, &[]).await;
+        // A flush returns once what was queued before it is committed.
+        commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;
+        t.writer.submit(release("a-3"));
+        t.writer.flush().await.expect("flushed");
+        assert_eq!(t.active().await, []);
     }
 
     #[tokio::test]
