@@ -164,6 +164,11 @@ impl Store {
             // survives a crash of the machine, not only of the process.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
+            // A checkpoint every 10 000 WAL pages (≈ 40 MB) instead of 1 000: the rows an
+            // allocation touches are rewritten many times between two checkpoints, and each
+            // checkpoint copies a hot page once, so fewer copies and database fsyncs per
+            // allocation (+2–8 % peak in 5 of 5 A/B pairs).
+            .pragma("wal_autocheckpoint", "10000")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
