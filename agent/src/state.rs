@@ -242,10 +242,23 @@ impl Journal {
         self.file = None;
     }
 
-    /// Appends one line, written before this returns. A failure is logged and not retried
-    /// for this line: a broken disk is not a reason to refuse allocations.
-    pub fn append(&mut self, mut entry: JournalEntry) {
-        entry.base = self.base;
+    /// Appends an instance's allocation state as one line, written before this returns. A
+    /// failure is logged and not retried for this line: a broken disk is not a reason to
+    /// refuse allocations.
+    pub fn append(
+        &mut self,
+        id: String,
+        status: InstanceStatus,
+        allocation: Option<PersistedAllocation>,
+        metadata: Vec<KeyValue>,
+    ) {
+        let entry = JournalEntry {
+            base: self.base,
+            id,
+            status,
+            allocation,
+            metadata,
+        };
         let mut line = match serde_json::to_vec(&entry) {
             Ok(line) => line,
             Err(e) => {
@@ -466,8 +479,12 @@ mod tests {
         writer.save(1, snapshot(1));
         wait_written(&writer, 1).await;
         let mut journal = Journal::new(dir.clone(), 1);
-        journal.append(entry(0, "first"));
-        journal.append(entry(0, "second"));
+        let append = |journal: &mut Journal, alloc: &str| {
+            let e = entry(0, alloc);
+            journal.append(e.id, e.status, e.allocation, e.metadata);
+        };
+        append(&mut journal, "first");
+        append(&mut journal, "second");
         // Written before `append` returns: no writer thread in between.
         let loaded = load(&dir).expect("load");
         let a = &loaded.instances[0];
@@ -479,7 +496,7 @@ mod tests {
         // A snapshot that never reached the disk loses nothing: its journal is replayed after
         // the older one.
         journal.rotate(2);
-        journal.append(entry(0, "third"));
+        append(&mut journal, "third");
         let loaded = load(&dir).expect("load");
         assert_eq!(allocation_of(&loaded), Some("third"));
         assert_eq!(

@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::ports::{PortError, PortPool};
 use crate::process::{self, ExitInfo, SpawnRequest, Spawner};
 use crate::state::{
-    Desired, Journal, JournalEntry, PersistedAllocation, PersistedInstance, StateFile, StateWriter,
+    Desired, Journal, PersistedAllocation, PersistedInstance, StateFile, StateWriter,
 };
 use crate::template;
 
@@ -747,13 +747,12 @@ impl Supervisor {
     /// release can end. One journal line, written here and now.
     fn answer_journaled(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
         if let Some(inst) = self.instances.get(&view.id) {
-            self.journal.append(JournalEntry {
-                base: self.snapshot_seq,
-                id: inst.id.clone(),
-                status: inst.status,
-                allocation: inst.allocation.clone(),
-                metadata: inst.metadata.clone(),
-            });
+            self.journal.append(
+                inst.id.clone(),
+                inst.status,
+                inst.allocation.clone(),
+                inst.metadata.clone(),
+            );
         }
         let _ = reply.send(Ok(view));
     }

@@ -1887,27 +1887,21 @@ impl Inventory {
     /// while the agent was asked, so one the agent does not hold was never answered (the
     /// controller stopped first) and is dropped; one it holds is the allocation made.
     fn confirm_loaded_allocations(&mut self, host_id: u64) {
-        let loaded: Vec<String> = self
+        let loaded: Vec<(String, bool)> = self
             .unconfirmed
             .iter()
-            .filter(|id| {
-                self.allocations
-                    .get(*id)
-                    .is_some_and(|a| a.host_id == host_id)
-            })
-            .cloned()
-            .collect();
-        for instance_id in loaded {
-            let held = self
-                .allocations
-                .get(&instance_id)
-                .zip(self.instances.get(instance_id.as_str()))
-                .is_some_and(|(a, i)| {
+            .filter_map(|id| {
+                let a = self.allocations.get(id).filter(|a| a.host_id == host_id)?;
+                let held = self.instances.get(id.as_str()).is_some_and(|i| {
                     matches!(
                         i.report.status,
                         InstanceStatus::Allocated | InstanceStatus::Allocating
                     ) && i.report.allocation_id() == Some(a.id.as_str())
                 });
+                Some((id.clone(), held))
+            })
+            .collect();
+        for (instance_id, held) in loaded {
             if held {
                 self.unconfirmed.remove(&instance_id);
                 tracing::info!(instance_id = %instance_id, host_id, "allocation confirmed by its agent after the restart");

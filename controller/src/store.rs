@@ -562,8 +562,8 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .execute(&mut *tx)
             .await?;
         }
-        // Batched by `commit`.
-        Write::Allocation(_) | Write::ReleaseAllocation(_) => {}
+        // Batched by `commit` (a flush has nothing to write).
+        Write::Allocation(_) | Write::ReleaseAllocation(_) | Write::Flush => {}
         Write::ErrorStory(s) => {
             sqlx::query(
                 "INSERT OR REPLACE INTO error_stories (identifier, created_at, body) VALUES (?, ?, ?)",
@@ -574,7 +574,6 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .execute(&mut *tx)
             .await?;
         }
-        Write::Flush => {}
         Write::PruneErrorStories { keep } => {
             sqlx::query(
                 "DELETE FROM error_stories WHERE identifier NOT IN (SELECT identifier FROM error_stories ORDER BY created_at DESC LIMIT ?)",

@@ -482,7 +482,7 @@ async fn forty_matchmakers_six_instances() {
 async fn idempotent_replay() {
     let mut c = ControllerProcess::start_new("ctl-idempotent").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
-    let _agent = c.spawn_agent("ctl-idempotent", "idem-bm").await;
+    let agent = c.spawn_agent("ctl-idempotent", "idem-bm").await;
     c.wait_online(7, 2).await;
 
     let key = format!("match-{}", short_id());
@@ -509,7 +509,7 @@ async fn idempotent_replay() {
 
     // A restarted controller answers a replay once the agent's report has confirmed the
     // allocation (rows are written while the agent is asked); until then it says to retry.
-    let agent_pid = _agent.pid().expect("the agent runs");
+    let agent_pid = agent.pid().expect("the agent runs");
     signal(agent_pid, Signal::SIGSTOP).expect("SIGSTOP the agent");
     c.kill9();
     c.start().await;
