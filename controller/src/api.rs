@@ -34,7 +34,7 @@ use crate::inventory::{
     AllocateInput, Crud, InstanceOp, InventoryHandle, ListQuery, Release, Step,
 };
 use crate::metrics::Metrics;
-use crate::model::{AllocationRecord, hex};
+use crate::model::{Answer, Shape, hex};
 use crate::store::Store;
 
 /// Registration carries every instance of a host in full: allow more than the default limit.
@@ -442,20 +442,24 @@ fn canonical_request(
 
 /// Runs an allocation to its end in its own task: a matchmaker that hangs up must not leave
 /// an instance claimed forever.
-async fn allocate(st: AppState, input: AllocateInput) -> Result<Arc<AllocationRecord>, Failure> {
-    tokio::spawn(allocate_flow(st, input)).await.map_err(|e| {
-        Failure::new(
-            ErrorCode::InternalError,
-            "Internal error.",
-            format!("allocation task failed: {e}"),
-        )
-    })?
+async fn allocate(st: AppState, input: AllocateInput) -> Result<Response, Failure> {
+    tokio::spawn(allocate_flow(st, input))
+        .await
+        .map_err(|e| {
+            Failure::new(
+                ErrorCode::InternalError,
+                "Internal error.",
+                format!("allocation task failed: {e}"),
+            )
+        })?
+        .map(|answer| match answer {
+            // Served from what the inventory built (an idempotent replay gets the same).
+            Answer::Native(o) => Json(&*o).into_response(),
+            Answer::I3d(o) => Json([&*o]).into_response(),
+        })
 }
 
-async fn allocate_flow(
-    st: AppState,
-    input: AllocateInput,
-) -> Result<Arc<AllocationRecord>, Failure> {
+async fn allocate_flow(st: AppState, input: AllocateInput) -> Result<Answer, Failure> {
     let correlation = input.identifier.clone();
     let mut step = st.inventory.claim(input).await;
     loop {
@@ -475,6 +479,7 @@ async fn allocate_flow(
             }
             Step::Done {
                 allocation,
+                answer,
                 committed,
             } => {
                 if let Some(commit) = committed
@@ -485,7 +490,7 @@ async fn allocate_flow(
                         .await;
                     return Err(f);
                 }
-                return Ok(allocation);
+                return Ok(answer);
             }
             Step::Refused(f) => return Err(*f),
         }
@@ -519,10 +524,9 @@ async fn allocate_native(
         game_metadata: body.game_metadata,
         idempotency_key: idempotency_key(&headers)?,
         identifier,
+        shape: Shape::Native,
     };
-    // Served from the record the inventory keeps (the same answer an idempotent replay gets).
-    let allocation = allocate(st, input).await?;
-    Ok(Json(&allocation.response).into_response())
+    allocate(st, input).await
 }
 
 async fn allocate_i3d(
@@ -546,9 +550,9 @@ async fn allocate_i3d(
         game_metadata: None,
         idempotency_key: idempotency_key(&headers)?,
         identifier,
+        shape: Shape::I3d,
     };
-    let allocation = allocate(st, input).await?;
-    Ok(Json([&allocation.response_i3d]).into_response())
+    allocate(st, input).await
 }
 
 fn agent_failure(f: AgentFailure, message: &str) -> Failure {

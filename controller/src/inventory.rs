@@ -33,7 +33,9 @@ use crate::agent_client::{AgentClient, AgentFailure, AgentTarget};
 use crate::config::{Config, digest};
 use crate::engine::{self, Availability, Cond, Facts, Rank, Resolved};
 use crate::metrics::Metrics;
-use crate::model::{AllocationRecord, HostRecord, InstanceRecord, Interner, Report, hex};
+use crate::model::{
+    AllocationRecord, Answer, HostRecord, InstanceRecord, Interner, Report, Shape, hex,
+};
 use crate::store::{Snapshot, Write, Writer};
 use crate::unix_now;
 
@@ -55,9 +57,10 @@ pub enum Step {
     /// Ask this agent to allocate, then report the outcome with `settle`.
     Call(Box<AgentCall>),
     /// Allocated. Answer once `committed` (when present) says the allocation is on disk. The
-    /// record carries the answer in both API shapes; it is the one the inventory keeps.
+    /// record is the one the inventory keeps; the answer is in the shape the route gives.
     Done {
         allocation: Arc<AllocationRecord>,
+        answer: Answer,
         committed: Option<Commit>,
     },
     Refused(Box<Failure>),
@@ -83,6 +86,7 @@ pub struct AllocateInput {
     pub idempotency_key: Option<String>,
     pub request_digest: String,
     pub identifier: String,
+    pub shape: Shape,
 }
 
 /// Work for the actuator: calls to agents that make reality match the inventory.
@@ -505,8 +509,16 @@ struct Claim {
     allocation_id: String,
     attempts: Vec<AttemptStory>,
     started: Instant,
-    /// The current attempt's row, submitted when the agent is asked, and its commit.
-    written: Option<(Arc<AllocationRecord>, Commit)>,
+    /// The current attempt's row, submitted when the agent is asked, its commit, and the
+    /// answer if the agent takes it.
+    written: Option<Written>,
+}
+
+#[derive(Debug)]
+struct Written {
+    record: Arc<AllocationRecord>,
+    answer: Answer,
+    commit: Commit,
 }
 
 /// The inventory task's state.
@@ -1321,9 +1333,21 @@ impl Inventory {
                     f.retry_after_secs = Some(1);
                     return refuse(f);
                 }
+                let Some(answer) = a.replay(input.shape) else {
+                    // Every keyed allocation keeps its answer; this one was stored without.
+                    return refuse(Failure::new(
+                        ErrorCode::InternalError,
+                        "Unable to allocate application instance.",
+                        format!(
+                            "allocation {} (Idempotency-Key {key:?}) has no stored answer to replay; release it and allocate again",
+                            a.id
+                        ),
+                    ));
+                };
                 tracing::info!(instance_id = %a.instance_id, allocation_id = %a.id, "idempotent replay");
                 return Step::Done {
                     allocation: a.clone(),
+                    answer,
                     committed: None,
                 };
             }
@@ -1423,11 +1447,16 @@ impl Inventory {
         // agent's answer instead of following it. Until the agent confirms, the row proves
         // nothing: a controller that stops in between finds it at start and keeps it only if
         // the agent reports holding it (`confirm_loaded_allocations`).
-        let record = Arc::new(self.allocation_record(&claim));
+        let (record, answer) = self.allocation_record(&claim);
+        let record = Arc::new(record);
         let commit = self
             .writer
             .submit_durable(Write::Allocation(record.clone()));
-        claim.written = Some((record, commit));
+        claim.written = Some(Written {
+            record,
+            answer,
+            commit,
+        });
         let call = AgentCall {
             claim_id,
             instance_id,
@@ -1442,8 +1471,9 @@ impl Inventory {
 
     /// The allocation of the claim's current attempt as it is answered if the agent takes it:
     /// the instance as the controller knows it now, allocated. It is written before the agent
-    /// answers, so it is the answer: a replay after a restart gives the same body.
-    fn allocation_record(&self, claim: &Claim) -> AllocationRecord {
+    /// answers, so it is the answer: a replay after a restart gives the same body. Without a
+    /// key nothing can replay it, so only the shape asked for is built, and the row keeps none.
+    fn allocation_record(&self, claim: &Claim) -> (AllocationRecord, Answer) {
         let inst = &self.instances[claim.instance_id.as_str()];
         let created_at = unix_now();
         let mut response = self.object_with(
@@ -1457,8 +1487,15 @@ impl Inventory {
         // The answer shows the allocation made, not the claim in progress it is for now.
         response.status = InstanceStatus::Allocated;
         response.updated_at = rfc3339(created_at);
-        let response_i3d = i3d_object(&response, inst);
-        AllocationRecord {
+        let keyed = claim.input.idempotency_key.is_some();
+        let response_i3d = (keyed || claim.input.shape == Shape::I3d)
+            .then(|| Arc::new(i3d_object(&response, inst)));
+        let response = Arc::new(response);
+        let answer = match &response_i3d {
+            Some(o) if claim.input.shape == Shape::I3d => Answer::I3d(o.clone()),
+            _ => Answer::Native(response.clone()),
+        };
+        let record = AllocationRecord {
             id: claim.allocation_id.clone(),
             instance_id: claim.instance_id.clone(),
             host_id: inst.host_id,
@@ -1469,9 +1506,10 @@ impl Inventory {
             agent_version: inst.report.version,
             identifier: claim.input.identifier.clone(),
             created_at,
-            response,
-            response_i3d,
-        }
+            response: keyed.then_some(response),
+            response_i3d: response_i3d.filter(|_| keyed),
+        };
+        (record, answer)
     }
 
     /// Every attempt failed (or candidates ran out after some did): the last agent answer is
@@ -1560,7 +1598,15 @@ impl Inventory {
             self.instances.get_mut(instance_id.as_str()),
             written,
         ) {
-            (Ok(view), Some(inst), Some((alloc, commit))) => {
+            (
+                Ok(view),
+                Some(inst),
+                Some(Written {
+                    record: alloc,
+                    answer,
+                    commit,
+                }),
+            ) => {
                 if view.version >= inst.report.version {
                     inst.report = Report::from_view(view, &mut self.strings);
                 }
@@ -1577,6 +1623,7 @@ impl Inventory {
                 tracing::debug!(instance_id = %alloc.instance_id, host_id, allocation_id = %alloc.id, "allocated");
                 Step::Done {
                     allocation: alloc,
+                    answer,
                     committed: Some(commit),
                 }
             }

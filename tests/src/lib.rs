@@ -1400,6 +1400,24 @@ impl ControllerProcess {
         rows
     }
 
+    /// The stored body of allocation `id`, as JSON.
+    pub async fn stored_allocation_body(&self, id: &str) -> Value {
+        use sqlx::Connection;
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&self.database)
+            .create_if_missing(false);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .expect("open the controller's database");
+        let (body,): (String,) = sqlx::query_as("SELECT body FROM allocations WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("read allocation {id}: {e}"));
+        let _ = conn.close().await;
+        serde_json::from_str(&body).expect("an allocation body is JSON")
+    }
+
     pub fn dir(&self) -> &TestDir {
         &self.dir
     }

@@ -489,6 +489,11 @@ async fn idempotent_replay() {
     let headers = [("Idempotency-Key", key.as_str())];
     let body = json!({"filter": "regionName=eu-west-1", "metadata": kv(&[("map", "dust")])});
     let first = c.allocate(7, &body, &headers).await.expect(200);
+    // A keyed allocation keeps its answer on disk, in both shapes, for replays.
+    let allocation_id = first.json["allocationId"].as_str().expect("allocationId");
+    let stored = c.stored_allocation_body(allocation_id).await;
+    assert_eq!(stored["response"], first.json, "{stored}");
+    assert_eq!(stored["responseI3d"]["id"], first.json["id"], "{stored}");
     let again = c.allocate(7, &body, &headers).await.expect(200);
     assert_eq!(
         again.json, first.json,
@@ -553,6 +558,12 @@ async fn release_and_reallocation() {
     // Released by the matchmaker.
     let first = c.allocate_ok(7, "").await;
     assert_eq!(id_of(&first), x);
+    // Without a key nothing can replay the answer, so the row does not keep it.
+    let allocation_id = first["allocationId"].as_str().expect("allocationId");
+    let stored = c.stored_allocation_body(allocation_id).await;
+    assert_eq!(stored["instanceId"], json!(x), "{stored}");
+    assert!(stored.get("response").is_none(), "{stored}");
+    assert!(stored.get("responseI3d").is_none(), "{stored}");
     let port = port_of(&first);
     wait_game_info(port, "allocated", |i| i["allocated"] == true).await;
     let released = c
