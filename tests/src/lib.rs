@@ -1381,16 +1381,22 @@ impl ControllerProcess {
         &self.database
     }
 
-    /// The allocation rows on disk as `(allocation id, instance id)`, read from the database
-    /// file itself (another SQLite connection, as after a crash), sorted.
-    pub async fn stored_allocations(&self) -> Vec<(String, String)> {
+    /// A connection of our own to the controller's database, which it shares (WAL).
+    async fn database_connection(&self) -> sqlx::SqliteConnection {
         use sqlx::Connection;
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&self.database)
             .create_if_missing(false);
-        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        sqlx::SqliteConnection::connect_with(&options)
             .await
-            .expect("open the controller's database");
+            .expect("open the controller's database")
+    }
+
+    /// The allocation rows on disk as `(allocation id, instance id)`, read from the database
+    /// file itself (another SQLite connection, as after a crash), sorted.
+    pub async fn stored_allocations(&self) -> Vec<(String, String)> {
+        use sqlx::Connection;
+        let mut conn = self.database_connection().await;
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT id, instance_id FROM allocations ORDER BY id")
                 .fetch_all(&mut conn)
@@ -1403,12 +1409,7 @@ impl ControllerProcess {
     /// The stored body of allocation `id`, as JSON.
     pub async fn stored_allocation_body(&self, id: &str) -> Value {
         use sqlx::Connection;
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&self.database)
-            .create_if_missing(false);
-        let mut conn = sqlx::SqliteConnection::connect_with(&options)
-            .await
-            .expect("open the controller's database");
+        let mut conn = self.database_connection().await;
         let (body,): (String,) = sqlx::query_as("SELECT body FROM allocations WHERE id = ?")
             .bind(id)
             .fetch_one(&mut conn)
