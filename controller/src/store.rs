@@ -888,6 +888,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rows_written_together_load_back_unchanged() {
+        // Several rows pass through SQLite's JSON functions: quotes, escapes, non-ASCII text
+        // and large integers must come back as they were written.
+        let t = TempStore::new().await;
+        let records: Vec<AllocationRecord> = (0..3)
+            .map(|i| {
+                let mut a: AllocationRecord =
+                    serde_json::from_value(allocation_body(&format!("a-{i}"), &format!("i-{i}")))
+                        .expect("record");
+                a.metadata[0].value = format!("\"quoted\" \\ line\nbreak é 😀 {i}");
+                a.agent_version = u64::from(u32::MAX) << 20 | i;
+                a.idempotency_key = (i == 1).then(|| "key-1".to_owned());
+                a
+            })
+            .collect();
+        let writes = records
+            .iter()
+            .map(|a| Write::Allocation(Arc::new(a.clone())))
+            .collect();
+        commit_ok(&t.writer, writes).await;
+        let mut loaded = t.store.load().await.expect("load").allocations;
+        loaded.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(loaded, records);
+    }
+
+    #[tokio::test]
     async fn large_batches() {
         let t = TempStore::new().await;
         let n = 1234;
