@@ -214,6 +214,13 @@ fn replay_journal(state_dir: &Path, state: &mut StateFile) {
     }
 }
 
+/// One journal line: the entry as JSON, then a newline.
+fn journal_line(entry: &JournalEntry) -> serde_json::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(entry)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// The journal of the newest snapshot, owned by the supervisor. Lines are written at once,
 /// without fsync: the journal protects against the *agent process* dying (SIGKILL, restart,
 /// upgrade), and a written line survives that in the page cache, readable at once. Only a host
@@ -259,14 +266,13 @@ impl Journal {
             allocation,
             metadata,
         };
-        let mut line = match serde_json::to_vec(&entry) {
+        let line = match journal_line(&entry) {
             Ok(line) => line,
             Err(e) => {
                 tracing::error!(error = %e, instance_id = %entry.id, "journal line not serialised");
                 return;
             }
         };
-        line.push(b'\n');
         let path = journal_path(&self.state_dir, self.base);
         if self.file.is_none() {
             match OpenOptions::new().create(true).append(true).open(&path) {
@@ -523,11 +529,7 @@ mod tests {
     fn stale_and_torn_lines_are_skipped() {
         let dir = temp_dir();
         std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let line = |e: &JournalEntry| {
-            let mut l = serde_json::to_vec(e).expect("ser");
-            l.push(b'\n');
-            l
-        };
+        let line = |e: &JournalEntry| journal_line(e).expect("ser");
         // Lines older than the snapshot, even in a journal the crash left behind, are stale.
         std::fs::write(journal_path(&dir, 3), line(&entry(3, "stale"))).expect("journal");
         // A torn last line (a crash mid-write) is not an acknowledged change.
@@ -547,10 +549,8 @@ mod tests {
     async fn the_single_journal_of_earlier_versions_is_replayed_then_deleted() {
         let dir = temp_dir();
         std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let mut lines = serde_json::to_vec(&entry(3, "stale")).expect("ser");
-        lines.push(b'\n');
-        lines.extend(serde_json::to_vec(&entry(4, "upgraded")).expect("ser"));
-        lines.push(b'\n');
+        let mut lines = journal_line(&entry(3, "stale")).expect("ser");
+        lines.extend(journal_line(&entry(4, "upgraded")).expect("ser"));
         std::fs::write(legacy_journal_path(&dir), lines).expect("journal");
         let loaded = load(&dir).expect("load");
         assert_eq!(allocation_of(&loaded), Some("upgraded"));

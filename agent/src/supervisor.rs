@@ -745,16 +745,19 @@ impl Supervisor {
     /// Answers an allocation once it is on disk: an allocation the agent acknowledged and then
     /// forgot in a crash would come back as one the game made itself, with no id, which no
     /// release can end. One journal line, written here and now.
-    fn answer_journaled(&mut self, reply: Reply<InstanceView, AllocateError>, view: InstanceView) {
-        if let Some(inst) = self.instances.get(&view.id) {
-            self.journal.append(
-                inst.id.clone(),
-                inst.status,
-                inst.allocation.clone(),
-                inst.metadata.clone(),
-            );
-        }
-        let _ = reply.send(Ok(view));
+    fn answer_journaled(&mut self, reply: Reply<InstanceView, AllocateError>, id: &str) {
+        let Some(inst) = self.instances.get(id) else {
+            let _ = reply.send(Err(AllocateError::NotOnHost(id.to_owned())));
+            return;
+        };
+        self.metrics.allocations_ok.inc();
+        self.journal.append(
+            inst.id.clone(),
+            inst.status,
+            inst.allocation.clone(),
+            inst.metadata.clone(),
+        );
+        let _ = reply.send(Ok(inst.view()));
     }
 
     /// Records a change: new version, snapshot to the controller, state file later.
@@ -1328,9 +1331,7 @@ impl Supervisor {
                 }
             }
             Ok(Allocated::Done) => {
-                self.metrics.allocations_ok.inc();
-                let view = self.instances[&id].view();
-                self.answer_journaled(reply, view);
+                self.answer_journaled(reply, &id);
             }
             Err(e) => {
                 self.metrics.allocations_failed.inc();
@@ -1633,9 +1634,7 @@ impl Supervisor {
                                 game_confirmed: true,
                             });
                             self.changed(id, true);
-                            self.metrics.allocations_ok.inc();
-                            let view = self.instances[id].view();
-                            self.answer_journaled(p.reply, view);
+                            self.answer_journaled(p.reply, id);
                             return;
                         }
                     }

@@ -402,26 +402,6 @@ async fn commit(conn: &mut sqlx::SqliteConnection, batch: &[Queued]) -> Result<(
     tx.commit().await
 }
 
-/// How one statement of [`allocation_rows`] takes its rows.
-#[derive(Clone, Copy)]
-enum Rows {
-    None,
-    /// Bound as columns: the plainest statement, for the unloaded controller's one row.
-    One,
-    /// Bound as one JSON array, read with `json_each`.
-    Many,
-}
-
-impl Rows {
-    fn of(n: usize) -> Self {
-        match n {
-            0 => Self::None,
-            1 => Self::One,
-            _ => Self::Many,
-        }
-    }
-}
-
 macro_rules! delete_one {
     () => {
         "DELETE FROM allocations WHERE id = ?"
@@ -475,40 +455,37 @@ async fn allocation_rows(
     releases: &[&str],
     inserts: &[&AllocationRecord],
 ) -> Result<(), sqlx::Error> {
-    let wrap = !conn.is_in_transaction();
-    let (delete, insert) = (Rows::of(releases.len()), Rows::of(inserts.len()));
-    let sql = match (delete, insert) {
-        (Rows::None, Rows::None) => return Ok(()),
-        (Rows::One, Rows::None) => delete_one!(),
-        (Rows::Many, Rows::None) => delete_many!(),
-        (Rows::None, Rows::One) => insert_one!(),
-        (Rows::None, Rows::Many) => insert_many!(),
-        (Rows::One, Rows::One) => both!(delete_one, insert_one, wrap),
-        (Rows::One, Rows::Many) => both!(delete_one, insert_many, wrap),
-        (Rows::Many, Rows::One) => both!(delete_many, insert_one, wrap),
-        (Rows::Many, Rows::Many) => both!(delete_many, insert_many, wrap),
+    // A single row keeps the plain statement: the unloaded controller's one allocation.
+    let wrap = !conn.is_in_transaction() && !releases.is_empty() && !inserts.is_empty();
+    let sql = match (releases, inserts) {
+        ([], []) => return Ok(()),
+        ([_], []) => delete_one!(),
+        (_, []) => delete_many!(),
+        ([], [_]) => insert_one!(),
+        ([], _) => insert_many!(),
+        ([_], [_]) => both!(delete_one, insert_one, wrap),
+        ([_], _) => both!(delete_one, insert_many, wrap),
+        (_, [_]) => both!(delete_many, insert_one, wrap),
+        _ => both!(delete_many, insert_many, wrap),
     };
-    let wrapped = wrap && !releases.is_empty() && !inserts.is_empty();
-    let mut q = sqlx::query(sql);
-    match (delete, releases) {
-        (Rows::One, [id]) => q = q.bind(*id),
-        (Rows::Many, ids) => q = q.bind(to_json(&ids)),
-        _ => {}
-    }
-    match (insert, inserts) {
-        (Rows::One, [a]) => {
-            q = q
-                .bind(a.id.as_str())
-                .bind(a.instance_id.as_str())
-                .bind(a.idempotency_key.as_deref())
-                .bind(a.created_at as i64)
-                .bind(to_json(a));
-        }
-        (Rows::Many, rows) => q = q.bind(to_json(&rows)),
-        _ => {}
-    }
+    let q = sqlx::query(sql);
+    let q = match releases {
+        [] => q,
+        [id] => q.bind(*id),
+        ids => q.bind(to_json(&ids)),
+    };
+    let q = match inserts {
+        [] => q,
+        [a] => q
+            .bind(a.id.as_str())
+            .bind(a.instance_id.as_str())
+            .bind(a.idempotency_key.as_deref())
+            .bind(a.created_at as i64)
+            .bind(to_json(a)),
+        rows => q.bind(to_json(&rows)),
+    };
     let result = q.execute(&mut *conn).await;
-    if result.is_err() && wrapped {
+    if result.is_err() && wrap {
         // The statement that failed left the transaction open (or SQLite already rolled it
         // back, and this fails harmlessly).
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
