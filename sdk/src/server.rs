@@ -18,7 +18,7 @@ use berth_protocol::arcus::{
 };
 use berth_protocol::metadata;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -486,7 +486,7 @@ impl Task {
             return;
         }
         let mut buf = [0u8; READ_CHUNK];
-        match link.stream.try_read(&mut buf) {
+        match read_available(&link.stream, &mut buf) {
             Ok(0) => self.close_link(LinkClosed::Eof),
             Ok(n) => {
                 link.decoder.extend(&buf[..n]);
@@ -619,6 +619,28 @@ fn event_for(frame: Frame) -> Option<Event> {
             return None;
         }
     })
+}
+
+/// Reads what the socket holds without waiting. A read that leaves part of the buffer unused
+/// took everything there was, so the socket's readiness is cleared with it; otherwise tokio
+/// keeps the socket readable until a read fails with `WouldBlock`, which costs every frame a
+/// second `recv`. Data that arrives after the read raises a new edge and readiness again (the
+/// clear only applies to the readiness the read saw), as in tokio's own `poll_read`.
+fn read_available(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let read = stream.try_io(Interest::READABLE, || {
+        got = stream.try_read(buf)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) => Err(e),
+        Ok(()) => Ok(got),
+    }
 }
 
 async fn readable(link: Option<&Link>) -> io::Result<()> {

@@ -69,7 +69,14 @@ struct Info {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // The game runs as a task, not as the `block_on` future itself: waking that future makes
+    // the runtime poll the driver once more without waiting (an extra `epoll_wait` for every
+    // frame from the agent), while a task woken by the Arcus task is simply run next.
+    let outcome = match tokio::spawn(run(args)).await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(format!("the game task failed: {e}")),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("berth-sample-game: {message}");
