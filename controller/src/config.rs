@@ -94,7 +94,7 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub error_retention: usize,
     pub log_format: LogFormat,
-    /// Runtime threads (1: everything on one thread).
+    /// Runtime threads (1: everything but SQLite on one thread); half the cores by default.
     pub worker_threads: usize,
     pub tokens: Vec<TokenEntry>,
     pub regions: Vec<Region>,
@@ -115,6 +115,15 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("log_format", Kind::Str),
     ("worker_threads", Kind::Int),
 ];
+
+/// Half the cores, at least one. Allocation state has one owner task whatever the thread count,
+/// and the SQLite writer and the kernel's network stack need cores too; every thread more is a
+/// thread that other threads' wake-ups have to reach. On 2 cores one thread gave a higher peak
+/// in 9 of 10 alternating benchmark runs (+4–22 %) and less controller CPU per allocation in
+/// 10 of 10 than one thread per core (BENCHMARKS.md).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
 
 pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -172,9 +181,7 @@ impl Config {
         let reconcile = raw.reconcile_interval_ms.unwrap_or(1000);
         within(file, "reconcile_interval_ms", reconcile, 100..=600_000, "")?;
         let log_format = LogFormat::parse(file, raw.log_format.as_deref())?;
-        let worker_threads = raw
-            .worker_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let worker_threads = raw.worker_threads.unwrap_or_else(default_worker_threads);
         within(file, "worker_threads", worker_threads, 1..=256, "")?;
 
         let mut tokens = Vec::new();
