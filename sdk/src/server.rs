@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 
 use crate::{GameStatus, SdkError};
 
@@ -324,12 +324,24 @@ impl Task {
     /// `events` stays outside `self`: a pending send permit borrows it while the handlers
     /// need `self` mutably.
     async fn run(mut self, events: mpsc::Sender<Event>) {
+        // One timer for the whole loop, moved only when the link's deadline moves (every
+        // health interval): a new `sleep` per turn would enter the runtime's timer wheel and
+        // leave it again for every frame.
+        let timer = sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             // Agent frames are decoded only while the game keeps up with events, which keeps
             // memory bounded without ever blocking the loop on the game.
             let read = self.link.is_some() && self.pending.is_empty();
             let write = self.link.as_ref().is_some_and(|l| !l.out.is_empty());
             let deadline = self.link.as_ref().map(Link::deadline);
+            if deadline != armed {
+                if let Some(at) = deadline {
+                    timer.as_mut().reset(at);
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 // Rare branches first, so an agent that floods the link cannot starve the
                 // timers or a replacement connection. Commands lead so that a link coming up in
@@ -339,7 +351,11 @@ impl Task {
                     Some(command) => self.apply(command),
                     None => return,
                 },
-                () = sleep_until_some(deadline) => self.on_timer(),
+                () = &mut timer, if armed.is_some() => {
+                    // Fired: it is set again from the deadline the timer leaves behind.
+                    armed = None;
+                    self.on_timer();
+                }
                 Some(joined) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     // A handshake task only fails to join if it panicked or the set is being
                     // dropped; either way there is no connection left to use.
@@ -653,13 +669,6 @@ async fn readable(link: Option<&Link>) -> io::Result<()> {
 async fn writable(link: Option<&Link>) -> io::Result<()> {
     match link {
         Some(link) => link.stream.writable().await,
-        None => future::pending().await,
-    }
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
         None => future::pending().await,
     }
 }
