@@ -352,7 +352,8 @@ impl Task {
                     None => return,
                 },
                 () = &mut timer, if armed.is_some() => {
-                    // Fired: it is set again from the deadline the timer leaves behind.
+                    // Fired: the next turn sets it from the link's new deadline (`on_timer`
+                    // moves the health deadline or closes the link).
                     armed = None;
                     self.on_timer();
                 }
