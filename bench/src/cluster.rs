@@ -32,23 +32,104 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU time (user + system) a process has used, in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(rest) = text.rfind(')').map(|i| &text[i + 1..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15: the 12th and 13th after the state (field 3).
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| f.get(*i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
+/// CPU time a process has used, in seconds, split as the kernel accounts it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: f64,
+    /// Time in the kernel on the process's behalf: system calls, and for loopback TCP the
+    /// receiver's side of every send too.
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn of(pid: u32) -> CpuTime {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return CpuTime::default();
+        };
+        let Some(rest) = text.rfind(')').map(|i| &text[i + 1..]) else {
+            return CpuTime::default();
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // utime and stime are fields 14 and 15: the 12th and 13th after the state (field 3).
+        let seconds =
+            |i: usize| f.get(i).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0) / hz.max(1.0);
+        CpuTime {
+            user: seconds(11),
+            system: seconds(12),
+        }
+    }
+
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for CpuTime {
+    type Output = CpuTime;
+    fn add(self, o: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user + o.user,
+            system: self.system + o.system,
+        }
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = CpuTime;
+    fn sub(self, o: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - o.user,
+            system: self.system - o.system,
+        }
+    }
+}
+
+impl std::iter::Sum for CpuTime {
+    fn sum<I: Iterator<Item = CpuTime>>(iter: I) -> CpuTime {
+        iter.fold(CpuTime::default(), |a, b| a + b)
+    }
+}
+
+/// The whole machine's CPU counters (all cores, in clock ticks), from the first line of
+/// /proc/stat: what every process and the kernel used, and what the hypervisor took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTime {
+    pub busy: u64,
+    pub idle: u64,
+    /// Time a virtual CPU wanted to run but the hypervisor ran something else.
+    pub steal: u64,
+}
+
+impl MachineTime {
+    pub fn now() -> MachineTime {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        MachineTime {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    /// Shares of the time between `self` and a later reading: (busy, steal).
+    pub fn shares_until(self, later: MachineTime) -> (f64, f64) {
+        let busy = later.busy.saturating_sub(self.busy) as f64;
+        let idle = later.idle.saturating_sub(self.idle) as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        let all = (busy + idle + steal).max(1.0);
+        (busy / all, steal / all)
+    }
 }
 
 /// Pids of running processes whose executable is `exe`.

@@ -26,7 +26,8 @@ use serde_json::{Value, json};
 
 use crate::client::Client;
 use crate::cluster::{
-    ADMIN, Cluster, Daemon, MATCHMAKER, bin_dir, cpu_seconds, free_port, pids_of, rss_bytes,
+    ADMIN, Cluster, CpuTime, Daemon, MATCHMAKER, MachineTime, bin_dir, free_port, pids_of,
+    rss_bytes,
 };
 
 #[derive(Debug, Parser)]
@@ -218,13 +219,16 @@ type Op = Arc<
         + Sync,
 >;
 
-/// Runs `op` from `concurrency` workers: `warmup` unmeasured, then `measure`.
-async fn drive(
+/// Runs `op` from `concurrency` workers: `warmup` unmeasured, then `measure`. `sample` is
+/// taken as the measured window opens and as it closes, so what it reads (CPU time) covers
+/// the same operations as the statistics.
+async fn drive<T>(
     concurrency: usize,
     warmup: Duration,
     measure: Duration,
     op: Op,
-) -> (Stats, Duration) {
+    sample: impl Fn() -> T,
+) -> (Stats, Duration, [T; 2]) {
     let start = Instant::now() + warmup;
     let end = start + measure;
     let mut workers = Vec::new();
@@ -244,13 +248,17 @@ async fn drive(
             }
         }));
     }
+    tokio::time::sleep_until(start.into()).await;
+    let opened = sample();
+    tokio::time::sleep_until(end.into()).await;
+    let closed = sample();
     let mut total = Stats::default();
     for w in workers {
         if let Ok(s) = w.await {
             total.merge(s);
         }
     }
-    (total, measure)
+    (total, measure, [opened, closed])
 }
 
 /// Starts `op` at a steady `rate` per second for `measure` (open loop: a slow answer does not
@@ -384,35 +392,28 @@ async fn allocate(
             })
         })
     };
-    // CPU used by each kind of process over the run: where an allocation's cost goes.
-    let cpu_now = |cluster: &Cluster| {
-        let controller = cluster
-            .controller
-            .as_ref()
-            .and_then(Daemon::pid)
-            .map_or(0.0, cpu_seconds);
-        let agents: f64 = cluster
-            .agents
-            .iter()
-            .filter_map(Daemon::pid)
-            .map(cpu_seconds)
-            .sum();
-        let games: f64 = pids_of(&cluster.sample_game())
-            .into_iter()
-            .map(cpu_seconds)
-            .sum();
-        let me = cpu_seconds(std::process::id());
-        [controller, agents, games, me]
+    // CPU used by each kind of process in the measured window: where a cycle's cost goes.
+    let controller_pid = cluster.controller.as_ref().and_then(Daemon::pid);
+    let agent_pids: Vec<u32> = cluster.agents.iter().filter_map(Daemon::pid).collect();
+    let game_pids = pids_of(&cluster.sample_game());
+    let cpu_now = || {
+        let machine = MachineTime::now();
+        let processes = [
+            controller_pid.map(CpuTime::of).unwrap_or_default(),
+            agent_pids.iter().copied().map(CpuTime::of).sum(),
+            game_pids.iter().copied().map(CpuTime::of).sum(),
+            CpuTime::of(std::process::id()),
+        ];
+        (machine, processes)
     };
-    let cpu_before = cpu_now(&cluster);
-    let (mut stats, window) = drive(
+    let (mut stats, window, [(machine_before, cpu_before), (machine_after, cpu_after)]) = drive(
         concurrency,
         Duration::from_secs(1),
         Duration::from_secs(seconds),
         op.clone(),
+        cpu_now,
     )
     .await;
-    let cpu_after = cpu_now(&cluster);
     let peak = stats.ok as f64 / window.as_secs_f64();
     // DESIGN.md §9 states latency at half of peak load and unloaded; both are measured on the
     // same cluster right after the peak.
@@ -423,21 +424,31 @@ async fn allocate(
         op.clone(),
     )
     .await;
-    let (mut unloaded, _) = drive(
+    let (mut unloaded, _, _) = drive(
         1,
         Duration::from_millis(200),
         Duration::from_secs(seconds.clamp(1, 5)),
         op,
+        || (),
     )
     .await;
-    let per_alloc_ms =
-        |i: usize| round3((cpu_after[i] - cpu_before[i]) * 1000.0 / (stats.ok.max(1) as f64));
-    let cpu_ms_per_allocation = json!({
-        "controller": per_alloc_ms(0),
-        "agents": per_alloc_ms(1),
-        "games": per_alloc_ms(2),
-        "loadGenerator": per_alloc_ms(3),
-    });
+    let used: Vec<CpuTime> = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .map(|(a, b)| *a - *b)
+        .collect();
+    let per_cycle = |seconds: &dyn Fn(&CpuTime) -> f64| {
+        let ms = |i: usize| round3(seconds(&used[i]) * 1000.0 / (stats.ok.max(1) as f64));
+        json!({
+            "controller": ms(0),
+            "agents": ms(1),
+            "games": ms(2),
+            "loadGenerator": ms(3),
+        })
+    };
+    let cpu_ms_per_allocation = per_cycle(&|t| t.total());
+    let kernel_ms_per_allocation = per_cycle(&|t| t.system);
+    let (busy, steal) = machine_before.shares_until(machine_after);
     let controller_rss = cluster
         .controller
         .as_ref()
@@ -527,8 +538,12 @@ async fn allocate(
         "firstError": stats.first_error,
         "agentRssBytes": agent_rss,
         "controllerRssBytes": controller_rss,
-        "ceilingRequestsPerSecond": ceiling.round(),
+        "ceilingRequestsPerSecond": ceiling.per_second.round(),
         "cpuMsPerAllocation": cpu_ms_per_allocation,
+        "kernelMsPerAllocation": kernel_ms_per_allocation,
+        "machineBusy": round3(busy),
+        "machineSteal": round3(steal),
+        "plainHopRequestsPerCoreSecond": ceiling.per_core_second.round(),
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
 }
@@ -547,11 +562,19 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Requests per second through client → hop → hop, same concurrency, same machine.
-async fn ceiling(concurrency: usize, seconds: u64) -> Result<f64> {
+/// What plain HTTP does on this machine in this run.
+struct Ceiling {
+    /// Requests per second through client → hop → hop, same concurrency.
+    per_second: f64,
+    /// Requests the last hop (a plain server that answers `{}`) serves per second of its own
+    /// CPU: the figure DESIGN.md §9 gives for its reference machine (~160 000 per core).
+    per_core_second: f64,
+}
+
+async fn ceiling(concurrency: usize, seconds: u64) -> Result<Ceiling> {
     let me = std::env::current_exe()?;
     let (p1, p2) = (free_port()?, free_port()?);
-    let _hop2 = KillOnDrop(
+    let hop2 = KillOnDrop(
         std::process::Command::new(&me)
             .args(["hop", "--port", &p2.to_string()])
             .spawn()?,
@@ -591,14 +614,24 @@ async fn ceiling(concurrency: usize, seconds: u64) -> Result<f64> {
             Ok(t.elapsed())
         })
     });
-    let (stats, window) = drive(
+    let last_hop = hop2.0.id();
+    let (stats, window, [before, after]) = drive(
         concurrency,
         Duration::from_secs(1),
         Duration::from_secs(seconds),
         op,
+        || CpuTime::of(last_hop),
     )
     .await;
-    Ok(stats.ok as f64 / window.as_secs_f64())
+    let busy = (after - before).total();
+    Ok(Ceiling {
+        per_second: stats.ok as f64 / window.as_secs_f64(),
+        per_core_second: if busy > 0.0 {
+            stats.ok as f64 / busy
+        } else {
+            0.0
+        },
+    })
 }
 
 async fn spawn(bin: PathBuf, sizes: &[usize]) -> Result<Value> {
