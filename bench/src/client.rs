@@ -1,37 +1,66 @@
-//! A lean pooled HTTP/1 client for the load generator: it must cost the machine as little as
-//! possible, since it shares the two cores with what it measures.
+//! The load generator's HTTP/1.1 client. It shares the cores with what it measures, so it
+//! must cost as little as possible: a request borrows an idle keep-alive connection (or opens
+//! one), goes out in one write, and its answer is read by the same task, which then gives the
+//! connection back. A pooled hyper client passes every request through a connection task and
+//! channels instead: two more task wake-ups per request.
 
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http::{Method, Request, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as Hyper;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-#[derive(Debug, Clone)]
+/// Longest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Default)]
 pub struct Client {
-    inner: Hyper<HttpConnector, Full<Bytes>>,
+    /// Idle keep-alive connections by authority (`host:port`).
+    idle: Arc<Mutex<HashMap<String, Vec<Conn>>>>,
 }
 
-impl Default for Client {
-    fn default() -> Self {
-        Self::new()
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// How an exchange on one connection ended badly.
+enum Failed {
+    /// The server closed the connection before answering at all: on a reused connection it
+    /// had closed it while idle, and the request was never handled.
+    ClosedBeforeAnswer,
+    Other(anyhow::Error),
+}
+
+impl From<std::io::Error> for Failed {
+    fn from(e: std::io::Error) -> Self {
+        Failed::Other(e.into())
     }
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(e: anyhow::Error) -> Self {
+        Failed::Other(e)
+    }
+}
+
+/// A parsed response: status, body, and whether the connection may serve another request.
+struct Answer {
+    status: u16,
+    body: Bytes,
+    keep_alive: bool,
 }
 
 impl Client {
     pub fn new() -> Self {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        Self {
-            inner: Hyper::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(1024)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build(c),
-        }
+        Self::default()
     }
 
     pub async fn send(
@@ -41,21 +70,31 @@ impl Client {
         token: Option<&str>,
         body: Option<Bytes>,
     ) -> Result<(u16, Bytes)> {
-        let mut req = Request::builder().method(method).uri(url);
+        let uri: Uri = url.parse().with_context(|| format!("URL {url:?}"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("URL {url:?}: the load generator speaks plain http only");
+        }
+        let authority = uri
+            .authority()
+            .with_context(|| format!("URL {url:?} has no host"))?
+            .as_str()
+            .to_owned();
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let body = body.unwrap_or_default();
+        let mut request = Vec::with_capacity(192 + body.len());
+        write!(request, "{method} {path} HTTP/1.1\r\nhost: {authority}\r\n")?;
         if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            write!(request, "authorization: Bearer {t}\r\n")?;
         }
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+        if !body.is_empty() {
+            request.extend_from_slice(b"content-type: application/json\r\n");
         }
-        let req = req.body(Full::new(body.unwrap_or_default()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.inner.request(req))
+        write!(request, "content-length: {}\r\n\r\n", body.len())?;
+        request.extend_from_slice(&body);
+        tokio::time::timeout(TIMEOUT, self.exchange(&authority, &request))
             .await
-            .context("timed out")?
-            .with_context(|| format!("request to {url}"))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        Ok((status, bytes))
+            .with_context(|| format!("{method} {url} timed out"))?
+            .with_context(|| format!("{method} {url}"))
     }
 
     pub async fn get(&self, url: &str, token: Option<&str>) -> Result<(u16, Bytes)> {
@@ -78,4 +117,183 @@ impl Client {
             .await?;
         Ok((s, String::from_utf8_lossy(&b).into_owned()))
     }
+
+    async fn exchange(&self, authority: &str, request: &[u8]) -> Result<(u16, Bytes)> {
+        loop {
+            let (mut conn, reused) = match self.take(authority) {
+                Some(conn) => (conn, true),
+                None => (Conn::connect(authority).await?, false),
+            };
+            match conn.exchange(request).await {
+                Ok(answer) => {
+                    if answer.keep_alive {
+                        self.give_back(authority, conn);
+                    }
+                    return Ok((answer.status, answer.body));
+                }
+                // Only a fresh connection can say the server really is not answering.
+                Err(Failed::ClosedBeforeAnswer) if reused => continue,
+                Err(Failed::ClosedBeforeAnswer) => {
+                    bail!("{authority} closed the connection without answering")
+                }
+                Err(Failed::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn take(&self, authority: &str) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.get_mut(authority)?.pop()
+    }
+
+    fn give_back(&self, authority: &str, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match idle.get_mut(authority) {
+            Some(conns) => conns.push(conn),
+            None => {
+                idle.insert(authority.to_owned(), vec![conn]);
+            }
+        }
+    }
+}
+
+impl Conn {
+    async fn connect(authority: &str) -> Result<Conn> {
+        let stream = TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("connecting to {authority}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Reads more of the answer; 0 is the end of the stream.
+    async fn fill(&mut self) -> Result<usize, Failed> {
+        self.buf.reserve(4096);
+        Ok(self.stream.read_buf(&mut self.buf).await?)
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> Result<Answer, Failed> {
+        self.buf.clear();
+        self.stream.write_all(request).await?;
+        let (status, head_len, framing, keep_alive) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&self.buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let status = response.code.unwrap_or(0);
+                    let (framing, keep_alive) = framing(status, response.headers)?;
+                    break (status, head_len, framing, keep_alive);
+                }
+                Ok(httparse::Status::Partial) if self.buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(
+                        anyhow::anyhow!("response head longer than {MAX_HEAD} bytes").into(),
+                    );
+                }
+                Err(e) => return Err(anyhow::anyhow!("malformed response head: {e}").into()),
+            }
+            if self.fill().await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    Failed::ClosedBeforeAnswer
+                } else {
+                    anyhow::anyhow!("connection closed inside the response head").into()
+                });
+            }
+        };
+        let (body, keep_alive) = match framing {
+            Framing::Length(len) => {
+                while self.buf.len() < head_len + len {
+                    if self.fill().await? == 0 {
+                        return Err(anyhow::anyhow!("connection closed inside the body").into());
+                    }
+                }
+                // Nothing is pipelined, so anything after the body is a broken server.
+                let clean = self.buf.len() == head_len + len;
+                let body = Bytes::copy_from_slice(&self.buf[head_len..head_len + len]);
+                (body, keep_alive && clean)
+            }
+            Framing::Chunked => (self.chunked(head_len).await?, keep_alive),
+            Framing::UntilClose => {
+                while self.fill().await? > 0 {}
+                (Bytes::copy_from_slice(&self.buf[head_len..]), false)
+            }
+        };
+        Ok(Answer {
+            status,
+            body,
+            keep_alive,
+        })
+    }
+
+    /// Decodes a chunked body that starts at `at` in the buffer.
+    async fn chunked(&mut self, mut at: usize) -> Result<Bytes, Failed> {
+        let mut body = Vec::new();
+        loop {
+            let (size, line_end) = loop {
+                match httparse::parse_chunk_size(&self.buf[at..]) {
+                    Ok(httparse::Status::Complete((n, size))) => break (size as usize, at + n),
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return Err(anyhow::anyhow!("malformed chunk size").into()),
+                }
+                if self.fill().await? == 0 {
+                    return Err(anyhow::anyhow!("connection closed inside a chunk").into());
+                }
+            };
+            // The chunk and its CRLF; after the last (empty) chunk, no trailers are expected.
+            while self.buf.len() < line_end + size + 2 {
+                if self.fill().await? == 0 {
+                    return Err(anyhow::anyhow!("connection closed inside a chunk").into());
+                }
+            }
+            if &self.buf[line_end + size..line_end + size + 2] != b"\r\n" {
+                return Err(anyhow::anyhow!("a chunk does not end with CRLF").into());
+            }
+            body.extend_from_slice(&self.buf[line_end..line_end + size]);
+            at = line_end + size + 2;
+            if size == 0 {
+                return Ok(body.into());
+            }
+        }
+    }
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// How the body is delimited, and whether the connection stays open after it.
+fn framing(status: u16, headers: &[httparse::Header<'_>]) -> Result<(Framing, bool)> {
+    let mut framing = None;
+    let mut keep_alive = true;
+    for h in headers {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let len = value
+                .parse()
+                .with_context(|| format!("content-length {value:?} is not a number"))?;
+            framing.get_or_insert(Framing::Length(len));
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            && value.eq_ignore_ascii_case("chunked")
+        {
+            framing = Some(Framing::Chunked);
+        } else if h.name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            keep_alive = false;
+        }
+    }
+    let framing = match framing {
+        Some(f) => f,
+        None if status == 204 || status == 304 || (100..200).contains(&status) => {
+            Framing::Length(0)
+        }
+        None => {
+            keep_alive = false;
+            Framing::UntilClose
+        }
+    };
+    Ok((framing, keep_alive))
 }
