@@ -177,6 +177,17 @@ impl Conn {
 
     async fn exchange(&mut self, request: &[u8]) -> Result<Answer, Failed> {
         self.buf.clear();
+        match self.answer(request).await {
+            // A reset before any byte of the answer is the same as a close: the server had
+            // let the connection go.
+            Err(Failed::Other(e)) if self.buf.is_empty() && is_reset(&e) => {
+                Err(Failed::ClosedBeforeAnswer)
+            }
+            other => other,
+        }
+    }
+
+    async fn answer(&mut self, request: &[u8]) -> Result<Answer, Failed> {
         self.stream.write_all(request).await?;
         let (status, head_len, framing, keep_alive) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -260,6 +271,17 @@ impl Conn {
     }
 }
 
+fn is_reset(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
 enum Framing {
     Length(usize),
     Chunked,
@@ -296,4 +318,149 @@ fn framing(status: u16, headers: &[httparse::Header<'_>]) -> Result<(Framing, bo
         }
     };
     Ok((framing, keep_alive))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server that answers every request on a connection with the next of `answers` (then
+    /// closes the connection when told to), counting the connections it accepted.
+    async fn server(answers: Vec<(&'static str, bool)>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                loop {
+                    if !read_request(&mut stream).await {
+                        break;
+                    }
+                    let Some((answer, close)) = answers.next() else {
+                        return;
+                    };
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                    if close {
+                        break;
+                    }
+                }
+            }
+        });
+        (url, accepted)
+    }
+
+    /// Reads one request (head and `content-length` body); false at the end of the stream.
+    async fn read_request(stream: &mut TcpStream) -> bool {
+        let mut buf = Vec::new();
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < end + 4 + len {
+                    if stream.read_buf(&mut buf).await.unwrap() == 0 {
+                        return false;
+                    }
+                }
+                return true;
+            }
+            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return false;
+            }
+        }
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+    #[tokio::test]
+    async fn keeps_the_connection_for_the_next_request() {
+        let (url, accepted) = server(vec![(OK, false), (OK, false)]).await;
+        let client = Client::new();
+        let body = Some(Bytes::from_static(b"{\"a\":1}"));
+        for _ in 0..2 {
+            let (status, b) = client
+                .send(Method::POST, &url, Some("t"), body.clone())
+                .await
+                .unwrap();
+            assert_eq!((status, &b[..]), (200, &b"{}"[..]));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn decodes_a_chunked_body() {
+        let chunked = "HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n\
+                       5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n";
+        let (url, _) = server(vec![(chunked, false), (OK, false)]).await;
+        let client = Client::new();
+        let (status, b) = client.get(&url, None).await.unwrap();
+        assert_eq!((status, &b[..]), (404, &b"hello, world"[..]));
+        // The chunked answer was read to its end: the connection serves the next one.
+        assert_eq!(client.get(&url, None).await.unwrap().0, 200);
+    }
+
+    #[tokio::test]
+    async fn opens_a_new_connection_after_one_the_server_closed() {
+        let close = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+        // The first answer says it closes; the second connection's first answer closes it
+        // without saying so, as a server ending an idle connection does.
+        let (url, accepted) = server(vec![(close, true), (OK, true), (OK, false)]).await;
+        let client = Client::new();
+        for _ in 0..3 {
+            assert_eq!(client.get(&url, None).await.unwrap().0, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn reads_a_body_without_length_to_the_end() {
+        let (url, accepted) = server(vec![
+            ("HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+            (OK, false),
+        ])
+        .await;
+        let client = Client::new();
+        let (_, b) = client.get(&url, None).await.unwrap();
+        assert_eq!(&b[..], b"until the end");
+        assert_eq!(client.get(&url, None).await.unwrap().0, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_malformed_answer() {
+        let (url, _) = server(vec![("HTTP/1.1 20x OK\r\n\r\n", false)]).await;
+        let e = Client::new().get(&url, None).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("malformed response head"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_closed_without_an_answer_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                read_request(&mut stream).await;
+            }
+        });
+        let e = Client::new().get(&url, None).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("closed the connection without answering"),
+            "{e:#}"
+        );
+    }
 }
