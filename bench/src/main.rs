@@ -49,7 +49,7 @@ enum Cmd {
     Allocate {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 32)]
         concurrency: usize,
         #[arg(long, default_value_t = 2)]
         agents: usize,
@@ -61,6 +61,10 @@ enum Cmd {
         /// worker_threads of the controller (default: the controller's own default).
         #[arg(long)]
         controller_threads: Option<usize>,
+        /// Runs, each on a new cluster. With more than one, a last line gives each figure's
+        /// range over them: this machine's speed varies from run to run.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
         /// Print only the JSON line (the default prints it too, after a summary).
         #[arg(long)]
         json: bool,
@@ -116,20 +120,28 @@ fn main() -> Result<()> {
                 instances_per_agent,
                 agent_threads,
                 controller_threads,
+                runs,
                 json,
             } => {
                 let bin = bin_dir(cli.bin_dir.as_deref())?;
                 let threads = (controller_threads, agent_threads);
-                let r = allocate(
-                    bin,
-                    seconds,
-                    concurrency,
-                    agents,
-                    instances_per_agent,
-                    threads,
-                )
-                .await?;
-                report(&r, json);
+                let mut results = Vec::new();
+                for _ in 0..runs {
+                    let r = allocate(
+                        bin.clone(),
+                        seconds,
+                        concurrency,
+                        agents,
+                        instances_per_agent,
+                        threads,
+                    )
+                    .await?;
+                    report(&r, json);
+                    results.push(r);
+                }
+                if results.len() > 1 {
+                    report(&ranges(&results), json);
+                }
                 Ok(())
             }
             Cmd::Spawn { games, json } => {
@@ -163,6 +175,72 @@ fn report(v: &Value, json_only: bool) {
         eprintln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     }
     println!("{v}");
+}
+
+/// Each figure's lowest, median and highest value over several `allocate` runs.
+fn ranges(runs: &[Value]) -> Value {
+    const FIGURES: [(&str, &str); 10] = [
+        ("allocationsPerSecond", "/allocationsPerSecond"),
+        ("p50Ms", "/p50Ms"),
+        ("p99Ms", "/p99Ms"),
+        ("halfLoadP99Ms", "/halfLoad/p99Ms"),
+        ("unloadedP50Ms", "/unloaded/p50Ms"),
+        ("unloadedP99Ms", "/unloaded/p99Ms"),
+        ("ceilingRequestsPerSecond", "/ceilingRequestsPerSecond"),
+        (
+            "plainHopRequestsPerCoreSecond",
+            "/plainHopRequestsPerCoreSecond",
+        ),
+        ("machineBusy", "/machineBusy"),
+        ("agentRssBytes", "/agentRssBytes"),
+    ];
+    let range = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(values[n / 2]),
+            _ => Some(round3((values[n / 2 - 1] + values[n / 2]) / 2.0)),
+        };
+        json!({
+            "min": values.first(),
+            "median": median,
+            "max": values.last(),
+        })
+    };
+    let sum_of = |pointer: &str| {
+        runs.iter()
+            .map(|r| {
+                r.pointer(pointer)
+                    .and_then(Value::as_object)
+                    .map_or(0.0, |o| o.values().filter_map(Value::as_f64).sum())
+            })
+            .map(round3)
+            .collect::<Vec<f64>>()
+    };
+    let mut figures = serde_json::Map::new();
+    for (name, pointer) in FIGURES {
+        let values = runs
+            .iter()
+            .filter_map(|r| r.pointer(pointer)?.as_f64())
+            .collect();
+        figures.insert(name.to_owned(), range(values));
+    }
+    figures.insert(
+        "cpuMsPerAllocation".to_owned(),
+        range(sum_of("/cpuMsPerAllocation")),
+    );
+    figures.insert(
+        "kernelMsPerAllocation".to_owned(),
+        range(sum_of("/kernelMsPerAllocation")),
+    );
+    json!({
+        "benchmark": "allocate",
+        "runs": runs.len(),
+        "durable": runs.iter().all(|r| r["durable"] == true),
+        "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
+        "ranges": figures,
+    })
 }
 
 /// Latencies in microseconds, and how many operations failed.
@@ -865,5 +943,54 @@ async fn settled_rss(pid: u32, within: Duration) -> Result<u64> {
             );
         }
         last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rate: f64, unloaded_p50: f64, durable: bool, errors: u64) -> Value {
+        json!({
+            "allocationsPerSecond": rate,
+            "unloaded": {"p50Ms": unloaded_p50},
+            "durable": durable,
+            "errors": errors,
+            "cpuMsPerAllocation": {"controller": 0.1, "agents": 0.05, "games": 0.04, "loadGenerator": 0.02},
+        })
+    }
+
+    #[test]
+    fn ranges_give_each_figure_its_lowest_median_and_highest() {
+        let runs = [
+            run(6000.0, 0.45, true, 0),
+            run(5000.0, 0.40, true, 2),
+            run(7000.0, 0.50, true, 1),
+        ];
+        let r = ranges(&runs);
+        assert_eq!(
+            r["ranges"]["allocationsPerSecond"],
+            json!({"min": 5000.0, "median": 6000.0, "max": 7000.0})
+        );
+        assert_eq!(
+            r["ranges"]["unloadedP50Ms"],
+            json!({"min": 0.40, "median": 0.45, "max": 0.50})
+        );
+        assert_eq!(r["ranges"]["cpuMsPerAllocation"]["median"], 0.21);
+        // A figure no run has stays empty rather than made up.
+        assert_eq!(r["ranges"]["p99Ms"]["median"], Value::Null);
+        assert_eq!(
+            (r["runs"].as_u64(), r["errors"].as_u64()),
+            (Some(3), Some(3))
+        );
+        assert_eq!(r["durable"], true);
+    }
+
+    #[test]
+    fn one_run_that_lost_an_allocation_makes_the_ranges_not_durable() {
+        let r = ranges(&[run(6000.0, 0.45, true, 0), run(5000.0, 0.45, false, 0)]);
+        assert_eq!(r["durable"], false);
+        // An even count's median lies between the middle two.
+        assert_eq!(r["ranges"]["allocationsPerSecond"]["median"], 5500.0);
     }
 }
