@@ -177,6 +177,54 @@ fn report(v: &Value, json_only: bool) {
     println!("{v}");
 }
 
+/// The controller's database commits so far, from its metrics: how many, how long in all,
+/// how many writes they carried, and how many took over 10 ms (what stalls allocations).
+#[derive(Debug, Clone, Copy, Default)]
+struct Commits {
+    count: f64,
+    seconds: f64,
+    writes: f64,
+    over_10ms: f64,
+}
+
+impl Commits {
+    async fn read(client: &Client, base: &str) -> Commits {
+        let url = format!("{base}/metrics");
+        let Ok((200, body)) = client.get(&url, Some(ADMIN)).await else {
+            return Commits::default();
+        };
+        Commits::parse(&String::from_utf8_lossy(&body))
+    }
+
+    fn parse(text: &str) -> Commits {
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let histogram = "berth_controller_store_commit_duration_seconds";
+        let count = value(&format!("{histogram}_count"));
+        Commits {
+            count,
+            seconds: value(&format!("{histogram}_sum")),
+            writes: value("berth_controller_store_writes_total"),
+            over_10ms: count - value(&format!("{histogram}_bucket{{le=\"0.01\"}}")),
+        }
+    }
+}
+
+impl std::ops::Sub for Commits {
+    type Output = Commits;
+    fn sub(self, o: Commits) -> Commits {
+        Commits {
+            count: self.count - o.count,
+            seconds: self.seconds - o.seconds,
+            writes: self.writes - o.writes,
+            over_10ms: self.over_10ms - o.over_10ms,
+        }
+    }
+}
+
 /// Each figure's lowest, median and highest value over several `allocate` runs.
 fn ranges(runs: &[Value]) -> Value {
     const FIGURES: [(&str, &str); 10] = [
@@ -305,7 +353,7 @@ async fn drive<T>(
     warmup: Duration,
     measure: Duration,
     op: Op,
-    sample: impl Fn() -> T,
+    sample: impl AsyncFn() -> T,
 ) -> (Stats, Duration, [T; 2]) {
     let start = Instant::now() + warmup;
     let end = start + measure;
@@ -327,9 +375,9 @@ async fn drive<T>(
         }));
     }
     tokio::time::sleep_until(start.into()).await;
-    let opened = sample();
+    let opened = sample().await;
     tokio::time::sleep_until(end.into()).await;
-    let closed = sample();
+    let closed = sample().await;
     let mut total = Stats::default();
     for w in workers {
         if let Ok(s) = w.await {
@@ -474,7 +522,8 @@ async fn allocate(
     let controller_pid = cluster.controller.as_ref().and_then(Daemon::pid);
     let agent_pids: Vec<u32> = cluster.agents.iter().filter_map(Daemon::pid).collect();
     let game_pids = pids_of(&cluster.sample_game());
-    let cpu_now = || {
+    let cpu_now = async || {
+        let commits = Commits::read(&client, &base).await;
         let machine = MachineTime::now();
         let processes = [
             controller_pid.map(CpuTime::of).unwrap_or_default(),
@@ -482,9 +531,16 @@ async fn allocate(
             game_pids.iter().copied().map(CpuTime::of).sum(),
             CpuTime::of(std::process::id()),
         ];
-        (machine, processes)
+        (machine, processes, commits)
     };
-    let (mut stats, window, [(machine_before, cpu_before), (machine_after, cpu_after)]) = drive(
+    let (
+        mut stats,
+        window,
+        [
+            (machine_before, cpu_before, commits_before),
+            (machine_after, cpu_after, commits_after),
+        ],
+    ) = drive(
         concurrency,
         Duration::from_secs(1),
         Duration::from_secs(seconds),
@@ -495,6 +551,7 @@ async fn allocate(
     let peak = stats.ok as f64 / window.as_secs_f64();
     // DESIGN.md §9 states latency at half of peak load and unloaded; both are measured on the
     // same cluster right after the peak.
+    let half_commits_before = Commits::read(&client, &base).await;
     let mut half = drive_paced(
         peak / 2.0,
         instances,
@@ -502,12 +559,13 @@ async fn allocate(
         op.clone(),
     )
     .await;
+    let half_commits = Commits::read(&client, &base).await - half_commits_before;
     let (mut unloaded, _, _) = drive(
         1,
         Duration::from_millis(200),
         Duration::from_secs(seconds.clamp(1, 5)),
         op,
-        || (),
+        async || (),
     )
     .await;
     let used: Vec<CpuTime> = cpu_after
@@ -527,6 +585,7 @@ async fn allocate(
     let cpu_ms_per_allocation = per_cycle(&|t| t.total());
     let kernel_ms_per_allocation = per_cycle(&|t| t.system);
     let (busy, steal) = machine_before.shares_until(machine_after);
+    let commits = commits_after - commits_before;
     let controller_rss = cluster
         .controller
         .as_ref()
@@ -597,6 +656,7 @@ async fn allocate(
             "p99Ms": round3(half.percentile_ms(0.99)),
             "errors": half.errors,
             "firstError": half.first_error.take(),
+            "commitsOver10Ms": half_commits.over_10ms,
         },
         "unloaded": {
             "p50Ms": round3(unloaded.percentile_ms(0.50)),
@@ -621,6 +681,12 @@ async fn allocate(
         "kernelMsPerAllocation": kernel_ms_per_allocation,
         "machineBusy": round3(busy),
         "machineSteal": round3(steal),
+        "commits": {
+            "perSecond": (commits.count / secs).round(),
+            "writesPerCommit": round3(commits.writes / commits.count.max(1.0)),
+            "meanMs": round3(commits.seconds * 1000.0 / commits.count.max(1.0)),
+            "over10Ms": commits.over_10ms,
+        },
         "plainHopRequestsPerCoreSecond": ceiling.per_core_second.round(),
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
@@ -698,7 +764,7 @@ async fn ceiling(concurrency: usize, seconds: u64) -> Result<Ceiling> {
         Duration::from_secs(1),
         Duration::from_secs(seconds),
         op,
-        || CpuTime::of(last_hop),
+        async || CpuTime::of(last_hop),
     )
     .await;
     let busy = (after - before).total();
@@ -984,6 +1050,21 @@ mod tests {
             (Some(3), Some(3))
         );
         assert_eq!(r["durable"], true);
+    }
+
+    #[test]
+    fn commits_are_read_from_the_controllers_metrics() {
+        let text = "# TYPE berth_controller_store_commit_duration_seconds histogram
+berth_controller_store_commit_duration_seconds_sum 1.5
+berth_controller_store_commit_duration_seconds_count 100
+berth_controller_store_commit_duration_seconds_bucket{le=\"0.005\"} 90
+berth_controller_store_commit_duration_seconds_bucket{le=\"0.01\"} 97
+berth_controller_store_commit_duration_seconds_bucket{le=\"+Inf\"} 100
+berth_controller_store_writes_total 1600
+";
+        let c = Commits::parse(text) - Commits::parse("");
+        assert_eq!((c.count, c.seconds, c.writes), (100.0, 1.5, 1600.0));
+        assert_eq!(c.over_10ms, 3.0);
     }
 
     #[test]

@@ -59,9 +59,9 @@ pub async fn run(
         database = %config.database.display(),
         "state loaded"
     );
-    let writer = store.start_writer();
-    let flush = writer.clone();
     let metrics = Arc::new(metrics::Metrics::new());
+    let writer = store.start_writer(metrics.store());
+    let flush = writer.clone();
     let agents = agent_client::AgentClient::new();
     let (inventory, actions) = inventory::Inventory::start(
         config.clone(),

@@ -25,6 +25,16 @@ pub struct Metrics {
     pub reconcile_removals: Counter,
     instances: Family<Labels, Gauge>,
     hosts: Family<Labels, Gauge>,
+    store: StoreMetrics,
+}
+
+/// What the database writer reports: how long its commits take (the disk's fsync is most of
+/// it, so this is where a slow disk shows) and how many writes share one.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    pub commit_seconds: Histogram,
+    pub writes: Counter,
+    pub failures: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +75,24 @@ impl Metrics {
             counter("reconcile_deploys", "Instances deployed by the reconciler");
         let reconcile_removals =
             counter("reconcile_removals", "Instances removed by the reconciler");
+        let store = StoreMetrics {
+            commit_seconds: Histogram::new([
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
+            writes: counter(
+                "store_writes",
+                "Writes committed to the database (a commit carries every write queued meanwhile)",
+            ),
+            failures: counter(
+                "store_commit_failures",
+                "Database commits that failed (every write in them was refused)",
+            ),
+        };
+        registry.register(
+            "store_commit_duration_seconds",
+            "Time one database commit took, its fsync included",
+            store.commit_seconds.clone(),
+        );
         let instances = Family::<Labels, Gauge>::default();
         registry.register("instances", "Instances by status", instances.clone());
         let hosts = Family::<Labels, Gauge>::default();
@@ -80,7 +108,13 @@ impl Metrics {
             reconcile_removals,
             instances,
             hosts,
+            store,
         }
+    }
+
+    /// The database writer's share, for [`crate::store::Store::start_writer`].
+    pub fn store(&self) -> StoreMetrics {
+        self.store.clone()
     }
 
     pub fn allocation(&self, result: Result<(), ErrorCode>) {

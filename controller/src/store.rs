@@ -26,6 +26,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::StoreMetrics;
 use crate::model::{AllocationRecord, HostRecord, InstanceRecord};
 
 /// Most writes applied in one transaction.
@@ -287,9 +288,9 @@ impl Store {
     }
 
     /// Starts the writer task.
-    pub fn start_writer(&self) -> Writer {
+    pub fn start_writer(&self, metrics: StoreMetrics) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(self.pool.clone(), rx));
+        tokio::spawn(write_loop(self.pool.clone(), rx, metrics));
         Writer { tx }
     }
 }
@@ -303,7 +304,14 @@ const LINGER: Duration = Duration::from_millis(5);
 
 type Queued = (Write, Option<Done>);
 
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Queued>) {
+/// A commit this slow is logged: allocations wait for it, so the disk is what to look at.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
+async fn write_loop(
+    pool: SqlitePool,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    metrics: StoreMetrics,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
     let mut open = true;
@@ -331,6 +339,7 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Queued>) {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let result = match &mut conn {
             Some(c) => commit(c, &batch).await,
             None => match pool.acquire().await {
@@ -338,7 +347,21 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Queued>) {
                 Err(e) => Err(e),
             },
         };
+        let took = started.elapsed();
+        metrics.commit_seconds.observe(took.as_secs_f64());
+        if result.is_ok() {
+            let writes = batch.iter().filter(|(w, _)| !matches!(w, Write::Flush));
+            metrics.writes.inc_by(writes.count() as u64);
+        }
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                writes = batch.len(),
+                "slow database commit: allocations wait for it; check the disk's fsync latency"
+            );
+        }
         let outcome = result.map_err(|e| {
+            metrics.failures.inc();
             tracing::error!(error = %e, writes = batch.len(), "database commit failed");
             // A broken connection is replaced on the next batch.
             conn = None;
@@ -647,7 +670,7 @@ mod tests {
             let store = Store::open(&dir.join("controller.db"))
                 .await
                 .expect("open the store");
-            let writer = store.start_writer();
+            let writer = store.start_writer(crate::metrics::Metrics::new().store());
             Self { dir, store, writer }
         }
 
@@ -777,6 +800,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_writer_counts_its_commits_and_their_writes() {
+        let t = TempStore::new().await;
+        let metrics = crate::metrics::Metrics::new();
+        let writer = t.store.start_writer(metrics.store());
+        commit_ok(&writer, vec![allocation("a-1", "i-1")]).await;
+        // Refused (a second allocation of i-1): a failed commit, and no write counted.
+        let refused = commit_all(&writer, vec![allocation("a-2", "i-1")]).await;
+        assert!(refused[0].is_err(), "{refused:?}");
+        writer.flush().await.expect("flushed");
+        let text = metrics.render(&[0; 7], &[]);
+        let line = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(line("berth_controller_store_writes_total"), "1");
+        assert_eq!(line("berth_controller_store_commit_failures_total"), "1");
+        // The allocation, the refused one and the flush: three commits timed.
+        assert_eq!(
+            line("berth_controller_store_commit_duration_seconds_count"),
+            "3"
+        );
+    }
+
+    #[tokio::test]
     async fn writes_nobody_waits_for_are_committed_alone_after_a_while() {
         let mut t = TempStore::new().await;
         commit_ok(
@@ -788,7 +837,7 @@ mod tests {
         wait_active(&t, &[pair("a-2", "i-2")]).await;
         // And when the writer is dropped while they wait.
         t.writer.submit(release("a-2"));
-        t.writer = t.store.start_writer();
+        t.writer = t.store.start_writer(crate::metrics::Metrics::new().store());
         wait_active(&t, &[]).await;
         // A flush returns once what was queued before it is committed.
         commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;

@@ -1430,14 +1430,31 @@ async fn readyz_and_metrics() {
         ],
     );
 
+    // The database writer's figures: the allocation's row was committed before the answer.
+    let (writes, commits) = (
+        "berth_controller_store_writes_total",
+        "berth_controller_store_commit_duration_seconds_count",
+    );
+    let writes_before = metric(&text, writes, "").expect("store_writes is exported");
+    let commits_before = metric(&text, commits, "").expect("commit durations are exported");
     c.allocate_ok(7, "").await;
+    let text = c.metrics().await;
     assert_metrics(
-        &c.metrics().await,
+        &text,
         &[
             (allocations, ok, before + 1.0),
             (instances, online, 1.0),
             (instances, allocated, 1.0),
         ],
+    );
+    let more = |name: &str, than: f64| metric(&text, name, "").is_some_and(|v| v > than);
+    assert!(
+        more(writes, writes_before),
+        "{writes} did not grow:\n{text}"
+    );
+    assert!(
+        more(commits, commits_before),
+        "{commits} did not grow:\n{text}"
     );
 
     c.allocate_ok(7, "").await;
