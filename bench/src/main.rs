@@ -179,7 +179,7 @@ fn report(v: &Value, json_only: bool) {
 
 /// The controller's database commits so far, from its metrics: how many, how long in all,
 /// how many writes they carried, and how many took over 10 ms (what stalls allocations).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Commits {
     count: f64,
     seconds: f64,
@@ -188,28 +188,29 @@ struct Commits {
 }
 
 impl Commits {
-    async fn read(client: &Client, base: &str) -> Commits {
+    /// `None` when the controller's metrics cannot be read or lack the commit series (an
+    /// older controller): the output then says `null` rather than zero commits.
+    async fn read(client: &Client, base: &str) -> Option<Commits> {
         let url = format!("{base}/metrics");
-        let Ok((200, body)) = client.get(&url, Some(ADMIN)).await else {
-            return Commits::default();
-        };
-        Commits::parse(&String::from_utf8_lossy(&body))
+        match client.get(&url, Some(ADMIN)).await {
+            Ok((200, body)) => Commits::parse(&String::from_utf8_lossy(&body)),
+            _ => None,
+        }
     }
 
-    fn parse(text: &str) -> Commits {
+    fn parse(text: &str) -> Option<Commits> {
         let value = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
-                .unwrap_or(0.0)
         };
         let histogram = "berth_controller_store_commit_duration_seconds";
-        let count = value(&format!("{histogram}_count"));
-        Commits {
+        let count = value(&format!("{histogram}_count"))?;
+        Some(Commits {
             count,
-            seconds: value(&format!("{histogram}_sum")),
-            writes: value("berth_controller_store_writes_total"),
-            over_10ms: count - value(&format!("{histogram}_bucket{{le=\"0.01\"}}")),
-        }
+            seconds: value(&format!("{histogram}_sum"))?,
+            writes: value("berth_controller_store_writes_total")?,
+            over_10ms: count - value(&format!("{histogram}_bucket{{le=\"0.01\"}}"))?,
+        })
     }
 }
 
@@ -522,8 +523,8 @@ async fn allocate(
     let controller_pid = cluster.controller.as_ref().and_then(Daemon::pid);
     let agent_pids: Vec<u32> = cluster.agents.iter().filter_map(Daemon::pid).collect();
     let game_pids = pids_of(&cluster.sample_game());
+    // CPU first, at the window's edge; the metrics request after it takes a millisecond.
     let cpu_now = async || {
-        let commits = Commits::read(&client, &base).await;
         let machine = MachineTime::now();
         let processes = [
             controller_pid.map(CpuTime::of).unwrap_or_default(),
@@ -531,6 +532,7 @@ async fn allocate(
             game_pids.iter().copied().map(CpuTime::of).sum(),
             CpuTime::of(std::process::id()),
         ];
+        let commits = Commits::read(&client, &base).await;
         (machine, processes, commits)
     };
     let (
@@ -559,7 +561,10 @@ async fn allocate(
         op.clone(),
     )
     .await;
-    let half_commits = Commits::read(&client, &base).await - half_commits_before;
+    let half_commits = Commits::read(&client, &base)
+        .await
+        .zip(half_commits_before)
+        .map(|(after, before)| after - before);
     let (mut unloaded, _, _) = drive(
         1,
         Duration::from_millis(200),
@@ -585,7 +590,9 @@ async fn allocate(
     let cpu_ms_per_allocation = per_cycle(&|t| t.total());
     let kernel_ms_per_allocation = per_cycle(&|t| t.system);
     let (busy, steal) = machine_before.shares_until(machine_after);
-    let commits = commits_after - commits_before;
+    let commits = commits_after
+        .zip(commits_before)
+        .map(|(after, before)| after - before);
     let controller_rss = cluster
         .controller
         .as_ref()
@@ -656,7 +663,7 @@ async fn allocate(
             "p99Ms": round3(half.percentile_ms(0.99)),
             "errors": half.errors,
             "firstError": half.first_error.take(),
-            "commitsOver10Ms": half_commits.over_10ms,
+            "commitsOver10Ms": half_commits.map(|c| c.over_10ms),
         },
         "unloaded": {
             "p50Ms": round3(unloaded.percentile_ms(0.50)),
@@ -681,12 +688,12 @@ async fn allocate(
         "kernelMsPerAllocation": kernel_ms_per_allocation,
         "machineBusy": round3(busy),
         "machineSteal": round3(steal),
-        "commits": {
-            "perSecond": (commits.count / secs).round(),
-            "writesPerCommit": round3(commits.writes / commits.count.max(1.0)),
-            "meanMs": round3(commits.seconds * 1000.0 / commits.count.max(1.0)),
-            "over10Ms": commits.over_10ms,
-        },
+        "commits": commits.map(|c| json!({
+            "perSecond": (c.count / secs).round(),
+            "writesPerCommit": round3(c.writes / c.count.max(1.0)),
+            "meanMs": round3(c.seconds * 1000.0 / c.count.max(1.0)),
+            "over10Ms": c.over_10ms,
+        })),
         "plainHopRequestsPerCoreSecond": ceiling.per_core_second.round(),
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
@@ -1062,9 +1069,11 @@ berth_controller_store_commit_duration_seconds_bucket{le=\"0.01\"} 97
 berth_controller_store_commit_duration_seconds_bucket{le=\"+Inf\"} 100
 berth_controller_store_writes_total 1600
 ";
-        let c = Commits::parse(text) - Commits::parse("");
+        let c = Commits::parse(text).expect("every series is there");
         assert_eq!((c.count, c.seconds, c.writes), (100.0, 1.5, 1600.0));
         assert_eq!(c.over_10ms, 3.0);
+        // A controller without the series gives no figures, not zeros.
+        assert!(Commits::parse("berth_controller_store_writes_total 5").is_none());
     }
 
     #[test]
