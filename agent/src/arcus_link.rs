@@ -187,13 +187,17 @@ async fn session(
     let mut health = tokio::time::interval_at(Instant::now() + HEALTH_INTERVAL, HEALTH_INTERVAL);
     let mut last_frame = Instant::now();
     let mut unanswered = 0usize;
-    let mut paused_until: Option<Instant> = None;
+    let mut paused = false;
+    // One timer, set when a burst pauses the link: a select branch's future is built on every
+    // turn even while the branch is disabled, and a new `sleep` (with a clock read for its
+    // deadline) for every frame is work a thousand links do for nothing.
+    let pause = sleep_until(Instant::now());
+    tokio::pin!(pause);
     let closed = |reason: String| Outcome::Closed {
         handshake_done: true,
         reason,
     };
     loop {
-        let pause_deadline = paused_until.unwrap_or_else(Instant::now);
         tokio::select! {
             read = reader.read(&mut buf) => {
                 let n = match read {
@@ -208,7 +212,7 @@ async fn session(
                         Ok(Some(frame)) => {
                             last_frame = Instant::now();
                             unanswered = 0;
-                            paused_until = None;
+                            paused = false;
                             if let Frame::Message { message, .. } = frame
                                 && let Some(event) = event_for(message)
                             {
@@ -219,7 +223,7 @@ async fn session(
                     }
                 }
             }
-            msg = outgoing.recv(), if paused_until.is_none() => {
+            msg = outgoing.recv(), if !paused => {
                 let Some(msg) = msg else { return Outcome::Finished };
                 out.clear();
                 if let Err(e) = encoder.encode(&msg, &mut out) {
@@ -238,12 +242,13 @@ async fn session(
                     return closed(format!("write failed: {e}"));
                 }
                 if unanswered >= MAX_BURST {
-                    paused_until = Some(Instant::now() + BURST_PAUSE);
+                    pause.as_mut().reset(Instant::now() + BURST_PAUSE);
+                    paused = true;
                 }
             }
             // A fixed deadline, so frames read or health sent meanwhile do not push it back.
-            _ = sleep_until(pause_deadline), if paused_until.is_some() => {
-                paused_until = None;
+            () = &mut pause, if paused => {
+                paused = false;
                 unanswered = 0;
             }
             _ = health.tick() => {

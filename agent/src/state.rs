@@ -273,8 +273,8 @@ impl Journal {
                 return;
             }
         };
-        let path = journal_path(&self.state_dir, self.base);
         if self.file.is_none() {
+            let path = journal_path(&self.state_dir, self.base);
             match OpenOptions::new().create(true).append(true).open(&path) {
                 Ok(f) => self.file = Some(f),
                 Err(e) => {
@@ -284,6 +284,7 @@ impl Journal {
             }
         }
         if let Some(Err(e)) = self.file.as_mut().map(|f| f.write_all(&line)) {
+            let path = journal_path(&self.state_dir, self.base);
             tracing::error!(error = %e, path = %path.display(), instance_id = %entry.id, "journal line not written");
             self.file = None;
         }

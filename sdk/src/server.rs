@@ -380,7 +380,7 @@ impl Task {
                             self.pending.clear();
                         }
                     }
-                    self.decode_frames();
+                    self.decode_frames(&events);
                 }
                 ready = writable(self.link.as_ref()), if write => {
                     let flushed = match (ready, self.link.as_mut()) {
@@ -392,7 +392,7 @@ impl Task {
                         self.close_link(reason);
                     }
                 }
-                ready = readable(self.link.as_ref()), if read => self.on_readable(ready),
+                ready = readable(self.link.as_ref()), if read => self.on_readable(ready, &events),
             }
         }
     }
@@ -494,7 +494,7 @@ impl Task {
         }
     }
 
-    fn on_readable(&mut self, ready: io::Result<()>) {
+    fn on_readable(&mut self, ready: io::Result<()>, events: &mpsc::Sender<Event>) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -507,7 +507,7 @@ impl Task {
             Ok(0) => self.close_link(LinkClosed::Eof),
             Ok(n) => {
                 link.decoder.extend(&buf[..n]);
-                self.decode_frames();
+                self.decode_frames(events);
             }
             // Readiness can be spurious; the next turn waits again.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -515,8 +515,9 @@ impl Task {
         }
     }
 
-    /// Decodes buffered frames until the game has an event to take (or the buffer is empty).
-    fn decode_frames(&mut self) {
+    /// Decodes buffered frames until an event has to wait for the game (or the buffer is
+    /// empty).
+    fn decode_frames(&mut self, events: &mpsc::Sender<Event>) {
         while self.pending.is_empty() {
             let Some(link) = self.link.as_mut() else {
                 return;
@@ -526,7 +527,7 @@ impl Task {
                 Ok(Some(frame)) => {
                     link.last_frame = Instant::now();
                     if let Some(event) = event_for(frame) {
-                        self.push_event(event);
+                        self.deliver(event, events);
                     }
                 }
                 Err(e) => {
@@ -557,6 +558,20 @@ impl Task {
     fn close_link(&mut self, reason: LinkClosed) {
         if self.link.take().is_some() {
             self.push_event(Event::Disconnected { reason });
+        }
+    }
+
+    /// Hands a frame's event to the game at once when nothing waits before it and the channel
+    /// has room, the usual case: queued, it would take the loop another turn (every branch
+    /// polled again) to send it.
+    fn deliver(&mut self, event: Event, events: &mpsc::Sender<Event>) {
+        if self.events_closed || !self.pending.is_empty() {
+            return self.push_event(event);
+        }
+        match events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => self.pending.push_back(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.events_closed = true,
         }
     }
 

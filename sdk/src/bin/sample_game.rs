@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 
 /// Longest request line on the game port; a client that sends more is cut off rather than
@@ -104,6 +104,16 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
+    // Signals and game clients are waited for by their own tasks, so that the loop below,
+    // woken for every Arcus event, polls only what the events change.
+    let (stop_tx, mut stop) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        let _ = stop_tx.send(());
+    });
     let game_port = game_listener
         .local_addr()
         .map_err(|e| format!("game port {}: {e}", args.port))?
@@ -130,6 +140,7 @@ async fn run(args: Args) -> Result<(), String> {
         match_length: Duration::from_secs(args.match_seconds),
         match_end: None,
     };
+    tokio::spawn(serve_game_port(game_listener, game.info.subscribe()));
     let mut startup_done = None;
     if args.startup_delay_ms == 0 {
         game.become_ready()?;
@@ -153,17 +164,9 @@ async fn run(args: Args) -> Result<(), String> {
                 game.become_ready()?;
             }
             () = sleep_until_some(game.match_end) => {
-                game.release();
-                game.publish()?;
+                game.release()?;
             }
-            accepted = game_listener.accept() => {
-                // A client that fails to connect is its own problem; keep serving the rest.
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_client(stream, game.info.subscribe()));
-                }
-            }
-            _ = sigterm.recv() => return Ok(()),
-            _ = sigint.recv() => return Ok(()),
+            _ = &mut stop => return Ok(()),
         }
     }
 }
@@ -184,20 +187,28 @@ struct Game {
 }
 
 impl Game {
-    fn status(&self) -> GameStatus {
-        if self.info.borrow().allocated {
-            GameStatus::Allocated
-        } else if self.ready {
-            GameStatus::Online
-        } else {
-            GameStatus::Starting
-        }
-    }
-
     /// Makes the status derived from the game's state visible to `INFO` and to the agent.
     fn publish(&mut self) -> Result<(), String> {
-        let status = self.status();
-        self.info.send_modify(|info| info.status = status.number());
+        self.change(|_| {})
+    }
+
+    /// Applies `change` to what `INFO` shows and publishes the status that follows from it, in
+    /// one update: `INFO` readers are notified once, and the agent hears of the status only if
+    /// it changed.
+    fn change(&mut self, change: impl FnOnce(&mut Info)) -> Result<(), String> {
+        let ready = self.ready;
+        let mut status = GameStatus::Starting;
+        self.info.send_modify(|info| {
+            change(info);
+            status = if info.allocated {
+                GameStatus::Allocated
+            } else if ready {
+                GameStatus::Online
+            } else {
+                GameStatus::Starting
+            };
+            info.status = status.number();
+        });
         match &self.arcus {
             Some(arcus) => arcus.set_status(status).map_err(|e| e.to_string()),
             None => Ok(()),
@@ -222,12 +233,12 @@ impl Game {
         self.publish()
     }
 
-    fn release(&mut self) {
+    fn release(&mut self) -> Result<(), String> {
         self.match_end = None;
-        self.info.send_modify(|info| {
+        self.change(|info| {
             info.allocated = false;
             info.allocation.clear();
-        });
+        })
     }
 
     fn on_event(&mut self, event: Event) -> Result<Flow, String> {
@@ -241,19 +252,17 @@ impl Game {
                 // it without depending on what the matchmaker put in the allocation.
                 self.match_end =
                     (!self.match_length.is_zero()).then(|| Instant::now() + self.match_length);
-                self.info.send_modify(|info| {
+                self.change(|info| {
                     info.allocated = true;
                     info.allocation = data;
-                });
-                self.publish()?;
+                })?;
             }
             Event::CustomCommand(data) => {
                 let deallocated = data
                     .iter()
                     .any(|kv| kv.key == "command" && kv.value == "deallocated");
                 if deallocated {
-                    self.release();
-                    self.publish()?;
+                    self.release()?;
                 }
             }
             Event::Metadata(data) => self
@@ -271,6 +280,20 @@ impl Game {
             Event::Rejected { peer, reason } => eprintln!("refused {peer}: {reason}"),
         }
         Ok(Flow::Continue)
+    }
+}
+
+/// Accepts game clients for as long as the game runs.
+async fn serve_game_port(listener: TcpListener, info: watch::Receiver<Info>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_client(stream, info.clone()));
+            }
+            // A client that failed to connect is its own problem; running out of descriptors
+            // is not, and must not spin the loop.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 
