@@ -705,7 +705,9 @@ mod tests {
         Write::ReleaseAllocation(id.to_owned())
     }
 
-    /// Queues every write at once (so they are likely to share a batch) and waits for each.
+    /// Queues every write at once and waits for each. They share one batch (up to
+    /// `MAX_BATCH`): these tests run on a single-threaded runtime, where the writer task cannot
+    /// run until the first wait, and it then drains the whole queue.
     async fn commit_all(w: &Writer, writes: Vec<Write>) -> Vec<Result<(), String>> {
         let pending: Vec<_> = writes.into_iter().map(|x| w.submit_durable(x)).collect();
         let mut out = Vec::new();
