@@ -13,6 +13,7 @@ use berth_e2e::{
     count_instance_processes, deploy_body, game_info, pid_alive, sample_game_profile, short_id,
     signal, wait_for, wait_game_info,
 };
+use berth_protocol::arcus::MAX_BURST;
 use http::Method;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -649,6 +650,63 @@ async fn malformed_arcus_closes_only_that_link() {
 }
 
 /// Runs `berth-agent --config <file> validate`: (exit code, stderr).
+/// ARCUS.md §6: never more than `MAX_BURST` frames to a game that has not answered. A game
+/// that reports 4 and then stays silent gets the first `MAX_BURST` commands at once, and the
+/// rest only after the link's pause (50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_to_a_silent_game_wait_after_a_burst() {
+    let agent = AgentProcess::start_new("burst-pause").await;
+    let id = new_id("g-silent");
+    let frames_file = agent.dir().join("silent.frames");
+    let mut profile = bad_game_profile(
+        "bad-log-frames",
+        9,
+        "log-frames",
+        &agent.dir().join("silent.count"),
+    );
+    profile["args"]
+        .as_array_mut()
+        .expect("args")
+        .push(json!(format!("--frames-file={}", frames_file.display())));
+    agent.deploy(&deploy_body(&id, profile)).await;
+    agent.wait_online(&id).await;
+    let commands = MAX_BURST + 5;
+    for n in 0..commands {
+        agent
+            .post(
+                &format!("/v1/instances/{id}/command"),
+                &json!({"command": format!("c{n}")}),
+            )
+            .await
+            .expect(200);
+    }
+    // Arrival times (µs) of the custom commands (0x45), in order.
+    let at: Vec<u64> = wait_for("every command at the game", TIMEOUT, async || {
+        let text = std::fs::read_to_string(&frames_file).unwrap_or_default();
+        let at: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_suffix(" 45"))
+            .map(|t| t.parse().expect("a time in the frames file"))
+            .collect();
+        if at.len() >= commands {
+            Ok(at)
+        } else {
+            Err(at.len())
+        }
+    })
+    .await;
+    assert_eq!(at.len(), commands, "each command sent once");
+    // The pause is a lower bound; the margin is for the game's own reads being late.
+    let gap_ms = (at[MAX_BURST] - at[MAX_BURST - 1]) as f64 / 1000.0;
+    assert!(
+        gap_ms >= 25.0,
+        "command {} reached the game {gap_ms} ms after command {}: the agent did not pause \
+         after {MAX_BURST} unanswered frames",
+        MAX_BURST + 1,
+        MAX_BURST
+    );
+}
+
 fn validate(file: &std::path::Path) -> (Option<i32>, String) {
     let out = berth_command(bin("berth-agent"))
         .arg("--config")

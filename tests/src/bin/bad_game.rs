@@ -2,7 +2,8 @@
 //! tests can show that the agent closes only that game's link, keeps reconnecting, and never
 //! lets such a game be allocated.
 //!
-//! Flags: `--management-port P --port G --mode MODE [--count-file FILE] [--instance-id ID]`
+//! Flags: `--management-port P --port G --mode MODE [--count-file FILE] [--frames-file FILE]
+//! [--instance-id ID]`
 //! (`--flag value` or `--flag=value`). Every accepted management connection appends one line
 //! to the count file, so a test can see the agent reconnect; each new connection plays the mode
 //! again. The game port accepts connections and ignores them.
@@ -14,6 +15,10 @@
 //! * `array-root`: correct handshake, then a status frame whose payload is `[4]`.
 //! * `never-confirm`: correct handshake, status 4, then health every 2 s and nothing else;
 //!   it never reports status 5, so a `confirmAllocation` allocation can only time out.
+//! * `log-frames`: correct handshake, status 4, then silence (it never reads back to the agent
+//!   in the protocol's sense): every frame the agent sends is appended to `--frames-file` as
+//!   `<microseconds since the connection> <opcode in hex>`, so a test can see how the agent
+//!   paces frames to a game that does not answer.
 //!
 //! Plain std and threads: nothing here may share code with the SDK whose rules it breaks.
 
@@ -23,7 +28,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const HELLO: [u8; 6] = [0x61, 0x72, 0x63, 0x00, 0x01, 0x00];
 const HELLO_REPLY: [u8; 12] = [0, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -37,6 +42,7 @@ enum Mode {
     HugeFrame,
     ArrayRoot,
     NeverConfirm,
+    LogFrames,
 }
 
 impl Mode {
@@ -47,6 +53,7 @@ impl Mode {
             "huge-frame" => Self::HugeFrame,
             "array-root" => Self::ArrayRoot,
             "never-confirm" => Self::NeverConfirm,
+            "log-frames" => Self::LogFrames,
             _ => return None,
         })
     }
@@ -58,6 +65,7 @@ struct Args {
     management_port: u16,
     mode: Mode,
     count_file: Option<String>,
+    frames_file: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
     let mut management_port = None;
     let mut mode = None;
     let mut count_file = None;
+    let mut frames_file = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -91,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
                 mode = Some(Mode::parse(&v).ok_or_else(|| format!("unknown --mode {v}"))?);
             }
             "--count-file" => count_file = Some(value()?),
+            "--frames-file" => frames_file = Some(value()?),
             // Only there so tests can find the process by instance id.
             "--instance-id" => {
                 value()?;
@@ -103,6 +113,7 @@ fn parse_args() -> Result<Args, String> {
         management_port: management_port.ok_or("--management-port is required")?,
         mode: mode.ok_or("--mode is required")?,
         count_file,
+        frames_file,
     })
 }
 
@@ -159,8 +170,9 @@ fn main() -> ExitCode {
             }
         }
         let mode = args.mode;
+        let frames_file = args.frames_file.clone();
         thread::spawn(move || {
-            if let Err(e) = play(mode, stream) {
+            if let Err(e) = play(mode, stream, frames_file.as_deref()) {
                 eprintln!("connection {n}: {e}");
             }
         });
@@ -194,7 +206,34 @@ fn drain(mut stream: TcpStream) {
     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
-fn play(mode: Mode, mut stream: TcpStream) -> std::io::Result<()> {
+/// Appends a line per frame the agent sends (after the handshake) until it closes the
+/// connection. Frames are split from the byte stream by their 12-byte headers.
+fn log_frames(mut stream: TcpStream, path: &str) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut log = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let at = started.elapsed().as_micros();
+        buf.extend_from_slice(&chunk[..n]);
+        let mut lines = String::new();
+        while buf.len() >= 12 {
+            let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+            if buf.len() < 12 + len {
+                break;
+            }
+            lines.push_str(&format!("{at} {:02x}\n", buf[1]));
+            buf.drain(..12 + len);
+        }
+        log.write_all(lines.as_bytes())?;
+    }
+}
+
+fn play(mode: Mode, mut stream: TcpStream, frames_file: Option<&str>) -> std::io::Result<()> {
     let status4 = frame(OP_STATUS, 1, br#"{"status":4}"#);
     match mode {
         Mode::BadHello => {
@@ -219,6 +258,13 @@ fn play(mode: Mode, mut stream: TcpStream) -> std::io::Result<()> {
         Mode::ArrayRoot => {
             handshake(&mut stream)?;
             stream.write_all(&frame(OP_STATUS, 1, b"[4]"))?;
+        }
+        Mode::LogFrames => {
+            handshake(&mut stream)?;
+            stream.write_all(&status4)?;
+            let path = frames_file
+                .ok_or_else(|| std::io::Error::other("--mode log-frames needs --frames-file"))?;
+            return log_frames(stream, path);
         }
         Mode::NeverConfirm => {
             handshake(&mut stream)?;
