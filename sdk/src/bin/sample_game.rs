@@ -22,6 +22,9 @@ use tokio::time::{Instant, sleep_until};
 /// buffered.
 const MAX_LINE: usize = 1024;
 const MAX_PLAYERS: i32 = 16;
+/// Pause after a failed accept on the game port (for example out of file descriptors), as the
+/// SDK does on its management port, so the accept loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ManagementProtocol {
@@ -290,9 +293,8 @@ async fn serve_game_port(listener: TcpListener, info: watch::Receiver<Info>) {
             Ok((stream, _)) => {
                 tokio::spawn(serve_client(stream, info.clone()));
             }
-            // A client that failed to connect is its own problem; running out of descriptors
-            // is not, and must not spin the loop.
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            // A client that failed to connect is its own problem; keep serving the rest.
+            Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
         }
     }
 }

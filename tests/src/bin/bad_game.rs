@@ -15,8 +15,8 @@
 //! * `array-root`: correct handshake, then a status frame whose payload is `[4]`.
 //! * `never-confirm`: correct handshake, status 4, then health every 2 s and nothing else;
 //!   it never reports status 5, so a `confirmAllocation` allocation can only time out.
-//! * `log-frames`: correct handshake, status 4, then silence (it never reads back to the agent
-//!   in the protocol's sense): every frame the agent sends is appended to `--frames-file` as
+//! * `log-frames`: correct handshake, status 4, then it never sends another frame; every frame
+//!   the agent sends is appended to `--frames-file` as
 //!   `<microseconds since the connection> <opcode in hex>`, so a test can see how the agent
 //!   paces frames to a game that does not answer.
 //!
