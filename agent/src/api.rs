@@ -25,6 +25,7 @@ use berth_protocol::agent_api::{
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::game_logs;
 use crate::metrics::Metrics;
 use crate::supervisor::{AllocateError, DeployError, InstanceError, SupervisorHandle, log_path};
 
@@ -38,6 +39,8 @@ pub struct ApiState {
     pub host: Arc<HostStatic>,
     pub host_id: watch::Receiver<Option<u64>>,
     pub log_dir: PathBuf,
+    /// Rotated copies kept per game log (`game_log_files`), read by `tail`.
+    pub log_files_kept: u32,
 }
 
 /// Host facts that do not change while the agent runs.
@@ -406,12 +409,11 @@ async fn logs(
     };
     let follow = berth_http::is_true(berth_http::query_param(query, "follow").as_deref());
     let path = log_path(&st.log_dir, &id);
-    let (head, offset) = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || read_tail(&path, tail.min(100_000))
-    })
-    .await
-    .map_err(|_| ApiError::Unavailable)?;
+    let files = game_logs::files_oldest_first(&st.log_dir, &id, st.log_files_kept);
+    let (head, offset) =
+        tokio::task::spawn_blocking(move || read_tail_of_files(&files, tail.min(100_000)))
+            .await
+            .map_err(|_| ApiError::Unavailable)?;
     let content_type = [(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -420,30 +422,50 @@ async fn logs(
         return Ok((content_type, head).into_response());
     }
     let sup = st.supervisor.clone();
+    let newest_copy = game_logs::rotated_path(&st.log_dir, &id, 1);
+    let copy_seen = copy_identity(&newest_copy);
     let stream = futures_util::stream::unfold(
-        (Some(head), offset, path, sup, id, 0u32),
-        |(first, mut offset, path, sup, id, mut ticks)| async move {
+        (
+            Some(head),
+            offset,
+            copy_seen,
+            path,
+            newest_copy,
+            sup,
+            id,
+            0u32,
+        ),
+        |(first, mut offset, mut copy_seen, path, newest_copy, sup, id, mut ticks)| async move {
             if let Some(first) = first {
                 return Some((
                     Ok::<_, std::io::Error>(first),
-                    (None, offset, path, sup, id, ticks),
+                    (None, offset, copy_seen, path, newest_copy, sup, id, ticks),
                 ));
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 ticks += 1;
                 let chunk = tokio::task::spawn_blocking({
-                    let path = path.clone();
-                    move || read_from(&path, offset)
+                    let (path, newest_copy) = (path.clone(), newest_copy.clone());
+                    move || {
+                        // A new `.1` means the file's head was moved there since the last look.
+                        let copy_now = copy_identity(&newest_copy);
+                        let moved = (copy_now != copy_seen).then(|| copy_now.map_or(0, |c| c.1));
+                        read_from(&path, offset, moved).map(|(b, next)| (b, next, copy_now))
+                    }
                 })
                 .await
                 .ok()
                 .flatten();
-                if let Some((bytes, next)) = chunk
-                    && !bytes.is_empty()
-                {
+                if let Some((bytes, next, copy_now)) = chunk {
                     offset = next;
-                    return Some((Ok(bytes), (None, offset, path, sup, id, ticks)));
+                    copy_seen = copy_now;
+                    if !bytes.is_empty() {
+                        return Some((
+                            Ok(bytes),
+                            (None, offset, copy_seen, path, newest_copy, sup, id, ticks),
+                        ));
+                    }
                 }
                 // Every few seconds, stop following a removed instance.
                 if ticks % 10 == 0 && sup.get(id.clone()).await.is_none() {
@@ -478,6 +500,11 @@ fn read_tail(path: &std::path::Path, lines: usize) -> (Vec<u8>, u64) {
             break;
         }
     }
+    (last_lines(buf, lines), len)
+}
+
+/// The last `lines` lines of `buf` (a last line without its newline counts).
+fn last_lines(mut buf: Vec<u8>, lines: usize) -> Vec<u8> {
     let mut cut = 0;
     let mut seen = 0;
     for (i, b) in buf.iter().enumerate().rev() {
@@ -492,14 +519,41 @@ fn read_tail(path: &std::path::Path, lines: usize) -> (Vec<u8>, u64) {
     if lines == 0 {
         cut = buf.len();
     }
-    (buf.split_off(cut), len)
+    buf.split_off(cut)
 }
 
-fn read_from(path: &std::path::Path, offset: u64) -> Option<(Vec<u8>, u64)> {
+/// The last `lines` lines of a game's output across its files (oldest first), and the length
+/// of the last (live) file. The files are one stream cut at block boundaries, often mid-line,
+/// so lines are counted on the joined bytes.
+fn read_tail_of_files(files: &[PathBuf], lines: usize) -> (Vec<u8>, u64) {
+    let mut joined = Vec::new();
+    let mut live_len = None;
+    for f in files.iter().rev() {
+        // One line more than asked: the first may be the end of a line the older file starts.
+        let (mut chunk, len) = read_tail(f, lines + 1);
+        live_len.get_or_insert(len);
+        let whole = chunk.len() as u64 == len;
+        chunk.extend_from_slice(&joined);
+        joined = chunk;
+        if !whole {
+            break;
+        }
+    }
+    (last_lines(joined, lines), live_len.unwrap_or(0))
+}
+
+/// Which `.1` copy exists (inode and length), to notice a rotation.
+fn copy_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
+}
+
+/// The bytes of `path` from `offset` on (at most 1 MiB), and where the next read starts.
+/// `moved`: bytes moved out of the file's head by a rotation since `offset` was taken.
+fn read_from(path: &std::path::Path, offset: u64, moved: Option<u64>) -> Option<(Vec<u8>, u64)> {
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    // A truncated file (rotated) starts over.
-    let offset = if len < offset { 0 } else { offset };
+    let offset = game_logs::offset_after_rotation(offset, moved, len);
     f.seek(SeekFrom::Start(offset)).ok()?;
     let mut bytes = Vec::new();
     f.take(1 << 20).read_to_end(&mut bytes).ok()?;
@@ -523,7 +577,31 @@ mod tests {
         assert_eq!(read_tail(&dir.join("none"), 3).0, b"");
         let (_, len) = read_tail(&p, 1);
         std::fs::write(&p, "a\nb\nc\nd\ne\n").expect("append");
-        assert_eq!(read_from(&p, len).expect("read").0, b"e\n");
+        assert_eq!(read_from(&p, len, None).expect("read").0, b"e\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tail_spans_rotated_copies() {
+        let dir = std::env::temp_dir().join(format!("berth-tail-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let files = [dir.join("g.log.2"), dir.join("g.log.1"), dir.join("g.log")];
+        // One stream cut mid-line twice, as a rotation at a block boundary cuts it.
+        std::fs::write(&files[0], "l1\nl2\nl").expect("write");
+        std::fs::write(&files[1], "3\nl4\nl5").expect("write");
+        std::fs::write(&files[2], "\nl6\n").expect("write");
+        assert_eq!(read_tail_of_files(&files, 1).0, b"l6\n");
+        assert_eq!(read_tail_of_files(&files, 2).0, b"l5\nl6\n");
+        assert_eq!(read_tail_of_files(&files, 3).0, b"l4\nl5\nl6\n");
+        assert_eq!(
+            read_tail_of_files(&files, 100).0,
+            b"l1\nl2\nl3\nl4\nl5\nl6\n"
+        );
+        assert_eq!(
+            read_tail_of_files(&files, 1).1,
+            4,
+            "offset: the live file's length"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

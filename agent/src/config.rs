@@ -10,6 +10,13 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::game_logs::LogPolicy;
+
+/// A game's live log is rotated past 10 MiB by default (Nomad's per-file default too).
+const DEFAULT_GAME_LOG_MAX_BYTES: u64 = 10 << 20;
+const MIN_GAME_LOG_MAX_BYTES: u64 = 64 << 10;
+const MAX_GAME_LOG_MAX_BYTES: u64 = 1 << 40;
+
 /// The file as written. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +42,9 @@ struct RawConfig {
     max_instances: Option<usize>,
     log_format: Option<String>,
     worker_threads: Option<usize>,
+    game_log_max_bytes: Option<u64>,
+    game_log_files: Option<u32>,
+    game_log_retention_hours: Option<u64>,
     #[serde(default)]
     tokens: Vec<RawToken>,
 }
@@ -82,6 +92,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Tokens accepted on the API besides the one the agent gives the controller.
     pub api_tokens: Vec<String>,
+    /// How games' log files are bounded.
+    pub game_logs: LogPolicy,
 }
 
 /// Keys that `BERTH_<KEY>` variables and flags may override.
@@ -104,6 +116,9 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("max_instances", Kind::Int),
     ("log_format", Kind::Str),
     ("worker_threads", Kind::Int),
+    ("game_log_max_bytes", Kind::Int),
+    ("game_log_files", Kind::Int),
+    ("game_log_retention_hours", Kind::Int),
 ];
 
 impl Config {
@@ -282,6 +297,36 @@ impl Config {
             ));
         }
 
+        let max_bytes = raw.game_log_max_bytes.unwrap_or(DEFAULT_GAME_LOG_MAX_BYTES);
+        if !(MIN_GAME_LOG_MAX_BYTES..=MAX_GAME_LOG_MAX_BYTES).contains(&max_bytes) {
+            return Err(err(
+                "game_log_max_bytes",
+                format!(
+                    "{max_bytes} is outside {MIN_GAME_LOG_MAX_BYTES}-{MAX_GAME_LOG_MAX_BYTES} \
+                     (64 KiB to 1 TiB; the default is {DEFAULT_GAME_LOG_MAX_BYTES}, 10 MiB)"
+                ),
+            ));
+        }
+        let keep = raw.game_log_files.unwrap_or(2);
+        if keep > 100 {
+            return Err(err(
+                "game_log_files",
+                format!("{keep} is more than 100 rotated files per game"),
+            ));
+        }
+        let retention_hours = raw.game_log_retention_hours.unwrap_or(72);
+        if retention_hours > 24 * 366 {
+            return Err(err(
+                "game_log_retention_hours",
+                format!("{retention_hours} is more than a year (8784 hours)"),
+            ));
+        }
+        let game_logs = LogPolicy {
+            max_bytes,
+            keep,
+            retention: Duration::from_secs(retention_hours * 3600),
+        };
+
         let addresses = match raw.addresses {
             Some(list) => {
                 for a in &list {
@@ -331,6 +376,7 @@ impl Config {
             log_format,
             worker_threads,
             api_tokens,
+            game_logs,
         })
     }
 }
@@ -455,6 +501,37 @@ management_ports = "30000-32767"
             let text = format!("game_ports = \"{}-{}\"", eph.start(), eph.start() + 10);
             assert_eq!(load(&text).expect_err("ephemeral").key, "game_ports");
         }
+    }
+
+    #[test]
+    fn game_log_bounds() {
+        let c = load("").expect("defaults");
+        assert_eq!(
+            c.game_logs,
+            LogPolicy {
+                max_bytes: 10 << 20,
+                keep: 2,
+                retention: Duration::from_secs(72 * 3600),
+            }
+        );
+        let e = load("game_log_max_bytes = 1000").expect_err("too small");
+        assert_eq!(e.key, "game_log_max_bytes");
+        assert!(e.to_string().contains("1000 is outside 65536-"), "{e}");
+        assert_eq!(
+            load("game_log_files = 101").expect_err("many").key,
+            "game_log_files"
+        );
+        assert_eq!(
+            load("game_log_retention_hours = 9000")
+                .expect_err("long")
+                .key,
+            "game_log_retention_hours"
+        );
+        let c =
+            load("game_log_max_bytes = 65536\ngame_log_files = 0\ngame_log_retention_hours = 0")
+                .expect("edges");
+        assert_eq!(c.game_logs.keep, 0);
+        assert_eq!(c.game_logs.retention, Duration::ZERO);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod arcus_link;
 pub mod config;
 pub mod controller_link;
 pub mod detect;
+pub mod game_logs;
 pub mod metrics;
 pub mod ports;
 pub mod process;
@@ -146,6 +147,13 @@ pub async fn run(
         }
     };
 
+    let log_keeper = tokio::spawn(game_logs::keep_bounded(
+        config.log_dir.clone(),
+        config.game_logs,
+        handle.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mut tokens = config.api_tokens.clone();
     tokens.push(agent_token);
     let app = api::router(api::ApiState {
@@ -163,6 +171,7 @@ pub async fn run(
         }),
         host_id: host_id_rx,
         log_dir: config.log_dir.clone(),
+        log_files_kept: config.game_logs.keep,
     });
     tracing::info!(listen = %local, host_name = %config.host_name, "agent ready");
     on_ready(local);
@@ -180,6 +189,7 @@ pub async fn run(
         tracing::warn!(error = %e, "shutdown");
     }
     watchdog.abort();
+    log_keeper.abort();
     if let Some(t) = link_task {
         t.abort();
     }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub arcus_protocol_errors: Counter,
     pub heartbeats_ok: Counter,
     pub heartbeats_failed: Counter,
+    pub game_log_rotations: Counter,
+    pub game_logs_removed: Counter,
     instances: Family<Labels, Gauge>,
     arcus_links_up: Gauge,
 }
@@ -75,6 +77,16 @@ impl Metrics {
             "arcus_protocol_errors",
             "Arcus links closed because the game broke the protocol",
         );
+        let game_log_rotations = counter(
+            &mut registry,
+            "game_log_rotations",
+            "Game log files rotated for being over game_log_max_bytes",
+        );
+        let game_logs_removed = counter(
+            &mut registry,
+            "game_logs_removed",
+            "Log files of removed instances deleted after game_log_retention_hours",
+        );
         let instances = Family::<Labels, Gauge>::default();
         registry.register(
             "instances",
@@ -106,6 +118,8 @@ impl Metrics {
             readopted,
             arcus_connects,
             arcus_protocol_errors,
+            game_log_rotations,
+            game_logs_removed,
             instances,
             arcus_links_up,
         }

@@ -25,6 +25,8 @@
 //! * [`game_info`], [`sample_game_profile`], [`bad_game_profile`]: drive the test games.
 //! * [`pid_alive`], [`count_instance_processes`], [`pids_writing_under`], [`arg_value`]: what
 //!   the kernel says about processes.
+//! * [`with_descriptor_census`] adds what this process holds open to a failure that ran out of
+//!   descriptors or found a port taken.
 //! * Agents and controllers can listen on other addresses than loopback
 //!   ([`AgentConfig::listen_ip`], [`ControllerConfig::listen_ip`]) and an agent can run under a
 //!   wrapper command ([`AgentConfig::wrapper`], e.g. `ip netns exec <ns>`), for tests that put
@@ -287,7 +289,12 @@ pub fn free_port() -> u16 {
     loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}",
+                    with_descriptor_census(format!("bind 127.0.0.1:0: {e}"))
+                )
+            })
             .port();
         if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
             return port;
@@ -298,6 +305,109 @@ pub fn free_port() -> u16 {
 /// `"a-b"`, as the agent's configuration writes a range.
 pub fn range_text(r: &RangeInclusive<u16>) -> String {
     format!("{}-{}", r.start(), r.end())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Descriptor exhaustion
+
+/// `message`, followed by what this process holds open when `message` reports that it ran out
+/// of descriptors (EMFILE) or that a port was taken (EADDRINUSE). Once, on a fresh CI machine,
+/// a suite failed with both, far below the process's limit, and could not be reproduced; the
+/// next occurrence then says what this process held.
+pub fn with_descriptor_census(message: String) -> String {
+    if [
+        "os error 24",
+        "Too many open files",
+        "os error 98",
+        "Address already in use",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+    {
+        format!("{message}\n{}", fd_census())
+    } else {
+        message
+    }
+}
+
+/// The open descriptors of this process, counted by kind (sockets also by TCP state and
+/// ports, files by directory), most frequent first, with the process's limit.
+pub fn fd_census() -> String {
+    let mut sockets_by_inode = std::collections::HashMap::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let port = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    .unwrap_or(0)
+            };
+            let state = match f[3] {
+                "01" => "ESTABLISHED",
+                "02" => "SYN_SENT",
+                "06" => "TIME_WAIT",
+                "07" => "CLOSE",
+                "08" => "CLOSE_WAIT",
+                "0A" => "LISTEN",
+                other => other,
+            };
+            sockets_by_inode.insert(
+                f[9].to_owned(),
+                format!("tcp {state} local :{} remote :{}", port(f[1]), port(f[2])),
+            );
+        }
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        total += 1;
+        let target = std::fs::read_link(entry.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        let kind = if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            sockets_by_inode
+                .get(inode)
+                .cloned()
+                .unwrap_or_else(|| "socket (not TCP)".to_owned())
+        } else if target.starts_with("pipe:") {
+            "pipe".to_owned()
+        } else if target.starts_with('/') {
+            let dir = Path::new(&target).parent().unwrap_or(Path::new("/"));
+            format!("file in {}", dir.display())
+        } else {
+            target
+        };
+        *counts.entry(kind).or_default() += 1;
+    }
+    let mut ranked: Vec<(String, usize)> = counts.into_iter().collect();
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let mut out = format!("this process holds {total} descriptors ({limit}); the most common:");
+    for (kind, n) in ranked.iter().take(15) {
+        out.push_str(&format!("\n  {n:>6}  {kind}"));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,7 +587,7 @@ impl Http {
     ) -> Response {
         self.try_send(method, url, token, headers, body)
             .await
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{}", with_descriptor_census(e)))
     }
 }
 
@@ -611,7 +721,12 @@ impl Daemon {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} ({cmd:?}): {e}", self.name));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}",
+                    with_descriptor_census(format!("spawn {} ({cmd:?}): {e}", self.name))
+                )
+            });
         self.child = Some(child);
         // The daemon may listen on 0.0.0.0 while it is reached on one address: the port decides.
         let port = url.rsplit(':').next().unwrap_or_default();
@@ -627,9 +742,12 @@ impl Daemon {
             {
                 self.child = None;
                 panic!(
-                    "{} exited ({status}) before it was ready; its log:\n{}",
-                    self.name,
-                    self.log()
+                    "{}",
+                    with_descriptor_census(format!(
+                        "{} exited ({status}) before it was ready; its log:\n{}",
+                        self.name,
+                        self.log()
+                    ))
                 );
             }
             // A 200 alone could come from another daemon that took the port first; the
@@ -2191,4 +2309,26 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 /// Sends `signal` to one process.
 pub fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
     kill(pid_of(pid), signal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn census_names_what_is_open() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let census = with_descriptor_census("spawn x: Too many open files (os error 24)".into());
+        assert!(census.contains("this process holds"), "{census}");
+        assert!(census.contains("Max open files"), "{census}");
+        assert!(
+            census.contains(&format!("tcp LISTEN local :{port} remote :0")),
+            "{census}"
+        );
+        assert_eq!(
+            with_descriptor_census("something else".into()),
+            "something else"
+        );
+    }
 }

@@ -870,3 +870,161 @@ async fn stop_and_remove() {
     let info = wait_game_info(port_of(&online), "allocated", |i| i["allocated"] == true).await;
     assert_eq!(info["instanceId"], json!(busy));
 }
+
+/// The numbers of the `line NNNNNN` lines the bad game wrote, in file order (its other output,
+/// on stderr, is in the same files and skipped).
+fn numbered_lines(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("line ")?.get(..6)?.parse().ok())
+        .collect()
+}
+
+/// Where consecutive numbers do not follow each other (a line lost or repeated).
+fn breaks(numbers: &[u32]) -> Vec<(u32, u32)> {
+    numbers
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| (w[0], w[1]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn game_logs_rotate_without_losing_a_line_and_go_after_removal() {
+    const LINES: u32 = 4000; // 100 bytes each: 400 KB over ≈ 4 s
+    const MAX: u64 = 64 * 1024;
+    let mut config = AgentConfig::new("log-rotation");
+    config.extra.push(format!("game_log_max_bytes = {MAX}"));
+    config.extra.push("game_log_files = 2".to_owned());
+    config.extra.push("game_log_retention_hours = 0".to_owned());
+    let mut agent = AgentProcess::spawn("log-rotation", config).await;
+    let chatty = new_id("g-chatty");
+    let mut profile = bad_game_profile(
+        "bad-chatty",
+        9,
+        "never-confirm",
+        &agent.dir().join("chatty.count"),
+    );
+    profile["args"]
+        .as_array_mut()
+        .expect("args")
+        .push(json!(format!("--log-lines={LINES}")));
+    agent.deploy(&deploy_body(&chatty, profile)).await;
+    let quiet = new_id("g-quiet");
+    agent.deploy_sample(&quiet, 0, 0).await;
+    agent.wait_online(&quiet).await;
+
+    let live = agent.game_log_path(&chatty);
+    let copy = |n: u32| live.with_file_name(format!("{chatty}.log.{n}"));
+    // Oldest first: the stream as the game wrote it, minus what rotation dropped.
+    let kept = || {
+        [copy(2), copy(1), live.clone()]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<String>()
+    };
+    // Done when the last line is written and the agent has rotated the live file since.
+    wait_for(
+        "the last line, with the live log under the limit",
+        TIMEOUT,
+        async || {
+            let len = std::fs::metadata(&live).map_or(0, |m| m.len());
+            let last = numbered_lines(&kept()).last().copied();
+            if last == Some(LINES - 1) && len <= MAX && copy(2).exists() {
+                Ok(())
+            } else {
+                Err(format!("last line {last:?}, live log {len} bytes"))
+            }
+        },
+    )
+    .await;
+
+    assert!(!copy(3).exists(), "game_log_files = 2 keeps two copies");
+    for p in [copy(2), copy(1), live.clone()] {
+        let len = std::fs::metadata(&p).expect("a log file").len();
+        // Checked every second: a file can pass the limit by what the game writes meanwhile.
+        assert!(
+            len <= MAX + 200 * 1024,
+            "{} is {len} bytes with a limit of {MAX}",
+            p.display()
+        );
+    }
+    let numbers = numbered_lines(&kept());
+    let first = numbers[0];
+    assert!(first > 0, "the oldest output was dropped, not kept forever");
+    let copy_truncate = agent.log().contains("cannot collapse a file range");
+    if copy_truncate {
+        // This filesystem rotates by copy and truncate: lines may be lost, never reordered.
+        println!("log_dir's filesystem cannot collapse ranges; checking order only");
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+    } else {
+        assert_eq!(
+            breaks(&numbers),
+            Vec::<(u32, u32)>::new(),
+            "every line from {first} on is kept once, in order; (a, b): line b follows line a"
+        );
+    }
+
+    // The API's tail reads across the files.
+    let tail = agent
+        .get(&format!("/v1/instances/{chatty}/logs?tail=1000"))
+        .await
+        .expect(200);
+    let tail_numbers = numbered_lines(&tail.text);
+    assert_eq!(tail_numbers.last(), Some(&(LINES - 1)), "{}", tail.text);
+    if !copy_truncate {
+        assert!(
+            tail_numbers.len() >= 990,
+            "tail=1000 spans the rotated copies: {} numbered lines",
+            tail_numbers.len()
+        );
+        assert_eq!(
+            breaks(&tail_numbers),
+            Vec::<(u32, u32)>::new(),
+            "tail=1000: (a, b): line b follows line a"
+        );
+    }
+    let m = agent.get("/metrics").await.expect(200);
+    let rotations = berth_e2e::metric(&m.text, "berth_agent_game_log_rotations_total", "")
+        .unwrap_or_else(|| panic!("no rotation counter in /metrics:\n{}", m.text));
+    assert!(rotations >= 3.0, "{rotations} rotations for 400 KB");
+
+    // Removed: its logs go at the next sweep (the first comes as the agent starts); the
+    // running game's log stays. This game ignores a soft stop, so it is stopped with a short
+    // timeout first.
+    agent
+        .post(
+            &format!("/v1/instances/{chatty}/stop"),
+            &json!({"timeoutSeconds": 1}),
+        )
+        .await
+        .expect(200);
+    agent
+        .wait_instance(&chatty, "stopped (status 2, no process)", |i| {
+            i["status"] == 2 && i["pid"].is_null()
+        })
+        .await;
+    agent
+        .delete(&format!("/v1/instances/{chatty}"))
+        .await
+        .expect(200);
+    wait_for("the instance gone", TIMEOUT, async || {
+        let status = agent.get(&format!("/v1/instances/{chatty}")).await.status;
+        if status == 404 { Ok(()) } else { Err(status) }
+    })
+    .await;
+    agent.sigterm().await;
+    agent.start().await;
+    wait_for("the removed instance's logs deleted", TIMEOUT, async || {
+        let left: Vec<_> = [copy(2), copy(1), live.clone()]
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
+        if left.is_empty() { Ok(()) } else { Err(left) }
+    })
+    .await;
+    assert!(
+        agent.game_log_path(&quiet).is_file(),
+        "a running game's log survives retention 0"
+    );
+    agent.wait_online(&quiet).await;
+}

@@ -3,8 +3,10 @@
 //! lets such a game be allocated.
 //!
 //! Flags: `--management-port P --port G --mode MODE [--count-file FILE] [--frames-file FILE]
-//! [--instance-id ID]`
-//! (`--flag value` or `--flag=value`). Every accepted management connection appends one line
+//! [--log-lines N] [--instance-id ID]`
+//! (`--flag value` or `--flag=value`). With `--log-lines N`, whatever the mode, the game writes
+//! N numbered lines of 100 bytes to stdout (its log), one a millisecond:
+//! `line 000000 ...`, so a test can check that log rotation keeps them in order without gaps. Every accepted management connection appends one line
 //! to the count file, so a test can see the agent reconnect; each new connection plays the mode
 //! again. The game port accepts connections and ignores them.
 //!
@@ -66,6 +68,7 @@ struct Args {
     mode: Mode,
     count_file: Option<String>,
     frames_file: Option<String>,
+    log_lines: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -74,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
     let mut mode = None;
     let mut count_file = None;
     let mut frames_file = None;
+    let mut log_lines = 0;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -101,6 +105,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--count-file" => count_file = Some(value()?),
             "--frames-file" => frames_file = Some(value()?),
+            "--log-lines" => {
+                log_lines = value()?.parse().map_err(|e| format!("--log-lines: {e}"))?;
+            }
             // Only there so tests can find the process by instance id.
             "--instance-id" => {
                 value()?;
@@ -114,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
         mode: mode.ok_or("--mode is required")?,
         count_file,
         frames_file,
+        log_lines,
     })
 }
 
@@ -149,6 +157,8 @@ fn main() -> ExitCode {
         "berth-bad-game listening game={} management={} mode={:?}",
         args.port, args.management_port, args.mode
     );
+    let lines = args.log_lines;
+    thread::spawn(move || write_log_lines(lines));
     thread::spawn(move || {
         for conn in game.incoming() {
             drop(conn);
@@ -198,6 +208,18 @@ fn handshake(stream: &mut TcpStream) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Writes `n` numbered lines of 100 bytes (newline included) to stdout, one a millisecond.
+fn write_log_lines(n: u32) {
+    let mut out = std::io::stdout();
+    for i in 0..n {
+        // Stdout is line-buffered: one write per line, as a game's logger does.
+        if writeln!(out, "line {i:06} {:.<87}", "").is_err() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Reads and ignores whatever the agent sends until it closes the connection.

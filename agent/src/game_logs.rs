@@ -1,0 +1,512 @@
+//! Games' log files (`<log_dir>/<instance id>.log`, the game's stdout and stderr): kept under a
+//! size bound while the game runs, and removed some time after the instance is gone.
+//!
+//! A game writes its log through a descriptor it was given at spawn (opened `O_APPEND`), and
+//! keeps writing across agent restarts, so the agent cannot reopen the file for it. A file over
+//! the limit is rotated in place: its head, cut at a block boundary, is copied to `<id>.log.1`
+//! (older copies move to `.2`, `.3`, …) and then removed from the live file with
+//! `FALLOC_FL_COLLAPSE_RANGE`. The kernel does that under the inode's lock, so the game's
+//! concurrent appends land after what is left and nothing is lost or written twice. Where the
+//! filesystem cannot collapse a range (tmpfs, btrfs, NFS), the whole file is copied and then
+//! truncated (logrotate's `copytruncate`): what the game writes between the two steps is lost.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, fallocate};
+
+use crate::Shutdown;
+use crate::metrics::Metrics;
+use crate::supervisor::{SupervisorHandle, log_path};
+
+/// How often log sizes are checked. A game can write past the limit by what it writes in this
+/// time.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often logs of removed instances are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The validated `game_log_*` keys of `agent.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPolicy {
+    /// A live log larger than this is rotated.
+    pub max_bytes: u64,
+    /// Rotated copies kept per instance (`.1` newest). 0: the head is dropped, not kept.
+    pub keep: u32,
+    /// How long the logs of a removed instance stay after their last write.
+    pub retention: Duration,
+}
+
+/// `<log_dir>/<id>.log.<n>`: the `n`-th newest rotated copy.
+pub fn rotated_path(log_dir: &Path, id: &str, n: u32) -> PathBuf {
+    log_dir.join(format!("{id}.log.{n}"))
+}
+
+/// What one rotation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotated {
+    /// The head was moved out; the game's later writes are all kept.
+    Collapsed { moved: u64 },
+    /// The filesystem cannot collapse a range: copied whole and truncated.
+    CopyTruncated { moved: u64 },
+}
+
+/// Rotates `path` if it is larger than `policy.max_bytes`. `collapse` is cleared the first time
+/// the filesystem refuses to collapse a range, so later rotations go straight to copying.
+pub fn rotate_if_large(
+    path: &Path,
+    policy: &LogPolicy,
+    collapse: &AtomicBool,
+) -> io::Result<Option<Rotated>> {
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let len = meta.len();
+    if len <= policy.max_bytes {
+        return Ok(None);
+    }
+    let block = meta.blksize().max(512);
+    // The cut must be block-aligned and must not reach the end of the file (the kernel refuses
+    // a collapse that does).
+    let cut = (len - 1) / block * block;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let id = name.strip_suffix(".log").unwrap_or(name);
+    shift(dir, id, policy.keep)?;
+    // The copy gets its name only when complete, so that a reader following the log sees a
+    // new `.1` once, with its final length.
+    let tmp = dir.join(format!("{id}.log.1.tmp"));
+    let mut copy = if policy.keep > 0 {
+        Some(File::create(&tmp)?)
+    } else {
+        None
+    };
+    let rotated = if cut > 0 && collapse.load(Ordering::Relaxed) {
+        if let Some(out) = copy.as_mut() {
+            copy_range(&file, 0, cut, out)?;
+        }
+        match fallocate(
+            file.as_fd(),
+            FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+            0,
+            cut as i64,
+        ) {
+            Ok(()) => Rotated::Collapsed { moved: cut },
+            Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {
+                collapse.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    path = %path.display(),
+                    "this filesystem cannot collapse a file range: game logs are rotated by copy \
+                     and truncate, and a line written during the copy can be lost (put log_dir on \
+                     ext4 or XFS to keep every line)"
+                );
+                // The copy so far is [0, cut); finish it.
+                Rotated::CopyTruncated {
+                    moved: finish_copy_truncate(&file, cut, copy.as_mut())?,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        Rotated::CopyTruncated {
+            moved: finish_copy_truncate(&file, 0, copy.as_mut())?,
+        }
+    };
+    if copy.is_some() {
+        std::fs::rename(&tmp, rotated_path(dir, id, 1))?;
+    }
+    Ok(Some(rotated))
+}
+
+/// Copies `[from, end)` of `file` to `out` (when kept) and truncates `file` to 0.
+fn finish_copy_truncate(file: &File, from: u64, out: Option<&mut File>) -> io::Result<u64> {
+    let end = file.metadata()?.len();
+    if let Some(out) = out {
+        copy_range(file, from, end - from.min(end), out)?;
+    }
+    // The game's descriptor is O_APPEND, so its next write starts at the new end.
+    file.set_len(0)?;
+    Ok(end)
+}
+
+/// Copies `len` bytes of `file` from `offset` to the end of `out` (`copy_file_range` where the
+/// kernel can).
+fn copy_range(mut file: &File, offset: u64, len: u64, out: &mut File) -> io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    io::copy(&mut file.take(len), out)?;
+    Ok(())
+}
+
+/// `.k` becomes `.k+1` for every kept copy, the oldest dropped, so that `.1` is free.
+fn shift(dir: &Path, id: &str, keep: u32) -> io::Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    for k in (1..keep).rev() {
+        match std::fs::rename(rotated_path(dir, id, k), rotated_path(dir, id, k + 1)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The instance id a file in the log directory belongs to: `<id>.log` or `<id>.log.<n>`.
+fn owner(name: &str) -> Option<&str> {
+    if let Some(id) = name.strip_suffix(".log") {
+        return Some(id);
+    }
+    let (stem, n) = name.rsplit_once('.')?;
+    n.parse::<u32>().ok()?;
+    stem.strip_suffix(".log")
+}
+
+/// Rotates every live log in `dir` over the limit. Returns how many it rotated.
+pub fn rotate_all(dir: &Path, policy: &LogPolicy, collapse: &AtomicBool) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut rotated = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // One statx per file and second; a file is opened only when it is over the limit.
+        if path.extension().is_none_or(|e| e != "log")
+            || entry.metadata().is_ok_and(|m| m.len() <= policy.max_bytes)
+        {
+            continue;
+        }
+        match rotate_if_large(&path, policy, collapse) {
+            Ok(Some(r)) => {
+                rotated += 1;
+                tracing::debug!(path = %path.display(), ?r, "game log rotated");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot rotate game log");
+            }
+        }
+    }
+    rotated
+}
+
+/// Removes the logs of instances not in `live` whose newest file was last written more than
+/// `retention` ago. Returns how many files it removed.
+pub fn remove_stale(dir: &Path, live: &HashSet<String>, retention: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = SystemTime::now();
+    // An instance's files go together, decided by the newest of them.
+    let mut newest: std::collections::HashMap<String, (SystemTime, Vec<PathBuf>)> =
+        Default::default();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(owner) else {
+            continue;
+        };
+        if live.contains(id) {
+            continue;
+        }
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
+        let slot = newest
+            .entry(id.to_owned())
+            .or_insert((SystemTime::UNIX_EPOCH, Vec::new()));
+        slot.0 = slot.0.max(modified);
+        slot.1.push(entry.path());
+    }
+    let mut removed = 0;
+    for (id, (modified, files)) in newest {
+        if now.duration_since(modified).unwrap_or_default() < retention {
+            continue;
+        }
+        for f in files {
+            match std::fs::remove_file(&f) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot remove game log")
+                }
+            }
+        }
+        tracing::info!(instance_id = %id, "logs of a removed instance deleted after retention");
+    }
+    removed
+}
+
+/// Keeps `log_dir` bounded until shutdown: rotation every [`CHECK_EVERY`], removal of logs of
+/// instances the supervisor no longer has every [`SWEEP_EVERY`]. File work runs on the blocking
+/// pool, away from the game links.
+pub async fn keep_bounded(
+    log_dir: PathBuf,
+    policy: LogPolicy,
+    supervisor: SupervisorHandle,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let collapse = Arc::new(AtomicBool::new(true));
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = check.tick() => {
+                let (dir, collapse) = (log_dir.clone(), collapse.clone());
+                let n = tokio::task::spawn_blocking(move || rotate_all(&dir, &policy, &collapse))
+                    .await
+                    .unwrap_or(0);
+                metrics.game_log_rotations.inc_by(n as u64);
+            }
+            _ = sweep.tick() => {
+                let Some(instances) = supervisor.list().await else { return };
+                let live: HashSet<String> = instances.into_iter().map(|i| i.id).collect();
+                let dir = log_dir.clone();
+                let n = tokio::task::spawn_blocking(move || {
+                    remove_stale(&dir, &live, policy.retention)
+                })
+                .await
+                .unwrap_or(0);
+                metrics.game_logs_removed.inc_by(n as u64);
+            }
+        }
+    }
+}
+
+/// Where a reader of `<id>.log` that has read up to `offset` goes on, given that `rotated_len`
+/// bytes were moved out of the file's head since (the length of the new `.1`, or `None` if no
+/// rotation happened) and the file is now `len` long.
+pub fn offset_after_rotation(offset: u64, rotated_len: Option<u64>, len: u64) -> u64 {
+    let offset = match rotated_len {
+        Some(moved) => offset.saturating_sub(moved),
+        None => offset,
+    };
+    // Truncated by hand, or rotated more than once since: start over.
+    if offset > len { 0 } else { offset }
+}
+
+/// The log files of instance `id`, oldest first: the kept copies, then the live log. Reading
+/// them in this order gives the game's output without gaps (but for copy-and-truncate
+/// rotations).
+pub fn files_oldest_first(log_dir: &Path, id: &str, keep_at_most: u32) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..=keep_at_most)
+        .rev()
+        .map(|n| rotated_path(log_dir, id, n))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(log_path(log_dir, id));
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("berth-logs-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
+    fn policy(max_bytes: u64, keep: u32) -> LogPolicy {
+        LogPolicy {
+            max_bytes,
+            keep,
+            retention: Duration::from_secs(3600),
+        }
+    }
+
+    /// Numbered lines, as a game would write them.
+    fn lines(from: usize, to: usize) -> String {
+        (from..to)
+            .map(|n| format!("line {n:06} of the game's output\n"))
+            .collect()
+    }
+
+    fn append(path: &Path, text: &str) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open");
+        f.write_all(text.as_bytes()).expect("write");
+    }
+
+    /// Everything the instance's files hold, oldest first.
+    fn all(dir: &Path, id: &str) -> String {
+        files_oldest_first(dir, id, 10)
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn rotation_keeps_every_byte_in_order_and_bounds_the_count() {
+        let d = dir();
+        let path = log_path(&d, "g1");
+        let collapse = AtomicBool::new(true);
+        let p = policy(16 * 1024, 2);
+        let mut written = String::new();
+        for round in 0..6 {
+            let chunk = lines(round * 700, (round + 1) * 700);
+            append(&path, &chunk);
+            written.push_str(&chunk);
+            let r = rotate_if_large(&path, &p, &collapse).expect("rotate");
+            assert!(
+                r.is_some(),
+                "round {round}: {} bytes is over the limit",
+                chunk.len()
+            );
+        }
+        assert!(
+            !rotated_path(&d, "g1", 3).exists(),
+            "only 2 copies are kept"
+        );
+        let kept = all(&d, "g1");
+        assert!(
+            written.ends_with(&kept),
+            "the kept files are the tail of the output"
+        );
+        if collapse.load(Ordering::Relaxed) {
+            // Collapse keeps the live file's last block: the live file is short, and the
+            // copies are whole blocks.
+            let live = std::fs::metadata(&path).expect("live").len();
+            assert!(live <= 4096, "live log is {live} bytes after rotation");
+            assert_eq!(
+                std::fs::metadata(rotated_path(&d, "g1", 1))
+                    .expect(".1")
+                    .len()
+                    % 512,
+                0
+            );
+        }
+        // Under the limit: nothing happens.
+        assert_eq!(rotate_if_large(&path, &p, &collapse).expect("rotate"), None);
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn keep_zero_drops_the_head() {
+        let d = dir();
+        let path = log_path(&d, "g2");
+        let collapse = AtomicBool::new(true);
+        append(&path, &lines(0, 2000));
+        rotate_if_large(&path, &policy(8 * 1024, 0), &collapse)
+            .expect("rotate")
+            .expect("rotated");
+        assert!(!rotated_path(&d, "g2", 1).exists());
+        assert!(lines(0, 2000).ends_with(&std::fs::read_to_string(&path).expect("live")));
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn copy_truncate_when_collapse_is_off() {
+        let d = dir();
+        let path = log_path(&d, "g3");
+        let collapse = AtomicBool::new(false);
+        let text = lines(0, 1000);
+        append(&path, &text);
+        let r = rotate_if_large(&path, &policy(8 * 1024, 1), &collapse).expect("rotate");
+        assert_eq!(
+            r,
+            Some(Rotated::CopyTruncated {
+                moved: text.len() as u64
+            })
+        );
+        assert_eq!(std::fs::metadata(&path).expect("live").len(), 0);
+        assert_eq!(
+            std::fs::read_to_string(rotated_path(&d, "g3", 1)).expect(".1"),
+            text
+        );
+        // A write after the truncation starts at the beginning (O_APPEND), no hole.
+        append(&path, "next\n");
+        assert_eq!(std::fs::read_to_string(&path).expect("live"), "next\n");
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_filesystem_without_collapse_switches_to_copy_truncate() {
+        // tmpfs refuses FALLOC_FL_COLLAPSE_RANGE.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            println!("skipped: no /dev/shm (tmpfs) here");
+            return;
+        }
+        let d = shm.join(format!("berth-logs-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).expect("dir");
+        let path = log_path(&d, "g4");
+        let collapse = AtomicBool::new(true);
+        let text = lines(0, 1000);
+        append(&path, &text);
+        let r = rotate_if_large(&path, &policy(8 * 1024, 1), &collapse).expect("rotate");
+        assert_eq!(
+            r,
+            Some(Rotated::CopyTruncated {
+                moved: text.len() as u64
+            })
+        );
+        assert!(
+            !collapse.load(Ordering::Relaxed),
+            "later rotations copy at once"
+        );
+        assert_eq!(
+            all(&d, "g4"),
+            text,
+            "nothing lost when nothing was written meanwhile"
+        );
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn stale_logs_of_removed_instances_go_and_live_ones_stay() {
+        let d = dir();
+        for id in ["live", "gone"] {
+            append(&log_path(&d, id), "x\n");
+            append(&rotated_path(&d, id, 1), "y\n");
+        }
+        append(&d.join("notes.txt"), "not a log\n");
+        let live: HashSet<String> = ["live".to_owned()].into();
+        assert_eq!(
+            remove_stale(&d, &live, Duration::from_secs(3600)),
+            0,
+            "too recent"
+        );
+        assert_eq!(remove_stale(&d, &live, Duration::ZERO), 2);
+        assert!(log_path(&d, "live").exists() && rotated_path(&d, "live", 1).exists());
+        assert!(!log_path(&d, "gone").exists() && !rotated_path(&d, "gone", 1).exists());
+        assert!(d.join("notes.txt").exists());
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn owners_of_file_names() {
+        assert_eq!(owner("abc.log"), Some("abc"));
+        assert_eq!(owner("abc.log.3"), Some("abc"));
+        assert_eq!(owner("abc.log.x"), None);
+        assert_eq!(owner("abc.txt"), None);
+    }
+
+    #[test]
+    fn reader_offsets_follow_a_rotation() {
+        assert_eq!(offset_after_rotation(10_000, Some(8192), 3000), 1808);
+        assert_eq!(offset_after_rotation(10_000, None, 12_000), 10_000);
+        assert_eq!(offset_after_rotation(10_000, None, 500), 0);
+        assert_eq!(offset_after_rotation(100, Some(8192), 50), 0);
+    }
+}
