@@ -22,6 +22,7 @@ use berth_protocol::agent_api::{
     AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
     DeallocateRequest, DeployRequest, HostView, InstanceView, MetadataRequest, StopRequest,
 };
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -421,60 +422,86 @@ async fn logs(
     if !follow {
         return Ok((content_type, head).into_response());
     }
-    let sup = st.supervisor.clone();
     let newest_copy = game_logs::rotated_path(&st.log_dir, &id, 1);
-    let copy_seen = copy_identity(&newest_copy);
-    let stream = futures_util::stream::unfold(
-        (
-            Some(head),
-            offset,
-            copy_seen,
-            path,
-            newest_copy,
-            sup,
-            id,
-            0u32,
-        ),
-        |(first, mut offset, mut copy_seen, path, newest_copy, sup, id, mut ticks)| async move {
-            if let Some(first) = first {
-                return Some((
-                    Ok::<_, std::io::Error>(first),
-                    (None, offset, copy_seen, path, newest_copy, sup, id, ticks),
-                ));
-            }
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                ticks += 1;
-                let chunk = tokio::task::spawn_blocking({
-                    let (path, newest_copy) = (path.clone(), newest_copy.clone());
-                    move || {
-                        // A new `.1` means the file's head was moved there since the last look.
-                        let copy_now = copy_identity(&newest_copy);
-                        let moved = (copy_now != copy_seen).then(|| copy_now.map_or(0, |c| c.1));
-                        read_from(&path, offset, moved).map(|(b, next)| (b, next, copy_now))
-                    }
-                })
-                .await
-                .ok()
-                .flatten();
-                if let Some((bytes, next, copy_now)) = chunk {
-                    offset = next;
-                    copy_seen = copy_now;
-                    if !bytes.is_empty() {
-                        return Some((
-                            Ok(bytes),
-                            (None, offset, copy_seen, path, newest_copy, sup, id, ticks),
-                        ));
-                    }
-                }
-                // Every few seconds, stop following a removed instance.
-                if ticks % 10 == 0 && sup.get(id.clone()).await.is_none() {
-                    return None;
-                }
-            }
-        },
-    );
+    let follower = Follower {
+        copy_seen: copy_identity(&newest_copy),
+        newest_copy,
+        path,
+        offset,
+        shrunk: 0,
+        supervisor: st.supervisor.clone(),
+        id,
+        polls: 0,
+    };
+    let rest = futures_util::stream::unfold(follower, |mut f| async move {
+        f.next()
+            .await
+            .map(|bytes| (Ok::<_, std::io::Error>(bytes), f))
+    });
+    let stream = futures_util::stream::once(std::future::ready(Ok(head))).chain(rest);
     Ok((content_type, Body::from_stream(stream)).into_response())
+}
+
+/// A reader of a game's live log that goes on across rotations.
+struct Follower {
+    path: PathBuf,
+    /// `<id>.log.1` and which file it was at the last look: a new one means the live file's
+    /// head was moved there.
+    newest_copy: PathBuf,
+    copy_seen: Option<(u64, u64)>,
+    offset: u64,
+    /// Polls in a row that found the file shorter than `offset` with `.1` unchanged.
+    shrunk: u32,
+    supervisor: SupervisorHandle,
+    id: String,
+    polls: u32,
+}
+
+impl Follower {
+    const POLL: Duration = Duration::from_millis(200);
+    /// Polls a shrunk file is waited on before reading it from the start (a rotation's
+    /// collapse and rename are microseconds apart).
+    const SHRUNK_POLLS: u32 = 5;
+
+    /// What the game wrote since the last call; `None` once the instance is removed.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            tokio::time::sleep(Self::POLL).await;
+            self.polls += 1;
+            let (path, newest_copy, offset, seen) = (
+                self.path.clone(),
+                self.newest_copy.clone(),
+                self.offset,
+                self.copy_seen,
+            );
+            let give_up = self.shrunk >= Self::SHRUNK_POLLS;
+            let read = tokio::task::spawn_blocking(move || {
+                let copy_now = copy_identity(&newest_copy);
+                let moved = (copy_now != seen).then(|| copy_now.map_or(0, |c| c.1));
+                read_from(&path, &newest_copy, offset, moved, give_up)
+                    .map(|(bytes, next)| (bytes, next, copy_now))
+            })
+            .await
+            .ok()
+            .flatten();
+            match read {
+                Some((bytes, next, copy_now)) => {
+                    self.offset = next;
+                    self.copy_seen = copy_now;
+                    self.shrunk = 0;
+                    if !bytes.is_empty() {
+                        return Some(bytes);
+                    }
+                }
+                None => self.shrunk += 1,
+            }
+            // Every few seconds, stop following a removed instance.
+            if self.polls.is_multiple_of(10) && self.supervisor.get(self.id.clone()).await.is_none()
+            {
+                return None;
+            }
+        }
+    }
 }
 
 /// The last `lines` lines of a file and its length.
@@ -548,16 +575,37 @@ fn copy_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
 }
 
-/// The bytes of `path` from `offset` on (at most 1 MiB), and where the next read starts.
-/// `moved`: bytes moved out of the file's head by a rotation since `offset` was taken.
-fn read_from(path: &std::path::Path, offset: u64, moved: Option<u64>) -> Option<(Vec<u8>, u64)> {
+/// The bytes of the live log `path` from `offset` on (at most 1 MiB), preceded by what a
+/// rotation moved to `copy` that the reader had not read, and where the next read of the live
+/// log starts. `moved`: bytes moved out of the file's head by a rotation since `offset` was
+/// taken. `None` also when a rotation is half done (see [`game_logs::resume`]).
+fn read_from(
+    path: &std::path::Path,
+    copy: &std::path::Path,
+    offset: u64,
+    moved: Option<u64>,
+    give_up: bool,
+) -> Option<(Vec<u8>, u64)> {
+    const MAX: u64 = 1 << 20;
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    let offset = game_logs::offset_after_rotation(offset, moved, len);
-    f.seek(SeekFrom::Start(offset)).ok()?;
     let mut bytes = Vec::new();
-    f.take(1 << 20).read_to_end(&mut bytes).ok()?;
-    let next = offset + bytes.len() as u64;
+    let offset = match game_logs::resume(offset, moved, len, give_up) {
+        game_logs::Resume::Wait => return None,
+        game_logs::Resume::Live(offset) => offset,
+        game_logs::Resume::CopyThenLive(from) => {
+            let mut c = std::fs::File::open(copy).ok()?;
+            c.seek(SeekFrom::Start(from)).ok()?;
+            c.take(moved.unwrap_or(0) - from)
+                .read_to_end(&mut bytes)
+                .ok()?;
+            0
+        }
+    };
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let before = bytes.len();
+    f.take(MAX).read_to_end(&mut bytes).ok()?;
+    let next = offset + (bytes.len() - before) as u64;
     Some((bytes, next))
 }
 
@@ -577,7 +625,29 @@ mod tests {
         assert_eq!(read_tail(&dir.join("none"), 3).0, b"");
         let (_, len) = read_tail(&p, 1);
         std::fs::write(&p, "a\nb\nc\nd\ne\n").expect("append");
-        assert_eq!(read_from(&p, len, None).expect("read").0, b"e\n");
+        let none = dir.join("none");
+        assert_eq!(
+            read_from(&p, &none, len, None, false).expect("read").0,
+            b"e\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_follower_reads_what_a_rotation_moved_before_it_read_it() {
+        let dir = std::env::temp_dir().join(format!("berth-follow-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (live, copy) = (dir.join("g.log"), dir.join("g.log.1"));
+        // Read up to 3 of "abcdefgh"; then 6 bytes moved to the copy and "ij" appended.
+        std::fs::write(&copy, "abcdef").expect("write");
+        std::fs::write(&live, "ghij").expect("write");
+        let (bytes, next) = read_from(&live, &copy, 3, Some(6), false).expect("read");
+        assert_eq!((bytes.as_slice(), next), (&b"defghij"[..], 4));
+        // Had it read past the cut (7), it goes on in the live file.
+        let (bytes, next) = read_from(&live, &copy, 7, Some(6), false).expect("read");
+        assert_eq!((bytes.as_slice(), next), (&b"hij"[..], 4));
+        // Shorter with the copy unchanged: a rotation half done; wait.
+        assert_eq!(read_from(&live, &copy, 9, None, false), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

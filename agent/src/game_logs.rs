@@ -288,16 +288,32 @@ pub async fn keep_bounded(
     }
 }
 
-/// Where a reader of `<id>.log` that has read up to `offset` goes on, given that `rotated_len`
-/// bytes were moved out of the file's head since (the length of the new `.1`, or `None` if no
-/// rotation happened) and the file is now `len` long.
-pub fn offset_after_rotation(offset: u64, rotated_len: Option<u64>, len: u64) -> u64 {
-    let offset = match rotated_len {
-        Some(moved) => offset.saturating_sub(moved),
-        None => offset,
-    };
-    // Truncated by hand, or rotated more than once since: start over.
-    if offset > len { 0 } else { offset }
+/// Where a reader of the live log goes on after reading up to `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// At this offset of the live log.
+    Live(u64),
+    /// At this offset of the new `.1`, then the live log from its start: a rotation moved
+    /// bytes the reader had not read yet.
+    CopyThenLive(u64),
+    /// Not now: the live log is shorter than `offset` while `.1` is unchanged, which is a
+    /// rotation caught between its collapse and its rename.
+    Wait,
+}
+
+/// Where a reader of `<id>.log` that has read up to `offset` goes on, given that `moved` bytes
+/// left the file's head since (the length of a new `.1`; `None` if `.1` is unchanged) and the
+/// file is now `len` long. With `give_up`, a file shorter than `offset` is read from its start
+/// (truncated by hand, or rotated with no copies kept). A reader that falls a whole rotation
+/// behind goes on from the newest copy.
+pub fn resume(offset: u64, moved: Option<u64>, len: u64, give_up: bool) -> Resume {
+    match moved {
+        Some(moved) if offset < moved => Resume::CopyThenLive(offset),
+        Some(moved) => Resume::Live((offset - moved).min(len)),
+        None if offset <= len => Resume::Live(offset),
+        None if give_up => Resume::Live(0),
+        None => Resume::Wait,
+    }
 }
 
 /// The log files of instance `id`, oldest first: the kept copies, then the live log. Reading
@@ -504,9 +520,17 @@ mod tests {
 
     #[test]
     fn reader_offsets_follow_a_rotation() {
-        assert_eq!(offset_after_rotation(10_000, Some(8192), 3000), 1808);
-        assert_eq!(offset_after_rotation(10_000, None, 12_000), 10_000);
-        assert_eq!(offset_after_rotation(10_000, None, 500), 0);
-        assert_eq!(offset_after_rotation(100, Some(8192), 50), 0);
+        // Read past the cut: go on in the live log.
+        assert_eq!(resume(10_000, Some(8192), 3000, false), Resume::Live(1808));
+        // The cut took bytes not read yet: they are in the new copy.
+        assert_eq!(
+            resume(5000, Some(8192), 3000, false),
+            Resume::CopyThenLive(5000)
+        );
+        assert_eq!(resume(10_000, None, 12_000, false), Resume::Live(10_000));
+        // Mid-rotation (collapsed, not yet renamed): wait; after a while, start over.
+        assert_eq!(resume(10_000, None, 500, false), Resume::Wait);
+        assert_eq!(resume(10_000, None, 500, true), Resume::Live(0));
+        assert_eq!(resume(20_000, Some(8192), 50, false), Resume::Live(50));
     }
 }

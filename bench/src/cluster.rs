@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -15,6 +16,77 @@ use crate::client::Client;
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 pub const MATCHMAKER: &str = "bench-matchmaker-token-0123456789";
 pub const JOIN: &str = "bench-join-token-0123456789";
+
+/// Which CPUs the processes of a run may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    /// The controller and the load generator (this process).
+    pub controller: CpuSet,
+    /// The agents, and so their spawners and games, which inherit it.
+    pub host: CpuSet,
+}
+
+impl Placement {
+    /// The CPUs this process may use, split in two halves: the first for the controller's
+    /// side, the rest for the hosts' side, as production splits them between machines.
+    pub fn split() -> Result<Self> {
+        let all = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| all.is_set(c).unwrap_or(false))
+            .collect();
+        if cpus.len() < 2 {
+            bail!(
+                "--placement split needs at least 2 CPUs, this process may use {}",
+                cpus.len()
+            );
+        }
+        let (a, b) = cpus.split_at(cpus.len() / 2);
+        let set = |list: &[usize]| -> Result<CpuSet> {
+            let mut s = CpuSet::new();
+            for &c in list {
+                s.set(c)?;
+            }
+            Ok(s)
+        };
+        Ok(Self {
+            controller: set(a)?,
+            host: set(b)?,
+        })
+    }
+}
+
+/// Runs `f` with the calling thread confined to `cpus` (a child forked meanwhile inherits the
+/// mask), then puts the thread's mask back.
+pub fn with_cpus<T>(cpus: Option<&CpuSet>, f: impl FnOnce() -> T) -> Result<T> {
+    let Some(cpus) = cpus else { return Ok(f()) };
+    let before = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    sched_setaffinity(Pid::from_raw(0), cpus).context("sched_setaffinity")?;
+    let out = f();
+    sched_setaffinity(Pid::from_raw(0), &before).context("sched_setaffinity")?;
+    Ok(out)
+}
+
+/// Confines the calling thread (the load generator's runtime thread) to `cpus` until dropped.
+pub struct Confined(Option<CpuSet>);
+
+impl Confined {
+    pub fn to(cpus: Option<&CpuSet>) -> Result<Self> {
+        let Some(cpus) = cpus else {
+            return Ok(Self(None));
+        };
+        let before = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+        sched_setaffinity(Pid::from_raw(0), cpus).context("sched_setaffinity")?;
+        Ok(Self(Some(before)))
+    }
+}
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = sched_setaffinity(Pid::from_raw(0), before);
+        }
+    }
+}
 
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -152,6 +224,7 @@ pub struct Daemon {
     exe: PathBuf,
     log: PathBuf,
     state_dir: Option<PathBuf>,
+    cpus: Option<CpuSet>,
 }
 
 impl Daemon {
@@ -165,13 +238,13 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.exe)
-            .args(&self.args)
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
             .env("BERTH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = with_cpus(self.cpus.as_ref(), || cmd.spawn())?
             .with_context(|| format!("starting {}", self.exe.display()))?;
         self.child = Some(child);
         Ok(())
@@ -271,6 +344,8 @@ pub struct Cluster {
     /// `worker_threads` for the controller and the agents (None: their defaults).
     pub controller_threads: Option<usize>,
     pub agent_threads: Option<usize>,
+    /// CPUs for each side (None: the scheduler places every process).
+    pub placement: Option<Placement>,
     /// How many agents the port ranges are divided between (agent indexes `0..agent_slots`).
     pub agent_slots: usize,
     pub dir: PathBuf,
@@ -288,6 +363,7 @@ impl Cluster {
         Ok(Self {
             controller_threads: None,
             agent_threads: None,
+            placement: None,
             agent_slots: 1,
             dir,
             bin,
@@ -337,6 +413,7 @@ ping_ip = "127.0.0.1"
             exe: self.bin.join("berth-controller"),
             log: self.dir.join("controller.log"),
             state_dir: None,
+            cpus: self.placement.map(|p| p.controller),
         };
         d.spawn()?;
         d.wait_ready(&self.client).await?;
@@ -437,6 +514,7 @@ token = "{ADMIN}"
             exe: self.bin.join("berth-agent"),
             log: self.dir.join(format!("agent-{index}.log")),
             state_dir: Some(state),
+            cpus: self.placement.map(|p| p.host),
         };
         d.spawn()?;
         d.wait_ready(&self.client).await?;

@@ -19,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::client::Client;
 use crate::cluster::{
-    ADMIN, Cluster, CpuTime, Daemon, MATCHMAKER, MachineTime, bin_dir, free_port, pids_of,
-    rss_bytes,
+    ADMIN, Cluster, Confined, CpuTime, Daemon, MATCHMAKER, MachineTime, Placement, bin_dir,
+    free_port, pids_of, rss_bytes,
 };
 
 #[derive(Debug, Parser)]
@@ -61,6 +61,12 @@ enum Cmd {
         /// worker_threads of the controller (default: the controller's own default).
         #[arg(long)]
         controller_threads: Option<usize>,
+        /// Where the processes run: `shared` lets the scheduler place every process on every
+        /// CPU; `split` keeps the controller and the load generator on the first half of the
+        /// CPUs and the agents with their games on the rest, as production puts them on
+        /// different machines (the ceiling chain is unconfined either way).
+        #[arg(long, value_enum, default_value_t = PlacementArg::Shared)]
+        placement: PlacementArg,
         /// Runs, each on a new cluster. With more than one, a last line gives each figure's
         /// range over them: this machine's speed varies from run to run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -101,6 +107,12 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PlacementArg {
+    Shared,
+    Split,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // One thread, as load generators are built: the load generator shares the machine with what
@@ -120,11 +132,16 @@ fn main() -> Result<()> {
                 instances_per_agent,
                 agent_threads,
                 controller_threads,
+                placement,
                 runs,
                 json,
             } => {
                 let bin = bin_dir(cli.bin_dir.as_deref())?;
                 let threads = (controller_threads, agent_threads);
+                let placement = match placement {
+                    PlacementArg::Shared => None,
+                    PlacementArg::Split => Some(Placement::split()?),
+                };
                 let mut results = Vec::new();
                 for _ in 0..runs {
                     let r = allocate(
@@ -134,6 +151,7 @@ fn main() -> Result<()> {
                         agents,
                         instances_per_agent,
                         threads,
+                        placement,
                     )
                     .await?;
                     report(&r, json);
@@ -446,6 +464,7 @@ async fn allocate(
     agents: usize,
     per_agent: u32,
     (controller_threads, agent_threads): (Option<usize>, Option<usize>),
+    placement: Option<Placement>,
 ) -> Result<Value> {
     let instances = agents * per_agent as usize;
     if instances < concurrency {
@@ -456,6 +475,7 @@ async fn allocate(
     let mut cluster = Cluster::new(bin)?;
     cluster.controller_threads = controller_threads;
     cluster.agent_threads = agent_threads;
+    cluster.placement = placement;
     cluster.agent_slots = agents;
     cluster.check_ports_for(per_agent as usize)?;
     cluster.start_controller().await?;
@@ -467,6 +487,8 @@ async fn allocate(
         .wait_online(instances, Duration::from_secs(120))
         .await
         .context("waiting for the fleet")?;
+    // The load generator runs on the controller's side of the split until the ceiling.
+    let confined = Confined::to(placement.as_ref().map(|p| &p.controller))?;
 
     let base = cluster.controller_url().to_owned();
     let client = Client::new();
@@ -649,6 +671,7 @@ async fn allocate(
         }
     }
 
+    drop(confined);
     let ceiling = ceiling(concurrency, seconds).await?;
     let secs = window.as_secs_f64();
     Ok(json!({
@@ -677,6 +700,7 @@ async fn allocate(
         "agents": agents,
         "agentThreads": agent_threads,
         "controllerThreads": controller_threads,
+        "placement": if placement.is_some() { "split" } else { "shared" },
         "seconds": seconds,
         "allocations": stats.ok,
         "errors": stats.errors,

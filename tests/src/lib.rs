@@ -576,6 +576,50 @@ impl Http {
         })
     }
 
+    /// GETs a streamed body (e.g. `logs?follow=true`) and reads it until `done` holds for what
+    /// came so far, then drops the connection. Panics naming `url` and what came if `timeout`
+    /// passes first.
+    pub async fn read_stream_until(
+        &self,
+        url: &str,
+        token: &str,
+        timeout: Duration,
+        done: impl Fn(&[u8]) -> bool,
+    ) -> Vec<u8> {
+        let req = http::Request::builder()
+            .uri(url)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .expect("a GET request");
+        let mut got = Vec::new();
+        let read = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if resp.status() != 200 {
+                return Err(format!("status {}", resp.status()));
+            }
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                if let Some(data) = frame.data_ref() {
+                    got.extend_from_slice(data);
+                    if done(&got) {
+                        return Ok(());
+                    }
+                }
+            }
+            Err("the stream ended".to_owned())
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(())) => got,
+            Ok(Err(e)) => panic!("GET {url}: {e}; it sent {} bytes", got.len()),
+            Err(_) => panic!(
+                "GET {url}: not done within {timeout:?}; it sent {} bytes ending {:?}",
+                got.len(),
+                String::from_utf8_lossy(&got[got.len().saturating_sub(300)..])
+            ),
+        }
+    }
+
     /// Sends one request; panics when no HTTP answer came.
     pub async fn send(
         &self,

@@ -909,6 +909,21 @@ async fn game_logs_rotate_without_losing_a_line_and_go_after_removal() {
         .expect("args")
         .push(json!(format!("--log-lines={LINES}")));
     agent.deploy(&deploy_body(&chatty, profile)).await;
+    // A reader following the log from the start sees every line once across the rotations.
+    let follow = {
+        let (http, token) = (agent.http().clone(), agent.token().to_owned());
+        let url = format!(
+            "{}/v1/instances/{chatty}/logs?tail=100000&follow=true",
+            agent.url()
+        );
+        let last = format!("line {:06} ", LINES - 1);
+        tokio::spawn(async move {
+            http.read_stream_until(&url, &token, TIMEOUT, |got| {
+                String::from_utf8_lossy(got).contains(&last)
+            })
+            .await
+        })
+    };
     let quiet = new_id("g-quiet");
     agent.deploy_sample(&quiet, 0, 0).await;
     agent.wait_online(&quiet).await;
@@ -961,6 +976,21 @@ async fn game_logs_rotate_without_losing_a_line_and_go_after_removal() {
             breaks(&numbers),
             Vec::<(u32, u32)>::new(),
             "every line from {first} on is kept once, in order; (a, b): line b follows line a"
+        );
+    }
+
+    let followed = follow.await.expect("the follower");
+    let followed = numbered_lines(&String::from_utf8_lossy(&followed));
+    if !copy_truncate {
+        assert_eq!(
+            followed.first(),
+            Some(&0),
+            "the follower started at the first line"
+        );
+        assert_eq!(
+            breaks(&followed),
+            Vec::<(u32, u32)>::new(),
+            "follow=true: (a, b): line b follows line a"
         );
     }
 
