@@ -10,6 +10,8 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth_http::tls::{ClientCerts, Tls, TlsFiles};
+
 use crate::game_logs::LogPolicy;
 
 /// A game's live log is rotated past 10 MiB by default (Nomad's per-file default too).
@@ -45,6 +47,7 @@ struct RawConfig {
     game_log_max_bytes: Option<u64>,
     game_log_files: Option<u32>,
     game_log_retention_hours: Option<u64>,
+    tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<RawToken>,
 }
@@ -94,6 +97,9 @@ pub struct Config {
     pub api_tokens: Vec<String>,
     /// How games' log files are bounded.
     pub game_logs: LogPolicy,
+    /// `[tls]`: HTTPS on the listener, for callers with a certificate the CA vouches for (the
+    /// controller, operators), and towards the controller.
+    pub tls: Option<Tls>,
 }
 
 /// Keys that `BERTH_<KEY>` variables and flags may override.
@@ -162,6 +168,13 @@ impl Config {
             ));
         }
 
+        let tls = match &raw.tls {
+            None => None,
+            Some(files) => Some(
+                Tls::load(files, ClientCerts::Required).map_err(|e| err(e.key(), e.to_string()))?,
+            ),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let advertise_url = match raw.advertise_url {
             Some(u) => berth_daemon::http_url(file, "advertise_url", &u)?,
             None => {
@@ -170,9 +183,30 @@ impl Config {
                 } else {
                     listen.ip()
                 };
-                format!("http://{}", SocketAddr::new(ip, listen.port()))
+                format!("{scheme}://{}", SocketAddr::new(ip, listen.port()))
             }
         };
+        // With TLS the listener speaks only TLS, and the controller must be reached over it.
+        for (key, url) in [
+            ("advertise_url", Some(&advertise_url)),
+            ("controller_url", controller_url.as_ref()),
+        ] {
+            if let Some(url) = url
+                && !url.starts_with(&format!("{scheme}://"))
+            {
+                return Err(err(
+                    key,
+                    format!(
+                        "{url:?} must start with {scheme}:// {}",
+                        if tls.is_some() {
+                            "when [tls] is set"
+                        } else {
+                            "unless [tls] is set"
+                        }
+                    ),
+                ));
+            }
+        }
 
         let state_dir = raw
             .state_dir
@@ -377,6 +411,7 @@ impl Config {
             worker_threads,
             api_tokens,
             game_logs,
+            tls,
         })
     }
 }
@@ -532,6 +567,48 @@ management_ports = "30000-32767"
                 .expect("edges");
         assert_eq!(c.game_logs.keep, 0);
         assert_eq!(c.game_logs.retention, Duration::ZERO);
+    }
+
+    /// A `[tls]` table with the test certificates (`tests/fixtures/tls`).
+    pub(crate) fn tls_table(cert: &str, key: &str) -> String {
+        let f = |n: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tls")
+                .join(n)
+                .display()
+                .to_string()
+        };
+        format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+            f(cert),
+            f(key),
+            f("ca.pem")
+        )
+    }
+
+    #[test]
+    fn tls_is_checked_before_anything_is_bound() {
+        let tls = tls_table("agent.pem", "agent.key");
+        let c = load(&format!("listen = \"127.0.0.1:6824\"\n{tls}")).expect("valid");
+        assert!(c.tls.is_some());
+        assert_eq!(
+            c.advertise_url, "https://127.0.0.1:6824",
+            "the default follows [tls]"
+        );
+        let e = load(&format!(
+            "controller_url = \"http://10.0.0.2:6820\"\njoin_token = \"0123456789abcdef0123\"\n{tls}"
+        ))
+        .expect_err("plain controller URL with TLS");
+        assert_eq!(e.key, "controller_url");
+        assert!(e.to_string().contains("https://"), "{e}");
+        let e = load("advertise_url = \"https://10.0.0.5:6824\"").expect_err("https without TLS");
+        assert_eq!(e.key, "advertise_url");
+        let e = load(&tls_table("missing.pem", "agent.key")).expect_err("missing");
+        assert_eq!(e.key, "tls.cert_file");
+        let e = load(&tls_table("agent.pem", "controller.key")).expect_err("mismatch");
+        assert_eq!(e.key, "tls.key_file");
+        let e = load("[tls]\ncert_file = \"a\"\n").expect_err("incomplete table");
+        assert!(e.to_string().contains("key_file"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Identity {
     pub join_token: String,
     /// Sent at every registration with `instances` replaced by the current list.
     pub register: RegisterRequest,
+    /// With `[tls]`: verifies the controller and shows it the agent's certificate.
+    pub tls: Option<berth_http::tls::TlsClientConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +124,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
-    let client = JsonClient::new();
+    let client = match &identity.tls {
+        Some(tls) => JsonClient::with_tls(tls),
+        None => JsonClient::new(),
+    };
     let mut pending = Pending::default();
     loop {
         let Some(reg) = register(

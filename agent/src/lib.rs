@@ -126,6 +126,7 @@ pub async fn run(
                     agent_token: agent_token.clone(),
                     instances: Vec::new(),
                 },
+                tls: config.tls.as_ref().map(|t| (*t.client).clone()),
             };
             Some(tokio::spawn(controller_link::run(
                 identity,
@@ -185,7 +186,8 @@ pub async fn run(
             shutdown.clone(),
         ))
     };
-    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN).await {
+    let tls = config.tls.as_ref().map(|t| t.server.clone());
+    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }
     watchdog.abort();

@@ -43,6 +43,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the config is loaded: loading builds the TLS configuration.
+    berth_http::tls::install_crypto_provider();
     if matches!(cli.command, Some(Cmd::Spawner)) {
         return ExitCode::from(berth_agent::process::spawner_main() as u8);
     }

@@ -40,6 +40,14 @@ impl Api {
         }
     }
 
+    /// The same, over `https://` too, trusting `tls`'s roots.
+    pub fn with_tls(self, tls: &berth_http::tls::TlsClientConfig) -> Self {
+        Self {
+            http: JsonClient::with_tls(tls),
+            ..self
+        }
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }

@@ -61,7 +61,16 @@ pub struct Cli {
         help_heading = "Global options"
     )]
     pub token: Option<String>,
-    /// berthctl's own config file (keys: controller, token, token_file)
+    /// The CA certificate (PEM) that signed an `https://` controller's certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_CA_FILE",
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    pub ca_file: Option<PathBuf>,
+    /// berthctl's own config file (keys: controller, token, token_file, ca_file)
     /// [default: ~/.config/berth/berthctl.toml].
     #[arg(
         long,
@@ -342,6 +351,7 @@ pub struct Invocation {
     pub cli: Cli,
     pub controller_from_env: bool,
     pub token_from_env: bool,
+    pub ca_file_from_env: bool,
 }
 
 impl Invocation {
@@ -366,11 +376,13 @@ impl Invocation {
         let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
         let controller_from_env = from_env("controller");
         let token_from_env = from_env("token");
+        let ca_file_from_env = from_env("ca_file");
         let cli = Cli::from_arg_matches(&matches)?;
         Ok(Self {
             cli,
             controller_from_env,
             token_from_env,
+            ca_file_from_env,
         })
     }
 }
@@ -436,7 +448,7 @@ async fn dispatch(inv: &Invocation) -> anyhow::Result<()> {
         Command::Dev(a) => return dev::run(a).await,
         _ => {}
     }
-    let api = settings::resolve(inv)?.into_api();
+    let api = settings::resolve(inv)?.into_api()?;
     match &inv.cli.command {
         Command::Hosts(a) => match &a.command {
             None => hosts::list(&api, json).await,

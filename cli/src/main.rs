@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    berth_http::tls::install_crypto_provider();
     let invocation = berthctl::Invocation::from_env();
     ExitCode::from(berthctl::run(invocation))
 }

@@ -12,7 +12,7 @@ use crate::client::Api;
 use crate::{EXIT_FAILED, Exit, Invocation};
 
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:6820";
-const FILE_KEYS: [&str; 3] = ["controller", "token", "token_file"];
+const FILE_KEYS: [&str; 4] = ["controller", "token", "token_file", "ca_file"];
 
 /// Where a setting came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +52,35 @@ pub struct Settings {
     pub controller: String,
     pub controller_source: Source,
     pub token: Option<(String, Source)>,
+    /// The CA an `https://` controller's certificate is checked against.
+    pub ca_file: Option<(PathBuf, Source)>,
 }
 
 impl Settings {
-    pub fn into_api(self) -> Api {
-        Api::new(self.controller, self.controller_source, self.token)
+    /// Fails (exit 1) when an `https://` controller has no CA to check it against, or the CA
+    /// file cannot be used, naming where each setting came from.
+    pub fn into_api(self) -> Result<Api> {
+        let https = self.controller.starts_with("https://");
+        let ca = self.ca_file.clone();
+        let api = Api::new(
+            self.controller.clone(),
+            self.controller_source.clone(),
+            self.token,
+        );
+        match (https, ca) {
+            (false, _) => Ok(api),
+            (true, None) => Err(Exit::failed(format!(
+                "error: the controller {} (from {}) is https://, but no CA is set to check its \
+                 certificate: give --ca-file (BERTH_CA_FILE, or ca_file in berthctl.toml) with \
+                 the CA that signed it",
+                self.controller, self.controller_source
+            ))),
+            (true, Some((path, source))) => {
+                let tls = berth_http::tls::trusting(&path)
+                    .map_err(|e| Exit::failed(format!("error: CA file from {source}: {e}")))?;
+                Ok(api.with_tls(&tls))
+            }
+        }
     }
 }
 
@@ -66,6 +90,7 @@ struct FileConfig {
     path: PathBuf,
     controller: Option<String>,
     token: Option<(String, Source)>,
+    ca_file: Option<(PathBuf, Source)>,
 }
 
 pub fn default_config_path() -> Option<PathBuf> {
@@ -118,34 +143,34 @@ pub fn resolve(inv: &Invocation) -> Result<Settings> {
     let token = match nonempty(&cli.token) {
         Some(t) if inv.token_from_env => Some((t.trim().to_owned(), Source::Env("BERTH_TOKEN"))),
         Some(t) => Some((t.trim().to_owned(), Source::Flag("--token"))),
-        None => file.and_then(|f| f.token),
+        None => file.as_ref().and_then(|f| f.token.clone()),
+    };
+    let ca_file = match &cli.ca_file {
+        Some(p) if inv.ca_file_from_env => Some((p.clone(), Source::Env("BERTH_CA_FILE"))),
+        Some(p) => Some((p.clone(), Source::Flag("--ca-file"))),
+        None => file.as_ref().and_then(|f| f.ca_file.clone()),
     };
     Ok(Settings {
         controller,
         controller_source,
         token,
+        ca_file,
     })
 }
 
-/// `127.0.0.1:6820` is what people type; the scheme is implied. TLS is refused with the reason
-/// rather than failing later with a confusing connection error.
+/// `127.0.0.1:6820` is what people type; the scheme (`http://`) is implied.
 pub fn normalize_url(url: &str) -> Result<String, String> {
     let url = url.trim();
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url:?}: TLS is not supported yet; use http:// on a private network"
-        ));
-    }
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some(_) => return Err(format!("{url:?} must start with http://")),
-        None => url,
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s @ ("http" | "https"), rest)) => (s, rest),
+        Some(_) => return Err(format!("{url:?} must start with http:// or https://")),
+        None => ("http", url),
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("{url:?} has no host"));
     }
-    let full = format!("http://{rest}");
+    let full = format!("{scheme}://{rest}");
     if full.parse::<http::Uri>().is_err() {
         return Err(format!("{url:?} is not a valid URL"));
     }
@@ -216,10 +241,21 @@ fn load_file(path: &Path) -> Result<Option<FileConfig>> {
         }
         (None, None) => None,
     };
+    // Relative to the config file, as token_file is.
+    let ca_file = string("ca_file")?.map(|f| {
+        (
+            path.parent().unwrap_or(Path::new(".")).join(f),
+            Source::File {
+                key: "ca_file",
+                path: path.to_owned(),
+            },
+        )
+    });
     Ok(Some(FileConfig {
         path: path.to_owned(),
         controller,
         token,
+        ca_file,
     }))
 }
 
@@ -234,7 +270,7 @@ mod tests {
             "http://127.0.0.1:6820"
         );
         assert_eq!(normalize_url("http://h:1/").unwrap(), "http://h:1");
-        assert!(normalize_url("https://h").unwrap_err().contains("TLS"));
+        assert_eq!(normalize_url("https://h:1/").unwrap(), "https://h:1");
         assert!(normalize_url("ftp://h").is_err());
         assert!(normalize_url("http://").is_err());
     }

@@ -165,6 +165,14 @@ impl AgentClient {
         }
     }
 
+    /// Reaches `https://` agents too, verified with `tls` and shown the controller's
+    /// certificate.
+    pub fn with_tls(tls: &berth_http::tls::TlsClientConfig) -> Self {
+        Self {
+            http: JsonClient::with_tls(tls),
+        }
+    }
+
     /// Starts the batching lane for one host.
     pub fn lane(&self, target: &AgentTarget) -> Lane {
         let (tx, rx) = mpsc::unbounded_channel();

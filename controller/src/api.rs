@@ -15,6 +15,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use berth_http::tls::PeerCertificate;
 use berth_http::{CorrelationId, Failure, FailureSink, JsonBody, OptionalJsonBody, bearer};
 use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
@@ -77,6 +78,8 @@ pub struct AppState {
     pub tokens: Arc<HashMap<[u8; 32], TokenInfo>>,
     pub join_digest: [u8; 32],
     pub metrics: Arc<Metrics>,
+    /// With `[tls]`, agents' routes need a client certificate the CA vouches for.
+    pub agents_need_certificate: bool,
 }
 
 impl AppState {
@@ -111,6 +114,7 @@ impl AppState {
             tokens: Arc::new(tokens),
             join_digest: config.join_token_digest,
             metrics,
+            agents_need_certificate: config.tls.is_some(),
         }
     }
 }
@@ -186,7 +190,15 @@ struct HostToken([u8; 32]);
 impl FromRequestParts<AppState> for HostToken {
     type Rejection = Failure;
 
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Failure> {
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Failure> {
+        if st.agents_need_certificate
+            && parts.extensions.get::<PeerCertificate>() != Some(&PeerCertificate(true))
+        {
+            return Err(invalid_credentials(
+                "this controller runs TLS, and an agent must present a client certificate \
+                 signed by its tls.ca_file; set [tls] in agent.toml",
+            ));
+        }
         credentials(parts).map(HostToken)
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 pub use berth_daemon::{ConfigError, EXIT_CONFIG, LogFormat};
 use berth_daemon::{ConfigFile, Kind};
+use berth_http::tls::{ClientCerts, Tls, TlsFiles};
 use berth_protocol::controller_api::{DcLocation, DeploymentEnvironment, Region};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -28,6 +29,7 @@ struct RawConfig {
     error_retention: Option<usize>,
     log_format: Option<String>,
     worker_threads: Option<usize>,
+    tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<RawToken>,
     #[serde(default)]
@@ -100,6 +102,9 @@ pub struct Config {
     pub regions: Vec<Region>,
     pub dc_locations: Vec<DcLocation>,
     pub deployment_environments: Vec<DeploymentEnvironment>,
+    /// `[tls]`: HTTPS on the listener (agents' routes then need a client certificate) and
+    /// towards agents.
+    pub tls: Option<Tls>,
 }
 
 const OVERRIDABLE: &[(&str, Kind)] = &[
@@ -266,6 +271,13 @@ impl Config {
                 ));
             }
         }
+        let tls = match &raw.tls {
+            None => None,
+            Some(files) => Some(
+                Tls::load(files, ClientCerts::Optional)
+                    .map_err(|e| file.err(e.key(), e.to_string()))?,
+            ),
+        };
         Ok(Self {
             listen,
             database,
@@ -281,6 +293,7 @@ impl Config {
             regions,
             dc_locations,
             deployment_environments: raw.deployment_environments,
+            tls,
         })
     }
 }
@@ -354,6 +367,32 @@ id = 1
 name = "eu-west-1"
 ping_ip = "203.0.113.10"
 "#;
+
+    #[test]
+    fn tls_files_are_checked_at_load() {
+        let f = |n: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tls")
+                .join(n)
+                .display()
+                .to_string()
+        };
+        let table = |cert: &str, key: &str, ca: &str| {
+            format!(
+                "{OK}[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+                f(cert),
+                f(key),
+                f(ca)
+            )
+        };
+        let c = load(&table("controller.pem", "controller.key", "ca.pem")).expect("valid");
+        assert!(c.tls.is_some());
+        let e = load(&table("controller.pem", "agent.key", "ca.pem")).expect_err("mismatch");
+        assert_eq!(e.key, "tls.key_file");
+        let e = load(&table("controller.pem", "controller.key", "none.pem")).expect_err("no CA");
+        assert_eq!(e.key, "tls.ca_file");
+        assert!(e.to_string().contains("none.pem"), "{e}");
+    }
 
     #[test]
     fn contract_keys_parse() {

@@ -1839,10 +1839,22 @@ impl Inventory {
                 name.len()
             )));
         }
-        if !req.advertise_url.starts_with("http://") {
+        // With TLS the controller reaches agents only over it, so that allocations go to the
+        // host the certificate names; without, it has nothing to verify an agent with.
+        let scheme = if self.config.tls.is_some() {
+            "https://"
+        } else {
+            "http://"
+        };
+        if !req.advertise_url.starts_with(scheme) {
             return Err(invalid(format!(
-                "advertiseUrl {:?} must be an http:// URL the controller can reach",
-                req.advertise_url
+                "advertiseUrl {:?} must be an {scheme} URL the controller can reach ({})",
+                req.advertise_url,
+                if self.config.tls.is_some() {
+                    "this controller runs TLS: set [tls] in agent.toml"
+                } else {
+                    "this controller has no [tls]: remove [tls] from agent.toml or add it to controller.toml"
+                }
             )));
         }
         let region_id = self.region_for(&req.region);

@@ -62,7 +62,10 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new());
     let writer = store.start_writer(metrics.store());
     let flush = writer.clone();
-    let agents = agent_client::AgentClient::new();
+    let agents = match &config.tls {
+        Some(tls) => agent_client::AgentClient::with_tls(&tls.client),
+        None => agent_client::AgentClient::new(),
+    };
     let (inventory, actions) = inventory::Inventory::start(
         config.clone(),
         snapshot,
@@ -117,7 +120,8 @@ pub async fn run(
     ));
     tracing::info!(listen = %local, "controller ready");
     on_ready(local);
-    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN).await {
+    let tls = config.tls.as_ref().map(|t| t.server.clone());
+    if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }
     ticker.abort();

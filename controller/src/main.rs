@@ -37,6 +37,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the config is loaded: loading builds the TLS configuration.
+    berth_http::tls::install_crypto_provider();
     let mut flags = Vec::new();
     if let Some(l) = &cli.listen {
         flags.push(("listen", l.clone()));

@@ -155,18 +155,13 @@ pub fn secret(
     Ok(Some(value))
 }
 
-/// Checks an `http://host[:port]` URL and returns it without a trailing slash. TLS is not
-/// supported yet, so `https://` is refused with that reason rather than failing later.
+/// Checks an `http://` or `https://host[:port]` URL and returns it without a trailing slash.
+/// Whether the scheme fits the daemon's `[tls]` is the caller's check.
 pub fn http_url(file: &ConfigFile, key: &str, url: &str) -> Result<String, ConfigError> {
-    if url.starts_with("https://") {
-        return Err(file.err(
-            key,
-            format!("{url:?}: TLS is not supported yet; use http:// on a private network"),
-        ));
-    }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| file.err(key, format!("{url:?} must start with http://")))?;
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| file.err(key, format!("{url:?} must start with http:// or https://")))?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(file.err(key, format!("{url:?} has no host")));
     }
@@ -387,7 +382,9 @@ mod tests {
                 .as_deref(),
             Some("0123456789abcdef")
         );
-        assert!(http_url(&f, "u", "https://x").is_err());
+        assert_eq!(http_url(&f, "u", "https://x/").expect("ok"), "https://x");
+        assert!(http_url(&f, "u", "ftp://x").is_err());
+        assert!(http_url(&f, "u", "https://").is_err());
         assert_eq!(http_url(&f, "u", "http://x:1/").expect("ok"), "http://x:1");
     }
 }

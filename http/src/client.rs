@@ -7,15 +7,24 @@ use berth_protocol::ErrorBody;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::ClientConfig;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone)]
 pub struct JsonClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Inner,
+}
+
+/// Plain HTTP only, or both `http://` and `https://` URLs.
+#[derive(Debug, Clone)]
+enum Inner {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
 }
 
 /// Why a call did not produce the expected answer.
@@ -50,15 +59,41 @@ impl Default for JsonClient {
 }
 
 impl JsonClient {
-    pub fn new() -> Self {
+    fn connector() -> HttpConnector {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(512)
-            .build(connector);
-        Self { inner }
+        connector
+    }
+
+    fn builder() -> hyper_util::client::legacy::Builder {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(512);
+        b
+    }
+
+    /// A client for `http://` URLs.
+    pub fn new() -> Self {
+        Self {
+            inner: Inner::Plain(Self::builder().build(Self::connector())),
+        }
+    }
+
+    /// A client for `http://` and `https://` URLs: servers are verified with `tls`'s roots,
+    /// and its client certificate is presented to those that ask.
+    pub fn with_tls(tls: &ClientConfig) -> Self {
+        let mut http = Self::connector();
+        // The HTTPS connector hands `https://` URLs to it too.
+        http.enforce_http(false);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Self {
+            inner: Inner::Tls(Self::builder().build(https)),
+        }
     }
 
     pub async fn post<B: Serialize + ?Sized, R: DeserializeOwned>(
@@ -155,14 +190,14 @@ impl JsonClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| invalid(e.to_string()))?;
         let call = async {
-            let resp = self
-                .inner
-                .request(req)
-                .await
-                .map_err(|e| CallError::Unreachable {
-                    url: url.to_owned(),
-                    reason: error_chain(&e),
-                })?;
+            let resp = match &self.inner {
+                Inner::Plain(c) => c.request(req).await,
+                Inner::Tls(c) => c.request(req).await,
+            }
+            .map_err(|e| CallError::Unreachable {
+                url: url.to_owned(),
+                reason: error_chain(&e),
+            })?;
             let status = resp.status().as_u16();
             let bytes = resp
                 .into_body()

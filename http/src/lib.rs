@@ -8,6 +8,7 @@
 
 mod client;
 mod server;
+pub mod tls;
 
 pub use client::{CallError, JsonClient};
 pub use server::{ServeError, serve};

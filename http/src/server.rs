@@ -2,14 +2,19 @@
 //! graceful shutdown that stops accepting, lets in-flight requests finish, and gives up after
 //! a deadline.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+use crate::tls::PeerCertificate;
 
 /// A client that has not sent its whole header by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,11 +26,14 @@ pub enum ServeError {
 }
 
 /// Serves `app` on `listener` until `shutdown` becomes true, then drains for up to `drain`.
+/// With `tls`, every connection is TLS (the handshake, too, must end within
+/// [`HEADER_READ_TIMEOUT`]) and each request carries a [`PeerCertificate`] extension.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<Arc<ServerConfig>>,
 ) -> Result<(), ServeError> {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -33,6 +41,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
+    let acceptor = tls.map(TlsAcceptor::from);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -46,13 +55,40 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(app.clone()),
-                );
-                let conn = graceful.watch(conn);
+                let Some(acceptor) = &acceptor else {
+                    let conn = builder.serve_connection(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(app.clone()),
+                    );
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    continue;
+                };
+                // The handshake runs in the connection's task, so a slow client holds up only
+                // itself.
+                let (acceptor, builder, app) = (acceptor.clone(), builder.clone(), app.clone());
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let peer = stream.peer_addr().ok();
+                    let stream =
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, ?peer, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(?peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let verified = stream.get_ref().1.peer_certificates().is_some();
+                    let app = app.layer(Extension(PeerCertificate(verified)));
+                    let conn =
+                        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+                    let _ = watcher.watch(conn).await;
                 });
             }
             changed = shutdown.changed() => {

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -463,11 +464,58 @@ where
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
-/// A plain HTTP/1 client. Every request opens a new connection: a test that kills and
-/// restarts a daemon must never get a stale pooled connection.
+/// A file of `tests/fixtures/tls` (test-only certificates: see its README).
+pub fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tls")
+        .join(name)
+}
+
+/// A daemon's `[tls]` table from fixture names: `("agent", "ca")` is `agent.pem`, `agent.key`
+/// and `ca.pem`.
+pub fn tls_table(identity: &str, ca: &str) -> Vec<String> {
+    let s = |p: PathBuf| serde_json::to_string(&p.to_string_lossy()).expect("a string serialises");
+    vec![
+        "[tls]".to_owned(),
+        format!("cert_file = {}", s(tls_fixture(&format!("{identity}.pem")))),
+        format!("key_file = {}", s(tls_fixture(&format!("{identity}.key")))),
+        format!("ca_file = {}", s(tls_fixture(&format!("{ca}.pem")))),
+    ]
+}
+
+/// A TLS client configuration trusting `ca` (a fixture name) and presenting `identity`'s
+/// certificate (`None`: none).
+pub fn tls_client(ca: &str, identity: Option<&str>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(tls_fixture(&format!("{ca}.pem"))).expect("CA file") {
+        roots.add(c.expect("a CA certificate")).expect("usable CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots);
+    match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let chain = CertificateDer::pem_file_iter(tls_fixture(&format!("{id}.pem")))
+                .expect("certificate file")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("certificates");
+            let key = PrivateKeyDer::from_pem_file(tls_fixture(&format!("{id}.key"))).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("certificate and key")
+        }
+    }
+}
+
+/// An HTTP/1 client, for `http://` and `https://` URLs (trusting the test CA and presenting
+/// the `controller` test certificate, as an operator holding one would). Every request opens a
+/// new connection: a test that kills and restarts a daemon must never get a stale pooled
+/// connection.
 #[derive(Debug, Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Default for Http {
@@ -491,12 +539,23 @@ pub struct Response {
 
 impl Http {
     pub fn new() -> Self {
+        Self::with_tls(tls_client("ca", Some("controller")))
+    }
+
+    /// A client with its own TLS configuration (another CA, no certificate, …).
+    pub fn with_tls(tls: rustls::ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(connector);
+            .build(https);
         Self { client }
     }
 
@@ -909,6 +968,9 @@ pub struct AgentConfig {
     /// A command the agent is run under, e.g. `["ip", "netns", "exec", "<ns>"]`; it must
     /// `exec` the agent (so the child's pid is the agent's). Empty: the agent is run directly.
     pub wrapper: Vec<String>,
+    /// `[tls]` with this fixture certificate (e.g. `"agent"`, CA `ca`): the agent then serves
+    /// HTTPS only, to clients with a certificate.
+    pub tls: Option<String>,
 }
 
 impl AgentConfig {
@@ -928,6 +990,7 @@ impl AgentConfig {
             join_token: None,
             extra: Vec::new(),
             wrapper: Vec::new(),
+            tls: None,
         }
     }
 
@@ -989,9 +1052,19 @@ impl AgentConfig {
         for l in &self.extra {
             line(l.clone());
         }
+        if let Some(identity) = &self.tls {
+            for l in tls_table(identity, "ca") {
+                line(l);
+            }
+        }
         line("[[tokens]]".to_owned());
         line(format!("token = {}", s(&self.token)));
         t
+    }
+
+    /// `http://` or, with [`AgentConfig::tls`], `https://`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -1070,8 +1143,10 @@ impl AgentProcess {
 
     pub fn url(&self) -> String {
         format!(
-            "http://{}:{}",
-            self.config.listen_ip, self.config.listen_port
+            "{}://{}:{}",
+            self.config.scheme(),
+            self.config.listen_ip,
+            self.config.listen_port
         )
     }
 
@@ -1356,6 +1431,8 @@ pub struct ControllerConfig {
     pub extra_tokens: Vec<ControllerToken>,
     /// Raw TOML lines written with the top-level keys (before any table).
     pub extra: Vec<String>,
+    /// `[tls]` with this fixture certificate (e.g. `"controller"`, CA `ca`).
+    pub tls: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -1380,6 +1457,7 @@ impl ControllerConfig {
             regions: vec![(1, "eu-west-1".to_owned()), (2, "us-east-1".to_owned())],
             extra_tokens: Vec::new(),
             extra: Vec::new(),
+            tls: None,
         }
     }
 
@@ -1423,6 +1501,11 @@ impl ControllerConfig {
         }
         for l in &self.extra {
             line(l.clone());
+        }
+        if let Some(identity) = &self.tls {
+            for l in tls_table(identity, "ca") {
+                line(l);
+            }
         }
         let mut tokens = vec![
             ControllerToken {
@@ -1524,7 +1607,12 @@ impl ControllerProcess {
             "0.0.0.0" => "127.0.0.1",
             ip => ip,
         };
-        format!("http://{ip}:{}", self.config.listen_port)
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{ip}:{}", self.config.listen_port)
     }
 
     pub fn config(&self) -> &ControllerConfig {

@@ -1,0 +1,145 @@
+//! End-to-end tests of TLS between the daemons (DESIGN.md §7): a controller and an agent, each
+//! with its own certificate from the test CA (`tests/fixtures/tls`), authenticate each other
+//! both ways; an agent serves only callers with a certificate the CA vouches for; the
+//! controller's agent routes need one, its matchmaker routes do not.
+
+use berth_e2e::json::{id_of, kv, port_of};
+use berth_e2e::{
+    AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, bin, tls_client,
+    tls_fixture, wait_game_info,
+};
+use http::Method;
+use serde_json::json;
+
+/// `berthctl` against `c` with `env` added; (exit code, stdout, stderr).
+fn berthctl(c: &ControllerProcess, env: &[(&str, String)], args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin("berthctl"))
+        .args(args)
+        .env("BERTH_CONTROLLER", c.url())
+        .env("BERTH_TOKEN", c.admin_token())
+        .env_remove("BERTH_CA_FILE")
+        // A developer's own berthctl.toml must not leak into the test.
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run berthctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn tls_cluster(name: &str) -> (ControllerProcess, AgentProcess) {
+    let config = ControllerConfig {
+        tls: Some("controller".to_owned()),
+        ..ControllerConfig::new()
+    };
+    let c = ControllerProcess::spawn(name, config).await;
+    assert!(c.url().starts_with("https://"), "{}", c.url());
+    let mut agent = AgentConfig::joined(&format!("{name}-host"), &c);
+    agent.tls = Some("agent".to_owned());
+    let a = AgentProcess::spawn(&format!("{name}-agent"), agent).await;
+    (c, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_agent_allocate_over_mutual_tls() {
+    let (c, a) = tls_cluster("tls-allocate").await;
+    assert!(a.url().starts_with("https://"), "{}", a.url());
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    // Registration, heartbeats and events (agent → controller) and the deploy (controller →
+    // agent) all went over TLS for the instance to be online.
+    let online = c.wait_online(7, 1).await;
+    let metadata = kv(&[("map", "dust")]);
+    let answer = c
+        .allocate(7, &json!({"metadata": metadata}), &[])
+        .await
+        .expect(200)
+        .json;
+    assert_eq!(id_of(&answer), id_of(&online[0]));
+    let info = wait_game_info(port_of(&answer), "allocated", |i| i["allocated"] == true).await;
+    assert_eq!(info["allocation"], metadata, "{info}");
+
+    // A matchmaker needs no certificate, only to trust the CA.
+    let no_cert = Http::with_tls(tls_client("ca", None));
+    let r = no_cert
+        .send(
+            Method::GET,
+            &format!("{}/v1/instances?applicationId=7", c.url()),
+            Some(c.admin_token()),
+            &[],
+            None,
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json.as_array().map(Vec::len), Some(1), "{}", r.text);
+
+    // berthctl, given the CA.
+    let ca = tls_fixture("ca.pem").display().to_string();
+    let (code, out, err) = berthctl(&c, &[("BERTH_CA_FILE", ca)], &["hosts"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&a.config().host_name), "{out}");
+    // Without it, it says what to set.
+    let (code, _, err) = berthctl(&c, &[], &["hosts"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--ca-file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_without_the_right_certificate_are_refused() {
+    let (c, a) = tls_cluster("tls-refuse").await;
+    let healthz = format!("{}/healthz", a.url());
+
+    // The agent: no certificate, or one from another CA, ends at the handshake.
+    let no_cert = Http::with_tls(tls_client("ca", None));
+    let e = no_cert
+        .try_send(Method::GET, &healthz, None, &[], None)
+        .await
+        .expect_err("no client certificate");
+    assert!(e.contains("CertificateRequired"), "no certificate: {e}");
+    let rogue = Http::with_tls(tls_client("ca", Some("rogue")));
+    let e = rogue
+        .try_send(Method::GET, &healthz, None, &[], None)
+        .await
+        .expect_err("a certificate from another CA");
+    assert!(e.contains("UnknownCA"), "rogue certificate: {e}");
+    // Nor does plain HTTP get an answer from a TLS port.
+    let plain = format!("http://127.0.0.1:{}/healthz", a.config().listen_port);
+    let e = no_cert
+        .try_send(Method::GET, &plain, None, &[], None)
+        .await
+        .expect_err("plain HTTP");
+    assert!(!e.contains("answered"), "plain HTTP: {e}");
+    // The agent kept serving those who hold a certificate.
+    a.http()
+        .send(Method::GET, &healthz, None, &[], None)
+        .await
+        .expect(200);
+
+    // The controller: an agent route without a certificate is refused whatever the token,
+    // with what to do.
+    let r = no_cert
+        .send(
+            Method::POST,
+            &format!("{}/v1/agent/heartbeat", c.url()),
+            Some(a.token()),
+            &[],
+            Some(&json!({"hostId": 1, "instances": []})),
+        )
+        .await;
+    r.assert_error(403, "INVALID_CREDENTIALS", None);
+    assert!(r.text.contains("client certificate"), "{}", r.text);
+    // A server certificate from another CA is refused by the client side too.
+    let other_ca = Http::with_tls(tls_client("rogue-ca", None));
+    other_ca
+        .try_send(
+            Method::GET,
+            &format!("{}/healthz", c.url()),
+            None,
+            &[],
+            None,
+        )
+        .await
+        .expect_err("the controller's certificate is not from rogue-ca");
+}
