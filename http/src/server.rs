@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
@@ -68,28 +68,13 @@ pub async fn serve(
                 };
                 // The handshake runs in the connection's task, so a slow client holds up only
                 // itself.
-                let (acceptor, builder, app) = (acceptor.clone(), builder.clone(), app.clone());
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let peer = stream.peer_addr().ok();
-                    let stream =
-                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, ?peer, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(?peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let verified = stream.get_ref().1.peer_certificates().is_some();
-                    let app = app.layer(Extension(PeerCertificate(verified)));
-                    let conn =
-                        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
-                    let _ = watcher.watch(conn).await;
-                });
+                tokio::spawn(serve_tls(
+                    stream,
+                    acceptor.clone(),
+                    builder.clone(),
+                    app.clone(),
+                    graceful.watcher(),
+                ));
             }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
@@ -103,4 +88,31 @@ pub async fn serve(
         () = graceful.shutdown() => Ok(()),
         () = tokio::time::sleep(drain) => Err(ServeError::DrainTimedOut(drain)),
     }
+}
+
+/// One TLS connection: the handshake (within [`HEADER_READ_TIMEOUT`]), then HTTP with every
+/// request marked with whether the client showed a certificate the CA vouches for.
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    builder: hyper::server::conn::http1::Builder,
+    app: Router,
+    watcher: Watcher,
+) {
+    let peer = stream.peer_addr().ok();
+    let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, ?peer, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let verified = stream.get_ref().1.peer_certificates().is_some();
+    let app = app.layer(Extension(PeerCertificate(verified)));
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let _ = watcher.watch(conn).await;
 }
