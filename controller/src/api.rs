@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
@@ -41,24 +41,58 @@ use crate::store::Store;
 /// Registration carries every instance of a host in full: allow more than the default limit.
 const REGISTER_LIMIT: usize = 64 << 20;
 
-/// A fixed one-second window per token, in two atomics: no lock on the request path.
-#[derive(Debug, Default)]
+/// A token bucket per token that holds one second's worth of requests, kept as one atomic
+/// "theoretical arrival time" (GCRA): no lock on the request path. A steady `per_second` passes,
+/// and so does a burst of `per_second` after a quiet second, never more; a fixed one-second
+/// window (what this replaced) let twice the rate through around each window's edge.
+#[derive(Debug)]
 pub struct RateLimit {
     per_second: u64,
-    window: AtomicU64,
-    count: AtomicU64,
+    /// Nanoseconds one request uses up.
+    interval: u64,
+    /// When the bucket is next full again, in nanoseconds since `origin`.
+    tat: AtomicU64,
+    origin: Instant,
 }
 
 impl RateLimit {
-    fn admit(&self) -> bool {
+    const SECOND: u64 = 1_000_000_000;
+
+    /// `per_second` 0: no limit.
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second,
+            interval: Self::SECOND / per_second.max(1),
+            tat: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
+    /// `Err(wait)`: refused; a request after `wait` would pass.
+    fn admit(&self) -> Result<(), Duration> {
         if self.per_second == 0 {
-            return true;
+            return Ok(());
         }
-        let now = crate::unix_now();
-        if self.window.swap(now, Ordering::Relaxed) != now {
-            self.count.store(0, Ordering::Relaxed);
+        self.admit_at(self.origin.elapsed().as_nanos() as u64)
+    }
+
+    fn admit_at(&self, now: u64) -> Result<(), Duration> {
+        // The bucket's depth: a second's worth of requests.
+        let tolerance = self.interval * self.per_second;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now) + self.interval;
+            if next - now > tolerance {
+                return Err(Duration::from_nanos(next - now - tolerance));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
         }
-        self.count.fetch_add(1, Ordering::Relaxed) < self.per_second
     }
 }
 
@@ -99,10 +133,7 @@ impl AppState {
                     TokenInfo {
                         role: t.role,
                         name: t.name.clone(),
-                        limit: RateLimit {
-                            per_second: t.rate_limit,
-                            ..RateLimit::default()
-                        },
+                        limit: RateLimit::new(t.rate_limit),
                     },
                 )
             })
@@ -155,7 +186,7 @@ impl FromRequestParts<AppState> for Caller {
             .tokens
             .get(&d)
             .ok_or_else(|| invalid_credentials("the token is unknown or revoked"))?;
-        if !info.limit.admit() {
+        if let Err(wait) = info.limit.admit() {
             let mut f = Failure::new(
                 ErrorCode::RateLimited,
                 "Too many requests.",
@@ -164,7 +195,8 @@ impl FromRequestParts<AppState> for Caller {
                     info.name, info.limit.per_second
                 ),
             );
-            f.retry_after_secs = Some(1);
+            // Whole seconds, rounded up: a client that waits that long passes.
+            f.retry_after_secs = Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
             return Err(f);
         }
         Ok(Caller(info.role))
@@ -1046,6 +1078,33 @@ async fn create_environment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_is_a_token_bucket() {
+        const MS: u64 = 1_000_000;
+        let l = RateLimit::new(10);
+        // A full bucket: a burst of 10, then a refusal saying when the next one passes.
+        for _ in 0..10 {
+            assert_eq!(l.admit_at(0), Ok(()));
+        }
+        assert_eq!(l.admit_at(0), Err(Duration::from_millis(100)));
+        // One request's worth comes back every 100 ms, no more.
+        assert_eq!(l.admit_at(60 * MS), Err(Duration::from_millis(40)));
+        assert_eq!(l.admit_at(100 * MS), Ok(()));
+        assert!(l.admit_at(100 * MS).is_err());
+        // Steady at the rate: every request passes.
+        for n in 2..50 {
+            assert_eq!(l.admit_at(n * 100 * MS), Ok(()), "request at {n}00 ms");
+        }
+        // 40 requests 5 ms apart across a second's edge (950-1145 ms): a fixed window let 2 × 10
+        // through; the bucket, its 10 and then the rate.
+        let l = RateLimit::new(10);
+        let passed = (0..40)
+            .filter(|n| l.admit_at(950 * MS + n * MS * 5).is_ok())
+            .count();
+        assert_eq!(passed, 10 + 1, "10 at once, then one 100 ms after the 10th");
+        assert_eq!(RateLimit::new(0).admit(), Ok(()), "0: no limit");
+    }
 
     /// How the digest input was built before it was serialised directly.
     fn canonical_before(
