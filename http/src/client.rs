@@ -247,12 +247,61 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(s) = last.source() {
         last = s;
     }
-    last.to_string()
+    let reason = last.to_string();
+    match tls_hint(&reason) {
+        Some(hint) => format!("{reason} ({hint})"),
+        None => reason,
+    }
+}
+
+/// What a TLS failure means for the operator who has to fix it, by rustls' wording.
+fn tls_hint(reason: &str) -> Option<&'static str> {
+    let hints = [
+        (
+            "UnknownIssuer",
+            "the server's certificate is not signed by this side's tls.ca_file",
+        ),
+        (
+            "NotValidForName",
+            "the server's certificate does not name the address in the URL",
+        ),
+        ("Expired", "a certificate has expired"),
+        (
+            "alert: UnknownCA",
+            "the server does not accept this side's certificate: it is not signed by the \
+             server's tls.ca_file",
+        ),
+        (
+            "alert: CertificateRequired",
+            "the server asks for a client certificate: set [tls] on this side",
+        ),
+        (
+            "InvalidContentType",
+            "the server did not answer in TLS: is the URL https:// for a server without [tls]?",
+        ),
+    ];
+    hints
+        .iter()
+        .find(|(needle, _)| reason.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_get_a_hint() {
+        assert!(
+            tls_hint("invalid peer certificate: UnknownIssuer")
+                .is_some_and(|h| h.contains("tls.ca_file"))
+        );
+        assert!(
+            tls_hint("received fatal alert: CertificateRequired")
+                .is_some_and(|h| h.contains("[tls]"))
+        );
+        assert_eq!(tls_hint("Connection refused (os error 111)"), None);
+    }
 
     #[tokio::test]
     async fn only_a_bad_url_is_blamed_on_the_url() {

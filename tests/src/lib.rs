@@ -483,14 +483,17 @@ pub fn tls_table(identity: &str, ca: &str) -> Vec<String> {
     ]
 }
 
-/// A TLS client configuration trusting `ca` (a fixture name) and presenting `identity`'s
-/// certificate (`None`: none).
-pub fn tls_client(ca: &str, identity: Option<&str>) -> rustls::ClientConfig {
+/// A TLS client configuration trusting the CAs `cas` (fixture names) and presenting
+/// `identity`'s certificate (`None`: none).
+pub fn tls_client(cas: &[&str], identity: Option<&str>) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(tls_fixture(&format!("{ca}.pem"))).expect("CA file") {
-        roots.add(c.expect("a CA certificate")).expect("usable CA");
+    for ca in cas {
+        for c in CertificateDer::pem_file_iter(tls_fixture(&format!("{ca}.pem"))).expect("CA file")
+        {
+            roots.add(c.expect("a CA certificate")).expect("usable CA");
+        }
     }
     let builder = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_root_certificates(roots);
@@ -509,7 +512,7 @@ pub fn tls_client(ca: &str, identity: Option<&str>) -> rustls::ClientConfig {
     }
 }
 
-/// An HTTP/1 client, for `http://` and `https://` URLs (trusting the test CA and presenting
+/// An HTTP/1 client, for `http://` and `https://` URLs (trusting both test CAs and presenting
 /// the `controller` test certificate, as an operator holding one would). Every request opens a
 /// new connection: a test that kills and restarts a daemon must never get a stale pooled
 /// connection.
@@ -539,7 +542,8 @@ pub struct Response {
 
 impl Http {
     pub fn new() -> Self {
-        Self::with_tls(tls_client("ca", Some("controller")))
+        // Both test CAs: the harness reaches (and sees ready) a daemon whatever its certificate.
+        Self::with_tls(tls_client(&["ca", "rogue-ca"], Some("controller")))
     }
 
     /// A client with its own TLS configuration (another CA, no certificate, …).

@@ -5,7 +5,7 @@
 
 use berth_e2e::json::{id_of, kv, port_of};
 use berth_e2e::{
-    AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, bin, tls_client,
+    AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, TIMEOUT, bin, tls_client,
     tls_fixture, wait_game_info,
 };
 use http::Method;
@@ -62,7 +62,7 @@ async fn controller_and_agent_allocate_over_mutual_tls() {
     assert_eq!(info["allocation"], metadata, "{info}");
 
     // A matchmaker needs no certificate, only to trust the CA.
-    let no_cert = Http::with_tls(tls_client("ca", None));
+    let no_cert = Http::with_tls(tls_client(&["ca"], None));
     let r = no_cert
         .send(
             Method::GET,
@@ -92,13 +92,13 @@ async fn callers_without_the_right_certificate_are_refused() {
     let healthz = format!("{}/healthz", a.url());
 
     // The agent: no certificate, or one from another CA, ends at the handshake.
-    let no_cert = Http::with_tls(tls_client("ca", None));
+    let no_cert = Http::with_tls(tls_client(&["ca"], None));
     let e = no_cert
         .try_send(Method::GET, &healthz, None, &[], None)
         .await
         .expect_err("no client certificate");
     assert!(e.contains("CertificateRequired"), "no certificate: {e}");
-    let rogue = Http::with_tls(tls_client("ca", Some("rogue")));
+    let rogue = Http::with_tls(tls_client(&["ca"], Some("rogue")));
     let e = rogue
         .try_send(Method::GET, &healthz, None, &[], None)
         .await
@@ -131,7 +131,7 @@ async fn callers_without_the_right_certificate_are_refused() {
     r.assert_error(403, "INVALID_CREDENTIALS", None);
     assert!(r.text.contains("client certificate"), "{}", r.text);
     // A server certificate from another CA is refused by the client side too.
-    let other_ca = Http::with_tls(tls_client("rogue-ca", None));
+    let other_ca = Http::with_tls(tls_client(&["rogue-ca"], None));
     other_ca
         .try_send(
             Method::GET,
@@ -142,4 +142,28 @@ async fn callers_without_the_right_certificate_are_refused() {
         )
         .await
         .expect_err("the controller's certificate is not from rogue-ca");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_a_certificate_from_another_ca_is_told_why() {
+    let config = ControllerConfig {
+        tls: Some("controller".to_owned()),
+        ..ControllerConfig::new()
+    };
+    let c = ControllerProcess::spawn("tls-rogue-agent", config).await;
+    let mut agent = AgentConfig::joined("rogue-host", &c);
+    agent.tls = Some("rogue".to_owned());
+    let a = AgentProcess::spawn("tls-rogue-agent-agent", agent).await;
+    let why = berth_e2e::wait_for("the agent's registration failure", TIMEOUT, async || {
+        a.log()
+            .lines()
+            .find(|l| l.contains("cannot register with the controller"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(
+        why.contains("UnknownCA") && why.contains("not signed by the server's tls.ca_file"),
+        "{why}"
+    );
+    assert!(c.hosts().await.is_empty(), "no host registered");
 }
