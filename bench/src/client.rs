@@ -14,21 +14,43 @@ use bytes::Bytes;
 use http::{Method, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// Longest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Client {
     /// Idle keep-alive connections by authority (`host:port`).
     idle: Arc<Mutex<HashMap<String, Vec<Conn>>>>,
+    /// For `https://` URLs.
+    tls: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
+}
+
+/// A connection's transport. An enum, not a trait object, so that plain HTTP costs what it
+/// did before TLS was possible.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// How an exchange on one connection ended badly.
@@ -63,6 +85,14 @@ impl Client {
         Self::default()
     }
 
+    /// Also `https://` URLs, with this TLS configuration.
+    pub fn with_tls(config: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: Some(TlsConnector::from(config)),
+            ..Self::default()
+        }
+    }
+
     pub async fn send(
         &self,
         method: Method,
@@ -71,9 +101,14 @@ impl Client {
         body: Option<Bytes>,
     ) -> Result<(u16, Bytes)> {
         let uri: Uri = url.parse().with_context(|| format!("URL {url:?}"))?;
-        if uri.scheme_str() != Some("http") {
-            bail!("URL {url:?}: the load generator speaks plain http only");
-        }
+        let tls =
+            match uri.scheme_str() {
+                Some("http") => None,
+                Some("https") => Some(self.tls.as_ref().with_context(|| {
+                    format!("URL {url:?}: this client has no TLS configuration")
+                })?),
+                _ => bail!("URL {url:?}: only http:// and https://"),
+            };
         let authority = uri
             .authority()
             .with_context(|| format!("URL {url:?} has no host"))?
@@ -91,7 +126,7 @@ impl Client {
         }
         write!(request, "content-length: {}\r\n\r\n", body.len())?;
         request.extend_from_slice(&body);
-        tokio::time::timeout(TIMEOUT, self.exchange(&authority, &request))
+        tokio::time::timeout(TIMEOUT, self.exchange(&authority, tls, &request))
             .await
             .with_context(|| format!("{method} {url} timed out"))?
             .with_context(|| format!("{method} {url}"))
@@ -118,11 +153,16 @@ impl Client {
         Ok((s, String::from_utf8_lossy(&b).into_owned()))
     }
 
-    async fn exchange(&self, authority: &str, request: &[u8]) -> Result<(u16, Bytes)> {
+    async fn exchange(
+        &self,
+        authority: &str,
+        tls: Option<&TlsConnector>,
+        request: &[u8],
+    ) -> Result<(u16, Bytes)> {
         loop {
             let (mut conn, reused) = match self.take(authority) {
                 Some(conn) => (conn, true),
-                None => (Conn::connect(authority).await?, false),
+                None => (Conn::connect(authority, tls).await?, false),
             };
             match conn.exchange(request).await {
                 Ok(answer) => {
@@ -158,11 +198,28 @@ impl Client {
 }
 
 impl Conn {
-    async fn connect(authority: &str) -> Result<Conn> {
-        let stream = TcpStream::connect(authority)
+    async fn connect(authority: &str, tls: Option<&TlsConnector>) -> Result<Conn> {
+        let tcp = TcpStream::connect(authority)
             .await
             .with_context(|| format!("connecting to {authority}"))?;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned())
+                    .with_context(|| format!("{host:?} is not a TLS server name"))?;
+                let s = tls
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {authority}"))?;
+                Stream::Tls(Box::new(s))
+            }
+        };
         Ok(Conn {
             stream,
             buf: Vec::with_capacity(4096),
@@ -172,7 +229,21 @@ impl Conn {
     /// Reads more of the answer; 0 is the end of the stream.
     async fn fill(&mut self) -> Result<usize, Failed> {
         self.buf.reserve(4096);
-        Ok(self.stream.read_buf(&mut self.buf).await?)
+        Ok(match &mut self.stream {
+            Stream::Plain(s) => s.read_buf(&mut self.buf).await?,
+            Stream::Tls(s) => s.read_buf(&mut self.buf).await?,
+        })
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.stream {
+            Stream::Plain(s) => s.write_all(bytes).await,
+            // TLS buffers what it encrypts: flushing sends the record now.
+            Stream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
     }
 
     async fn exchange(&mut self, request: &[u8]) -> Result<Answer, Failed> {
@@ -188,7 +259,7 @@ impl Conn {
     }
 
     async fn answer(&mut self, request: &[u8]) -> Result<Answer, Failed> {
-        self.stream.write_all(request).await?;
+        self.write_all(request).await?;
         let (status, head_len, framing, keep_alive) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut response = httparse::Response::new(&mut headers);
@@ -278,6 +349,8 @@ fn is_reset(e: &anyhow::Error) -> bool {
             std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::BrokenPipe
                 | std::io::ErrorKind::ConnectionAborted
+                // TLS: the peer went away without a close_notify.
+                | std::io::ErrorKind::UnexpectedEof
         )
     })
 }

@@ -16,6 +16,8 @@ use crate::client::Client;
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 pub const MATCHMAKER: &str = "bench-matchmaker-token-0123456789";
 pub const JOIN: &str = "bench-join-token-0123456789";
+/// The e2e tests' certificates (test-only keys), used by `--tls`.
+const TLS_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls");
 
 /// Which CPUs the processes of a run may use.
 #[derive(Debug, Clone, Copy)]
@@ -346,6 +348,8 @@ pub struct Cluster {
     pub agent_threads: Option<usize>,
     /// CPUs for each side (None: the scheduler places every process).
     pub placement: Option<Placement>,
+    /// `[tls]` on the controller and the agents, with the test certificates.
+    pub tls: bool,
     /// How many agents the port ranges are divided between (agent indexes `0..agent_slots`).
     pub agent_slots: usize,
     pub dir: PathBuf,
@@ -364,6 +368,7 @@ impl Cluster {
             controller_threads: None,
             agent_threads: None,
             placement: None,
+            tls: false,
             agent_slots: 1,
             dir,
             bin,
@@ -373,11 +378,64 @@ impl Cluster {
         })
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// `[tls]` for `identity`'s test certificate, or nothing without `tls`.
+    fn tls_table(&self, identity: &str) -> Result<String> {
+        if !self.tls {
+            return Ok(String::new());
+        }
+        let f = |name: &str| -> Result<String> {
+            let p = Path::new(TLS_FIXTURES).join(name);
+            if !p.is_file() {
+                bail!(
+                    "--tls uses the test certificates in {TLS_FIXTURES}, and {} is missing: run \
+                     the benchmark from the source tree it was built in",
+                    p.display()
+                );
+            }
+            Ok(serde_json::to_string(&p.display().to_string())?)
+        };
+        Ok(format!(
+            "[tls]\ncert_file = {}\nkey_file = {}\nca_file = {}\n",
+            f(&format!("{identity}.pem"))?,
+            f(&format!("{identity}.key"))?,
+            f("ca.pem")?
+        ))
+    }
+
+    /// A client for this cluster's daemons: with `tls`, it trusts the test CA and shows the
+    /// controller's test certificate (agents accept no caller without one).
+    pub fn new_client(&self) -> Result<Client> {
+        if !self.tls {
+            return Ok(Client::new());
+        }
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = Path::new(TLS_FIXTURES);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join("ca.pem"))? {
+            roots.add(c?)?;
+        }
+        let chain = CertificateDer::pem_file_iter(dir.join("controller.pem"))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(dir.join("controller.key"))?;
+        let config =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)?;
+        Ok(Client::with_tls(std::sync::Arc::new(config)))
+    }
+
     pub fn controller_url(&self) -> &str {
         self.controller.as_ref().map_or("", |c| c.url.as_str())
     }
 
     pub async fn start_controller(&mut self) -> Result<()> {
+        self.client = self.new_client()?;
         let port = free_port()?;
         let cfg = self.dir.join("controller.toml");
         std::fs::write(
@@ -388,6 +446,7 @@ database = "sqlite://{db}"
 join_token = "{JOIN}"
 log_format = "json"
 {threads}
+{tls}
 [[tokens]]
 token = "{ADMIN}"
 role = "admin"
@@ -403,11 +462,12 @@ ping_ip = "127.0.0.1"
                 threads = self
                     .controller_threads
                     .map_or(String::new(), |n| format!("worker_threads = {n}")),
+                tls = self.tls_table("controller")?,
             ),
         )?;
         let mut d = Daemon {
             name: "controller".into(),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{}://127.0.0.1:{port}", self.scheme()),
             child: None,
             args: vec!["--config".into(), cfg.display().to_string()],
             exe: self.bin.join("berth-controller"),
@@ -495,6 +555,7 @@ game_ports = "{game}-{}"
 management_ports = "{mgmt}-{}"
 log_format = "json"
 {threads}
+{tls}
 [[tokens]]
 token = "{ADMIN}"
 "#,
@@ -504,11 +565,12 @@ token = "{ADMIN}"
                 threads = self
                     .agent_threads
                     .map_or(String::new(), |n| format!("worker_threads = {n}")),
+                tls = self.tls_table("agent")?,
             ),
         )?;
         let mut d = Daemon {
             name: format!("agent-{index}"),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{}://127.0.0.1:{port}", self.scheme()),
             child: None,
             args: vec!["--config".into(), cfg.display().to_string()],
             exe: self.bin.join("berth-agent"),
