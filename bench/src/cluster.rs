@@ -412,22 +412,15 @@ impl Cluster {
         if !self.tls {
             return Ok(Client::new());
         }
-        use tokio_rustls::rustls;
-        use tokio_rustls::rustls::pki_types::pem::PemObject;
-        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let dir = Path::new(TLS_FIXTURES);
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(dir.join("ca.pem"))? {
-            roots.add(c?)?;
-        }
-        let chain = CertificateDer::pem_file_iter(dir.join("controller.pem"))?
-            .collect::<Result<Vec<_>, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(dir.join("controller.key"))?;
-        let config =
-            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-                .with_root_certificates(roots)
-                .with_client_auth_cert(chain, key)?;
-        Ok(Client::with_tls(std::sync::Arc::new(config)))
+        // The controller's own certificate and CA: what it shows agents as a client.
+        let files = berth_http::tls::TlsFiles {
+            cert_file: dir.join("controller.pem"),
+            key_file: dir.join("controller.key"),
+            ca_file: dir.join("ca.pem"),
+        };
+        let tls = berth_http::tls::Tls::load(&files, berth_http::tls::ClientCerts::Optional)?;
+        Ok(Client::with_tls(tls.client))
     }
 
     pub fn controller_url(&self) -> &str {
