@@ -313,6 +313,9 @@ fn ranges(runs: &[Value]) -> Value {
     json!({
         "benchmark": "allocate",
         "runs": runs.len(),
+        // Every run of one invocation has the same setup: the line says what was measured.
+        "placement": runs.first().map(|r| r["placement"].clone()),
+        "tls": runs.first().map(|r| r["tls"].clone()),
         "durable": runs.iter().all(|r| r["durable"] == true),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
         "ranges": figures,
@@ -1080,6 +1083,8 @@ mod tests {
             "durable": durable,
             "errors": errors,
             "cpuMsPerAllocation": {"controller": 0.1, "agents": 0.05, "games": 0.04, "loadGenerator": 0.02},
+            "placement": "split",
+            "tls": true,
         })
     }
 
@@ -1091,6 +1096,10 @@ mod tests {
             run(7000.0, 0.50, true, 1),
         ];
         let r = ranges(&runs);
+        assert_eq!(
+            (&r["placement"], &r["tls"]),
+            (&json!("split"), &json!(true))
+        );
         assert_eq!(
             r["ranges"]["allocationsPerSecond"],
             json!({"min": 5000.0, "median": 6000.0, "max": 7000.0})
