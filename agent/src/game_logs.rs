@@ -164,8 +164,10 @@ fn shift(dir: &Path, id: &str, keep: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// The instance id a file in the log directory belongs to: `<id>.log` or `<id>.log.<n>`.
+/// The instance id a file in the log directory belongs to: `<id>.log`, `<id>.log.<n>`, or a
+/// copy a crash left half made (`<id>.log.1.tmp`), which retention must remove too.
 fn owner(name: &str) -> Option<&str> {
+    let name = name.strip_suffix(".tmp").unwrap_or(name);
     if let Some(id) = name.strip_suffix(".log") {
         return Some(id);
     }
@@ -487,6 +489,7 @@ mod tests {
             append(&log_path(&d, id), "x\n");
             append(&rotated_path(&d, id, 1), "y\n");
         }
+        append(&d.join("gone.log.1.tmp"), "a copy a crash left\n");
         append(&d.join("notes.txt"), "not a log\n");
         let live: HashSet<String> = ["live".to_owned()].into();
         assert_eq!(
@@ -494,9 +497,10 @@ mod tests {
             0,
             "too recent"
         );
-        assert_eq!(remove_stale(&d, &live, Duration::ZERO), 2);
+        assert_eq!(remove_stale(&d, &live, Duration::ZERO), 3);
         assert!(log_path(&d, "live").exists() && rotated_path(&d, "live", 1).exists());
         assert!(!log_path(&d, "gone").exists() && !rotated_path(&d, "gone", 1).exists());
+        assert!(!d.join("gone.log.1.tmp").exists());
         assert!(d.join("notes.txt").exists());
         std::fs::remove_dir_all(&d).ok();
     }
@@ -505,6 +509,7 @@ mod tests {
     fn owners_of_file_names() {
         assert_eq!(owner("abc.log"), Some("abc"));
         assert_eq!(owner("abc.log.3"), Some("abc"));
+        assert_eq!(owner("abc.log.1.tmp"), Some("abc"));
         assert_eq!(owner("abc.log.x"), None);
         assert_eq!(owner("abc.txt"), None);
     }
