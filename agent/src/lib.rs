@@ -69,6 +69,7 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new());
+    let tls_failures = metrics.tls_handshake_failures.clone();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let facts = HostFacts {
         host_id: None,
@@ -186,7 +187,10 @@ pub async fn run(
             shutdown.clone(),
         ))
     };
-    let tls = config.tls.as_ref().map(|t| t.server.clone());
+    let tls = config.tls.as_ref().map(|t| berth_http::ServeTls {
+        config: t.server.clone(),
+        handshake_failures: tls_failures.clone(),
+    });
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub heartbeats_failed: Counter,
     pub game_log_rotations: Counter,
     pub game_logs_removed: Counter,
+    pub tls_handshake_failures: Counter,
     instances: Family<Labels, Gauge>,
     arcus_links_up: Gauge,
 }
@@ -87,6 +88,11 @@ impl Metrics {
             "game_logs_removed",
             "Log files of removed instances deleted after game_log_retention_hours",
         );
+        let tls_handshake_failures = counter(
+            &mut registry,
+            "tls_handshake_failures",
+            "TLS handshakes on the listener that failed (no certificate or one refused, plain HTTP, a timeout)",
+        );
         let instances = Family::<Labels, Gauge>::default();
         registry.register(
             "instances",
@@ -120,6 +126,7 @@ impl Metrics {
             arcus_protocol_errors,
             game_log_rotations,
             game_logs_removed,
+            tls_handshake_failures,
             instances,
             arcus_links_up,
         }

@@ -115,12 +115,16 @@ pub async fn run(
             shutdown.clone(),
         ))
     };
+    let tls_failures = metrics.tls_handshake_failures.clone();
     let app = api::router(api::AppState::new(
         &config, inventory, agents, store, metrics,
     ));
     tracing::info!(listen = %local, "controller ready");
     on_ready(local);
-    let tls = config.tls.as_ref().map(|t| t.server.clone());
+    let tls = config.tls.as_ref().map(|t| berth_http::ServeTls {
+        config: t.server.clone(),
+        handshake_failures: tls_failures.clone(),
+    });
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub hosts_lost: Counter,
     pub reconcile_deploys: Counter,
     pub reconcile_removals: Counter,
+    pub tls_handshake_failures: Counter,
     instances: Family<Labels, Gauge>,
     hosts: Family<Labels, Gauge>,
     store: StoreMetrics,
@@ -75,6 +76,10 @@ impl Metrics {
             counter("reconcile_deploys", "Instances deployed by the reconciler");
         let reconcile_removals =
             counter("reconcile_removals", "Instances removed by the reconciler");
+        let tls_handshake_failures = counter(
+            "tls_handshake_failures",
+            "TLS handshakes on the listener that failed (a certificate refused, plain HTTP, a timeout)",
+        );
         let store = StoreMetrics {
             commit_seconds: Histogram::new([
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
@@ -106,6 +111,7 @@ impl Metrics {
             hosts_lost,
             reconcile_deploys,
             reconcile_removals,
+            tls_handshake_failures,
             instances,
             hosts,
             store,

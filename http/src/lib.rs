@@ -11,7 +11,7 @@ mod server;
 pub mod tls;
 
 pub use client::{CallError, JsonClient};
-pub use server::{ServeError, serve};
+pub use server::{ServeError, ServeTls, serve};
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

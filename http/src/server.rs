@@ -9,6 +9,7 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +26,16 @@ pub enum ServeError {
     DrainTimedOut(Duration),
 }
 
+/// A TLS listener's configuration, and the daemon's counter of handshakes that failed (a
+/// peer's certificate refused, plain HTTP, a timeout): the one sign on this side of a peer
+/// that cannot connect, since each failure is logged at debug level only (anyone who can reach
+/// the port can cause one).
+#[derive(Debug, Clone)]
+pub struct ServeTls {
+    pub config: Arc<ServerConfig>,
+    pub handshake_failures: Counter,
+}
+
 /// Serves `app` on `listener` until `shutdown` becomes true, then drains for up to `drain`.
 /// With `tls`, every connection is TLS (the handshake, too, must end within
 /// [`HEADER_READ_TIMEOUT`]) and each request carries a [`PeerCertificate`] extension.
@@ -33,7 +44,7 @@ pub async fn serve(
     app: Router,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-    tls: Option<Arc<ServerConfig>>,
+    tls: Option<ServeTls>,
 ) -> Result<(), ServeError> {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -41,7 +52,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    let acceptor = tls.map(TlsAcceptor::from);
+    let acceptor = tls.map(|t| (TlsAcceptor::from(t.config), t.handshake_failures));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -55,7 +66,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let Some(acceptor) = &acceptor else {
+                let Some((acceptor, failures)) = &acceptor else {
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
                         TowerToHyperService::new(app.clone()),
@@ -71,6 +82,7 @@ pub async fn serve(
                 tokio::spawn(serve_tls(
                     stream,
                     acceptor.clone(),
+                    failures.clone(),
                     builder.clone(),
                     app.clone(),
                     graceful.watcher(),
@@ -95,6 +107,7 @@ pub async fn serve(
 async fn serve_tls(
     stream: TcpStream,
     acceptor: TlsAcceptor,
+    failures: Counter,
     builder: hyper::server::conn::http1::Builder,
     app: Router,
     watcher: Watcher,
@@ -103,10 +116,12 @@ async fn serve_tls(
     let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            failures.inc();
             tracing::debug!(error = %e, ?peer, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            failures.inc();
             tracing::debug!(?peer, "TLS handshake timed out");
             return;
         }

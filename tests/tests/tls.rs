@@ -116,6 +116,14 @@ async fn callers_without_the_right_certificate_are_refused() {
         .send(Method::GET, &healthz, None, &[], None)
         .await
         .expect(200);
+    // Each refusal is counted where it happened.
+    let m = a.get("/metrics").await.expect(200);
+    let failures = berth_e2e::metric(&m.text, "berth_agent_tls_handshake_failures_total", "")
+        .unwrap_or_else(|| panic!("no handshake failure counter:\n{}", m.text));
+    assert!(
+        failures >= 3.0,
+        "{failures} failed handshakes counted, 3 made"
+    );
 
     // The controller: an agent route without a certificate is refused whatever the token,
     // with what to do.
@@ -142,6 +150,23 @@ async fn callers_without_the_right_certificate_are_refused() {
         )
         .await
         .expect_err("the controller's certificate is not from rogue-ca");
+    let m = c
+        .http()
+        .send(
+            Method::GET,
+            &format!("{}/metrics", c.url()),
+            Some(c.admin_token()),
+            &[],
+            None,
+        )
+        .await
+        .expect(200);
+    let failures = berth_e2e::metric(&m.text, "berth_controller_tls_handshake_failures_total", "")
+        .unwrap_or_else(|| panic!("no handshake failure counter:\n{}", m.text));
+    assert!(
+        failures >= 1.0,
+        "the refused handshake was counted: {failures}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
