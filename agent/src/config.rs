@@ -569,21 +569,8 @@ management_ports = "30000-32767"
         assert_eq!(c.game_logs.retention, Duration::ZERO);
     }
 
-    /// A `[tls]` table with the test certificates (`tests/fixtures/tls`).
-    pub(crate) fn tls_table(cert: &str, key: &str) -> String {
-        let f = |n: &str| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures/tls")
-                .join(n)
-                .display()
-                .to_string()
-        };
-        format!(
-            "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-            f(cert),
-            f(key),
-            f("ca.pem")
-        )
+    fn tls_table(cert: &str, key: &str) -> String {
+        berth_http::tls::test_tls_table(cert, key, "ca.pem")
     }
 
     #[test]

@@ -16,8 +16,6 @@ use crate::client::Client;
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 pub const MATCHMAKER: &str = "bench-matchmaker-token-0123456789";
 pub const JOIN: &str = "bench-join-token-0123456789";
-/// The e2e tests' certificates (test-only keys), used by `--tls`.
-const TLS_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls");
 
 /// Which CPUs the processes of a run may use.
 #[derive(Debug, Clone, Copy)]
@@ -387,22 +385,18 @@ impl Cluster {
         if !self.tls {
             return Ok(String::new());
         }
-        let f = |name: &str| -> Result<String> {
-            let p = Path::new(TLS_FIXTURES).join(name);
-            if !p.is_file() {
-                bail!(
-                    "--tls uses the test certificates in {TLS_FIXTURES}, and {} is missing: run \
-                     the benchmark from the source tree it was built in",
-                    p.display()
-                );
-            }
-            Ok(serde_json::to_string(&p.display().to_string())?)
-        };
-        Ok(format!(
-            "[tls]\ncert_file = {}\nkey_file = {}\nca_file = {}\n",
-            f(&format!("{identity}.pem"))?,
-            f(&format!("{identity}.key"))?,
-            f("ca.pem")?
+        let ca = berth_http::tls::test_certificate("ca.pem");
+        if !ca.is_file() {
+            bail!(
+                "--tls uses the e2e tests' certificates, and {} is missing: run the benchmark \
+                 from the source tree it was built in",
+                ca.display()
+            );
+        }
+        Ok(berth_http::tls::test_tls_table(
+            &format!("{identity}.pem"),
+            &format!("{identity}.key"),
+            "ca.pem",
         ))
     }
 
@@ -412,12 +406,12 @@ impl Cluster {
         if !self.tls {
             return Ok(Client::new());
         }
-        let dir = Path::new(TLS_FIXTURES);
         // The controller's own certificate and CA: what it shows agents as a client.
+        let f = berth_http::tls::test_certificate;
         let files = berth_http::tls::TlsFiles {
-            cert_file: dir.join("controller.pem"),
-            key_file: dir.join("controller.key"),
-            ca_file: dir.join("ca.pem"),
+            cert_file: f("controller.pem"),
+            key_file: f("controller.key"),
+            ca_file: f("ca.pem"),
         };
         let tls = berth_http::tls::Tls::load(&files, berth_http::tls::ClientCerts::Optional)?;
         Ok(Client::with_tls(tls.client))

@@ -370,20 +370,8 @@ ping_ip = "203.0.113.10"
 
     #[test]
     fn tls_files_are_checked_at_load() {
-        let f = |n: &str| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures/tls")
-                .join(n)
-                .display()
-                .to_string()
-        };
         let table = |cert: &str, key: &str, ca: &str| {
-            format!(
-                "{OK}[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-                f(cert),
-                f(key),
-                f(ca)
-            )
+            format!("{OK}{}", berth_http::tls::test_tls_table(cert, key, ca))
         };
         let c = load(&table("controller.pem", "controller.key", "ca.pem")).expect("valid");
         assert!(c.tls.is_some());

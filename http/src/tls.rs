@@ -102,6 +102,40 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(list)
 }
 
+/// The CA certificates in `path` (PEM) as a root store; `key` names the config key.
+fn roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certs(key, path)? {
+        roots.add(ca).map_err(|e| TlsError::Invalid {
+            key,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A file of the e2e tests' certificates (`tests/fixtures/tls` in the source tree; their keys
+/// are public): for tests and the benchmark, never for a deployment.
+#[doc(hidden)]
+pub fn test_certificate(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tls")
+        .join(name)
+}
+
+/// A `[tls]` table naming three of those files.
+#[doc(hidden)]
+pub fn test_tls_table(cert: &str, key: &str, ca: &str) -> String {
+    let f = |n: &str| test_certificate(n).display().to_string();
+    format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+        f(cert),
+        f(key),
+        f(ca)
+    )
+}
+
 impl Tls {
     /// Reads and checks the files: the key must match the certificate, and the CA file must
     /// hold at least one usable CA certificate.
@@ -112,15 +146,7 @@ impl Tls {
             path: files.key_file.clone(),
             reason: format!("{e} (expected a PEM private key)"),
         })?;
-        let mut roots = RootCertStore::empty();
-        for ca in certs("tls.ca_file", &files.ca_file)? {
-            roots.add(ca).map_err(|e| TlsError::Invalid {
-                key: "tls.ca_file",
-                path: files.ca_file.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-        let roots = Arc::new(roots);
+        let roots = Arc::new(roots("tls.ca_file", &files.ca_file)?);
         let invalid = |key: &'static str, path: &Path, e: rustls::Error| TlsError::Invalid {
             key,
             path: path.to_owned(),
@@ -157,14 +183,7 @@ impl Tls {
 /// A client configuration that verifies servers against `ca_file` and presents no certificate
 /// (an operator's tool talking to the controller's matchmaker and admin routes).
 pub fn trusting(ca_file: &Path) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in certs("ca_file", ca_file)? {
-        roots.add(ca).map_err(|e| TlsError::Invalid {
-            key: "ca_file",
-            path: ca_file.to_owned(),
-            reason: e.to_string(),
-        })?;
-    }
+    let roots = roots("ca_file", ca_file)?;
     Ok(
         ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_root_certificates(roots)
@@ -176,24 +195,18 @@ pub fn trusting(ca_file: &Path) -> Result<ClientConfig, TlsError> {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/tls")
-            .join(name)
-    }
-
     fn files(cert: &str, key: &str, ca: &str) -> TlsFiles {
         TlsFiles {
-            cert_file: fixture(cert),
-            key_file: fixture(key),
-            ca_file: fixture(ca),
+            cert_file: test_certificate(cert),
+            key_file: test_certificate(key),
+            ca_file: test_certificate(ca),
         }
     }
 
     #[test]
     fn trusting_reads_a_ca_file() {
-        trusting(&fixture("ca.pem")).expect("valid");
-        let e = trusting(&fixture("agent.key")).expect_err("a key, not a certificate");
+        trusting(&test_certificate("ca.pem")).expect("valid");
+        let e = trusting(&test_certificate("agent.key")).expect_err("a key, not a certificate");
         assert_eq!(e.key(), "ca_file");
     }
 

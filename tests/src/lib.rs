@@ -466,21 +466,17 @@ where
 
 /// A file of `tests/fixtures/tls` (test-only certificates: see its README).
 pub fn tls_fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/tls")
-        .join(name)
+    berth_http::tls::test_certificate(name)
 }
 
 /// A daemon's `[tls]` table from fixture names: `("agent", "ca")` is `agent.pem`, `agent.key`
 /// and `ca.pem`.
-pub fn tls_table(identity: &str, ca: &str) -> Vec<String> {
-    let s = |p: PathBuf| serde_json::to_string(&p.to_string_lossy()).expect("a string serialises");
-    vec![
-        "[tls]".to_owned(),
-        format!("cert_file = {}", s(tls_fixture(&format!("{identity}.pem")))),
-        format!("key_file = {}", s(tls_fixture(&format!("{identity}.key")))),
-        format!("ca_file = {}", s(tls_fixture(&format!("{ca}.pem")))),
-    ]
+pub fn tls_table(identity: &str, ca: &str) -> String {
+    berth_http::tls::test_tls_table(
+        &format!("{identity}.pem"),
+        &format!("{identity}.key"),
+        &format!("{ca}.pem"),
+    )
 }
 
 /// A TLS client configuration trusting the CAs `cas` (fixture names) and presenting
@@ -1057,9 +1053,7 @@ impl AgentConfig {
             line(l.clone());
         }
         if let Some(identity) = &self.tls {
-            for l in tls_table(identity, "ca") {
-                line(l);
-            }
+            line(tls_table(identity, "ca"));
         }
         line("[[tokens]]".to_owned());
         line(format!("token = {}", s(&self.token)));
@@ -1507,9 +1501,7 @@ impl ControllerConfig {
             line(l.clone());
         }
         if let Some(identity) = &self.tls {
-            for l in tls_table(identity, "ca") {
-                line(l);
-            }
+            line(tls_table(identity, "ca"));
         }
         let mut tokens = vec![
             ControllerToken {
