@@ -3,7 +3,6 @@
 //! exhaustive mapping.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -411,10 +410,11 @@ async fn logs(
     let follow = berth_http::is_true(berth_http::query_param(query, "follow").as_deref());
     let path = log_path(&st.log_dir, &id);
     let files = game_logs::files_oldest_first(&st.log_dir, &id, st.log_files_kept);
-    let (head, offset) =
-        tokio::task::spawn_blocking(move || read_tail_of_files(&files, tail.min(100_000)))
-            .await
-            .map_err(|_| ApiError::Unavailable)?;
+    let (head, offset) = tokio::task::spawn_blocking(move || {
+        game_logs::read_tail_of_files(&files, tail.min(100_000))
+    })
+    .await
+    .map_err(|_| ApiError::Unavailable)?;
     let content_type = [(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -424,7 +424,7 @@ async fn logs(
     }
     let newest_copy = game_logs::rotated_path(&st.log_dir, &id, 1);
     let follower = Follower {
-        copy_seen: copy_identity(&newest_copy),
+        copy_seen: game_logs::copy_identity(&newest_copy),
         newest_copy,
         path,
         offset,
@@ -476,9 +476,9 @@ impl Follower {
             );
             let give_up = self.shrunk >= Self::SHRUNK_POLLS;
             let read = tokio::task::spawn_blocking(move || {
-                let copy_now = copy_identity(&newest_copy);
+                let copy_now = game_logs::copy_identity(&newest_copy);
                 let moved = (copy_now != seen).then(|| copy_now.map_or(0, |c| c.1));
-                read_from(&path, &newest_copy, offset, moved, give_up)
+                game_logs::read_from(&path, &newest_copy, offset, moved, give_up)
                     .map(|(bytes, next)| (bytes, next, copy_now))
             })
             .await
@@ -501,177 +501,5 @@ impl Follower {
                 return None;
             }
         }
-    }
-}
-
-/// The last `lines` lines of a file and its length.
-fn read_tail(path: &std::path::Path, lines: usize) -> (Vec<u8>, u64) {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return (Vec::new(), 0);
-    };
-    let len = f.metadata().map_or(0, |m| m.len());
-    // Read backwards in blocks until enough newlines are seen.
-    let mut start = len;
-    let mut buf = Vec::new();
-    while start > 0 {
-        let step = start.min(64 * 1024);
-        start -= step;
-        let mut block = vec![0u8; step as usize];
-        if f.seek(SeekFrom::Start(start)).is_err() || f.read_exact(&mut block).is_err() {
-            break;
-        }
-        block.extend_from_slice(&buf);
-        buf = block;
-        let newlines = buf.iter().filter(|b| **b == b'\n').count();
-        if newlines > lines {
-            break;
-        }
-    }
-    (last_lines(buf, lines), len)
-}
-
-/// The last `lines` lines of `buf` (a last line without its newline counts).
-fn last_lines(mut buf: Vec<u8>, lines: usize) -> Vec<u8> {
-    let mut cut = 0;
-    let mut seen = 0;
-    for (i, b) in buf.iter().enumerate().rev() {
-        if *b == b'\n' && i + 1 != buf.len() {
-            seen += 1;
-            if seen == lines {
-                cut = i + 1;
-                break;
-            }
-        }
-    }
-    if lines == 0 {
-        cut = buf.len();
-    }
-    buf.split_off(cut)
-}
-
-/// The last `lines` lines of a game's output across its files (oldest first), and the length
-/// of the last (live) file. The files are one stream cut at block boundaries, often mid-line,
-/// so lines are counted on the joined bytes.
-fn read_tail_of_files(files: &[PathBuf], lines: usize) -> (Vec<u8>, u64) {
-    let mut joined = Vec::new();
-    let mut live_len = None;
-    for f in files.iter().rev() {
-        // One line more than asked: the first may be the end of a line the older file starts.
-        let (mut chunk, len) = read_tail(f, lines + 1);
-        live_len.get_or_insert(len);
-        let whole = chunk.len() as u64 == len;
-        chunk.extend_from_slice(&joined);
-        joined = chunk;
-        if !whole {
-            break;
-        }
-    }
-    (last_lines(joined, lines), live_len.unwrap_or(0))
-}
-
-/// Which `.1` copy exists (inode and length), to notice a rotation.
-fn copy_identity(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
-}
-
-/// The bytes of the live log `path` from `offset` on (at most 1 MiB), preceded by what a
-/// rotation moved to `copy` that the reader had not read, and where the next read of the live
-/// log starts. `moved`: bytes moved out of the file's head by a rotation since `offset` was
-/// taken. `None` also when a rotation is half done (see [`game_logs::resume`]).
-fn read_from(
-    path: &std::path::Path,
-    copy: &std::path::Path,
-    offset: u64,
-    moved: Option<u64>,
-    give_up: bool,
-) -> Option<(Vec<u8>, u64)> {
-    const MAX: u64 = 1 << 20;
-    let mut f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    let mut bytes = Vec::new();
-    let offset = match game_logs::resume(offset, moved, len, give_up) {
-        game_logs::Resume::Wait => return None,
-        game_logs::Resume::Live(offset) => offset,
-        game_logs::Resume::CopyThenLive(from) => {
-            let mut c = std::fs::File::open(copy).ok()?;
-            c.seek(SeekFrom::Start(from)).ok()?;
-            c.take(moved.unwrap_or(0) - from)
-                .read_to_end(&mut bytes)
-                .ok()?;
-            0
-        }
-    };
-    f.seek(SeekFrom::Start(offset)).ok()?;
-    let before = bytes.len();
-    f.take(MAX).read_to_end(&mut bytes).ok()?;
-    let next = offset + (bytes.len() - before) as u64;
-    Some((bytes, next))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_lines() {
-        let dir = std::env::temp_dir().join(format!("berth-tail-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let p = dir.join("l.log");
-        std::fs::write(&p, "a\nb\nc\nd\n").expect("write");
-        assert_eq!(read_tail(&p, 2).0, b"c\nd\n");
-        assert_eq!(read_tail(&p, 10).0, b"a\nb\nc\nd\n");
-        assert_eq!(read_tail(&p, 0).0, b"");
-        assert_eq!(read_tail(&dir.join("none"), 3).0, b"");
-        let (_, len) = read_tail(&p, 1);
-        std::fs::write(&p, "a\nb\nc\nd\ne\n").expect("append");
-        let none = dir.join("none");
-        assert_eq!(
-            read_from(&p, &none, len, None, false).expect("read").0,
-            b"e\n"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_follower_reads_what_a_rotation_moved_before_it_read_it() {
-        let dir = std::env::temp_dir().join(format!("berth-follow-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let (live, copy) = (dir.join("g.log"), dir.join("g.log.1"));
-        // Read up to 3 of "abcdefgh"; then 6 bytes moved to the copy and "ij" appended.
-        std::fs::write(&copy, "abcdef").expect("write");
-        std::fs::write(&live, "ghij").expect("write");
-        let (bytes, next) = read_from(&live, &copy, 3, Some(6), false).expect("read");
-        assert_eq!((bytes.as_slice(), next), (&b"defghij"[..], 4));
-        // Had it read past the cut (7), it goes on in the live file.
-        let (bytes, next) = read_from(&live, &copy, 7, Some(6), false).expect("read");
-        assert_eq!((bytes.as_slice(), next), (&b"hij"[..], 4));
-        // Shorter with the copy unchanged: a rotation half done; wait.
-        assert_eq!(read_from(&live, &copy, 9, None, false), None);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn tail_spans_rotated_copies() {
-        let dir = std::env::temp_dir().join(format!("berth-tail-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let files = [dir.join("g.log.2"), dir.join("g.log.1"), dir.join("g.log")];
-        // One stream cut mid-line twice, as a rotation at a block boundary cuts it.
-        std::fs::write(&files[0], "l1\nl2\nl").expect("write");
-        std::fs::write(&files[1], "3\nl4\nl5").expect("write");
-        std::fs::write(&files[2], "\nl6\n").expect("write");
-        assert_eq!(read_tail_of_files(&files, 1).0, b"l6\n");
-        assert_eq!(read_tail_of_files(&files, 2).0, b"l5\nl6\n");
-        assert_eq!(read_tail_of_files(&files, 3).0, b"l4\nl5\nl6\n");
-        assert_eq!(
-            read_tail_of_files(&files, 100).0,
-            b"l1\nl2\nl3\nl4\nl5\nl6\n"
-        );
-        assert_eq!(
-            read_tail_of_files(&files, 1).1,
-            4,
-            "offset: the live file's length"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

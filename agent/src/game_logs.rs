@@ -10,7 +10,7 @@
 //! filesystem cannot collapse a range (tmpfs, btrfs, NFS), the whole file is copied and then
 //! truncated (logrotate's `copytruncate`): what the game writes between the two steps is lost.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
@@ -51,7 +51,7 @@ pub fn rotated_path(log_dir: &Path, id: &str, n: u32) -> PathBuf {
 
 /// What one rotation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rotated {
+enum Rotated {
     /// The head was moved out; the game's later writes are all kept.
     Collapsed { moved: u64 },
     /// The filesystem cannot collapse a range: copied whole and truncated.
@@ -60,7 +60,7 @@ pub enum Rotated {
 
 /// Rotates `path` if it is larger than `policy.max_bytes`. `collapse` is cleared the first time
 /// the filesystem refuses to collapse a range, so later rotations go straight to copying.
-pub fn rotate_if_large(
+fn rotate_if_large(
     path: &Path,
     policy: &LogPolicy,
     collapse: &AtomicBool,
@@ -177,7 +177,7 @@ fn owner(name: &str) -> Option<&str> {
 }
 
 /// Rotates every live log in `dir` over the limit. Returns how many it rotated.
-pub fn rotate_all(dir: &Path, policy: &LogPolicy, collapse: &AtomicBool) -> usize {
+fn rotate_all(dir: &Path, policy: &LogPolicy, collapse: &AtomicBool) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -206,14 +206,13 @@ pub fn rotate_all(dir: &Path, policy: &LogPolicy, collapse: &AtomicBool) -> usiz
 
 /// Removes the logs of instances not in `live` whose newest file was last written more than
 /// `retention` ago. Returns how many files it removed.
-pub fn remove_stale(dir: &Path, live: &HashSet<String>, retention: Duration) -> usize {
+fn remove_stale(dir: &Path, live: &HashSet<String>, retention: Duration) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let now = SystemTime::now();
     // An instance's files go together, decided by the newest of them.
-    let mut newest: std::collections::HashMap<String, (SystemTime, Vec<PathBuf>)> =
-        Default::default();
+    let mut newest: HashMap<String, (SystemTime, Vec<PathBuf>)> = HashMap::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(id) = name.to_str().and_then(owner) else {
@@ -292,12 +291,12 @@ pub async fn keep_bounded(
 
 /// Where a reader of the live log goes on after reading up to `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
+enum Resume {
     /// At this offset of the live log.
     Live(u64),
-    /// At this offset of the new `.1`, then the live log from its start: a rotation moved
-    /// bytes the reader had not read yet.
-    CopyThenLive(u64),
+    /// The new `.1` from `from` to `to` (its end), then the live log from its start: a
+    /// rotation moved bytes the reader had not read yet.
+    CopyThenLive { from: u64, to: u64 },
     /// Not now: the live log is shorter than `offset` while `.1` is unchanged, which is a
     /// rotation caught between its collapse and its rename.
     Wait,
@@ -308,9 +307,12 @@ pub enum Resume {
 /// file is now `len` long. With `give_up`, a file shorter than `offset` is read from its start
 /// (truncated by hand, or rotated with no copies kept). A reader that falls a whole rotation
 /// behind goes on from the newest copy.
-pub fn resume(offset: u64, moved: Option<u64>, len: u64, give_up: bool) -> Resume {
+fn resume(offset: u64, moved: Option<u64>, len: u64, give_up: bool) -> Resume {
     match moved {
-        Some(moved) if offset < moved => Resume::CopyThenLive(offset),
+        Some(moved) if offset < moved => Resume::CopyThenLive {
+            from: offset,
+            to: moved,
+        },
         Some(moved) => Resume::Live((offset - moved).min(len)),
         None if offset <= len => Resume::Live(offset),
         None if give_up => Resume::Live(0),
@@ -329,6 +331,110 @@ pub fn files_oldest_first(log_dir: &Path, id: &str, keep_at_most: u32) -> Vec<Pa
         .collect();
     files.push(log_path(log_dir, id));
     files
+}
+
+// Reading a game's log across rotations (the API's `tail` and `follow`).
+
+/// The last `lines` lines of a file and its length.
+fn read_tail(path: &Path, lines: usize) -> (Vec<u8>, u64) {
+    let Ok(mut f) = File::open(path) else {
+        return (Vec::new(), 0);
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    // Read backwards in blocks until enough newlines are seen.
+    let mut start = len;
+    let mut buf = Vec::new();
+    while start > 0 {
+        let step = start.min(64 * 1024);
+        start -= step;
+        let mut block = vec![0u8; step as usize];
+        if f.seek(SeekFrom::Start(start)).is_err() || f.read_exact(&mut block).is_err() {
+            break;
+        }
+        block.extend_from_slice(&buf);
+        buf = block;
+        let newlines = buf.iter().filter(|b| **b == b'\n').count();
+        if newlines > lines {
+            break;
+        }
+    }
+    (last_lines(buf, lines), len)
+}
+
+/// The last `lines` lines of `buf` (a last line without its newline counts).
+fn last_lines(mut buf: Vec<u8>, lines: usize) -> Vec<u8> {
+    let mut cut = 0;
+    let mut seen = 0;
+    for (i, b) in buf.iter().enumerate().rev() {
+        if *b == b'\n' && i + 1 != buf.len() {
+            seen += 1;
+            if seen == lines {
+                cut = i + 1;
+                break;
+            }
+        }
+    }
+    if lines == 0 {
+        cut = buf.len();
+    }
+    buf.split_off(cut)
+}
+
+/// The last `lines` lines of a game's output across its files (oldest first), and the length
+/// of the last (live) file. The files are one stream cut at block boundaries, often mid-line,
+/// so lines are counted on the joined bytes.
+pub fn read_tail_of_files(files: &[PathBuf], lines: usize) -> (Vec<u8>, u64) {
+    let mut joined = Vec::new();
+    let mut live_len = None;
+    for f in files.iter().rev() {
+        // One line more than asked: the first may be the end of a line the older file starts.
+        let (mut chunk, len) = read_tail(f, lines + 1);
+        live_len.get_or_insert(len);
+        let whole = chunk.len() as u64 == len;
+        chunk.extend_from_slice(&joined);
+        joined = chunk;
+        if !whole {
+            break;
+        }
+    }
+    (last_lines(joined, lines), live_len.unwrap_or(0))
+}
+
+/// Which `.1` copy exists (inode and length), to notice a rotation.
+pub fn copy_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
+}
+
+/// The bytes of the live log `path` from `offset` on (at most 1 MiB), preceded by what a
+/// rotation moved to `copy` that the reader had not read, and where the next read of the live
+/// log starts. `moved`: bytes moved out of the file's head by a rotation since `offset` was
+/// taken. `None` also when a rotation is half done (see [`resume`]).
+pub fn read_from(
+    path: &Path,
+    copy: &Path,
+    offset: u64,
+    moved: Option<u64>,
+    give_up: bool,
+) -> Option<(Vec<u8>, u64)> {
+    const MAX: u64 = 1 << 20;
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut bytes = Vec::new();
+    let offset = match resume(offset, moved, len, give_up) {
+        Resume::Wait => return None,
+        Resume::Live(offset) => offset,
+        Resume::CopyThenLive { from, to } => {
+            let mut c = File::open(copy).ok()?;
+            c.seek(SeekFrom::Start(from)).ok()?;
+            c.take(to - from).read_to_end(&mut bytes).ok()?;
+            0
+        }
+    };
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let before = bytes.len();
+    f.take(MAX).read_to_end(&mut bytes).ok()?;
+    let next = offset + (bytes.len() - before) as u64;
+    Some((bytes, next))
 }
 
 #[cfg(test)]
@@ -521,12 +627,77 @@ mod tests {
         // The cut took bytes not read yet: they are in the new copy.
         assert_eq!(
             resume(5000, Some(8192), 3000, false),
-            Resume::CopyThenLive(5000)
+            Resume::CopyThenLive {
+                from: 5000,
+                to: 8192
+            }
         );
         assert_eq!(resume(10_000, None, 12_000, false), Resume::Live(10_000));
         // Mid-rotation (collapsed, not yet renamed): wait; after a while, start over.
         assert_eq!(resume(10_000, None, 500, false), Resume::Wait);
         assert_eq!(resume(10_000, None, 500, true), Resume::Live(0));
         assert_eq!(resume(20_000, Some(8192), 50, false), Resume::Live(50));
+    }
+
+    #[test]
+    fn tail_lines() {
+        let dir = std::env::temp_dir().join(format!("berth-tail-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("l.log");
+        std::fs::write(&p, "a\nb\nc\nd\n").expect("write");
+        assert_eq!(read_tail(&p, 2).0, b"c\nd\n");
+        assert_eq!(read_tail(&p, 10).0, b"a\nb\nc\nd\n");
+        assert_eq!(read_tail(&p, 0).0, b"");
+        assert_eq!(read_tail(&dir.join("none"), 3).0, b"");
+        let (_, len) = read_tail(&p, 1);
+        std::fs::write(&p, "a\nb\nc\nd\ne\n").expect("append");
+        let none = dir.join("none");
+        assert_eq!(
+            read_from(&p, &none, len, None, false).expect("read").0,
+            b"e\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_follower_reads_what_a_rotation_moved_before_it_read_it() {
+        let dir = std::env::temp_dir().join(format!("berth-follow-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (live, copy) = (dir.join("g.log"), dir.join("g.log.1"));
+        // Read up to 3 of "abcdefgh"; then 6 bytes moved to the copy and "ij" appended.
+        std::fs::write(&copy, "abcdef").expect("write");
+        std::fs::write(&live, "ghij").expect("write");
+        let (bytes, next) = read_from(&live, &copy, 3, Some(6), false).expect("read");
+        assert_eq!((bytes.as_slice(), next), (&b"defghij"[..], 4));
+        // Had it read past the cut (7), it goes on in the live file.
+        let (bytes, next) = read_from(&live, &copy, 7, Some(6), false).expect("read");
+        assert_eq!((bytes.as_slice(), next), (&b"hij"[..], 4));
+        // Shorter with the copy unchanged: a rotation half done; wait.
+        assert_eq!(read_from(&live, &copy, 9, None, false), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tail_spans_rotated_copies() {
+        let dir = std::env::temp_dir().join(format!("berth-tail-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let files = [dir.join("g.log.2"), dir.join("g.log.1"), dir.join("g.log")];
+        // One stream cut mid-line twice, as a rotation at a block boundary cuts it.
+        std::fs::write(&files[0], "l1\nl2\nl").expect("write");
+        std::fs::write(&files[1], "3\nl4\nl5").expect("write");
+        std::fs::write(&files[2], "\nl6\n").expect("write");
+        assert_eq!(read_tail_of_files(&files, 1).0, b"l6\n");
+        assert_eq!(read_tail_of_files(&files, 2).0, b"l5\nl6\n");
+        assert_eq!(read_tail_of_files(&files, 3).0, b"l4\nl5\nl6\n");
+        assert_eq!(
+            read_tail_of_files(&files, 100).0,
+            b"l1\nl2\nl3\nl4\nl5\nl6\n"
+        );
+        assert_eq!(
+            read_tail_of_files(&files, 1).1,
+            4,
+            "offset: the live file's length"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
