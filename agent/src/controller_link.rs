@@ -38,7 +38,7 @@ pub struct Identity {
     /// Sent at every registration with `instances` replaced by the current list.
     pub register: RegisterRequest,
     /// With `[tls]`: verifies the controller and shows it the agent's certificate.
-    pub tls: Option<berth_http::tls::TlsClientConfig>,
+    pub tls: Option<std::sync::Arc<berth_http::tls::TlsClientConfig>>,
 }
 
 #[derive(Debug, Default)]

@@ -127,7 +127,7 @@ pub async fn run(
                     agent_token: agent_token.clone(),
                     instances: Vec::new(),
                 },
-                tls: config.tls.as_ref().map(|t| (*t.client).clone()),
+                tls: config.tls.as_ref().map(|t| t.client.clone()),
             };
             Some(tokio::spawn(controller_link::run(
                 identity,

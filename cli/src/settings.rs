@@ -60,27 +60,24 @@ impl Settings {
     /// Fails (exit 1) when an `https://` controller has no CA to check it against, or the CA
     /// file cannot be used, naming where each setting came from.
     pub fn into_api(self) -> Result<Api> {
-        let https = self.controller.starts_with("https://");
-        let ca = self.ca_file.clone();
-        let api = Api::new(
-            self.controller.clone(),
-            self.controller_source.clone(),
-            self.token,
-        );
-        match (https, ca) {
-            (false, _) => Ok(api),
-            (true, None) => Err(Exit::failed(format!(
+        if !self.controller.starts_with("https://") {
+            return Ok(Api::new(
+                self.controller,
+                self.controller_source,
+                self.token,
+            ));
+        }
+        let Some((path, source)) = &self.ca_file else {
+            return Err(Exit::failed(format!(
                 "error: the controller {} (from {}) is https://, but no CA is set to check its \
                  certificate: give --ca-file (BERTH_CA_FILE, or ca_file in berthctl.toml) with \
                  the CA that signed it",
                 self.controller, self.controller_source
-            ))),
-            (true, Some((path, source))) => {
-                let tls = berth_http::tls::trusting(&path)
-                    .map_err(|e| Exit::failed(format!("error: CA file from {source}: {e}")))?;
-                Ok(api.with_tls(&tls))
-            }
-        }
+            )));
+        };
+        let tls = berth_http::tls::trusting(path)
+            .map_err(|e| Exit::failed(format!("error: CA file from {source}: {e}")))?;
+        Ok(Api::new(self.controller, self.controller_source, self.token).with_tls(&tls))
     }
 }
 

@@ -150,19 +150,9 @@ async fn callers_without_the_right_certificate_are_refused() {
         )
         .await
         .expect_err("the controller's certificate is not from rogue-ca");
-    let m = c
-        .http()
-        .send(
-            Method::GET,
-            &format!("{}/metrics", c.url()),
-            Some(c.admin_token()),
-            &[],
-            None,
-        )
-        .await
-        .expect(200);
-    let failures = berth_e2e::metric(&m.text, "berth_controller_tls_handshake_failures_total", "")
-        .unwrap_or_else(|| panic!("no handshake failure counter:\n{}", m.text));
+    let m = c.metrics().await;
+    let failures = berth_e2e::metric(&m, "berth_controller_tls_handshake_failures_total", "")
+        .unwrap_or_else(|| panic!("no handshake failure counter:\n{m}"));
     assert!(
         failures >= 1.0,
         "the refused handshake was counted: {failures}"
