@@ -48,6 +48,8 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Runs the agent until `shutdown`. `on_ready` is called once the state is restored and the
@@ -68,8 +70,7 @@ pub async fn run(
             v
         }
     };
-    let metrics = Arc::new(Metrics::new());
-    let tls_failures = metrics.tls_handshake_failures.clone();
+    let metrics = Arc::new(Metrics::new(config.tls.is_some()));
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let facts = HostFacts {
         host_id: None,
@@ -156,6 +157,19 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let tls_metrics = metrics.tls.clone();
+    if let Some(t) = &config.tls {
+        tls_metrics.loaded(t.loaded());
+    }
+    // Installed before the daemon says it is ready, so a SIGHUP never finds it without one.
+    let hangup = berth_daemon::reload_on_hangup(
+        {
+            let (tls, metrics) = (config.tls.clone(), tls_metrics.clone());
+            move || berth_http::tls::reload_and_report(tls.as_ref(), &metrics)
+        },
+        shutdown.clone(),
+    )
+    .map_err(RunError::Signal)?;
     let mut tokens = config.api_tokens.clone();
     tokens.push(agent_token);
     let app = api::router(api::ApiState {
@@ -187,14 +201,15 @@ pub async fn run(
             shutdown.clone(),
         ))
     };
-    let tls = config.tls.as_ref().map(|t| berth_http::ServeTls {
-        config: t.server.clone(),
-        handshake_failures: tls_failures.clone(),
-    });
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| berth_http::ServeTls::new(t, &tls_metrics));
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }
     watchdog.abort();
+    hangup.abort();
     log_keeper.abort();
     if let Some(t) = link_task {
         t.abort();

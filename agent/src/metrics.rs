@@ -1,6 +1,7 @@
 //! Prometheus metrics of the agent. Label sets are fixed and small (statuses, results), never
 //! instance ids, so the series count does not grow with the number of games.
 
+use berth_http::tls::TlsMetrics;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,19 +27,20 @@ pub struct Metrics {
     pub heartbeats_failed: Counter,
     pub game_log_rotations: Counter,
     pub game_logs_removed: Counter,
-    pub tls_handshake_failures: Counter,
+    pub tls: TlsMetrics,
     instances: Family<Labels, Gauge>,
     arcus_links_up: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `tls`: whether the daemon has `[tls]`.
+    pub fn new(tls: bool) -> Self {
         let mut registry = Registry::with_prefix("berth_agent");
         let allocations = Family::<Labels, Counter>::default();
         registry.register(
@@ -88,11 +90,7 @@ impl Metrics {
             "game_logs_removed",
             "Log files of removed instances deleted after game_log_retention_hours",
         );
-        let tls_handshake_failures = counter(
-            &mut registry,
-            "tls_handshake_failures",
-            "TLS handshakes on the listener that failed (no certificate or one refused, plain HTTP, a timeout)",
-        );
+        let tls = TlsMetrics::register(&mut registry, tls);
         let instances = Family::<Labels, Gauge>::default();
         registry.register(
             "instances",
@@ -126,7 +124,7 @@ impl Metrics {
             arcus_protocol_errors,
             game_log_rotations,
             game_logs_removed,
-            tls_handshake_failures,
+            tls,
             instances,
             arcus_links_up,
         }
@@ -161,7 +159,7 @@ mod tests {
 
     #[test]
     fn renders_without_deadlock() {
-        let m = Metrics::new();
+        let m = Metrics::new(false);
         m.allocations_ok.inc();
         let text = m.render(&[]);
         assert!(

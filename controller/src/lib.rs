@@ -40,6 +40,8 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Runs the controller until `shutdown` becomes true. `on_ready` is called once the store is
@@ -59,7 +61,7 @@ pub async fn run(
         database = %config.database.display(),
         "state loaded"
     );
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = Arc::new(metrics::Metrics::new(config.tls.is_some()));
     let writer = store.start_writer(metrics.store());
     let flush = writer.clone();
     let agents = match &config.tls {
@@ -115,20 +117,33 @@ pub async fn run(
             shutdown.clone(),
         ))
     };
-    let tls_failures = metrics.tls_handshake_failures.clone();
+    let tls_metrics = metrics.tls.clone();
+    if let Some(t) = &config.tls {
+        tls_metrics.loaded(t.loaded());
+    }
+    // Installed before the daemon says it is ready, so a SIGHUP never finds it without one.
+    let hangup = berth_daemon::reload_on_hangup(
+        {
+            let (tls, metrics) = (config.tls.clone(), tls_metrics.clone());
+            move || berth_http::tls::reload_and_report(tls.as_ref(), &metrics)
+        },
+        shutdown.clone(),
+    )
+    .map_err(RunError::Signal)?;
     let app = api::router(api::AppState::new(
         &config, inventory, agents, store, metrics,
     ));
     tracing::info!(listen = %local, "controller ready");
     on_ready(local);
-    let tls = config.tls.as_ref().map(|t| berth_http::ServeTls {
-        config: t.server.clone(),
-        handshake_failures: tls_failures.clone(),
-    });
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| berth_http::ServeTls::new(t, &tls_metrics));
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");
     }
     ticker.abort();
+    hangup.abort();
     actuator.abort();
     watchdog.abort();
     // Writes nobody waits for (releases) may still be lingering in the writer.

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the controller. Labels are fixed enums (result codes, statuses, host
 //! states), never ids, so the number of series is bounded.
 
+use berth_http::tls::TlsMetrics;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,7 +24,7 @@ pub struct Metrics {
     pub hosts_lost: Counter,
     pub reconcile_deploys: Counter,
     pub reconcile_removals: Counter,
-    pub tls_handshake_failures: Counter,
+    pub tls: TlsMetrics,
     instances: Family<Labels, Gauge>,
     hosts: Family<Labels, Gauge>,
     store: StoreMetrics,
@@ -40,12 +41,13 @@ pub struct StoreMetrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `tls`: whether the daemon has `[tls]`.
+    pub fn new(tls: bool) -> Self {
         let mut registry = Registry::with_prefix("berth_controller");
         let allocations = Family::<Labels, Counter>::default();
         registry.register(
@@ -76,10 +78,6 @@ impl Metrics {
             counter("reconcile_deploys", "Instances deployed by the reconciler");
         let reconcile_removals =
             counter("reconcile_removals", "Instances removed by the reconciler");
-        let tls_handshake_failures = counter(
-            "tls_handshake_failures",
-            "TLS handshakes on the listener that failed (a certificate refused, plain HTTP, a timeout)",
-        );
         let store = StoreMetrics {
             commit_seconds: Histogram::new([
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
@@ -102,6 +100,7 @@ impl Metrics {
         registry.register("instances", "Instances by status", instances.clone());
         let hosts = Family::<Labels, Gauge>::default();
         registry.register("hosts", "Hosts by state", hosts.clone());
+        let tls = TlsMetrics::register(&mut registry, tls);
         Self {
             registry,
             allocations,
@@ -111,7 +110,7 @@ impl Metrics {
             hosts_lost,
             reconcile_deploys,
             reconcile_removals,
-            tls_handshake_failures,
+            tls,
             instances,
             hosts,
             store,

@@ -670,7 +670,7 @@ mod tests {
             let store = Store::open(&dir.join("controller.db"))
                 .await
                 .expect("open the store");
-            let writer = store.start_writer(crate::metrics::Metrics::new().store());
+            let writer = store.start_writer(crate::metrics::Metrics::new(false).store());
             Self { dir, store, writer }
         }
 
@@ -804,7 +804,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_counts_its_commits_and_their_writes() {
         let t = TempStore::new().await;
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new(false);
         let writer = t.store.start_writer(metrics.store());
         commit_ok(&writer, vec![allocation("a-1", "i-1")]).await;
         // Refused (a second allocation of i-1): a failed commit, and no write counted.
@@ -839,7 +839,9 @@ mod tests {
         wait_active(&t, &[pair("a-2", "i-2")]).await;
         // And when the writer is dropped while they wait.
         t.writer.submit(release("a-2"));
-        t.writer = t.store.start_writer(crate::metrics::Metrics::new().store());
+        t.writer = t
+            .store
+            .start_writer(crate::metrics::Metrics::new(false).store());
         wait_active(&t, &[]).await;
         // A flush returns once what was queued before it is committed.
         commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;

@@ -274,6 +274,38 @@ pub fn shutdown_on_signal(what: &'static str) -> tokio::sync::watch::Receiver<bo
     rx
 }
 
+/// Calls `reload` on every SIGHUP (`systemctl reload`: see the units' `ExecReload=`) until
+/// `shutdown`, telling systemd the daemon is reloading meanwhile. Handling the signal also keeps
+/// its default action, ending the process, from stopping a daemon sent one by mistake. The
+/// handler is in place when this returns.
+pub fn reload_on_hangup(
+    mut reload: impl FnMut() + Send + 'static,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangups.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            let mut states = vec![sd_notify::NotifyState::Reloading];
+            // systemd 253 and later fail a reload announced without the time it began.
+            states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            let _ = sd_notify::notify(false, &states);
+            // A few small files read in place: a reload is rare and short, so it does not
+            // earn a blocking-pool thread.
+            reload();
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        }
+    }))
+}
+
 /// Tells systemd the daemon is ready (no-op outside systemd).
 pub fn notify_ready() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

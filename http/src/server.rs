@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
-use crate::tls::PeerCertificate;
+use crate::tls::{PeerCertificate, Tls, TlsMetrics};
 
 /// A client that has not sent its whole header by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +34,16 @@ pub enum ServeError {
 pub struct ServeTls {
     pub config: Arc<ServerConfig>,
     pub handshake_failures: Counter,
+}
+
+impl ServeTls {
+    /// A daemon's listener with its `[tls]`.
+    pub fn new(tls: &Tls, metrics: &TlsMetrics) -> Self {
+        Self {
+            config: tls.server.clone(),
+            handshake_failures: metrics.handshake_failures.clone(),
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` becomes true, then drains for up to `drain`.

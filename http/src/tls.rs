@@ -3,12 +3,27 @@
 //! must chain to. The controller and its agents thus authenticate each other both ways.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rustls::client::ResolvesClientCert;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+    WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 
 pub use rustls::ClientConfig as TlsClientConfig;
 
@@ -76,11 +91,14 @@ impl TlsError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerCertificate(pub bool);
 
-/// Both sides of a daemon's TLS, loaded once at start.
+/// Both sides of a daemon's TLS. The two configurations stay the same for the daemon's life,
+/// and so do the listener and clients built from them; the certificate, key and CAs behind
+/// them are swapped whole by [`Tls::reload`], and every handshake after it uses the new ones.
 #[derive(Debug, Clone)]
 pub struct Tls {
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+    live: Arc<Live>,
 }
 
 fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -124,60 +142,471 @@ pub fn test_certificate(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A `[tls]` table naming three of those files.
+/// A `[tls]` table naming three files.
 #[doc(hidden)]
-pub fn test_tls_table(cert: &str, key: &str, ca: &str) -> String {
-    let f = |n: &str| test_certificate(n).display().to_string();
+pub fn tls_table(cert: &Path, key: &Path, ca: &Path) -> String {
     format!(
         "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-        f(cert),
-        f(key),
-        f(ca)
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca.display().to_string()
     )
 }
 
+/// A `[tls]` table naming three of the test certificates.
+#[doc(hidden)]
+pub fn test_tls_table(cert: &str, key: &str, ca: &str) -> String {
+    tls_table(
+        &test_certificate(cert),
+        &test_certificate(key),
+        &test_certificate(ca),
+    )
+}
+
+/// What a load or reload put in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// The end of the certificate's validity (its `notAfter`), in Unix seconds.
+    pub expires: i64,
+}
+
 impl Tls {
-    /// Reads and checks the files: the key must match the certificate, and the CA file must
-    /// hold at least one usable CA certificate.
+    /// Reads and checks the files: the key must match the certificate, the certificate must
+    /// not have expired, and the CA file must hold at least one usable CA certificate.
     pub fn load(files: &TlsFiles, client_certs: ClientCerts) -> Result<Self, TlsError> {
+        let material = Material::load(files, client_certs, now())?;
+        let live = Arc::new(Live {
+            files: files.clone(),
+            client_certs,
+            current: RwLock::new(Arc::new(material)),
+            sessions: RwLock::new(ServerSessionMemoryCache::new(SESSIONS)),
+        });
+        let versions = &[&rustls::version::TLS13];
+        let mut server = ServerConfig::builder_with_protocol_versions(versions)
+            .with_client_cert_verifier(live.clone())
+            .with_cert_resolver(live.clone());
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        server.session_storage = live.clone();
+        // Not `dangerous` in effect: `Live` hands every check to webpki's own verifier, built
+        // from the CA file; the custom type only lets a reload swap that verifier.
+        let mut client = ClientConfig::builder_with_protocol_versions(versions)
+            .dangerous()
+            .with_custom_certificate_verifier(live.clone())
+            .with_client_cert_resolver(live.clone());
+        // A resumed session shows the peer no certificate, so after a reload it would go on
+        // presenting the old one. The daemons keep their connections alive, so full
+        // handshakes are rare and resumption would save little.
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            live,
+        })
+    }
+
+    /// What is in use now.
+    pub fn loaded(&self) -> Loaded {
+        Loaded {
+            expires: self.live.current().expires,
+        }
+    }
+
+    /// Reads the files again, with the checks of [`Tls::load`], and puts them in use for every
+    /// handshake from now on: as this side's certificate both ways, and as the CAs a peer's
+    /// certificate must chain to. On an error nothing changes. Connections already open keep
+    /// the certificates they were opened with; sessions opened before are not resumed.
+    pub fn reload(&self) -> Result<Loaded, TlsError> {
+        let material = Material::load(&self.live.files, self.live.client_certs, now())?;
+        let loaded = Loaded {
+            expires: material.expires,
+        };
+        *self
+            .live
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(material);
+        // A resumed session skips the certificate check, so one opened with a certificate
+        // whose CA is now gone must not be resumed.
+        *self
+            .live
+            .sessions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = ServerSessionMemoryCache::new(SESSIONS);
+        Ok(loaded)
+    }
+}
+
+/// The TLS share of a daemon's metrics, registered under the daemon's prefix.
+#[derive(Debug, Clone, Default)]
+pub struct TlsMetrics {
+    /// Handshakes on the listener that failed (see [`crate::ServeTls`]).
+    pub handshake_failures: Counter,
+    reloads: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Registered only with `[tls]`: an expiry alert must not fire on a 0.
+    expiry: Option<Gauge>,
+}
+
+/// Below this, every load and reload warns that the certificate is about to expire.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+impl TlsMetrics {
+    /// `tls`: whether the daemon has `[tls]` (then it reports its certificate's expiry).
+    pub fn register(registry: &mut Registry, tls: bool) -> Self {
+        let m = Self {
+            expiry: tls.then(Gauge::default),
+            ..Self::default()
+        };
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the listener that failed (a certificate refused, plain HTTP, a timeout)",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the [tls] files on SIGHUP, by result (ok, failed)",
+            m.reloads.clone(),
+        );
+        if let Some(expiry) = &m.expiry {
+            registry.register(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When this daemon's certificate expires, in Unix seconds",
+                expiry.clone(),
+            );
+        }
+        m
+    }
+
+    /// Records what a load put in use, and warns if it expires soon.
+    pub fn loaded(&self, loaded: Loaded) {
+        if let Some(expiry) = &self.expiry {
+            expiry.set(loaded.expires);
+        }
+        let days = (loaded.expires - now()) / 86_400;
+        let expires = berth_protocol::time::rfc3339(loaded.expires.max(0) as u64);
+        if days < EXPIRY_WARNING_DAYS {
+            tracing::warn!(%expires, days, "this daemon's TLS certificate expires soon: install a renewed one in tls.cert_file and tls.key_file, then send SIGHUP (systemctl reload)");
+        } else {
+            tracing::info!(%expires, days, "TLS certificate in use");
+        }
+    }
+}
+
+/// What a SIGHUP does for a daemon's TLS: reload the files (see [`Tls::reload`]), log the
+/// outcome and count it.
+pub fn reload_and_report(tls: Option<&Tls>, metrics: &TlsMetrics) {
+    let Some(tls) = tls else {
+        tracing::info!(
+            "SIGHUP: there is no [tls] to reload; other settings take effect at restart"
+        );
+        return;
+    };
+    match tls.reload() {
+        Ok(loaded) => {
+            metrics.reloads.get_or_create(&[("result", "ok")]).inc();
+            tracing::info!(
+                "reloaded the [tls] files: new connections use them; other settings take effect at restart"
+            );
+            metrics.loaded(loaded);
+        }
+        Err(e) => {
+            metrics.reloads.get_or_create(&[("result", "failed")]).inc();
+            tracing::error!(key = e.key(), error = %e, "cannot reload the [tls] files; the certificates loaded before stay in use");
+        }
+    }
+}
+
+fn now() -> i64 {
+    i64::try_from(crate::unix_now()).unwrap_or(i64::MAX)
+}
+
+/// Sessions the listener remembers for resumption (rustls' default).
+const SESSIONS: usize = 256;
+
+/// The files' contents, checked, as the handshakes use them.
+#[derive(Debug)]
+struct Material {
+    key: Arc<CertifiedKey>,
+    clients: Arc<dyn ClientCertVerifier>,
+    servers: Arc<WebPkiServerVerifier>,
+    expires: i64,
+}
+
+impl Material {
+    /// The files as of `now` (Unix seconds), the time the certificate must not have expired by.
+    fn load(files: &TlsFiles, client_certs: ClientCerts, now: i64) -> Result<Self, TlsError> {
         let chain = certs("tls.cert_file", &files.cert_file)?;
+        let invalid = |key: &'static str, path: &Path, reason: String| TlsError::Invalid {
+            key,
+            path: path.to_owned(),
+            reason,
+        };
+        let expires = not_after(&chain[0]).ok_or_else(|| {
+            invalid(
+                "tls.cert_file",
+                &files.cert_file,
+                "its first certificate is not a valid X.509 certificate".to_owned(),
+            )
+        })?;
+        if expires <= now {
+            return Err(invalid(
+                "tls.cert_file",
+                &files.cert_file,
+                format!(
+                    "the certificate expired at {}; install a renewed one",
+                    berth_protocol::time::rfc3339(expires.max(0) as u64)
+                ),
+            ));
+        }
         let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|e| TlsError::Read {
             key: "tls.key_file",
             path: files.key_file.clone(),
             reason: format!("{e} (expected a PEM private key)"),
         })?;
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let key = CertifiedKey::from_der(chain, key, &provider)
+            .map_err(|e| invalid("tls.key_file", &files.key_file, e.to_string()))?;
         let roots = Arc::new(roots("tls.ca_file", &files.ca_file)?);
-        let invalid = |key: &'static str, path: &Path, e: rustls::Error| TlsError::Invalid {
-            key,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
-        let verifier = WebPkiClientVerifier::builder(roots.clone());
-        let verifier = match client_certs {
-            ClientCerts::Required => verifier,
-            ClientCerts::Optional => verifier.allow_unauthenticated(),
+        let ca_invalid =
+            |e: &dyn std::fmt::Display| invalid("tls.ca_file", &files.ca_file, e.to_string());
+        let clients = WebPkiClientVerifier::builder(roots.clone());
+        let clients = match client_certs {
+            ClientCerts::Required => clients,
+            ClientCerts::Optional => clients.allow_unauthenticated(),
         }
         .build()
-        .map_err(|e| TlsError::Invalid {
-            key: "tls.ca_file",
-            path: files.ca_file.clone(),
-            reason: e.to_string(),
-        })?;
-        let versions = &[&rustls::version::TLS13];
-        let mut server = ServerConfig::builder_with_protocol_versions(versions)
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| invalid("tls.key_file", &files.key_file, e))?;
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let client = ClientConfig::builder_with_protocol_versions(versions)
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| invalid("tls.key_file", &files.key_file, e))?;
+        .map_err(|e| ca_invalid(&e))?;
+        let servers = WebPkiServerVerifier::builder(roots)
+            .build()
+            .map_err(|e| ca_invalid(&e))?;
         Ok(Self {
-            server: Arc::new(server),
-            client: Arc::new(client),
+            key: Arc::new(key),
+            clients,
+            servers,
+            expires,
         })
     }
+}
+
+/// The certificate, key and CAs in use, behind the fixed configurations: each handshake reads
+/// them once, and [`Tls::reload`] replaces them whole.
+#[derive(Debug)]
+struct Live {
+    files: TlsFiles,
+    client_certs: ClientCerts,
+    current: RwLock<Arc<Material>>,
+    sessions: RwLock<Arc<ServerSessionMemoryCache>>,
+}
+
+impl Live {
+    fn current(&self) -> Arc<Material> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn sessions(&self) -> Arc<ServerSessionMemoryCache> {
+        self.sessions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for Live {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+}
+
+impl ResolvesClientCert for Live {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ClientCertVerifier for Live {
+    fn client_auth_mandatory(&self) -> bool {
+        self.client_certs == ClientCerts::Required
+    }
+
+    /// None: the hints would borrow from a CA set that a reload may drop meanwhile. An empty
+    /// list tells a client to send the certificate it has, which is what both daemons do.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .clients
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .clients
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .clients
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().clients.supported_verify_schemes()
+    }
+}
+
+impl ServerCertVerifier for Live {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current().servers.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .servers
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current()
+            .servers
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().servers.supported_verify_schemes()
+    }
+}
+
+impl StoresServerSessions for Live {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.sessions().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.sessions().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.sessions().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// The end of a certificate's validity (`notAfter`, RFC 5280 §4.1.2.5) in Unix seconds, read
+/// from its DER: for the expiry check and the metric only. Whether a peer's certificate is
+/// valid is for webpki to say.
+fn not_after(cert: &[u8]) -> Option<i64> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity SEQUENCE { notBefore, notAfter }, … } … }
+    let (_, certificate, _) = der(cert)?;
+    let (_, mut tbs, _) = der(certificate)?;
+    let (tag, _, rest) = der(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    for _ in 0..3 {
+        tbs = der(tbs)?.2;
+    }
+    let (_, validity, _) = der(tbs)?;
+    let (_, _, validity) = der(validity)?;
+    let (tag, time, _) = der(validity)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        let s = text.get(r)?;
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    // UTCTime YYMMDDHHMMSSZ (years 1950–2049), GeneralizedTime YYYYMMDDHHMMSSZ.
+    let (year, at) = match (tag, text.len()) {
+        (0x17, 13) => {
+            let yy = i64::from(digits(0..2)?);
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+        }
+        (0x18, 15) => (i64::from(digits(0..4)?), 4),
+        _ => return None,
+    };
+    if !text.ends_with('Z') {
+        return None;
+    }
+    berth_protocol::time::unix_from_utc(
+        year,
+        digits(at..at + 2)?,
+        digits(at + 2..at + 4)?,
+        digits(at + 4..at + 6)?,
+        digits(at + 6..at + 8)?,
+        digits(at + 8..at + 10)?,
+    )
+}
+
+/// One DER element at the start of `bytes`: its tag, its contents and what follows it.
+fn der(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 /// A client configuration that verifies servers against `ca_file` and presents no certificate
@@ -200,6 +629,229 @@ mod tests {
             cert_file: test_certificate(cert),
             key_file: test_certificate(key),
             ca_file: test_certificate(ca),
+        }
+    }
+
+    /// A directory of its own under the system's temporary directory, holding copies of
+    /// fixtures named as a daemon's `[tls]` would: `cert.pem`, `key.pem`, `ca.pem`.
+    fn tls_dir(test: &str, identity: &str, ca: &str) -> TlsFiles {
+        let dir = std::env::temp_dir().join(format!("berth-tls-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let files = TlsFiles {
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+            ca_file: dir.join("ca.pem"),
+        };
+        install(&files, identity, ca);
+        files
+    }
+
+    fn install(files: &TlsFiles, identity: &str, ca: &str) {
+        let copy = |from: String, to: &Path| {
+            std::fs::copy(test_certificate(&from), to).expect("copy a fixture");
+        };
+        copy(format!("{identity}.pem"), &files.cert_file);
+        copy(format!("{identity}.key"), &files.key_file);
+        copy(format!("{ca}.pem"), &files.ca_file);
+    }
+
+    /// A full TLS 1.3 handshake between the two configurations, in memory. On success, the
+    /// subject of the certificate each side was shown is checked by the caller through the
+    /// returned (client saw, server saw) DER chains.
+    fn handshake(
+        client: &Arc<ClientConfig>,
+        server: &Arc<ServerConfig>,
+    ) -> Result<(CertificateDer<'static>, Option<CertificateDer<'static>>), rustls::Error> {
+        let name = ServerName::try_from("localhost").expect("a name");
+        let mut c = rustls::ClientConnection::new(client.clone(), name)?;
+        let mut s = rustls::ServerConnection::new(server.clone())?;
+        let mut wire = Vec::new();
+        for _ in 0..10 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            wire.clear();
+            c.write_tls(&mut wire).expect("to memory");
+            s.read_tls(&mut wire.as_slice()).expect("from memory");
+            let server_result = s.process_new_packets();
+            wire.clear();
+            s.write_tls(&mut wire).expect("to memory");
+            c.read_tls(&mut wire.as_slice()).expect("from memory");
+            c.process_new_packets()?;
+            server_result?;
+        }
+        let shown = c.peer_certificates().expect("a server certificate")[0].clone();
+        let seen = s.peer_certificates().map(|chain| chain[0].clone());
+        Ok((shown.into_owned(), seen.map(CertificateDer::into_owned)))
+    }
+
+    fn fixture(name: &str) -> CertificateDer<'static> {
+        certs("test", &test_certificate(&format!("{name}.pem"))).expect("fixture")[0].clone()
+    }
+
+    #[test]
+    fn reload_swaps_the_certificate_and_the_cas_for_new_handshakes() {
+        install_crypto_provider();
+        let files = tls_dir("reload", "controller", "ca");
+        let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
+        let peer = Tls::load(
+            &TlsFiles {
+                cert_file: test_certificate("agent.pem"),
+                key_file: test_certificate("agent.key"),
+                ca_file: test_certificate("ca.pem"),
+            },
+            ClientCerts::Required,
+        )
+        .expect("valid");
+        let rogue = Tls::load(
+            &TlsFiles {
+                cert_file: test_certificate("rogue.pem"),
+                key_file: test_certificate("rogue.key"),
+                ca_file: test_certificate("rogue-ca.pem"),
+            },
+            ClientCerts::Required,
+        )
+        .expect("valid");
+        // A client that resumes sessions (the daemons' own do not), as a third party's may.
+        let resuming = Arc::new(
+            ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_root_certificates(roots("test", &test_certificate("ca.pem")).expect("CA"))
+                .with_client_auth_cert(
+                    certs("test", &test_certificate("agent.pem")).expect("certificate"),
+                    PrivateKeyDer::from_pem_file(test_certificate("agent.key")).expect("key"),
+                )
+                .expect("a client"),
+        );
+        handshake(&resuming, &daemon.server).expect("same CA");
+        // Before: the peer from the same CA is served and shown the controller's certificate
+        // both ways; the rogue is refused.
+        let (shown, seen) = handshake(&peer.client, &daemon.server).expect("same CA");
+        assert_eq!(shown, fixture("controller"));
+        assert_eq!(seen, Some(fixture("agent")));
+        let (shown, _) = handshake(&daemon.client, &peer.server).expect("same CA");
+        assert_eq!(shown, fixture("agent"));
+        handshake(&rogue.client, &daemon.server).expect_err("another CA");
+
+        // The files change to the other CA's; nothing changes until the reload.
+        install(&files, "rogue", "rogue-ca");
+        handshake(&peer.client, &daemon.server).expect("not reloaded yet");
+        daemon.reload().expect("valid files");
+
+        // After: the same configurations (and so every listener and client built from them)
+        // now show the rogue certificate and trust only its CA.
+        let (shown, seen) = handshake(&rogue.client, &daemon.server).expect("the new CA");
+        assert_eq!(shown, fixture("rogue"));
+        assert_eq!(seen, Some(fixture("rogue")));
+        handshake(&daemon.client, &rogue.server).expect("the new CA, as a client");
+        handshake(&peer.client, &daemon.server).expect_err("the old CA is gone");
+        // The resuming client holds a session from before the reload; resuming it would skip
+        // the certificate check, so the listener must have forgotten it.
+        handshake(&resuming, &daemon.server).expect_err("no resumption past a reload");
+        handshake(&daemon.client, &peer.server).expect_err("the old CA is gone, as a client");
+    }
+
+    #[test]
+    fn a_failed_reload_changes_nothing() {
+        install_crypto_provider();
+        let files = tls_dir("failed-reload", "agent", "ca");
+        let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
+        let peer = Tls::load(
+            &TlsFiles {
+                cert_file: test_certificate("controller.pem"),
+                key_file: test_certificate("controller.key"),
+                ca_file: test_certificate("ca.pem"),
+            },
+            ClientCerts::Optional,
+        )
+        .expect("valid");
+        // A certificate whose key is not the one in key_file, as when only one of the two
+        // files was replaced.
+        std::fs::copy(test_certificate("rogue.pem"), &files.cert_file).expect("copy");
+        let e = daemon.reload().expect_err("mismatched key");
+        assert_eq!(e.key(), "tls.key_file", "{e}");
+        std::fs::write(&files.ca_file, "not PEM").expect("write");
+        let (shown, _) = handshake(&peer.client, &daemon.server).expect("still the old files");
+        assert_eq!(shown, fixture("agent"));
+        handshake(&daemon.client, &peer.server).expect("still the old CA");
+    }
+
+    #[test]
+    fn expired_certificates_are_refused_with_their_date() {
+        install_crypto_provider();
+        let files = TlsFiles {
+            cert_file: test_certificate("agent.pem"),
+            key_file: test_certificate("agent.key"),
+            ca_file: test_certificate("ca.pem"),
+        };
+        let expires = not_after(&fixture("agent")).expect("a notAfter");
+        // `openssl x509 -enddate`: Oct 31 13:36:21 2126 GMT (a GeneralizedTime).
+        assert_eq!(
+            berth_protocol::time::rfc3339(expires as u64),
+            "2126-10-31T13:36:21Z"
+        );
+        Material::load(&files, ClientCerts::Required, expires - 1).expect("valid until then");
+        let e = Material::load(&files, ClientCerts::Required, expires).expect_err("expired");
+        assert_eq!(e.key(), "tls.cert_file");
+        assert!(
+            e.to_string().contains("expired at 2126-10-31T13:36:21Z"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn not_after_reads_both_time_forms_and_refuses_garbage() {
+        fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag];
+            if body.len() < 0x80 {
+                v.push(body.len() as u8);
+            } else {
+                v.extend([0x82, (body.len() >> 8) as u8, body.len() as u8]);
+            }
+            v.extend(body);
+            v
+        }
+        // A certificate cut down to what is read: with and without the version field.
+        let cert = |version: bool, not_after: Vec<u8>| {
+            let validity = tlv(0x30, &[tlv(0x17, b"250101000000Z"), not_after].concat());
+            let mut tbs = Vec::new();
+            if version {
+                tbs.extend(tlv(0xa0, &tlv(0x02, &[2])));
+            }
+            for part in [
+                tlv(0x02, &[1]),
+                tlv(0x30, &[]),
+                tlv(0x30, &[0; 200]),
+                validity,
+            ] {
+                tbs.extend(part);
+            }
+            tlv(0x30, &[tlv(0x30, &tbs), tlv(0x30, &[])].concat())
+        };
+        let utc = tlv(0x17, b"491231235959Z");
+        assert_eq!(
+            not_after(&cert(true, utc.clone())).map(|t| berth_protocol::time::rfc3339(t as u64)),
+            Some("2049-12-31T23:59:59Z".to_owned())
+        );
+        assert_eq!(
+            not_after(&cert(false, tlv(0x17, b"500101000000Z"))),
+            berth_protocol::time::unix_from_utc(1950, 1, 1, 0, 0, 0)
+        );
+        assert_eq!(
+            not_after(&cert(true, tlv(0x18, b"21261031133621Z"))),
+            not_after(&fixture("agent"))
+        );
+        for bad in [
+            tlv(0x17, b"491231235959"),
+            tlv(0x17, b"4912312359+0"),
+            tlv(0x18, b"2126103113362Z"),
+            tlv(0x04, b"491231235959Z"),
+            tlv(0x17, b"491331235959Z"),
+        ] {
+            assert_eq!(not_after(&cert(true, bad.clone())), None, "{bad:?}");
+        }
+        let whole = cert(true, utc);
+        for len in 0..whole.len() {
+            assert_eq!(not_after(&whole[..len]), None, "cut at {len}");
         }
     }
 

@@ -23,6 +23,32 @@ pub fn rfc3339(unix_secs: u64) -> String {
     )
 }
 
+/// Seconds since the Unix epoch of a UTC date and time; `None` for fields out of range.
+pub fn unix_from_utc(
+    year: i64,
+    month: u32,
+    day: u32,
+    hour: u32,
+    min: u32,
+    sec: u32,
+) -> Option<i64> {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + i64::from(hour * 3600 + min * 60 + sec))
+}
+
+/// The inverse of [`civil_from_days`] (Howard Hinnant's days-from-civil).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -47,5 +73,27 @@ mod tests {
         assert_eq!(rfc3339(1_763_797_909), "2025-11-22T07:51:49Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn civil_times_round_trip() {
+        assert_eq!(unix_from_utc(1970, 1, 1, 0, 0, 0), Some(0));
+        assert_eq!(unix_from_utc(2025, 11, 22, 7, 51, 49), Some(1_763_797_909));
+        assert_eq!(unix_from_utc(2000, 2, 29, 0, 0, 0), Some(951_782_400));
+        assert_eq!(unix_from_utc(2099, 12, 31, 23, 59, 59), Some(4_102_444_799));
+        assert_eq!(unix_from_utc(2026, 13, 1, 0, 0, 0), None);
+        for t in (0..5_000_000_000u64).step_by(86_399 * 37) {
+            let text = rfc3339(t);
+            let n = |r: std::ops::Range<usize>| text[r].parse::<u32>().expect("digits");
+            let back = unix_from_utc(
+                i64::from(n(0..4)),
+                n(5..7),
+                n(8..10),
+                n(11..13),
+                n(14..16),
+                n(17..19),
+            );
+            assert_eq!(back, Some(t as i64), "{text}");
+        }
     }
 }

@@ -469,14 +469,33 @@ pub fn tls_fixture(name: &str) -> PathBuf {
     berth_http::tls::test_certificate(name)
 }
 
-/// A daemon's `[tls]` table from fixture names: `("agent", "ca")` is `agent.pem`, `agent.key`
-/// and `ca.pem`.
-pub fn tls_table(identity: &str, ca: &str) -> String {
-    berth_http::tls::test_tls_table(
-        &format!("{identity}.pem"),
-        &format!("{identity}.key"),
-        &format!("{ca}.pem"),
-    )
+/// Copies the fixture `identity`'s certificate and key, and the CA files `cas` joined into one,
+/// into `dir` as `cert.pem`, `key.pem` and `ca.pem`, and returns the `[tls]` table naming the
+/// copies: a test can replace them and send the daemon SIGHUP.
+pub fn install_tls(dir: &Path, identity: &str, cas: &[&str]) -> String {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let read = |name: String| {
+        std::fs::read(tls_fixture(&name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    };
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    // Each file is written whole under another name and renamed, as a certificate manager
+    // does, so a reload never reads half a file.
+    let write = |to: &Path, bytes: Vec<u8>| {
+        let tmp = to.with_extension("tmp");
+        std::fs::write(&tmp, bytes).expect("write a TLS file");
+        std::fs::rename(&tmp, to).expect("rename a TLS file");
+    };
+    write(&cert, read(format!("{identity}.pem")));
+    write(&key, read(format!("{identity}.key")));
+    write(
+        &ca,
+        cas.iter().flat_map(|c| read(format!("{c}.pem"))).collect(),
+    );
+    berth_http::tls::tls_table(&cert, &key, &ca)
 }
 
 /// A TLS client configuration trusting the CAs `cas` (fixture names) and presenting
@@ -926,6 +945,33 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGHUP, and the log line that tells what the daemon did with it (reloaded its `[tls]`
+    /// files, could not, or had none).
+    async fn hangup(&self) -> String {
+        const OUTCOMES: [&str; 3] = [
+            "reloaded the [tls] files",
+            "cannot reload the [tls] files",
+            "no [tls] to reload",
+        ];
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let seen = self.log().len();
+        kill(pid_of(pid), Signal::SIGHUP).unwrap_or_else(|e| panic!("SIGHUP {}: {e}", self.name));
+        wait_for(
+            &format!("{} to answer SIGHUP", self.name),
+            TIMEOUT,
+            async || {
+                self.log().get(seen..).and_then(|new| {
+                    new.lines()
+                        .find(|l| OUTCOMES.iter().any(|o| l.contains(o)))
+                        .map(str::to_owned)
+                })
+            },
+        )
+        .await
+    }
+
     /// Everything it wrote so far (all runs).
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -1053,7 +1099,11 @@ impl AgentConfig {
             line(l.clone());
         }
         if let Some(identity) = &self.tls {
-            line(tls_table(identity, "ca"));
+            line(install_tls(
+                &state_dir.with_file_name("tls"),
+                identity,
+                &["ca"],
+            ));
         }
         line("[[tokens]]".to_owned());
         line(format!("token = {}", s(&self.token)));
@@ -1171,6 +1221,16 @@ impl AgentProcess {
     /// The agent's stdout and stderr so far (all runs).
     pub fn log(&self) -> String {
         self.daemon.log()
+    }
+
+    /// Replaces its `[tls]` files (see [`install_tls`]) without a restart.
+    pub fn replace_tls(&self, identity: &str, cas: &[&str]) {
+        install_tls(&self.dir.join("tls"), identity, cas);
+    }
+
+    /// SIGHUP, and the log line saying what came of it.
+    pub async fn hangup(&self) -> String {
+        self.daemon.hangup().await
     }
 
     /// A game's log file, where the agent sends its stdout and stderr.
@@ -1501,7 +1561,8 @@ impl ControllerConfig {
             line(l.clone());
         }
         if let Some(identity) = &self.tls {
-            line(tls_table(identity, "ca"));
+            let data = database.parent().expect("the database's directory");
+            line(install_tls(&data.with_file_name("tls"), identity, &["ca"]));
         }
         let mut tokens = vec![
             ControllerToken {
@@ -1676,6 +1737,22 @@ impl ControllerProcess {
     /// The controller's output so far (all runs).
     pub fn log(&self) -> String {
         self.daemon.log()
+    }
+
+    /// Replaces its `[tls]` files (see [`install_tls`]) without a restart.
+    pub fn replace_tls(&self, identity: &str, cas: &[&str]) {
+        install_tls(&self.dir.join("tls"), identity, cas);
+    }
+
+    /// SIGHUP, and the log line saying what came of it.
+    pub async fn hangup(&self) -> String {
+        self.daemon.hangup().await
+    }
+
+    /// Makes the harness's requests with another TLS client (for one that presents a
+    /// certificate the controller's current CA vouches for).
+    pub fn set_http(&mut self, http: Http) {
+        self.http = http;
     }
 
     /// Any request to this controller: `path` may carry a query.

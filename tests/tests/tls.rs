@@ -182,3 +182,143 @@ async fn an_agent_with_a_certificate_from_another_ca_is_told_why() {
     );
     assert!(c.hosts().await.is_empty(), "no host registered");
 }
+
+/// Whether a handshake with `url`'s daemon got as far as an HTTP answer: `Err` carries the
+/// client's error when it did not.
+async fn reaches(http: &Http, url: &str) -> Result<u16, String> {
+    http.try_send(Method::GET, url, None, &[], None)
+        .await
+        .map(|r| r.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
+    let (mut c, a) = tls_cluster("tls-rotate").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    c.wait_online(7, 1).await;
+    let agent_healthz = format!("{}/healthz", a.url());
+    let controller_healthz = format!("{}/healthz", c.url());
+    let heartbeat = format!("{}/v1/agent/heartbeat", c.url());
+    // Clients that trust only the new CA ("Another CA", the fixtures' rogue-ca), and one that
+    // presents a certificate from it.
+    let trusts_new = Http::with_tls(tls_client(&["rogue-ca"], Some("controller")));
+    let shows_new = Http::with_tls(tls_client(&["ca", "rogue-ca"], Some("rogue")));
+    let shows_old = Http::with_tls(tls_client(&["ca", "rogue-ca"], Some("controller")));
+    reaches(&trusts_new, &agent_healthz)
+        .await
+        .expect_err("the agent's certificate is from the old CA");
+    reaches(&shows_new, &heartbeat)
+        .await
+        .expect_err("the controller does not trust the new CA yet");
+
+    // 1. Both daemons trust both CAs.
+    for reply in [
+        {
+            c.replace_tls("controller", &["ca", "rogue-ca"]);
+            c.hangup().await
+        },
+        {
+            a.replace_tls("agent", &["ca", "rogue-ca"]);
+            a.hangup().await
+        },
+    ] {
+        assert!(reply.contains("reloaded the [tls] files"), "{reply}");
+    }
+    let r = shows_new
+        .send(Method::POST, &heartbeat, None, &[], Some(&json!({})))
+        .await;
+    // Past the handshake: now only the (missing) token is wrong.
+    r.assert_error(401, "MISSING_CREDENTIALS", None);
+
+    // A bad file is refused and changes nothing: the agent keeps serving with what it had.
+    std::fs::write(a.dir().join("tls/key.pem"), "not a key").expect("write");
+    let reply = a.hangup().await;
+    assert!(
+        reply.contains("cannot reload the [tls] files") && reply.contains("tls.key_file"),
+        "{reply}"
+    );
+    assert_eq!(reaches(&shows_old, &agent_healthz).await, Ok(200));
+    let m = a.get("/metrics").await.expect(200);
+    let count = |result: &str| {
+        berth_e2e::metric(
+            &m.text,
+            "berth_agent_tls_reloads_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+    assert_eq!(
+        (count("ok"), count("failed")),
+        (Some(1.0), Some(1.0)),
+        "{}",
+        m.text
+    );
+    let expiry = berth_e2e::metric(
+        &m.text,
+        "berth_agent_tls_certificate_expiry_timestamp_seconds",
+        "",
+    );
+    // The fixtures' notAfter: 2126-10-31T13:36:21Z.
+    assert_eq!(expiry, Some(4_949_127_381.0), "{}", m.text);
+
+    // 2. Each daemon moves to a certificate from the new CA.
+    a.replace_tls("rogue", &["ca", "rogue-ca"]);
+    assert!(a.hangup().await.contains("reloaded"));
+    c.replace_tls("rogue", &["ca", "rogue-ca"]);
+    assert!(c.hangup().await.contains("reloaded"));
+    assert_eq!(reaches(&trusts_new, &agent_healthz).await, Ok(200));
+    assert_eq!(reaches(&trusts_new, &controller_healthz).await, Ok(200));
+    // Allocation still works across the kept-alive links.
+    let answer = c.allocate(7, &json!({}), &[]).await.expect(200).json;
+    c.matchmaker(
+        Method::POST,
+        &format!("/v1/instances/{}/deallocate", id_of(&answer)),
+        Some(&json!({})),
+    )
+    .await
+    .expect(200);
+
+    // 3. The old CA is dropped: its certificates are refused from then on.
+    a.replace_tls("rogue", &["rogue-ca"]);
+    assert!(a.hangup().await.contains("reloaded"));
+    c.replace_tls("rogue", &["rogue-ca"]);
+    assert!(c.hangup().await.contains("reloaded"));
+    let e = reaches(&shows_old, &agent_healthz)
+        .await
+        .expect_err("the old CA is gone");
+    assert!(e.contains("UnknownCA"), "{e}");
+    c.set_http(shows_new.clone());
+    reaches(&shows_old, &heartbeat)
+        .await
+        .expect_err("the old CA is gone from the controller too");
+
+    // The agent was never restarted: its client side must now show the new certificate. A
+    // controller restarted on the new files (trusting only the new CA) hears from it again
+    // only over fresh connections, where the agent shows what it reloaded.
+    let mark = a.log().len();
+    c.kill9();
+    c.start().await;
+    berth_e2e::wait_for("a heartbeat from the agent", TIMEOUT, async || {
+        let m = c.metrics().await;
+        berth_e2e::metric(&m, "berth_controller_heartbeats_total", "").filter(|n| *n >= 1.0)
+    })
+    .await;
+    c.wait_online(7, 1).await;
+    let since = &a.log()[mark..];
+    assert!(
+        !since.contains("UnknownCA"),
+        "the agent showed a certificate the controller refused:\n{since}"
+    );
+    let pid = a.pid();
+    c.allocate(7, &json!({}), &[]).await.expect(200);
+    assert_eq!(a.pid(), pid, "the agent ran throughout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_changes_nothing() {
+    let c = ControllerProcess::spawn("hup-plain", ControllerConfig::new()).await;
+    let reply = c.hangup().await;
+    assert!(reply.contains("no [tls] to reload"), "{reply}");
+    c.call(Method::GET, "/healthz", None, &[], None)
+        .await
+        .expect(200);
+}
