@@ -158,15 +158,9 @@ pub async fn run(
         shutdown.clone(),
     ));
     let tls_metrics = metrics.tls.clone();
-    if let Some(t) = &config.tls {
-        tls_metrics.loaded(t.loaded());
-    }
     // Installed before the daemon says it is ready, so a SIGHUP never finds it without one.
     let hangup = berth_daemon::reload_on_hangup(
-        {
-            let (tls, metrics) = (config.tls.clone(), tls_metrics.clone());
-            move || berth_http::tls::reload_and_report(tls.as_ref(), &metrics)
-        },
+        berth_http::tls::reloader(config.tls.clone(), tls_metrics.clone()),
         shutdown.clone(),
     )
     .map_err(RunError::Signal)?;

@@ -291,9 +291,16 @@ impl TlsMetrics {
     }
 }
 
-/// What a SIGHUP does for a daemon's TLS: reload the files (see [`Tls::reload`]), log the
-/// outcome and count it.
-pub fn reload_and_report(tls: Option<&Tls>, metrics: &TlsMetrics) {
+/// A daemon's TLS once it runs: reports what was loaded at start and returns what a SIGHUP
+/// does, which is to reload the files (see [`Tls::reload`]), log the outcome and count it.
+pub fn reloader(tls: Option<Tls>, metrics: TlsMetrics) -> impl FnMut() + Send + 'static {
+    if let Some(t) = &tls {
+        metrics.loaded(t.loaded());
+    }
+    move || reload_and_report(tls.as_ref(), &metrics)
+}
+
+fn reload_and_report(tls: Option<&Tls>, metrics: &TlsMetrics) {
     let Some(tls) = tls else {
         tracing::info!(
             "SIGHUP: there is no [tls] to reload; other settings take effect at restart"
