@@ -412,6 +412,7 @@ impl Cluster {
             cert_file: f("controller.pem"),
             key_file: f("controller.key"),
             ca_file: f("ca.pem"),
+            crl_file: None,
         };
         let tls = berth_http::tls::Tls::load(&files, berth_http::tls::ClientCerts::Optional)?;
         Ok(Client::with_tls(tls.client))

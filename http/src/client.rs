@@ -272,6 +272,15 @@ fn tls_hint(reason: &str) -> Option<&'static str> {
              server's tls.ca_file",
         ),
         (
+            "alert: CertificateRevoked",
+            "the server refuses this side's certificate: it is listed in the server's \
+             tls.crl_file; install a new one",
+        ),
+        (
+            "Revoked",
+            "the server's certificate is listed in this side's tls.crl_file",
+        ),
+        (
             "alert: CertificateRequired",
             "the server asks for a client certificate: set [tls] on this side",
         ),
@@ -299,6 +308,14 @@ mod tests {
         assert!(
             tls_hint("received fatal alert: CertificateRequired")
                 .is_some_and(|h| h.contains("[tls]"))
+        );
+        assert!(
+            tls_hint("received fatal alert: CertificateRevoked")
+                .is_some_and(|h| h.contains("server's tls.crl_file"))
+        );
+        assert!(
+            tls_hint("invalid peer certificate: Revoked")
+                .is_some_and(|h| h.contains("this side's tls.crl_file"))
         );
         assert_eq!(tls_hint("Connection refused (os error 111)"), None);
     }

@@ -10,10 +10,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::client::ResolvesClientCert;
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{
     ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
@@ -43,6 +45,10 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
     /// The CA certificates (PEM) that peers' certificates must chain to.
     pub ca_file: PathBuf,
+    /// Certificate revocation lists (PEM, one or more): a peer whose certificate is listed is
+    /// refused. Certificates from a CA without a list here are not checked.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
 }
 
 /// Whether a client of the listener must present a certificate the CA vouches for.
@@ -131,6 +137,28 @@ fn roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
         })?;
     }
     Ok(roots)
+}
+
+/// The revocation lists in `path` (PEM), for `tls.crl_file`.
+fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let key = "tls.crl_file";
+    let read = |reason: String| TlsError::Read {
+        key,
+        path: path.to_owned(),
+        reason,
+    };
+    let lists = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| read(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read(e.to_string()))?;
+    if lists.is_empty() {
+        return Err(TlsError::Invalid {
+            key,
+            path: path.to_owned(),
+            reason: "it holds no PEM revocation list (-----BEGIN X509 CRL-----)".to_owned(),
+        });
+    }
+    Ok(lists)
 }
 
 /// A file of the e2e tests' certificates (`tests/fixtures/tls` in the source tree; their keys
@@ -375,18 +403,35 @@ impl Material {
         let key = CertifiedKey::from_der(chain, key, &provider)
             .map_err(|e| invalid("tls.key_file", &files.key_file, e.to_string()))?;
         let roots = Arc::new(roots("tls.ca_file", &files.ca_file)?);
-        let ca_invalid =
-            |e: &dyn std::fmt::Display| invalid("tls.ca_file", &files.ca_file, e.to_string());
-        let clients = WebPkiClientVerifier::builder(roots.clone());
+        let crls = match &files.crl_file {
+            Some(path) => revocation_lists(path)?,
+            None => Vec::new(),
+        };
+        let builder_error = |e: VerifierBuilderError| match (e, &files.crl_file) {
+            (VerifierBuilderError::InvalidCrl(e), Some(path)) => invalid(
+                "tls.crl_file",
+                path,
+                format!("not a usable revocation list: {e:?}"),
+            ),
+            (e, _) => invalid("tls.ca_file", &files.ca_file, e.to_string()),
+        };
+        // A list covers the certificates of the CA that signed it; those of another CA in
+        // ca_file (during a move to a new CA, say) have no list to be checked against, and
+        // pass, as they would with no crl_file at all.
+        let clients = WebPkiClientVerifier::builder(roots.clone())
+            .with_crls(crls.clone())
+            .allow_unknown_revocation_status();
         let clients = match client_certs {
             ClientCerts::Required => clients,
             ClientCerts::Optional => clients.allow_unauthenticated(),
         }
         .build()
-        .map_err(|e| ca_invalid(&e))?;
+        .map_err(builder_error)?;
         let servers = WebPkiServerVerifier::builder(roots)
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
             .build()
-            .map_err(|e| ca_invalid(&e))?;
+            .map_err(builder_error)?;
         Ok(Self {
             key: Arc::new(key),
             clients,
@@ -631,11 +676,12 @@ pub fn trusting(ca_file: &Path) -> Result<ClientConfig, TlsError> {
 mod tests {
     use super::*;
 
-    fn files(cert: &str, key: &str, ca: &str) -> TlsFiles {
+    fn fixture_files(cert: &str, key: &str, ca: &str) -> TlsFiles {
         TlsFiles {
             cert_file: test_certificate(cert),
             key_file: test_certificate(key),
             ca_file: test_certificate(ca),
+            crl_file: None,
         }
     }
 
@@ -648,6 +694,7 @@ mod tests {
             cert_file: dir.join("cert.pem"),
             key_file: dir.join("key.pem"),
             ca_file: dir.join("ca.pem"),
+            crl_file: None,
         };
         install(&files, identity, ca);
         files
@@ -702,20 +749,12 @@ mod tests {
         let files = tls_dir("reload", "controller", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
-            &TlsFiles {
-                cert_file: test_certificate("agent.pem"),
-                key_file: test_certificate("agent.key"),
-                ca_file: test_certificate("ca.pem"),
-            },
+            &fixture_files("agent.pem", "agent.key", "ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
         let rogue = Tls::load(
-            &TlsFiles {
-                cert_file: test_certificate("rogue.pem"),
-                key_file: test_certificate("rogue.key"),
-                ca_file: test_certificate("rogue-ca.pem"),
-            },
+            &fixture_files("rogue.pem", "rogue.key", "rogue-ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
@@ -763,11 +802,7 @@ mod tests {
         let files = tls_dir("failed-reload", "agent", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
-            &TlsFiles {
-                cert_file: test_certificate("controller.pem"),
-                key_file: test_certificate("controller.key"),
-                ca_file: test_certificate("ca.pem"),
-            },
+            &fixture_files("controller.pem", "controller.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect("valid");
@@ -783,13 +818,44 @@ mod tests {
     }
 
     #[test]
+    fn listed_certificates_are_refused_both_ways() {
+        install_crypto_provider();
+        let files = tls_dir("crl", "controller", "ca");
+        let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
+            .iter()
+            .flat_map(|p| std::fs::read(p).expect("a CA"))
+            .collect::<Vec<u8>>();
+        std::fs::write(&files.ca_file, bundle).expect("write");
+        let with_list = |list: &str| TlsFiles {
+            crl_file: Some(test_certificate(list)),
+            ..files.clone()
+        };
+        let daemon = Tls::load(&with_list("ca2-crl.pem"), ClientCerts::Required).expect("valid");
+        let peer = |identity: &str| {
+            let (cert, key) = (format!("{identity}.pem"), format!("{identity}.key"));
+            Tls::load(&fixture_files(&cert, &key, "ca.pem"), ClientCerts::Required).expect("valid")
+        };
+        // Listed: refused as a client, and as a server.
+        let e = handshake(&peer("revoked").client, &daemon.server).expect_err("listed");
+        assert!(format!("{e:?}").contains("Revoked"), "{e:?}");
+        handshake(&daemon.client, &peer("revoked").server).expect_err("listed, as a server");
+        // Not listed, from the same CA or from a CA without a list: served as before.
+        handshake(&peer("agent2").client, &daemon.server).expect("not listed");
+        handshake(&daemon.client, &peer("agent2").server).expect("not listed, as a server");
+        handshake(&peer("agent").client, &daemon.server).expect("another CA, no list");
+        // Without the list, the same certificate passes.
+        let unlisted = Tls::load(&files, ClientCerts::Required).expect("valid");
+        handshake(&peer("revoked").client, &unlisted.server).expect("no list");
+        // A file without a list in it names its key.
+        let e = Tls::load(&with_list("ca2.pem"), ClientCerts::Required).expect_err("a CA");
+        assert_eq!(e.key(), "tls.crl_file", "{e}");
+        assert!(e.to_string().contains("BEGIN X509 CRL"), "{e}");
+    }
+
+    #[test]
     fn expired_certificates_are_refused_with_their_date() {
         install_crypto_provider();
-        let files = TlsFiles {
-            cert_file: test_certificate("agent.pem"),
-            key_file: test_certificate("agent.key"),
-            ca_file: test_certificate("ca.pem"),
-        };
+        let files = fixture_files("agent.pem", "agent.key", "ca.pem");
         let expires = not_after(&fixture("agent")).expect("a notAfter");
         // `openssl x509 -enddate`: Oct 31 13:36:21 2126 GMT (a GeneralizedTime).
         assert_eq!(
@@ -872,7 +938,7 @@ mod tests {
     #[test]
     fn loads_the_test_certificates() {
         Tls::load(
-            &files("agent.pem", "agent.key", "ca.pem"),
+            &fixture_files("agent.pem", "agent.key", "ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
@@ -881,7 +947,7 @@ mod tests {
     #[test]
     fn bad_files_name_their_key() {
         let e = Tls::load(
-            &files("missing.pem", "agent.key", "ca.pem"),
+            &fixture_files("missing.pem", "agent.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("missing");
@@ -889,21 +955,21 @@ mod tests {
         assert!(e.to_string().contains("missing.pem"), "{e}");
         // A key file that holds a certificate, not a key.
         let e = Tls::load(
-            &files("agent.pem", "ca.pem", "ca.pem"),
+            &fixture_files("agent.pem", "ca.pem", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("no key");
         assert_eq!(e.key(), "tls.key_file");
         // The key of another certificate.
         let e = Tls::load(
-            &files("agent.pem", "controller.key", "ca.pem"),
+            &fixture_files("agent.pem", "controller.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("mismatch");
         assert_eq!(e.key(), "tls.key_file", "{e}");
         // A CA file with no certificate in it.
         let e = Tls::load(
-            &files("agent.pem", "agent.key", "agent.key"),
+            &fixture_files("agent.pem", "agent.key", "agent.key"),
             ClientCerts::Optional,
         )
         .expect_err("no CA");

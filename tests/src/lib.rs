@@ -473,6 +473,11 @@ pub fn tls_fixture(name: &str) -> PathBuf {
 /// into `dir` as `cert.pem`, `key.pem` and `ca.pem`, and returns the `[tls]` table naming the
 /// copies: a test can replace them and send the daemon SIGHUP.
 pub fn install_tls(dir: &Path, identity: &str, cas: &[&str]) -> String {
+    install_tls_with_crl(dir, identity, cas, None)
+}
+
+/// [`install_tls`], and with `crl` the fixture `{crl}.pem` as `crl.pem`, named by `crl_file`.
+pub fn install_tls_with_crl(dir: &Path, identity: &str, cas: &[&str], crl: Option<&str>) -> String {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let read = |name: String| {
         std::fs::read(tls_fixture(&name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
@@ -495,7 +500,13 @@ pub fn install_tls(dir: &Path, identity: &str, cas: &[&str]) -> String {
         &ca,
         cas.iter().flat_map(|c| read(format!("{c}.pem"))).collect(),
     );
-    berth_http::tls::tls_table(&cert, &key, &ca)
+    let mut table = berth_http::tls::tls_table(&cert, &key, &ca);
+    if let Some(crl) = crl {
+        let path = dir.join("crl.pem");
+        write(&path, read(format!("{crl}.pem")));
+        table.push_str(&format!("crl_file = {:?}\n", path.display().to_string()));
+    }
+    table
 }
 
 /// A TLS client configuration trusting the CAs `cas` (fixture names) and presenting
@@ -527,7 +538,7 @@ pub fn tls_client(cas: &[&str], identity: Option<&str>) -> rustls::ClientConfig 
     }
 }
 
-/// An HTTP/1 client, for `http://` and `https://` URLs (trusting both test CAs and presenting
+/// An HTTP/1 client, for `http://` and `https://` URLs (trusting every test CA and presenting
 /// the `controller` test certificate, as an operator holding one would). Every request opens a
 /// new connection: a test that kills and restarts a daemon must never get a stale pooled
 /// connection.
@@ -557,8 +568,8 @@ pub struct Response {
 
 impl Http {
     pub fn new() -> Self {
-        // Both test CAs: the harness reaches (and sees ready) a daemon whatever its certificate.
-        Self::with_tls(tls_client(&["ca", "rogue-ca"], Some("controller")))
+        // Every test CA: the harness reaches (and sees ready) a daemon whatever its certificate.
+        Self::with_tls(tls_client(&["ca", "rogue-ca", "ca2"], Some("controller")))
     }
 
     /// A client with its own TLS configuration (another CA, no certificate, …).
@@ -1014,9 +1025,13 @@ pub struct AgentConfig {
     /// A command the agent is run under, e.g. `["ip", "netns", "exec", "<ns>"]`; it must
     /// `exec` the agent (so the child's pid is the agent's). Empty: the agent is run directly.
     pub wrapper: Vec<String>,
-    /// `[tls]` with this fixture certificate (e.g. `"agent"`, CA `ca`): the agent then serves
-    /// HTTPS only, to clients with a certificate.
+    /// `[tls]` with this fixture certificate (e.g. `"agent"`): the agent then serves HTTPS
+    /// only, to clients with a certificate.
     pub tls: Option<String>,
+    /// The fixture CAs its `ca_file` holds (`["ca"]`).
+    pub tls_cas: Vec<&'static str>,
+    /// A fixture revocation list for its `crl_file`.
+    pub tls_crl: Option<&'static str>,
 }
 
 impl AgentConfig {
@@ -1037,6 +1052,8 @@ impl AgentConfig {
             extra: Vec::new(),
             wrapper: Vec::new(),
             tls: None,
+            tls_cas: vec!["ca"],
+            tls_crl: None,
         }
     }
 
@@ -1099,10 +1116,12 @@ impl AgentConfig {
             line(l.clone());
         }
         if let Some(identity) = &self.tls {
-            line(install_tls(
-                &state_dir.with_file_name("tls"),
+            let dir = state_dir.with_file_name("tls");
+            line(install_tls_with_crl(
+                &dir,
                 identity,
-                &["ca"],
+                &self.tls_cas,
+                self.tls_crl,
             ));
         }
         line("[[tokens]]".to_owned());
@@ -1489,8 +1508,12 @@ pub struct ControllerConfig {
     pub extra_tokens: Vec<ControllerToken>,
     /// Raw TOML lines written with the top-level keys (before any table).
     pub extra: Vec<String>,
-    /// `[tls]` with this fixture certificate (e.g. `"controller"`, CA `ca`).
+    /// `[tls]` with this fixture certificate (e.g. `"controller"`).
     pub tls: Option<String>,
+    /// The fixture CAs its `ca_file` holds (`["ca"]`).
+    pub tls_cas: Vec<&'static str>,
+    /// A fixture revocation list for its `crl_file`.
+    pub tls_crl: Option<&'static str>,
 }
 
 impl Default for ControllerConfig {
@@ -1516,6 +1539,8 @@ impl ControllerConfig {
             extra_tokens: Vec::new(),
             extra: Vec::new(),
             tls: None,
+            tls_cas: vec!["ca"],
+            tls_crl: None,
         }
     }
 
@@ -1562,7 +1587,13 @@ impl ControllerConfig {
         }
         if let Some(identity) = &self.tls {
             let data = database.parent().expect("the database's directory");
-            line(install_tls(&data.with_file_name("tls"), identity, &["ca"]));
+            let dir = data.with_file_name("tls");
+            line(install_tls_with_crl(
+                &dir,
+                identity,
+                &self.tls_cas,
+                self.tls_crl,
+            ));
         }
         let mut tokens = vec![
             ControllerToken {

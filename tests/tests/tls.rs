@@ -322,3 +322,49 @@ async fn sighup_without_tls_changes_nothing() {
         .await
         .expect(200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_certificate_is_revoked_is_refused_and_told_why() {
+    // The controller trusts a second CA, and has that CA's revocation list, which lists the
+    // fixture `revoked`.
+    let config = ControllerConfig {
+        tls: Some("controller".to_owned()),
+        tls_cas: vec!["ca", "ca2"],
+        tls_crl: Some("ca2-crl"),
+        ..ControllerConfig::new()
+    };
+    let c = ControllerProcess::spawn("tls-revoked", config).await;
+    let mut agent = AgentConfig::joined("revoked-host", &c);
+    agent.tls = Some("revoked".to_owned());
+    let revoked = AgentProcess::spawn("tls-revoked-agent", agent).await;
+    // Another certificate of the same CA, not listed: it registers and serves games.
+    let mut agent = AgentConfig::joined("listed-ca-host", &c);
+    agent.tls = Some("agent2".to_owned());
+    let good = AgentProcess::spawn("tls-revoked-good", agent).await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let online = c.wait_online(7, 1).await;
+    assert_eq!(
+        online[0]["hostName"],
+        good.config().host_name,
+        "{}",
+        online[0]
+    );
+    let why = berth_e2e::wait_for(
+        "the revoked agent's registration failure",
+        TIMEOUT,
+        async || {
+            revoked
+                .log()
+                .lines()
+                .find(|l| l.contains("cannot register with the controller"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(
+        why.contains("CertificateRevoked") && why.contains("tls.crl_file"),
+        "{why}"
+    );
+    let hosts = c.hosts().await;
+    assert_eq!(hosts.len(), 1, "only the good host registered: {hosts:?}");
+}
