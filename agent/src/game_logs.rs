@@ -275,8 +275,7 @@ pub async fn keep_bounded(
                 metrics.game_log_rotations.inc_by(n as u64);
             }
             _ = sweep.tick() => {
-                let Some(instances) = supervisor.list().await else { return };
-                let live: HashSet<String> = instances.into_iter().map(|i| i.id).collect();
+                let Some(live) = supervisor.ids().await else { return };
                 let dir = log_dir.clone();
                 let n = tokio::task::spawn_blocking(move || {
                     remove_stale(&dir, &live, policy.retention)

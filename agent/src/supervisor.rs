@@ -6,7 +6,7 @@
 //! controller link as a snapshot, and marks the state file dirty (written shortly after, in
 //! one batch).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +127,10 @@ pub enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<InstanceView>>,
+    },
+    /// The ids alone, for the log keeper's sweep: no view is built.
+    Ids {
+        reply: oneshot::Sender<HashSet<String>>,
     },
     /// A liveness probe, answered with the number of instances: unlike `List` it copies
     /// nothing, so the watchdog and `/readyz` cost the supervisor next to no time.
@@ -317,6 +321,13 @@ impl SupervisorHandle {
     pub async fn list(&self) -> Option<Vec<InstanceView>> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::List { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The id of every instance; `None` when the supervisor has stopped.
+    pub async fn ids(&self) -> Option<HashSet<String>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Ids { reply }).await.ok()?;
         rx.await.ok()
     }
 
@@ -837,6 +848,9 @@ impl Supervisor {
                 let mut all: Vec<_> = self.instances.values().map(Instance::view).collect();
                 all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
                 let _ = reply.send(all);
+            }
+            Command::Ids { reply } => {
+                let _ = reply.send(self.instances.keys().cloned().collect());
             }
             Command::Ping { reply } => {
                 let _ = reply.send(self.instances.len());
