@@ -75,6 +75,9 @@ fn main() -> ExitCode {
             config.listen,
             config.state_dir.display()
         );
+        if let Some(tls) = &config.tls {
+            println!("tls: {}", tls.loaded());
+        }
         return ExitCode::SUCCESS;
     }
     berth_daemon::run_daemon(

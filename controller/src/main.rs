@@ -62,6 +62,9 @@ fn main() -> ExitCode {
             config.tokens.len(),
             config.regions.len()
         );
+        if let Some(tls) = &config.tls {
+            println!("tls: {}", tls.loaded());
+        }
         return ExitCode::SUCCESS;
     }
     berth_daemon::run_daemon(

@@ -198,6 +198,18 @@ pub struct Loaded {
     pub expires: i64,
 }
 
+impl std::fmt::Display for Loaded {
+    /// `certificate valid until 2126-10-31T13:36:21Z (36499 days)`, for `validate`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "certificate valid until {} ({} days)",
+            berth_protocol::time::rfc3339(self.expires.max(0) as u64),
+            (self.expires - now()) / 86_400
+        )
+    }
+}
+
 impl Tls {
     /// Reads and checks the files: the key must match the certificate, the certificate must
     /// not have expired, and the CA file must hold at least one usable CA certificate.

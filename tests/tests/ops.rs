@@ -187,6 +187,17 @@ fn controller_validate_exits_78_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&good).expect("read");
+    // With [tls], it says until when the certificate is valid.
+    let tls = dir.join("tls.toml");
+    let table = berth_http::tls::test_tls_table("controller.pem", "controller.key", "ca.pem");
+    std::fs::write(&tls, format!("{text}{table}")).expect("write");
+    let out = run(&tls);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("tls: certificate valid until 2126-10-31T13:36:21Z"),
+        "{said}"
+    );
     // Top-level keys go before the first table: appended at the end, they would land in the
     // last `[[tokens]]` entry and be refused there as unknown token fields instead.
     let top_level = |line: &str| {
