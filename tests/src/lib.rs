@@ -1084,7 +1084,8 @@ impl AgentConfig {
         self
     }
 
-    /// The file's text for a given state directory.
+    /// The file's text for a given state directory. With `tls`, it also installs the TLS
+    /// files in `tls/` beside the state directory (see [`install_tls`]).
     pub fn toml(&self, state_dir: &Path) -> String {
         let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
         let mut t = String::new();
@@ -1549,7 +1550,8 @@ impl ControllerConfig {
         Duration::from_millis(self.heartbeat_period_ms).mul_f64(self.heartbeat_expiry_factor)
     }
 
-    /// The file's text for a given database file.
+    /// The file's text for a given database file. With `tls`, it also installs the TLS files
+    /// in `tls/` beside the database's directory (see [`install_tls`]).
     pub fn toml(&self, database: &Path) -> String {
         let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
         let mut t = String::new();
