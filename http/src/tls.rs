@@ -412,8 +412,18 @@ impl Material {
         let provider = rustls::crypto::CryptoProvider::get_default()
             .cloned()
             .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-        let key = CertifiedKey::from_der(chain, key, &provider)
-            .map_err(|e| invalid("tls.key_file", &files.key_file, e.to_string()))?;
+        let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+            let reason = match e {
+                // Most often one of the two files was replaced and not the other.
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "it is not the key of the certificate in {} (tls.cert_file): install the \
+                     certificate and its key together",
+                    files.cert_file.display()
+                ),
+                e => e.to_string(),
+            };
+            invalid("tls.key_file", &files.key_file, reason)
+        })?;
         let roots = Arc::new(roots("tls.ca_file", &files.ca_file)?);
         let crls = match &files.crl_file {
             Some(path) => revocation_lists(path)?,
@@ -823,6 +833,10 @@ mod tests {
         std::fs::copy(test_certificate("rogue.pem"), &files.cert_file).expect("copy");
         let e = daemon.reload().expect_err("mismatched key");
         assert_eq!(e.key(), "tls.key_file", "{e}");
+        assert!(
+            e.to_string().contains("is not the key of the certificate"),
+            "{e}"
+        );
         std::fs::write(&files.ca_file, "not PEM").expect("write");
         let (shown, _) = handshake(&peer.client, &daemon.server).expect("still the old files");
         assert_eq!(shown, fixture("agent"));
