@@ -196,6 +196,9 @@ pub fn test_tls_table(cert: &str, key: &str, ca: &str) -> String {
 pub struct Loaded {
     /// The end of the certificate's validity (its `notAfter`), in Unix seconds.
     pub expires: i64,
+    /// The earliest date a revocation list in `crl_file` is due to be replaced (its
+    /// `nextUpdate`), in Unix seconds.
+    pub lists_due: Option<i64>,
 }
 
 impl std::fmt::Display for Loaded {
@@ -246,8 +249,10 @@ impl Tls {
 
     /// What is in use now.
     pub fn loaded(&self) -> Loaded {
+        let current = self.live.current();
         Loaded {
-            expires: self.live.current().expires,
+            expires: current.expires,
+            lists_due: current.lists_due,
         }
     }
 
@@ -259,6 +264,7 @@ impl Tls {
         let material = Material::load(&self.live.files, self.live.client_certs, now())?;
         let loaded = Loaded {
             expires: material.expires,
+            lists_due: material.lists_due,
         };
         *self
             .live
@@ -328,6 +334,10 @@ impl TlsMetrics {
         } else {
             tracing::info!(%expires, days, "TLS certificate in use");
         }
+        if let Some(due) = loaded.lists_due.filter(|due| *due <= now()) {
+            let due = berth_protocol::time::rfc3339(due.max(0) as u64);
+            tracing::warn!(%due, "a revocation list in tls.crl_file was due to be replaced; it is still used, but certificates revoked since are not in it: publish a new list and send SIGHUP (systemctl reload)");
+        }
     }
 }
 
@@ -376,6 +386,7 @@ struct Material {
     clients: Arc<dyn ClientCertVerifier>,
     servers: Arc<WebPkiServerVerifier>,
     expires: i64,
+    lists_due: Option<i64>,
 }
 
 impl Material {
@@ -429,6 +440,7 @@ impl Material {
             Some(path) => revocation_lists(path)?,
             None => Vec::new(),
         };
+        let lists_due = crls.iter().filter_map(|l| next_update(l)).min();
         let builder_error = |e: VerifierBuilderError| match (e, &files.crl_file) {
             (VerifierBuilderError::InvalidCrl(e), Some(path)) => invalid(
                 "tls.crl_file",
@@ -459,6 +471,7 @@ impl Material {
             clients,
             servers,
             expires,
+            lists_due,
         })
     }
 }
@@ -635,6 +648,31 @@ fn not_after(cert: &[u8]) -> Option<i64> {
     let (_, validity, _) = der(tbs)?;
     let (_, _, validity) = der(validity)?;
     let (tag, time, _) = der(validity)?;
+    der_time(tag, time)
+}
+
+/// When a revocation list is due to be replaced (`nextUpdate`, RFC 5280 §5.1.2.5) in Unix
+/// seconds, read from its DER; `None` when it names no date (or cannot be read). For a
+/// warning only: the list is used either way.
+fn next_update(crl: &[u8]) -> Option<i64> {
+    // CertificateList ::= SEQUENCE { tbsCertList SEQUENCE { version OPTIONAL, signature,
+    //   issuer, thisUpdate, nextUpdate OPTIONAL, … } … }
+    let (_, list, _) = der(crl)?;
+    let (_, mut tbs, _) = der(list)?;
+    let (tag, _, rest) = der(tbs)?;
+    if tag == 0x02 {
+        tbs = rest;
+    }
+    for _ in 0..3 {
+        tbs = der(tbs)?.2;
+    }
+    let (tag, time, _) = der(tbs)?;
+    der_time(tag, time)
+}
+
+/// A DER UTCTime (tag 0x17, `YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (0x18,
+/// `YYYYMMDDHHMMSSZ`) in Unix seconds.
+fn der_time(tag: u8, time: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(time).ok()?;
     let digits = |r: std::ops::Range<usize>| -> Option<u32> {
         let s = text.get(r)?;
@@ -642,7 +680,6 @@ fn not_after(cert: &[u8]) -> Option<i64> {
             .all(|b| b.is_ascii_digit())
             .then(|| s.parse().ok())?
     };
-    // UTCTime YYMMDDHHMMSSZ (years 1950–2049), GeneralizedTime YYYYMMDDHHMMSSZ.
     let (year, at) = match (tag, text.len()) {
         (0x17, 13) => {
             let yy = i64::from(digits(0..2)?);
@@ -857,6 +894,8 @@ mod tests {
             ..files.clone()
         };
         let daemon = Tls::load(&with_list("ca2-crl.pem"), ClientCerts::Required).expect("valid");
+        // 2126-10-31T16:32:55Z, the list's nextUpdate, for the overdue warning.
+        assert_eq!(daemon.loaded().lists_due, Some(4_949_137_975));
         let peer = |identity: &str| {
             let (cert, key) = (format!("{identity}.pem"), format!("{identity}.key"));
             Tls::load(&fixture_files(&cert, &key, "ca.pem"), ClientCerts::Required).expect("valid")
@@ -894,6 +933,25 @@ mod tests {
         assert!(
             e.to_string().contains("expired at 2126-10-31T13:36:21Z"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn next_update_is_read_from_a_revocation_list() {
+        let list = revocation_lists(&test_certificate("ca2-crl.pem")).expect("a list");
+        let due = next_update(&list[0]).expect("a nextUpdate");
+        // `openssl crl -nextupdate`: Oct 31 16:32:55 2126 GMT.
+        assert_eq!(
+            berth_protocol::time::rfc3339(due as u64),
+            "2126-10-31T16:32:55Z"
+        );
+        for len in 0..list[0].len() {
+            let _ = next_update(&list[0][..len]);
+        }
+        assert_eq!(
+            next_update(&fixture("agent")),
+            None,
+            "a certificate is not a list"
         );
     }
 
