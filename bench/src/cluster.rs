@@ -407,13 +407,7 @@ impl Cluster {
             return Ok(Client::new());
         }
         // The controller's own certificate and CA: what it shows agents as a client.
-        let f = berth_http::tls::test_certificate;
-        let files = berth_http::tls::TlsFiles {
-            cert_file: f("controller.pem"),
-            key_file: f("controller.key"),
-            ca_file: f("ca.pem"),
-            crl_file: None,
-        };
+        let files = berth_http::tls::TlsFiles::test("controller.pem", "controller.key", "ca.pem");
         let tls = berth_http::tls::Tls::load(&files, berth_http::tls::ClientCerts::Optional)?;
         Ok(Client::with_tls(tls.client))
     }

@@ -71,8 +71,13 @@ pub enum TlsError {
         path: PathBuf,
         reason: String,
     },
-    #[error("{} holds no PEM certificate", path.display())]
-    NoCertificate { key: &'static str, path: PathBuf },
+    /// `what`: the PEM section that was looked for, as its header names it.
+    #[error("{} holds no PEM {what} (-----BEGIN {what}-----)", path.display())]
+    Empty {
+        key: &'static str,
+        path: PathBuf,
+        what: &'static str,
+    },
     #[error("{} is not usable: {reason}", path.display())]
     Invalid {
         key: &'static str,
@@ -85,9 +90,7 @@ impl TlsError {
     /// The config key (`tls.cert_file`, …) the error is about.
     pub fn key(&self) -> &'static str {
         match self {
-            Self::Read { key, .. }
-            | Self::NoCertificate { key, .. }
-            | Self::Invalid { key, .. } => key,
+            Self::Read { key, .. } | Self::Empty { key, .. } | Self::Invalid { key, .. } => key,
         }
     }
 }
@@ -107,23 +110,34 @@ pub struct Tls {
     live: Arc<Live>,
 }
 
-fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Every PEM section of type `T` in `path`, at least one; `key` names the config key and `what`
+/// the section's header (`CERTIFICATE`, `X509 CRL`).
+fn pem_all<T: PemObject>(
+    key: &'static str,
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<T>, TlsError> {
     let read = |reason: String| TlsError::Read {
         key,
         path: path.to_owned(),
         reason,
     };
-    let list = CertificateDer::pem_file_iter(path)
+    let list = T::pem_file_iter(path)
         .map_err(|e| read(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read(e.to_string()))?;
     if list.is_empty() {
-        return Err(TlsError::NoCertificate {
+        return Err(TlsError::Empty {
             key,
             path: path.to_owned(),
+            what,
         });
     }
     Ok(list)
+}
+
+fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem_all(key, path, "CERTIFICATE")
 }
 
 /// The CA certificates in `path` (PEM) as a root store; `key` names the config key.
@@ -141,24 +155,7 @@ fn roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
 
 /// The revocation lists in `path` (PEM), for `tls.crl_file`.
 fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let key = "tls.crl_file";
-    let read = |reason: String| TlsError::Read {
-        key,
-        path: path.to_owned(),
-        reason,
-    };
-    let lists = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| read(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read(e.to_string()))?;
-    if lists.is_empty() {
-        return Err(TlsError::Invalid {
-            key,
-            path: path.to_owned(),
-            reason: "it holds no PEM revocation list (-----BEGIN X509 CRL-----)".to_owned(),
-        });
-    }
-    Ok(lists)
+    pem_all("tls.crl_file", path, "X509 CRL")
 }
 
 /// A file of the e2e tests' certificates (`tests/fixtures/tls` in the source tree; their keys
@@ -170,25 +167,39 @@ pub fn test_certificate(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A `[tls]` table naming three files.
+/// The `[tls]` table that names `files`.
 #[doc(hidden)]
-pub fn tls_table(cert: &Path, key: &Path, ca: &Path) -> String {
-    format!(
+pub fn tls_table(files: &TlsFiles) -> String {
+    let path = |p: &Path| p.display().to_string();
+    let mut table = format!(
         "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        ca.display().to_string()
-    )
+        path(&files.cert_file),
+        path(&files.key_file),
+        path(&files.ca_file)
+    );
+    if let Some(crl) = &files.crl_file {
+        table.push_str(&format!("crl_file = {:?}\n", path(crl)));
+    }
+    table
 }
 
 /// A `[tls]` table naming three of the test certificates.
 #[doc(hidden)]
 pub fn test_tls_table(cert: &str, key: &str, ca: &str) -> String {
-    tls_table(
-        &test_certificate(cert),
-        &test_certificate(key),
-        &test_certificate(ca),
-    )
+    tls_table(&TlsFiles::test(cert, key, ca))
+}
+
+impl TlsFiles {
+    /// Three of the test certificates (see [`test_certificate`]), with no revocation list.
+    #[doc(hidden)]
+    pub fn test(cert: &str, key: &str, ca: &str) -> Self {
+        Self {
+            cert_file: test_certificate(cert),
+            key_file: test_certificate(key),
+            ca_file: test_certificate(ca),
+            crl_file: None,
+        }
+    }
 }
 
 /// What a load or reload put in use.
@@ -249,11 +260,7 @@ impl Tls {
 
     /// What is in use now.
     pub fn loaded(&self) -> Loaded {
-        let current = self.live.current();
-        Loaded {
-            expires: current.expires,
-            lists_due: current.lists_due,
-        }
+        self.live.current().loaded
     }
 
     /// Reads the files again, with the checks of [`Tls::load`], and puts them in use for every
@@ -262,10 +269,7 @@ impl Tls {
     /// the certificates they were opened with; sessions opened before are not resumed.
     pub fn reload(&self) -> Result<Loaded, TlsError> {
         let material = Material::load(&self.live.files, self.live.client_certs, now())?;
-        let loaded = Loaded {
-            expires: material.expires,
-            lists_due: material.lists_due,
-        };
+        let loaded = material.loaded;
         *self
             .live
             .current
@@ -385,8 +389,7 @@ struct Material {
     key: Arc<CertifiedKey>,
     clients: Arc<dyn ClientCertVerifier>,
     servers: Arc<WebPkiServerVerifier>,
-    expires: i64,
-    lists_due: Option<i64>,
+    loaded: Loaded,
 }
 
 impl Material {
@@ -470,8 +473,7 @@ impl Material {
             key: Arc::new(key),
             clients,
             servers,
-            expires,
-            lists_due,
+            loaded: Loaded { expires, lists_due },
         })
     }
 }
@@ -636,16 +638,7 @@ impl StoresServerSessions for Live {
 fn not_after(cert: &[u8]) -> Option<i64> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
     //   serialNumber, signature, issuer, validity SEQUENCE { notBefore, notAfter }, … } … }
-    let (_, certificate, _) = der(cert)?;
-    let (_, mut tbs, _) = der(certificate)?;
-    let (tag, _, rest) = der(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest;
-    }
-    for _ in 0..3 {
-        tbs = der(tbs)?.2;
-    }
-    let (_, validity, _) = der(tbs)?;
+    let (_, validity) = signed_field(cert, 0xa0, 3)?;
     let (_, _, validity) = der(validity)?;
     let (tag, time, _) = der(validity)?;
     der_time(tag, time)
@@ -655,19 +648,27 @@ fn not_after(cert: &[u8]) -> Option<i64> {
 /// seconds, read from its DER; `None` when it names no date (or cannot be read). For a
 /// warning only: the list is used either way.
 fn next_update(crl: &[u8]) -> Option<i64> {
-    // CertificateList ::= SEQUENCE { tbsCertList SEQUENCE { version OPTIONAL, signature,
-    //   issuer, thisUpdate, nextUpdate OPTIONAL, … } … }
-    let (_, list, _) = der(crl)?;
-    let (_, mut tbs, _) = der(list)?;
-    let (tag, _, rest) = der(tbs)?;
-    if tag == 0x02 {
-        tbs = rest;
-    }
-    for _ in 0..3 {
-        tbs = der(tbs)?.2;
-    }
-    let (tag, time, _) = der(tbs)?;
+    // CertificateList ::= SEQUENCE { tbsCertList SEQUENCE { version INTEGER OPTIONAL,
+    //   signature, issuer, thisUpdate, nextUpdate OPTIONAL, … } … }
+    let (tag, time) = signed_field(crl, 0x02, 3)?;
     der_time(tag, time)
+}
+
+/// The tag and contents of a field of a signed X.509 structure (a certificate, a revocation
+/// list): in its first (to-be-signed) sequence, past an optional version tagged `version` and
+/// `skip` fields more.
+fn signed_field(signed: &[u8], version: u8, skip: usize) -> Option<(u8, &[u8])> {
+    let (_, outer, _) = der(signed)?;
+    let (_, mut fields, _) = der(outer)?;
+    let (tag, _, rest) = der(fields)?;
+    if tag == version {
+        fields = rest;
+    }
+    for _ in 0..skip {
+        fields = der(fields)?.2;
+    }
+    let (tag, contents, _) = der(fields)?;
+    Some((tag, contents))
 }
 
 /// A DER UTCTime (tag 0x17, `YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (0x18,
@@ -735,15 +736,6 @@ pub fn trusting(ca_file: &Path) -> Result<ClientConfig, TlsError> {
 mod tests {
     use super::*;
 
-    fn fixture_files(cert: &str, key: &str, ca: &str) -> TlsFiles {
-        TlsFiles {
-            cert_file: test_certificate(cert),
-            key_file: test_certificate(key),
-            ca_file: test_certificate(ca),
-            crl_file: None,
-        }
-    }
-
     /// A directory of its own under the system's temporary directory, holding copies of
     /// fixtures named as a daemon's `[tls]` would: `cert.pem`, `key.pem`, `ca.pem`.
     fn tls_dir(test: &str, identity: &str, ca: &str) -> TlsFiles {
@@ -808,12 +800,12 @@ mod tests {
         let files = tls_dir("reload", "controller", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
-            &fixture_files("agent.pem", "agent.key", "ca.pem"),
+            &TlsFiles::test("agent.pem", "agent.key", "ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
         let rogue = Tls::load(
-            &fixture_files("rogue.pem", "rogue.key", "rogue-ca.pem"),
+            &TlsFiles::test("rogue.pem", "rogue.key", "rogue-ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
@@ -861,7 +853,7 @@ mod tests {
         let files = tls_dir("failed-reload", "agent", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
-            &fixture_files("controller.pem", "controller.key", "ca.pem"),
+            &TlsFiles::test("controller.pem", "controller.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect("valid");
@@ -898,7 +890,11 @@ mod tests {
         assert_eq!(daemon.loaded().lists_due, Some(4_949_137_975));
         let peer = |identity: &str| {
             let (cert, key) = (format!("{identity}.pem"), format!("{identity}.key"));
-            Tls::load(&fixture_files(&cert, &key, "ca.pem"), ClientCerts::Required).expect("valid")
+            Tls::load(
+                &TlsFiles::test(&cert, &key, "ca.pem"),
+                ClientCerts::Required,
+            )
+            .expect("valid")
         };
         // Listed: refused as a client, and as a server.
         let e = handshake(&peer("revoked").client, &daemon.server).expect_err("listed");
@@ -920,7 +916,7 @@ mod tests {
     #[test]
     fn expired_certificates_are_refused_with_their_date() {
         install_crypto_provider();
-        let files = fixture_files("agent.pem", "agent.key", "ca.pem");
+        let files = TlsFiles::test("agent.pem", "agent.key", "ca.pem");
         let expires = not_after(&fixture("agent")).expect("a notAfter");
         // `openssl x509 -enddate`: Oct 31 13:36:21 2126 GMT (a GeneralizedTime).
         assert_eq!(
@@ -1022,7 +1018,7 @@ mod tests {
     #[test]
     fn loads_the_test_certificates() {
         Tls::load(
-            &fixture_files("agent.pem", "agent.key", "ca.pem"),
+            &TlsFiles::test("agent.pem", "agent.key", "ca.pem"),
             ClientCerts::Required,
         )
         .expect("valid");
@@ -1031,7 +1027,7 @@ mod tests {
     #[test]
     fn bad_files_name_their_key() {
         let e = Tls::load(
-            &fixture_files("missing.pem", "agent.key", "ca.pem"),
+            &TlsFiles::test("missing.pem", "agent.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("missing");
@@ -1039,21 +1035,21 @@ mod tests {
         assert!(e.to_string().contains("missing.pem"), "{e}");
         // A key file that holds a certificate, not a key.
         let e = Tls::load(
-            &fixture_files("agent.pem", "ca.pem", "ca.pem"),
+            &TlsFiles::test("agent.pem", "ca.pem", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("no key");
         assert_eq!(e.key(), "tls.key_file");
         // The key of another certificate.
         let e = Tls::load(
-            &fixture_files("agent.pem", "controller.key", "ca.pem"),
+            &TlsFiles::test("agent.pem", "controller.key", "ca.pem"),
             ClientCerts::Optional,
         )
         .expect_err("mismatch");
         assert_eq!(e.key(), "tls.key_file", "{e}");
         // A CA file with no certificate in it.
         let e = Tls::load(
-            &fixture_files("agent.pem", "agent.key", "agent.key"),
+            &TlsFiles::test("agent.pem", "agent.key", "agent.key"),
             ClientCerts::Optional,
         )
         .expect_err("no CA");

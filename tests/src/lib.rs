@@ -500,13 +500,17 @@ pub fn install_tls_with_crl(dir: &Path, identity: &str, cas: &[&str], crl: Optio
         &ca,
         cas.iter().flat_map(|c| read(format!("{c}.pem"))).collect(),
     );
-    let mut table = berth_http::tls::tls_table(&cert, &key, &ca);
-    if let Some(crl) = crl {
+    let crl_file = crl.map(|crl| {
         let path = dir.join("crl.pem");
         write(&path, read(format!("{crl}.pem")));
-        table.push_str(&format!("crl_file = {:?}\n", path.display().to_string()));
-    }
-    table
+        path
+    });
+    berth_http::tls::tls_table(&berth_http::tls::TlsFiles {
+        cert_file: cert,
+        key_file: key,
+        ca_file: ca,
+        crl_file,
+    })
 }
 
 /// A TLS client configuration trusting the CAs `cas` (fixture names) and presenting

@@ -169,18 +169,23 @@ async fn an_agent_with_a_certificate_from_another_ca_is_told_why() {
     let mut agent = AgentConfig::joined("rogue-host", &c);
     agent.tls = Some("rogue".to_owned());
     let a = AgentProcess::spawn("tls-rogue-agent-agent", agent).await;
-    let why = berth_e2e::wait_for("the agent's registration failure", TIMEOUT, async || {
-        a.log()
-            .lines()
-            .find(|l| l.contains("cannot register with the controller"))
-            .map(str::to_owned)
-    })
-    .await;
+    let why = registration_failure(&a).await;
     assert!(
         why.contains("UnknownCA") && why.contains("not signed by the server's tls.ca_file"),
         "{why}"
     );
     assert!(c.hosts().await.is_empty(), "no host registered");
+}
+
+/// The log line of `a`'s first failed registration with the controller.
+async fn registration_failure(a: &AgentProcess) -> String {
+    berth_e2e::wait_for("the agent's registration failure", TIMEOUT, async || {
+        a.log()
+            .lines()
+            .find(|l| l.contains("cannot register with the controller"))
+            .map(str::to_owned)
+    })
+    .await
 }
 
 /// Whether a handshake with `url`'s daemon got as far as an HTTP answer: `Err` carries the
@@ -349,18 +354,7 @@ async fn an_agent_whose_certificate_is_revoked_is_refused_and_told_why() {
         "{}",
         online[0]
     );
-    let why = berth_e2e::wait_for(
-        "the revoked agent's registration failure",
-        TIMEOUT,
-        async || {
-            revoked
-                .log()
-                .lines()
-                .find(|l| l.contains("cannot register with the controller"))
-                .map(str::to_owned)
-        },
-    )
-    .await;
+    let why = registration_failure(&revoked).await;
     assert!(
         why.contains("CertificateRevoked") && why.contains("tls.crl_file"),
         "{why}"
