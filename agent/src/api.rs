@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_http::CorrelationId;
-use berth_http::{Failure, JsonBody, OptionalJsonBody, bearer, constant_time_eq};
+use berth_http::{Failure, Json, JsonBody, OptionalJsonBody, bearer, constant_time_eq};
 use berth_protocol::ErrorCode;
 use berth_protocol::agent_api::{
     AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
@@ -149,7 +149,6 @@ impl From<AllocateError> for ApiError {
     }
 }
 
-type Json<T> = axum::Json<T>;
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 pub fn router(state: ApiState) -> Router {
@@ -192,14 +191,14 @@ async fn authenticate(State(st): State<ApiState>, req: Request, next: Next) -> R
 }
 
 async fn healthz() -> Json<serde_json::Value> {
-    axum::Json(serde_json::json!({"status": "ok"}))
+    Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Ready when the supervisor answers: state restored and commands flowing.
 async fn readyz(State(st): State<ApiState>) -> Response {
     let answer = tokio::time::timeout(Duration::from_secs(2), st.supervisor.ping()).await;
     match answer {
-        Ok(Some(instances)) => axum::Json(serde_json::json!({
+        Ok(Some(instances)) => Json(serde_json::json!({
             "status": "ready",
             "instances": instances,
             "registered": st.host_id.borrow().is_some(),
@@ -207,7 +206,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
         .into_response(),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "not ready"})),
+            Json(serde_json::json!({"status": "not ready"})),
         )
             .into_response(),
     }
@@ -234,7 +233,7 @@ async fn host(State(st): State<ApiState>) -> ApiResult<HostView> {
     }
     let h = &st.host;
     let load = sysinfo::System::load_average();
-    Ok(axum::Json(HostView {
+    Ok(Json(HostView {
         host_id: *st.host_id.borrow(),
         host_name: h.host_name.clone(),
         region: h.region.clone(),
@@ -255,7 +254,7 @@ async fn list(State(st): State<ApiState>) -> ApiResult<Vec<InstanceView>> {
     st.supervisor
         .list()
         .await
-        .map(axum::Json)
+        .map(Json)
         .ok_or(ApiError::Unavailable)
 }
 
@@ -263,7 +262,7 @@ async fn instance(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResu
     st.supervisor
         .get(id.clone())
         .await
-        .map(axum::Json)
+        .map(Json)
         .ok_or(ApiError::Instance(InstanceError::NotFound(id)))
 }
 
@@ -272,7 +271,7 @@ async fn deploy(
     JsonBody(req): JsonBody<DeployRequest>,
 ) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
     let view = st.supervisor.deploy(req).await?;
-    Ok((StatusCode::CREATED, axum::Json(view)))
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 fn force(query: Option<&str>) -> bool {
@@ -284,7 +283,7 @@ async fn remove(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<InstanceView> {
-    Ok(axum::Json(
+    Ok(Json(
         st.supervisor.remove(id, force(query.as_deref())).await?,
     ))
 }
@@ -333,7 +332,7 @@ async fn batch(
             }
         }
     });
-    axum::Json(BatchResponse {
+    Json(BatchResponse {
         results: futures_util::future::join_all(ops).await,
     })
 }
@@ -343,7 +342,7 @@ async fn allocate(
     Path(id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<AllocateRequest>,
 ) -> ApiResult<InstanceView> {
-    Ok(axum::Json(st.supervisor.allocate(id, req).await?))
+    Ok(Json(st.supervisor.allocate(id, req).await?))
 }
 
 async fn deallocate(
@@ -351,7 +350,7 @@ async fn deallocate(
     Path(id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<DeallocateRequest>,
 ) -> ApiResult<InstanceView> {
-    Ok(axum::Json(st.supervisor.deallocate(id, req).await?))
+    Ok(Json(st.supervisor.deallocate(id, req).await?))
 }
 
 async fn push_metadata(
@@ -359,9 +358,7 @@ async fn push_metadata(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<MetadataRequest>,
 ) -> ApiResult<InstanceView> {
-    Ok(axum::Json(
-        st.supervisor.push_metadata(id, req.metadata).await?,
-    ))
+    Ok(Json(st.supervisor.push_metadata(id, req.metadata).await?))
 }
 
 async fn command(
@@ -369,7 +366,7 @@ async fn command(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<CommandRequest>,
 ) -> ApiResult<InstanceView> {
-    Ok(axum::Json(st.supervisor.custom_command(id, req).await?))
+    Ok(Json(st.supervisor.custom_command(id, req).await?))
 }
 
 async fn stop(
@@ -379,13 +376,13 @@ async fn stop(
     OptionalJsonBody(body): OptionalJsonBody<StopRequest>,
 ) -> ApiResult<InstanceView> {
     let force = force(query.as_deref());
-    Ok(axum::Json(
+    Ok(Json(
         st.supervisor.stop(id, body.timeout_seconds, force).await?,
     ))
 }
 
 async fn start(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult<InstanceView> {
-    Ok(axum::Json(st.supervisor.start(id).await?))
+    Ok(Json(st.supervisor.start(id).await?))
 }
 
 /// The last `tail` lines of the instance's log; with `follow=true`, then everything appended

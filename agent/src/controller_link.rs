@@ -286,8 +286,8 @@ async fn connected(
                             return Next::Reregister;
                         }
                     }
-                    Err(CallError::Status { status: 401 | 403 | 404, .. }) => {
-                        tracing::warn!("controller no longer accepts this host's token; registering again");
+                    Err(e @ CallError::Status { status: 401 | 403 | 404, .. }) => {
+                        tracing::warn!(error = %e, "controller no longer accepts this host's credentials; registering again");
                         return Next::Reregister;
                     }
                     Err(e) => {

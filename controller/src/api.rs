@@ -14,9 +14,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use berth_http::tls::PeerCertificate;
-use berth_http::{CorrelationId, Failure, FailureSink, JsonBody, OptionalJsonBody, bearer};
+use berth_http::{CorrelationId, Failure, FailureSink, Json, JsonBody, OptionalJsonBody, bearer};
 use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
 };

@@ -104,12 +104,12 @@ impl JsonClient {
         body: &B,
         timeout: Duration,
     ) -> Result<R, CallError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| CallError::Decode {
+        let bytes = crate::to_json_bytes(body).map_err(|e| CallError::Decode {
             url: url.to_owned(),
             reason: format!("request not serialisable: {e}"),
         })?;
         let (_, raw) = self
-            .send(Method::POST, url, token, correlation, Some(bytes), timeout)
+            .send_bytes(Method::POST, url, token, correlation, Some(bytes), timeout)
             .await?;
         decode(url, &raw)
     }
@@ -137,11 +137,31 @@ impl JsonClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
+        self.send_bytes(
+            method,
+            url,
+            token,
+            correlation,
+            body.map(Bytes::from),
+            timeout,
+        )
+        .await
+    }
+
+    async fn send_bytes(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        correlation: Option<&str>,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
         let headers: &[(&str, &str)] = match correlation {
             Some(c) => &[(crate::CORRELATION_HEADER, c)],
             None => &[],
         };
-        self.send_with(method, url, token, headers, body, timeout)
+        self.request(method, url, token, headers, body, timeout)
             .await
     }
 
@@ -153,6 +173,19 @@ impl JsonClient {
         token: Option<&str>,
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
+        self.request(method, url, token, headers, body.map(Bytes::from), timeout)
+            .await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
         // Each part is checked on its own so that the error names the part to fix: only a bad
@@ -187,7 +220,7 @@ impl JsonClient {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| invalid(e.to_string()))?;
         let call = async {
             let resp = match &self.inner {

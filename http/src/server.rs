@@ -2,7 +2,6 @@
 //! graceful shutdown that stops accepting, lets in-flight requests finish, and gives up after
 //! a deadline.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::{Extension, Router};
@@ -13,9 +12,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 
-use crate::tls::{PeerCertificate, Tls, TlsMetrics};
+use berth_protocol::ErrorCode;
+
+use crate::tls::{PeerCertificate, PeerChain, Tls, TlsMetrics};
 
 /// A client that has not sent its whole header by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,17 +32,30 @@ pub enum ServeError {
 /// the port can cause one).
 #[derive(Debug, Clone)]
 pub struct ServeTls {
-    pub config: Arc<ServerConfig>,
-    pub handshake_failures: Counter,
+    tls: Tls,
+    handshake_failures: Counter,
+    recheck: Option<ErrorCode>,
 }
 
 impl ServeTls {
     /// A daemon's listener with its `[tls]`.
     pub fn new(tls: &Tls, metrics: &TlsMetrics) -> Self {
         Self {
-            config: tls.server.clone(),
+            tls: tls.clone(),
             handshake_failures: metrics.handshake_failures.clone(),
+            recheck: None,
         }
+    }
+
+    /// After a reload, a request on a connection whose client certificate the new files
+    /// refuse (revoked, or from a CA that was dropped) is refused with `refusal`, the daemon's
+    /// code for refused credentials, and the connection is closed: its client must make a
+    /// new handshake, which the new files decide. The controller does this, so that a revoked
+    /// agent is cut off at its next heartbeat. The agent does not: its one client is the
+    /// controller, whose connections opened before a rotation would fail allocations.
+    pub fn recheck_clients(mut self, refusal: ErrorCode) -> Self {
+        self.recheck = Some(refusal);
+        self
     }
 }
 
@@ -62,7 +75,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    let acceptor = tls.map(|t| (TlsAcceptor::from(t.config), t.handshake_failures));
+    let acceptor = tls.map(|t| (TlsAcceptor::from(t.tls.server.clone()), t));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -76,7 +89,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let Some((acceptor, failures)) = &acceptor else {
+                let Some((acceptor, tls)) = &acceptor else {
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
                         TowerToHyperService::new(app.clone()),
@@ -92,7 +105,7 @@ pub async fn serve(
                 tokio::spawn(serve_tls(
                     stream,
                     acceptor.clone(),
-                    failures.clone(),
+                    tls.clone(),
                     builder.clone(),
                     app.clone(),
                     graceful.watcher(),
@@ -113,31 +126,39 @@ pub async fn serve(
 }
 
 /// One TLS connection: the handshake (within [`HEADER_READ_TIMEOUT`]), then HTTP with every
-/// request marked with whether the client showed a certificate the CA vouches for.
+/// request marked with whether the client showed a certificate the CA vouches for, and with
+/// that certificate, to be checked again after a reload ([`PeerChain`]).
 async fn serve_tls(
     stream: TcpStream,
     acceptor: TlsAcceptor,
-    failures: Counter,
+    tls: ServeTls,
     builder: hyper::server::conn::http1::Builder,
     app: Router,
     watcher: Watcher,
 ) {
     let peer = stream.peer_addr().ok();
+    let generation = tls.tls.generation();
     let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            failures.inc();
+            tls.handshake_failures.inc();
             tracing::debug!(error = %e, ?peer, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            failures.inc();
+            tls.handshake_failures.inc();
             tracing::debug!(?peer, "TLS handshake timed out");
             return;
         }
     };
-    let verified = stream.get_ref().1.peer_certificates().is_some();
-    let app = app.layer(Extension(PeerCertificate(verified)));
+    let chain = stream.get_ref().1.peer_certificates();
+    let app = app.layer(Extension(PeerCertificate(chain.is_some())));
+    let app = match (chain, tls.recheck) {
+        (Some(chain), Some(refusal)) => app.layer(Extension(PeerChain::new(
+            tls.tls, chain, generation, refusal,
+        ))),
+        _ => app,
+    };
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
     let _ = watcher.watch(conn).await;
 }

@@ -3,8 +3,10 @@
 //! must chain to. The controller and its agents thus authenticate each other both ways.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use berth_protocol::ErrorCode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -234,6 +236,7 @@ impl Tls {
             client_certs,
             current: RwLock::new(Arc::new(material)),
             sessions: RwLock::new(ServerSessionMemoryCache::new(SESSIONS)),
+            generation: AtomicU64::new(0),
         });
         let versions = &[&rustls::version::TLS13];
         let mut server = ServerConfig::builder_with_protocol_versions(versions)
@@ -258,6 +261,11 @@ impl Tls {
         })
     }
 
+    /// How many reloads have put new files in use.
+    pub(crate) fn generation(&self) -> u64 {
+        self.live.generation.load(Ordering::Acquire)
+    }
+
     /// What is in use now.
     pub fn loaded(&self) -> Loaded {
         self.live.current().loaded
@@ -265,8 +273,9 @@ impl Tls {
 
     /// Reads the files again, with the checks of [`Tls::load`], and puts them in use for every
     /// handshake from now on: as this side's certificate both ways, and as the CAs a peer's
-    /// certificate must chain to. On an error nothing changes. Connections already open keep
-    /// the certificates they were opened with; sessions opened before are not resumed.
+    /// certificate must chain to. On an error nothing changes. Sessions opened before are not
+    /// resumed. A connection already open keeps its certificates; on the listener its client's
+    /// certificate is checked again at its next request ([`PeerChain`]).
     pub fn reload(&self) -> Result<Loaded, TlsError> {
         let material = Material::load(&self.live.files, self.live.client_certs, now())?;
         let loaded = material.loaded;
@@ -282,7 +291,56 @@ impl Tls {
             .sessions
             .write()
             .unwrap_or_else(PoisonError::into_inner) = ServerSessionMemoryCache::new(SESSIONS);
+        self.live.generation.fetch_add(1, Ordering::Release);
         Ok(loaded)
+    }
+}
+
+/// The certificate chain a client showed when its connection to the listener was opened.
+/// Checked again on the connection's first request after each reload, so that a certificate
+/// the new files refuse (revoked, or from a CA that was dropped) is cut off on connections
+/// already open, as it is at new handshakes. Between reloads a request costs one atomic load.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerChain {
+    tls: Tls,
+    chain: Arc<[CertificateDer<'static>]>,
+    /// The reload generation the chain was last accepted under.
+    checked: Arc<AtomicU64>,
+    /// The listening daemon's code for refused credentials.
+    pub(crate) refusal: ErrorCode,
+}
+
+impl PeerChain {
+    /// `generation` is [`Tls`]'s before the handshake, so that a reload during it is checked.
+    pub(crate) fn new(
+        tls: Tls,
+        chain: &[CertificateDer<'static>],
+        generation: u64,
+        refusal: ErrorCode,
+    ) -> Self {
+        Self {
+            tls,
+            chain: chain.into(),
+            checked: Arc::new(AtomicU64::new(generation)),
+            refusal,
+        }
+    }
+
+    /// Whether the files in use still accept the chain; the error is webpki's reason.
+    pub(crate) fn still_accepted(&self) -> Result<(), rustls::Error> {
+        let now = self.tls.generation();
+        if self.checked.load(Ordering::Relaxed) == now {
+            return Ok(());
+        }
+        let (end_entity, intermediates) = self
+            .chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.tls
+            .live
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())?;
+        self.checked.store(now, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -486,6 +544,8 @@ struct Live {
     client_certs: ClientCerts,
     current: RwLock<Arc<Material>>,
     sessions: RwLock<Arc<ServerSessionMemoryCache>>,
+    /// Bumped by every reload that put new files in use.
+    generation: AtomicU64,
 }
 
 impl Live {
@@ -911,6 +971,46 @@ mod tests {
         let e = Tls::load(&with_list("ca2.pem"), ClientCerts::Required).expect_err("a CA");
         assert_eq!(e.key(), "tls.crl_file", "{e}");
         assert!(e.to_string().contains("BEGIN X509 CRL"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_checks_the_chains_of_open_connections_again() {
+        install_crypto_provider();
+        let files = tls_dir("recheck", "controller", "ca");
+        let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
+            .iter()
+            .flat_map(|p| std::fs::read(p).expect("a CA"))
+            .collect::<Vec<u8>>();
+        std::fs::write(&files.ca_file, bundle).expect("write");
+        let list = files.ca_file.with_file_name("crl.pem");
+        std::fs::copy(test_certificate("ca2-crl-empty.pem"), &list).expect("copy");
+        let files = TlsFiles {
+            crl_file: Some(list.clone()),
+            ..files
+        };
+        let daemon = Tls::load(&files, ClientCerts::Optional).expect("valid");
+        let open = |identity: &str| {
+            PeerChain::new(
+                daemon.clone(),
+                &[fixture(identity)],
+                daemon.generation(),
+                ErrorCode::InvalidCredentials,
+            )
+        };
+        let (revoked, kept) = (open("revoked"), open("agent2"));
+        revoked.still_accepted().expect("not listed yet");
+        // The list now names `revoked`; nothing is checked again before the reload.
+        std::fs::copy(test_certificate("ca2-crl.pem"), &list).expect("copy");
+        revoked.still_accepted().expect("no reload yet");
+        daemon.reload().expect("reload");
+        let e = revoked.still_accepted().expect_err("listed");
+        assert!(format!("{e:?}").contains("Revoked"), "{e:?}");
+        kept.still_accepted().expect("not listed");
+        // A failed reload changes nothing, so a chain accepted before stays accepted.
+        std::fs::write(&list, "not a list").expect("write");
+        daemon.reload().expect_err("a bad list");
+        kept.still_accepted().expect("still not listed");
+        revoked.still_accepted().expect_err("still listed");
     }
 
     #[test]

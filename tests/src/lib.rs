@@ -1781,6 +1781,11 @@ impl ControllerProcess {
         install_tls(&self.dir.join("tls"), identity, cas);
     }
 
+    /// [`ControllerProcess::replace_tls`] with the revocation lists `crl` (a fixture name).
+    pub fn replace_tls_with_crl(&self, identity: &str, cas: &[&str], crl: &str) {
+        install_tls_with_crl(&self.dir.join("tls"), identity, cas, Some(crl));
+    }
+
     /// SIGHUP, and the log line saying what came of it.
     pub async fn hangup(&self) -> String {
         self.daemon.hangup().await

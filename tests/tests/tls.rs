@@ -362,3 +362,47 @@ async fn an_agent_whose_certificate_is_revoked_is_refused_and_told_why() {
     let hosts = c.hosts().await;
     assert_eq!(hosts.len(), 1, "only the good host registered: {hosts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_by_a_reload_is_cut_off_on_connections_already_open() {
+    // The controller starts with the second CA's list empty, so the agent's certificate (the
+    // fixture `revoked`, from that CA) is accepted.
+    let config = ControllerConfig {
+        tls: Some("controller".to_owned()),
+        tls_cas: vec!["ca", "ca2"],
+        tls_crl: Some("ca2-crl-empty"),
+        ..ControllerConfig::new()
+    };
+    let c = ControllerProcess::spawn("tls-revoke-live", config).await;
+    let mut agent = AgentConfig::joined("revoke-live-host", &c);
+    agent.tls = Some("revoked".to_owned());
+    let a = AgentProcess::spawn("tls-revoke-live-agent", agent).await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    c.wait_online(7, 1).await;
+    // Heartbeats go on the agent's kept-alive connection, opened with that certificate.
+    // Then the list naming it is published and the controller reloads.
+    c.replace_tls_with_crl("controller", &["ca", "ca2"], "ca2-crl");
+    let reloaded = c.hangup().await;
+    assert!(reloaded.contains("reloaded the [tls] files"), "{reloaded}");
+    // The next heartbeat on that connection is refused, and so is the new handshake.
+    let refused = berth_e2e::wait_for("the refused heartbeat", TIMEOUT, async || {
+        a.log()
+            .lines()
+            .find(|l| l.contains("no longer accepts this host's credentials"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(
+        refused.contains("HTTP 403")
+            && refused.contains("Revoked")
+            && refused.contains("reloaded its [tls] files"),
+        "{refused}"
+    );
+    let why = registration_failure(&a).await;
+    assert!(why.contains("CertificateRevoked"), "{why}");
+    // Cut off from the controller, the host leaves the pool once its heartbeats expire.
+    c.wait_host(&a.config().host_name, "unreachable", |h| {
+        h["reachable"] == false
+    })
+    .await;
+}
