@@ -76,7 +76,14 @@ impl Api {
         all.extend_from_slice(headers);
         let token = self.token.as_ref().map(|(t, _)| t.as_str());
         self.http
-            .send_with(method, &url, token, &all, body, self.timeout)
+            .send_with(
+                method,
+                &url,
+                token,
+                &all,
+                body.map(Bytes::from),
+                self.timeout,
+            )
             .await
             .map(|(_, bytes)| bytes)
     }

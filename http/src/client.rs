@@ -109,7 +109,7 @@ impl JsonClient {
             reason: format!("request not serialisable: {e}"),
         })?;
         let (_, raw) = self
-            .send_bytes(Method::POST, url, token, correlation, Some(bytes), timeout)
+            .send(Method::POST, url, token, correlation, Some(bytes), timeout)
             .await?;
         decode(url, &raw)
     }
@@ -134,26 +134,6 @@ impl JsonClient {
         url: &str,
         token: Option<&str>,
         correlation: Option<&str>,
-        body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<(u16, Bytes), CallError> {
-        self.send_bytes(
-            method,
-            url,
-            token,
-            correlation,
-            body.map(Bytes::from),
-            timeout,
-        )
-        .await
-    }
-
-    async fn send_bytes(
-        &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        correlation: Option<&str>,
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
@@ -161,25 +141,12 @@ impl JsonClient {
             Some(c) => &[(crate::CORRELATION_HEADER, c)],
             None => &[],
         };
-        self.request(method, url, token, headers, body, timeout)
+        self.send_with(method, url, token, headers, body, timeout)
             .await
     }
 
     /// [`JsonClient::send`] with any extra headers (`Idempotency-Key`, `User-Agent`, …).
     pub async fn send_with(
-        &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        headers: &[(&str, &str)],
-        body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<(u16, Bytes), CallError> {
-        self.request(method, url, token, headers, body.map(Bytes::from), timeout)
-            .await
-    }
-
-    async fn request(
         &self,
         method: Method,
         url: &str,

@@ -811,6 +811,17 @@ mod tests {
         files
     }
 
+    /// The fixture `controller`, trusting both test CAs (`ca` and `ca2`).
+    fn trusting_both_cas(test: &str) -> TlsFiles {
+        let files = tls_dir(test, "controller", "ca");
+        let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
+            .iter()
+            .flat_map(|p| std::fs::read(p).expect("a CA"))
+            .collect::<Vec<u8>>();
+        std::fs::write(&files.ca_file, bundle).expect("write");
+        files
+    }
+
     fn install(files: &TlsFiles, identity: &str, ca: &str) {
         let copy = |from: String, to: &Path| {
             std::fs::copy(test_certificate(&from), to).expect("copy a fixture");
@@ -935,12 +946,7 @@ mod tests {
     #[test]
     fn listed_certificates_are_refused_both_ways() {
         install_crypto_provider();
-        let files = tls_dir("crl", "controller", "ca");
-        let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
-            .iter()
-            .flat_map(|p| std::fs::read(p).expect("a CA"))
-            .collect::<Vec<u8>>();
-        std::fs::write(&files.ca_file, bundle).expect("write");
+        let files = trusting_both_cas("crl");
         let with_list = |list: &str| TlsFiles {
             crl_file: Some(test_certificate(list)),
             ..files.clone()
@@ -976,12 +982,7 @@ mod tests {
     #[test]
     fn a_reload_checks_the_chains_of_open_connections_again() {
         install_crypto_provider();
-        let files = tls_dir("recheck", "controller", "ca");
-        let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
-            .iter()
-            .flat_map(|p| std::fs::read(p).expect("a CA"))
-            .collect::<Vec<u8>>();
-        std::fs::write(&files.ca_file, bundle).expect("write");
+        let files = trusting_both_cas("recheck");
         let list = files.ca_file.with_file_name("crl.pem");
         std::fs::copy(test_certificate("ca2-crl-empty.pem"), &list).expect("copy");
         let files = TlsFiles {

@@ -178,6 +178,24 @@ async fn an_agent_with_a_certificate_from_another_ca_is_told_why() {
 }
 
 /// The log line of `a`'s first failed registration with the controller.
+/// A controller that trusts the fixtures' second CA too, with `crl` as its revocation lists.
+async fn second_ca_controller(name: &str, crl: &'static str) -> ControllerProcess {
+    let config = ControllerConfig {
+        tls: Some("controller".to_owned()),
+        tls_cas: vec!["ca", "ca2"],
+        tls_crl: Some(crl),
+        ..ControllerConfig::new()
+    };
+    ControllerProcess::spawn(name, config).await
+}
+
+/// An agent of `c` on host `{name}-host` showing the fixture certificate `identity`.
+async fn agent_showing(c: &ControllerProcess, name: &str, identity: &str) -> AgentProcess {
+    let mut agent = AgentConfig::joined(&format!("{name}-host"), c);
+    agent.tls = Some(identity.to_owned());
+    AgentProcess::spawn(name, agent).await
+}
+
 async fn registration_failure(a: &AgentProcess) -> String {
     berth_e2e::wait_for("the agent's registration failure", TIMEOUT, async || {
         a.log()
@@ -332,20 +350,10 @@ async fn sighup_without_tls_changes_nothing() {
 async fn an_agent_whose_certificate_is_revoked_is_refused_and_told_why() {
     // The controller trusts a second CA, and has that CA's revocation list, which lists the
     // fixture `revoked`.
-    let config = ControllerConfig {
-        tls: Some("controller".to_owned()),
-        tls_cas: vec!["ca", "ca2"],
-        tls_crl: Some("ca2-crl"),
-        ..ControllerConfig::new()
-    };
-    let c = ControllerProcess::spawn("tls-revoked", config).await;
-    let mut agent = AgentConfig::joined("revoked-host", &c);
-    agent.tls = Some("revoked".to_owned());
-    let revoked = AgentProcess::spawn("tls-revoked-agent", agent).await;
+    let c = second_ca_controller("tls-revoked", "ca2-crl").await;
+    let revoked = agent_showing(&c, "tls-revoked-agent", "revoked").await;
     // Another certificate of the same CA, not listed: it registers and serves games.
-    let mut agent = AgentConfig::joined("listed-ca-host", &c);
-    agent.tls = Some("agent2".to_owned());
-    let good = AgentProcess::spawn("tls-revoked-good", agent).await;
+    let good = agent_showing(&c, "tls-revoked-good", "agent2").await;
     c.sample_fleet(7, 456, 1, 0, &[]).await;
     let online = c.wait_online(7, 1).await;
     assert_eq!(
@@ -367,16 +375,8 @@ async fn an_agent_whose_certificate_is_revoked_is_refused_and_told_why() {
 async fn a_certificate_revoked_by_a_reload_is_cut_off_on_connections_already_open() {
     // The controller starts with the second CA's list empty, so the agent's certificate (the
     // fixture `revoked`, from that CA) is accepted.
-    let config = ControllerConfig {
-        tls: Some("controller".to_owned()),
-        tls_cas: vec!["ca", "ca2"],
-        tls_crl: Some("ca2-crl-empty"),
-        ..ControllerConfig::new()
-    };
-    let c = ControllerProcess::spawn("tls-revoke-live", config).await;
-    let mut agent = AgentConfig::joined("revoke-live-host", &c);
-    agent.tls = Some("revoked".to_owned());
-    let a = AgentProcess::spawn("tls-revoke-live-agent", agent).await;
+    let c = second_ca_controller("tls-revoke-live", "ca2-crl-empty").await;
+    let a = agent_showing(&c, "tls-revoke-live-agent", "revoked").await;
     c.sample_fleet(7, 456, 1, 0, &[]).await;
     c.wait_online(7, 1).await;
     // Heartbeats go on the agent's kept-alive connection, opened with that certificate.
