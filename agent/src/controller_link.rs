@@ -173,6 +173,7 @@ async fn register(
     let url = format!("{}/v1/agent/register", identity.controller_url);
     let mut backoff = BACKOFF_START;
     let mut failures = 0u32;
+    let mut last_reason: Option<String> = None;
     let mut req = identity.register.clone();
     loop {
         req.instances = supervisor.list().await?;
@@ -200,10 +201,18 @@ async fn register(
             }
             Err(e) => {
                 failures += 1;
-                // First failure and then every ~30 s, so a long outage does not flood the log.
-                if failures == 1 || failures.is_multiple_of(10) {
-                    tracing::warn!(error = %e, attempt = failures, "cannot register with the controller; games keep running, retrying");
+                // The first failure, every new reason, and then every ~30 s, so a long outage
+                // does not flood the log. A new reason matters: under TLS 1.3 a refused
+                // certificate can show first as a connection closed before the request went
+                // out, and the server's alert, which says why, only at the next attempt.
+                let reason = e.to_string();
+                if failures == 1
+                    || failures.is_multiple_of(10)
+                    || last_reason.as_deref() != Some(reason.as_str())
+                {
+                    tracing::warn!(error = %reason, attempt = failures, "cannot register with the controller; games keep running, retrying");
                 }
+                last_reason = Some(reason);
             }
         }
         let deadline = Instant::now() + backoff;
