@@ -41,6 +41,27 @@ pub struct Identity {
     pub tls: Option<std::sync::Arc<berth_http::tls::TlsClientConfig>>,
 }
 
+/// Failed calls in a row, and what the last one said.
+#[derive(Debug, Default)]
+struct Failures {
+    count: u32,
+    last: Option<String>,
+}
+
+impl Failures {
+    /// Counts `e`, and gives its text when it is worth a log line: the first failure, every
+    /// new reason, and every `every`-th, so a long outage does not flood the log. A new reason
+    /// matters: under TLS 1.3 a refused certificate can show first as a connection closed
+    /// before the request went out, and the server's alert, which says why, only next time.
+    fn worth_logging(&mut self, e: &CallError, every: u32) -> Option<String> {
+        self.count += 1;
+        let reason = e.to_string();
+        let new = self.last.as_deref() != Some(reason.as_str());
+        self.last = Some(reason.clone());
+        (new || self.count.is_multiple_of(every)).then_some(reason)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     instances: HashMap<String, InstanceView>,
@@ -172,8 +193,7 @@ async fn register(
 ) -> Option<RegisterResponse> {
     let url = format!("{}/v1/agent/register", identity.controller_url);
     let mut backoff = BACKOFF_START;
-    let mut failures = 0u32;
-    let mut last_reason: Option<String> = None;
+    let mut failures = Failures::default();
     let mut req = identity.register.clone();
     loop {
         req.instances = supervisor.list().await?;
@@ -200,19 +220,10 @@ async fn register(
                 return Some(reg);
             }
             Err(e) => {
-                failures += 1;
-                // The first failure, every new reason, and then every ~30 s, so a long outage
-                // does not flood the log. A new reason matters: under TLS 1.3 a refused
-                // certificate can show first as a connection closed before the request went
-                // out, and the server's alert, which says why, only at the next attempt.
-                let reason = e.to_string();
-                if failures == 1
-                    || failures.is_multiple_of(10)
-                    || last_reason.as_deref() != Some(reason.as_str())
-                {
-                    tracing::warn!(error = %reason, attempt = failures, "cannot register with the controller; games keep running, retrying");
+                // Every 10th attempt is ~30 s apart with the backoff.
+                if let Some(reason) = failures.worth_logging(&e, 10) {
+                    tracing::warn!(error = %reason, attempt = failures.count, "cannot register with the controller; games keep running, retrying");
                 }
-                last_reason = Some(reason);
             }
         }
         let deadline = Instant::now() + backoff;
@@ -246,7 +257,7 @@ async fn connected(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut max_version = 0u64;
-    let mut hb_failures = 0u32;
+    let mut hb_failures = Failures::default();
     let mut retry_at: Option<Instant> = None;
     let mut linger_until: Option<Instant> = None;
     loop {
@@ -286,10 +297,10 @@ async fn connected(
                 match r {
                     Ok(resp) => {
                         metrics.heartbeats_ok.inc();
-                        if hb_failures > 0 {
-                            tracing::info!(failed = hb_failures, "controller reachable again");
+                        if hb_failures.count > 0 {
+                            tracing::info!(failed = hb_failures.count, "controller reachable again");
                         }
-                        hb_failures = 0;
+                        hb_failures = Failures::default();
                         if resp.reregister {
                             tracing::info!("controller asked for a full registration");
                             return Next::Reregister;
@@ -301,9 +312,8 @@ async fn connected(
                     }
                     Err(e) => {
                         metrics.heartbeats_failed.inc();
-                        hb_failures += 1;
-                        if hb_failures == 1 || hb_failures.is_multiple_of(30) {
-                            tracing::warn!(error = %e, failed = hb_failures, "heartbeat failed; games keep running");
+                        if let Some(reason) = hb_failures.worth_logging(&e, 30) {
+                            tracing::warn!(error = %reason, failed = hb_failures.count, "heartbeat failed; games keep running");
                         }
                     }
                 }

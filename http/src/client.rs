@@ -155,6 +155,45 @@ impl JsonClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
+        let (mut status, mut bytes, closed) = self
+            .send_once(method.clone(), url, token, headers, body.clone(), timeout)
+            .await?;
+        // A daemon refuses a request on a connection whose certificate it no longer accepts
+        // since it reloaded its [tls] files, before anything runs, and closes the connection:
+        // the one 403 that comes with a close. The request goes again on a new connection,
+        // whose handshake shows the certificate this side uses now and is decided by the
+        // peer's new files, so a rotation fails no call and a revoked certificate fails at
+        // the handshake, with its reason.
+        if status == 403 && closed {
+            (status, bytes, _) = self
+                .send_once(method, url, token, headers, body, timeout)
+                .await?;
+        }
+        if !(200..300).contains(&status) {
+            return Err(CallError::Status {
+                url: url.to_owned(),
+                status,
+                body: serde_json::from_slice::<ErrorBody>(&bytes)
+                    .ok()
+                    .map(Box::new),
+                // Whole (error bodies are small; 64 KiB bounds a misbehaving peer): a CLI
+                // prints it as the peer's answer.
+                text: String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)]).into_owned(),
+            });
+        }
+        Ok((status, bytes))
+    }
+
+    /// One exchange: the status, the body, and whether the peer closes the connection.
+    async fn send_once(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes, bool), CallError> {
         // Each part is checked on its own so that the error names the part to fix: only a bad
         // URL is reported as one.
         let uri = Uri::try_from(url).map_err(|_| CallError::InvalidUrl(url.to_owned()))?;
@@ -199,6 +238,10 @@ impl JsonClient {
                 reason: error_chain(&e),
             })?;
             let status = resp.status().as_u16();
+            let closed = resp
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
             let bytes = resp
                 .into_body()
                 .collect()
@@ -208,28 +251,14 @@ impl JsonClient {
                     reason: format!("answer cut off: {e}"),
                 })?
                 .to_bytes();
-            Ok::<_, CallError>((status, bytes))
+            Ok::<_, CallError>((status, bytes, closed))
         };
-        let (status, bytes) =
-            tokio::time::timeout(timeout, call)
-                .await
-                .map_err(|_| CallError::TimedOut {
-                    url: url.to_owned(),
-                    ms: timeout.as_millis(),
-                })??;
-        if !(200..300).contains(&status) {
-            return Err(CallError::Status {
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| CallError::TimedOut {
                 url: url.to_owned(),
-                status,
-                body: serde_json::from_slice::<ErrorBody>(&bytes)
-                    .ok()
-                    .map(Box::new),
-                // Whole (error bodies are small; 64 KiB bounds a misbehaving peer): a CLI
-                // prints it as the peer's answer.
-                text: String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)]).into_owned(),
-            });
-        }
-        Ok((status, bytes))
+                ms: timeout.as_millis(),
+            })?
     }
 }
 

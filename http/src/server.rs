@@ -50,9 +50,9 @@ impl ServeTls {
     /// After a reload, a request on a connection whose client certificate the new files
     /// refuse (revoked, or from a CA that was dropped) is refused with `refusal`, the daemon's
     /// code for refused credentials, and the connection is closed: its client must make a
-    /// new handshake, which the new files decide. The controller does this, so that a revoked
-    /// agent is cut off at its next heartbeat. The agent does not: its one client is the
-    /// controller, whose connections opened before a rotation would fail allocations.
+    /// new handshake, which the new files decide. So a revoked peer is cut off at its next
+    /// request. [`crate::JsonClient`] sends such a refused request again, once, on a new
+    /// connection: in a rotation, that one shows the certificate the client uses now.
     pub fn recheck_clients(mut self, refusal: ErrorCode) -> Self {
         self.recheck = Some(refusal);
         self

@@ -191,11 +191,18 @@ async fn agent_showing(c: &ControllerProcess, name: &str, identity: &str) -> Age
 /// The agent's logged registration failure that names `reason`. The first may not: see
 /// [`refused_for`].
 async fn registration_failure(a: &AgentProcess, reason: &str) -> String {
-    berth_e2e::wait_for("the agent's registration failure", TIMEOUT, async || {
-        a.log()
-            .lines()
-            .find(|l| l.contains("cannot register with the controller") && l.contains(reason))
-            .map(str::to_owned)
+    line_of(
+        "the agent's registration failure",
+        || a.log(),
+        |l| l.contains("cannot register with the controller") && l.contains(reason),
+    )
+    .await
+}
+
+/// The first line of a daemon's log (`log`) that `pred` accepts, once there is one.
+async fn line_of(what: &str, log: impl Fn() -> String, pred: impl Fn(&str) -> bool) -> String {
+    berth_e2e::wait_for(what, TIMEOUT, async || {
+        log().lines().find(|l| pred(l)).map(str::to_owned)
     })
     .await
 }
@@ -218,6 +225,18 @@ async fn refused_for(http: &Http, url: &str, reason: &str) {
         seen.push(e);
     }
     panic!("{url}: refused, but never with {reason}: {seen:?}");
+}
+
+/// One allocation on fleet 7, released again.
+async fn allocate_and_release(c: &ControllerProcess) {
+    let answer = c.allocate(7, &json!({}), &[]).await.expect(200).json;
+    c.matchmaker(
+        Method::POST,
+        &format!("/v1/instances/{}/deallocate", id_of(&answer)),
+        Some(&json!({})),
+    )
+    .await
+    .expect(200);
 }
 
 /// Whether a handshake with `url`'s daemon got as far as an HTTP answer: `Err` carries the
@@ -266,6 +285,9 @@ async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
         .await;
     // Past the handshake: now only the (missing) token is wrong.
     r.assert_error(401, "MISSING_CREDENTIALS", None);
+    // An allocation opens the controller's kept-alive link to the agent, with its
+    // certificate from the old CA.
+    allocate_and_release(&c).await;
 
     // A bad file is refused and changes nothing: the agent keeps serving with what it had.
     std::fs::write(a.dir().join("tls/key.pem"), "not a key").expect("write");
@@ -305,14 +327,7 @@ async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
     assert_eq!(reaches(&trusts_new, &agent_healthz).await, Ok(200));
     assert_eq!(reaches(&trusts_new, &controller_healthz).await, Ok(200));
     // Allocation still works across the kept-alive links.
-    let answer = c.allocate(7, &json!({}), &[]).await.expect(200).json;
-    c.matchmaker(
-        Method::POST,
-        &format!("/v1/instances/{}/deallocate", id_of(&answer)),
-        Some(&json!({})),
-    )
-    .await
-    .expect(200);
+    allocate_and_release(&c).await;
 
     // 3. The old CA is dropped: its certificates are refused from then on.
     a.replace_tls("rogue", &["rogue-ca"]);
@@ -324,6 +339,16 @@ async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
     reaches(&shows_old, &heartbeat)
         .await
         .expect_err("the old CA is gone from the controller too");
+    // The controller's kept-alive link to the agent was opened with a certificate from the
+    // old CA: the agent refuses the next call on it and closes it, and the controller sends
+    // the call again on a new connection, showing its new certificate. No call fails.
+    let mark = a.log().len();
+    allocate_and_release(&c).await;
+    let since = &a.log()[mark..];
+    assert!(
+        since.contains("AGENT_UNAUTHENTICATED") && since.contains("reloaded its [tls] files"),
+        "the agent did not refuse the link opened with the old certificate:\n{since}"
+    );
 
     // The agent was never restarted: its client side must now show the new certificate. A
     // controller restarted on the new files (trusting only the new CA) hears from it again
@@ -395,22 +420,27 @@ async fn a_certificate_revoked_by_a_reload_is_cut_off_on_connections_already_ope
     c.replace_tls_with_crl("controller", &["ca", "ca2"], "ca2-crl");
     let reloaded = c.hangup().await;
     assert!(reloaded.contains("reloaded the [tls] files"), "{reloaded}");
-    // The next heartbeat on that connection is refused, and so is the new handshake.
-    let refused = berth_e2e::wait_for("the refused heartbeat", TIMEOUT, async || {
-        a.log()
-            .lines()
-            .find(|l| l.contains("no longer accepts this host's credentials"))
-            .map(str::to_owned)
-    })
+    // The next heartbeat on that connection is refused and the connection closed; the
+    // heartbeat sent again on a new connection is refused at the handshake, which says why.
+    let refused = line_of(
+        "the refused heartbeat",
+        || c.log(),
+        |l| l.contains("request refused") && l.contains("/v1/agent/heartbeat"),
+    )
     .await;
     assert!(
-        refused.contains("HTTP 403")
+        refused.contains("INVALID_CREDENTIALS")
             && refused.contains("Revoked")
             && refused.contains("reloaded its [tls] files"),
         "{refused}"
     );
-    let why = registration_failure(&a, "CertificateRevoked").await;
-    assert!(why.contains("CertificateRevoked"), "{why}");
+    let why = line_of(
+        "the agent's failed heartbeat",
+        || a.log(),
+        |l| l.contains("heartbeat failed") && l.contains("CertificateRevoked"),
+    )
+    .await;
+    assert!(why.contains("tls.crl_file"), "{why}");
     // Cut off from the controller, the host leaves the pool once its heartbeats expire.
     c.wait_host(&a.config().host_name, "unreachable", |h| {
         h["reachable"] == false
