@@ -155,16 +155,16 @@ impl JsonClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
-        let (mut status, mut bytes, closed) = self
+        let (mut status, mut bytes, reconnect) = self
             .send_once(method.clone(), url, token, headers, body.clone(), timeout)
             .await?;
         // A daemon refuses a request on a connection whose certificate it no longer accepts
-        // since it reloaded its [tls] files, before anything runs, and closes the connection:
-        // the one 403 that comes with a close. The request goes again on a new connection,
-        // whose handshake shows the certificate this side uses now and is decided by the
-        // peer's new files, so a rotation fails no call and a revoked certificate fails at
-        // the handshake, with its reason.
-        if status == 403 && closed {
+        // since it reloaded its [tls] files before anything runs, closes the connection and
+        // says so (`RECONNECT_HEADER`). The request goes again on a new connection, whose
+        // handshake shows the certificate this side uses now and is decided by the peer's new
+        // files, so a rotation fails no call and a revoked certificate fails at the
+        // handshake, with its reason.
+        if reconnect {
             (status, bytes, _) = self
                 .send_once(method, url, token, headers, body, timeout)
                 .await?;
@@ -184,7 +184,8 @@ impl JsonClient {
         Ok((status, bytes))
     }
 
-    /// One exchange: the status, the body, and whether the peer closes the connection.
+    /// One exchange: the status, the body, and whether the peer asks for the request again
+    /// on a new connection.
     async fn send_once(
         &self,
         method: Method,
@@ -238,10 +239,7 @@ impl JsonClient {
                 reason: error_chain(&e),
             })?;
             let status = resp.status().as_u16();
-            let closed = resp
-                .headers()
-                .get(header::CONNECTION)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            let reconnect = resp.headers().contains_key(crate::RECONNECT_HEADER);
             let bytes = resp
                 .into_body()
                 .collect()
@@ -251,7 +249,7 @@ impl JsonClient {
                     reason: format!("answer cut off: {e}"),
                 })?
                 .to_bytes();
-            Ok::<_, CallError>((status, bytes, closed))
+            Ok::<_, CallError>((status, bytes, reconnect))
         };
         tokio::time::timeout(timeout, call)
             .await
@@ -347,6 +345,65 @@ mod tests {
                 .is_some_and(|h| h.contains("this side's tls.crl_file"))
         );
         assert_eq!(tls_hint("Connection refused (os error 111)"), None);
+    }
+
+    /// A server that answers each of `answers` on a connection of its own, then closes it;
+    /// the handle gives the requests it read.
+    async fn one_answer_per_connection(
+        answers: Vec<&'static str>,
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/v1/x", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for answer in answers {
+                let (mut conn, _) = listener.accept().await.expect("accept");
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.expect("read");
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                conn.write_all(answer.as_bytes()).await.expect("write");
+            }
+            seen
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_asks_for_a_new_connection_is_sent_again_once() {
+        const ASKS: &str = "HTTP/1.1 403 Forbidden\r\nconnection: close\r\n\
+            x-berth-reconnect: 1\r\ncontent-length: 2\r\n\r\n{}";
+        const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        let c = JsonClient::new();
+        let t = Duration::from_secs(5);
+        let (url, server) = one_answer_per_connection(vec![ASKS, OK]).await;
+        let body = Some(Bytes::from_static(b"{\"n\":1}"));
+        let (status, _) = c
+            .send(Method::POST, &url, None, None, body.clone(), t)
+            .await
+            .expect("answered on the second connection");
+        assert_eq!(status, 200);
+        let seen = server.await.expect("server");
+        assert!(seen.iter().all(|r| r.ends_with("{\"n\":1}")), "{seen:?}");
+        // Asked twice in a row: the second refusal is the answer.
+        let (url, server) = one_answer_per_connection(vec![ASKS, ASKS]).await;
+        let e = c
+            .send(Method::POST, &url, None, None, body.clone(), t)
+            .await
+            .expect_err("refused twice");
+        assert!(matches!(e, CallError::Status { status: 403, .. }), "{e}");
+        server.await.expect("server");
+        // A 403 that only closes the connection, as any server may send, is not sent again.
+        let closes = "HTTP/1.1 403 Forbidden\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+        let (url, server) = one_answer_per_connection(vec![closes]).await;
+        let e = c
+            .send(Method::POST, &url, None, None, body, t)
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, CallError::Status { status: 403, .. }), "{e}");
+        assert_eq!(server.await.expect("server").len(), 1);
     }
 
     #[tokio::test]

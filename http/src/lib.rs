@@ -24,6 +24,10 @@ use tracing::Instrument;
 /// Largest request body either daemon accepts.
 pub const BODY_LIMIT: usize = 1 << 20;
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
+/// On a refusal made before any handler ran (a connection's certificate refused after a
+/// reload): the same request may be sent again, on a new connection. A 403 that closes the
+/// connection is not enough to tell, since any server or proxy may send one.
+pub const RECONNECT_HEADER: &str = "x-berth-reconnect";
 
 /// The correlation id of the request being handled (from `X-Correlation-Id` or made up).
 #[derive(Debug, Clone)]
@@ -196,8 +200,9 @@ async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Resp
         resp.headers_mut().insert(CORRELATION_HEADER, v);
     }
     if close {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let headers = resp.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(RECONNECT_HEADER, HeaderValue::from_static("1"));
     }
     resp
 }
