@@ -164,6 +164,23 @@ impl std::iter::Sum for CpuTime {
     }
 }
 
+/// How this machine's idle CPUs wait: the cpuidle driver, and with `haltpoll` (a VM guest)
+/// how long a vCPU polls before it halts. A halted vCPU costs a VM exit to wake, which shows in
+/// unloaded latency (see BENCHMARKS.md), so the figures say which kind of machine made them.
+/// `null` where the machine does not say.
+pub fn cpu_idle() -> Value {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_owned())
+    };
+    serde_json::json!({
+        "driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "haltPollNs": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+            .and_then(|t| t.parse::<u64>().ok()),
+    })
+}
+
 /// The whole machine's CPU counters (all cores, in clock ticks), from the first line of
 /// /proc/stat: what every process and the kernel used, and what the hypervisor took.
 #[derive(Debug, Clone, Copy, Default)]

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::client::Client;
 use crate::cluster::{
     ADMIN, Cluster, Confined, CpuTime, Daemon, MATCHMAKER, MachineTime, Placement, bin_dir,
-    free_port, pids_of, rss_bytes,
+    cpu_idle, free_port, pids_of, rss_bytes,
 };
 
 #[derive(Debug, Parser)]
@@ -316,6 +316,7 @@ fn ranges(runs: &[Value]) -> Value {
         // Every run of one invocation has the same setup: the line says what was measured.
         "placement": runs.first().map(|r| r["placement"].clone()),
         "tls": runs.first().map(|r| r["tls"].clone()),
+        "cpuIdle": runs.first().map(|r| r["cpuIdle"].clone()),
         "durable": runs.iter().all(|r| r["durable"] == true),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
         "ranges": figures,
@@ -749,6 +750,7 @@ async fn allocate(
         })),
         "plainHopRequestsPerCoreSecond": ceiling.per_core_second.round(),
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpuIdle": cpu_idle(),
     }))
 }
 
@@ -1085,6 +1087,7 @@ mod tests {
             "cpuMsPerAllocation": {"controller": 0.1, "agents": 0.05, "games": 0.04, "loadGenerator": 0.02},
             "placement": "split",
             "tls": true,
+            "cpuIdle": {"driver": "haltpoll", "haltPollNs": 0},
         })
     }
 
@@ -1097,8 +1100,12 @@ mod tests {
         ];
         let r = ranges(&runs);
         assert_eq!(
-            (&r["placement"], &r["tls"]),
-            (&json!("split"), &json!(true))
+            (&r["placement"], &r["tls"], &r["cpuIdle"]),
+            (
+                &json!("split"),
+                &json!(true),
+                &json!({"driver": "haltpoll", "haltPollNs": 0})
+            )
         );
         assert_eq!(
             r["ranges"]["allocationsPerSecond"],
