@@ -196,8 +196,11 @@ pub async fn run(
         ))
     };
     let tls = config.tls.as_ref().map(|t| {
-        berth_http::ServeTls::new(t, &tls_metrics)
-            .recheck_clients(berth_protocol::ErrorCode::AgentUnauthenticated)
+        berth_http::ServeTls::new(
+            t,
+            &tls_metrics,
+            berth_protocol::ErrorCode::AgentUnauthenticated,
+        )
     });
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");

@@ -130,8 +130,11 @@ pub async fn run(
     tracing::info!(listen = %local, "controller ready");
     on_ready(local);
     let tls = config.tls.as_ref().map(|t| {
-        berth_http::ServeTls::new(t, &tls_metrics)
-            .recheck_clients(berth_protocol::ErrorCode::InvalidCredentials)
+        berth_http::ServeTls::new(
+            t,
+            &tls_metrics,
+            berth_protocol::ErrorCode::InvalidCredentials,
+        )
     });
     if let Err(e) = berth_http::serve(listener, app, shutdown, DRAIN, tls).await {
         tracing::warn!(error = %e, "shutdown");

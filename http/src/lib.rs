@@ -145,27 +145,15 @@ async fn handle(mut req: Request, next: Next, sink: Option<FailureSink>) -> Resp
     let method = req.method().clone();
     req.extensions_mut().insert(CorrelationId(id.clone()));
     let span = tracing::info_span!("request", identifier = %id, %method, %path);
-    let mut close = false;
-    let mut resp = match req
+    // Refused before any handler runs, so the client may send the request again.
+    let refused = req
         .extensions()
         .get::<tls::PeerChain>()
-        .map(|p| (p.still_accepted(), p.refusal))
-    {
-        Some((Err(e), code)) => {
-            close = true;
-            Failure::new(
-                code,
-                "Certificate refused.",
-                format!(
-                    "the client certificate this connection was opened with is refused since \
-                     this daemon reloaded its [tls] files ({e}); the connection is closed, and \
-                     a new one needs a certificate its tls.ca_file vouches for and its \
-                     tls.crl_file does not list"
-                ),
-            )
-            .into_response()
-        }
-        _ => next.run(req).instrument(span.clone()).await,
+        .and_then(tls::PeerChain::refusal);
+    let close = refused.is_some();
+    let mut resp = match refused {
+        Some(failure) => failure.into_response(),
+        None => next.run(req).instrument(span.clone()).await,
     };
     if let Some(failure) = resp.extensions_mut().remove::<Failure>() {
         let body = failure.body(&id, &path);

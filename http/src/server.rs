@@ -34,28 +34,23 @@ pub enum ServeError {
 pub struct ServeTls {
     tls: Tls,
     handshake_failures: Counter,
-    recheck: Option<ErrorCode>,
+    refusal: ErrorCode,
 }
 
 impl ServeTls {
-    /// A daemon's listener with its `[tls]`.
-    pub fn new(tls: &Tls, metrics: &TlsMetrics) -> Self {
+    /// A daemon's listener with its `[tls]`. After a reload, a request on a connection whose
+    /// client certificate the new files refuse (revoked, or from a CA that was dropped) is
+    /// refused with `refusal`, the daemon's code for refused credentials, and the connection
+    /// is closed: its client must make a new handshake, which the new files decide. So a
+    /// revoked peer is cut off at its next request. [`crate::JsonClient`] sends such a refused
+    /// request again, once, on a new connection: in a rotation, that one shows the
+    /// certificate the client uses now.
+    pub fn new(tls: &Tls, metrics: &TlsMetrics, refusal: ErrorCode) -> Self {
         Self {
             tls: tls.clone(),
             handshake_failures: metrics.handshake_failures.clone(),
-            recheck: None,
+            refusal,
         }
-    }
-
-    /// After a reload, a request on a connection whose client certificate the new files
-    /// refuse (revoked, or from a CA that was dropped) is refused with `refusal`, the daemon's
-    /// code for refused credentials, and the connection is closed: its client must make a
-    /// new handshake, which the new files decide. So a revoked peer is cut off at its next
-    /// request. [`crate::JsonClient`] sends such a refused request again, once, on a new
-    /// connection: in a rotation, that one shows the certificate the client uses now.
-    pub fn recheck_clients(mut self, refusal: ErrorCode) -> Self {
-        self.recheck = Some(refusal);
-        self
     }
 }
 
@@ -151,13 +146,17 @@ async fn serve_tls(
             return;
         }
     };
-    let chain = stream.get_ref().1.peer_certificates();
-    let app = app.layer(Extension(PeerCertificate(chain.is_some())));
-    let app = match (chain, tls.recheck) {
-        (Some(chain), Some(refusal)) => app.layer(Extension(PeerChain::new(
-            tls.tls, chain, generation, refusal,
-        ))),
-        _ => app,
+    let app = match stream.get_ref().1.peer_certificates() {
+        Some(chain) => {
+            app.layer(Extension(PeerCertificate(true)))
+                .layer(Extension(PeerChain::new(
+                    tls.tls,
+                    chain,
+                    generation,
+                    tls.refusal,
+                )))
+        }
+        None => app.layer(Extension(PeerCertificate(false))),
     };
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
     let _ = watcher.watch(conn).await;

@@ -307,7 +307,7 @@ pub(crate) struct PeerChain {
     /// The reload generation the chain was last accepted under.
     checked: Arc<AtomicU64>,
     /// The listening daemon's code for refused credentials.
-    pub(crate) refusal: ErrorCode,
+    refusal: ErrorCode,
 }
 
 impl PeerChain {
@@ -326,8 +326,23 @@ impl PeerChain {
         }
     }
 
+    /// The refusal to answer when the files in use no longer accept the chain.
+    pub(crate) fn refusal(&self) -> Option<crate::Failure> {
+        let e = self.still_accepted().err()?;
+        Some(crate::Failure::new(
+            self.refusal,
+            "Certificate refused.",
+            format!(
+                "the client certificate this connection was opened with is refused since this \
+                 daemon reloaded its [tls] files ({e}); the connection is closed, and a new one \
+                 needs a certificate that this daemon's tls.ca_file vouches for and its \
+                 tls.crl_file does not list"
+            ),
+        ))
+    }
+
     /// Whether the files in use still accept the chain; the error is webpki's reason.
-    pub(crate) fn still_accepted(&self) -> Result<(), rustls::Error> {
+    fn still_accepted(&self) -> Result<(), rustls::Error> {
         let now = self.tls.generation();
         if self.checked.load(Ordering::Relaxed) == now {
             return Ok(());
@@ -1006,6 +1021,10 @@ mod tests {
         daemon.reload().expect("reload");
         let e = revoked.still_accepted().expect_err("listed");
         assert!(format!("{e:?}").contains("Revoked"), "{e:?}");
+        let refusal = revoked.refusal().expect("a refusal");
+        assert_eq!(refusal.code, ErrorCode::InvalidCredentials);
+        assert!(refusal.details.contains("Revoked"), "{}", refusal.details);
+        assert!(kept.refusal().is_none());
         kept.still_accepted().expect("not listed");
         // A failed reload changes nothing, so a chain accepted before stays accepted.
         std::fs::write(&list, "not a list").expect("write");
