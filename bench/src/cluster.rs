@@ -588,27 +588,40 @@ token = "{ADMIN}"
     }
 
     /// Creates application 1, its profile and a fleet of `per_host` instances per host.
-    pub async fn create_fleet(&self, per_host: u32) -> Result<()> {
+    /// Creates application `app` with a profile and a fleet of `per_host` sample games on
+    /// every host; with `match_seconds`, the games end each match after that long.
+    pub async fn create_fleet(
+        &self,
+        app: u32,
+        per_host: u32,
+        match_seconds: Option<f64>,
+    ) -> Result<()> {
         let url = self.controller_url();
         let game = self.sample_game();
+        let mut args = vec![
+            "--port={port}".to_string(),
+            "--management-port={managementPort}".to_string(),
+            "--instance-id={instanceId}".to_string(),
+        ];
+        args.extend(match_seconds.map(|s| format!("--match-seconds={s}")));
+        let name = format!("bench-{app}");
         let bodies = [
             (
                 "/v1/applications",
-                serde_json::json!({"id": 1, "name": "bench", "managementProtocol": "arcus"}),
+                serde_json::json!({"id": app, "name": name, "managementProtocol": "arcus"}),
             ),
             (
                 "/v1/profiles",
                 serde_json::json!({
-                    "id": "bench-1", "applicationId": 1, "build": "bench",
-                    "executable": game.display().to_string(),
-                    "args": ["--port={port}", "--management-port={managementPort}", "--instance-id={instanceId}"],
+                    "id": name, "applicationId": app, "build": "bench",
+                    "executable": game.display().to_string(), "args": args,
                 }),
             ),
             (
                 "/v1/fleets",
                 serde_json::json!({
-                    "id": 1, "name": "bench", "applicationId": 1, "deploymentEnvironment": "production",
-                    "profileId": "bench-1", "regions": ["bench"], "instancesPerHost": per_host,
+                    "id": app, "name": name, "applicationId": app, "deploymentEnvironment": "production",
+                    "profileId": name, "regions": ["bench"], "instancesPerHost": per_host,
                 }),
             ),
         ];

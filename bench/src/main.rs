@@ -1,7 +1,8 @@
 //! `berth-bench`: measures Berth end to end with real processes on loopback.
 //!
 //! * `allocate` — allocate/release cycles from many concurrent matchmakers against a durable
-//!   controller, agents and sample games (peak, closed loop); then latency at half that rate
+//!   controller, agents and sample games (peak, closed loop), or with `--match-seconds` only
+//!   allocations, whose games end their matches themselves; then latency at half that rate
 //!   (open loop) and unloaded (one matchmaker); a crash check that every held allocation
 //!   survives a SIGKILL; and the same load through a do-nothing two-hop HTTP chain (the ceiling).
 //! * `spawn` — time for 100 and 1 000 games to be online on one host, and the agent's RSS.
@@ -71,6 +72,14 @@ enum Cmd {
         /// source tree): matchmakers, the controller and the agents all talk over TLS 1.3.
         #[arg(long)]
         tls: bool,
+        /// Matches end in the game, as most games end theirs: each sample game reports 4 over
+        /// Arcus this many seconds after its allocation (decimals allowed), and matchmakers
+        /// only allocate. Without it, each matchmaker releases its allocation at once (an
+        /// allocate/release cycle, two requests per allocation). Give it instances to spare:
+        /// each is busy for its match plus the allocation and the release's report (≈ 20–40 ms
+        /// at peak here), and a refusal for an empty pool counts as an error.
+        #[arg(long, value_parser = parse_match_seconds)]
+        match_seconds: Option<f64>,
         /// Runs, each on a new cluster. With more than one, a last line gives each figure's
         /// range over them: this machine's speed varies from run to run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -139,6 +148,7 @@ fn main() -> Result<()> {
                 controller_threads,
                 placement,
                 tls,
+                match_seconds,
                 runs,
                 json,
             } => {
@@ -151,6 +161,7 @@ fn main() -> Result<()> {
                         PlacementArg::Split => Some(Placement::split()?),
                     },
                     tls,
+                    match_seconds,
                 };
                 let mut results = Vec::new();
                 for _ in 0..runs {
@@ -316,6 +327,8 @@ fn ranges(runs: &[Value]) -> Value {
         // Every run of one invocation has the same setup: the line says what was measured.
         "placement": runs.first().map(|r| r["placement"].clone()),
         "tls": runs.first().map(|r| r["tls"].clone()),
+        "releasedBy": runs.first().map(|r| r["releasedBy"].clone()),
+        "matchSeconds": runs.first().map(|r| r["matchSeconds"].clone()),
         "cpuIdle": runs.first().map(|r| r["cpuIdle"].clone()),
         "durable": runs.iter().all(|r| r["durable"] == true),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
@@ -369,6 +382,11 @@ impl Stats {
         f64::from(self.micros[i]) / 1000.0
     }
 }
+
+/// The application the load allocates from.
+const BENCH_APP: u32 = 1;
+/// With `--match-seconds`, the application of the crash check's held allocations.
+const HOLD_APP: u32 = 2;
 
 /// One worker's operation: returns the latency to record, or why it failed.
 type Op = Arc<
@@ -478,6 +496,17 @@ struct Setup {
     agent_threads: Option<usize>,
     placement: Option<Placement>,
     tls: bool,
+    /// Games end their own matches after this many seconds; None: matchmakers release.
+    match_seconds: Option<f64>,
+}
+
+fn parse_match_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 3600.0 => Ok(s),
+        _ => Err(format!(
+            "'{text}' is not a match length in seconds between 0 and 3600 (for example 0.01)"
+        )),
+    }
 }
 
 async fn allocate(
@@ -493,6 +522,7 @@ async fn allocate(
         agent_threads,
         placement,
         tls,
+        match_seconds,
     } = setup;
     let instances = agents * per_agent as usize;
     if instances < concurrency {
@@ -506,14 +536,35 @@ async fn allocate(
     cluster.placement = placement;
     cluster.tls = tls;
     cluster.agent_slots = agents;
-    cluster.check_ports_for(per_agent as usize)?;
+    // Games that end their own matches cannot hold an allocation across the crash check, so
+    // that check allocates from a fleet of games that stay allocated until released, idle
+    // while the load runs.
+    let hold = concurrency.min(instances / 2).max(1);
+    let hold_per_agent = match match_seconds {
+        Some(_) => hold.div_ceil(agents),
+        None => 0,
+    };
+    cluster.check_ports_for(per_agent as usize + hold_per_agent)?;
     cluster.start_controller().await?;
     for i in 0..agents {
         cluster.start_agent(i, false, true).await?;
     }
-    cluster.create_fleet(per_agent).await?;
     cluster
-        .wait_online(instances, Duration::from_secs(120))
+        .create_fleet(BENCH_APP, per_agent, match_seconds)
+        .await?;
+    let hold_app = if hold_per_agent > 0 {
+        cluster
+            .create_fleet(HOLD_APP, hold_per_agent as u32, None)
+            .await?;
+        HOLD_APP
+    } else {
+        BENCH_APP
+    };
+    cluster
+        .wait_online(
+            instances + hold_per_agent * agents,
+            Duration::from_secs(120),
+        )
         .await
         .context("waiting for the fleet")?;
     // The load generator runs on the controller's side of the split until the ceiling.
@@ -537,7 +588,7 @@ async fn allocate(
                 let (status, b) = client
                     .send(
                         Method::POST,
-                        &format!("{base}/v1/applications/1/allocate"),
+                        &format!("{base}/v1/applications/{BENCH_APP}/allocate"),
                         Some(MATCHMAKER),
                         Some(body),
                     )
@@ -551,6 +602,9 @@ async fn allocate(
                     ));
                 }
                 let a: Allocated = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+                if match_seconds.is_some() {
+                    return Ok(took);
+                }
                 let (status, b) = client
                     .send(
                         Method::POST,
@@ -658,7 +712,6 @@ async fn allocate(
         .unwrap_or(0);
 
     // Durability: hold some allocations, SIGKILL the controller, and find them all again.
-    let hold = concurrency.min(instances / 2).max(1);
     let mut held = Vec::new();
     // Instances released in the last cycles are offered again once their games acknowledge
     // the release: a refusal now is a busy pool, retried, not a durability failure.
@@ -667,7 +720,7 @@ async fn allocate(
         let (status, b) = client
             .send(
                 Method::POST,
-                &format!("{base}/v1/applications/1/allocate"),
+                &format!("{base}/v1/applications/{hold_app}/allocate"),
                 Some(MATCHMAKER),
                 Some(Bytes::from_static(b"{}")),
             )
@@ -731,6 +784,8 @@ async fn allocate(
         "controllerThreads": controller_threads,
         "placement": if placement.is_some() { "split" } else { "shared" },
         "tls": tls,
+        "releasedBy": if match_seconds.is_some() { "game" } else { "matchmaker" },
+        "matchSeconds": match_seconds,
         "seconds": seconds,
         "allocations": stats.ok,
         "errors": stats.errors,
@@ -912,7 +967,7 @@ async fn detect(bin: PathBuf) -> Result<Value> {
     let mut cluster = Cluster::new(bin)?;
     cluster.start_controller().await?;
     cluster.start_agent(0, false, true).await?;
-    cluster.create_fleet(4).await?;
+    cluster.create_fleet(BENCH_APP, 4, None).await?;
     cluster.wait_online(4, Duration::from_secs(60)).await?;
     let host_url = format!("{}/v1/hosts/1", cluster.controller_url());
     let client = cluster.client.clone();

@@ -283,7 +283,8 @@ async fn sample_game_lifecycle_over_arcus() {
 
 #[tokio::test]
 async fn sample_game_ends_the_match_after_match_seconds() {
-    let mut game = SampleGame::start(&["--match-seconds", "1"]).await;
+    // Fractions of a second are allowed, for benchmarks whose games end their own matches.
+    let mut game = SampleGame::start(&["--match-seconds", "0.5"]).await;
     let mut agent = game.agent().await;
     wait_status(&mut agent, 4).await;
     eprintln!(
@@ -298,7 +299,10 @@ async fn sample_game_ends_the_match_after_match_seconds() {
     assert_eq!(agent.next_status().await, 5);
     assert_eq!(agent.next_status().await, 4);
     let took = allocated.elapsed();
-    assert!(took >= Duration::from_secs(1), "match ended after {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "match ended after {took:?}"
+    );
     let got = info(game.game_port).await;
     assert_eq!(got["allocated"], false);
     assert_eq!(got["allocation"], json!([]));
@@ -317,6 +321,23 @@ async fn sample_game_ends_the_match_after_match_seconds() {
     game.signal(Signal::SIGTERM);
     let (status, _) = game.wait_exit().await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[test]
+fn sample_game_refuses_a_match_length_that_is_not_seconds() {
+    for bad in ["-1", "soon", "1e40"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth-sample-game"))
+            .args(["--port", "0", "--instance-id", "test-1"])
+            .arg(format!("--match-seconds={bad}"))
+            .output()
+            .expect("run berth-sample-game");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--match-seconds") && stderr.contains(&format!("'{bad}'")),
+            "{bad}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

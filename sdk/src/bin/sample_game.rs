@@ -48,10 +48,10 @@ struct Args {
     /// Time spent in status 3 before reporting 4.
     #[arg(long, default_value_t = 0)]
     startup_delay_ms: u64,
-    /// After an allocation, report 4 again after this many seconds; 0 stays allocated until
-    /// released.
-    #[arg(long, default_value_t = 0)]
-    match_seconds: u64,
+    /// After an allocation, report 4 again after this many seconds (decimals allowed, e.g.
+    /// 0.02 for the benchmark's short matches); 0 stays allocated until released.
+    #[arg(long, default_value = "0", value_parser = parse_match_seconds)]
+    match_seconds: Duration,
     #[arg(long, value_enum, default_value_t = ManagementProtocol::Arcus)]
     management_protocol: ManagementProtocol,
 }
@@ -67,6 +67,17 @@ struct Info {
     metadata: Vec<KeyValue>,
     host_information: Map<String, Value>,
     instance_information: Map<String, Value>,
+}
+
+/// `--match-seconds`: a non-negative number of seconds, so that a harness can run matches
+/// shorter than a second.
+fn parse_match_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| {
+            format!("'{text}' is not a number of seconds ≥ 0 (for example 30, or 0.05 for 50 ms)")
+        })
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -140,7 +151,7 @@ async fn run(args: Args) -> Result<(), String> {
         info,
         instance_id: args.instance_id,
         ready: false,
-        match_length: Duration::from_secs(args.match_seconds),
+        match_length: args.match_seconds,
         match_end: None,
     };
     tokio::spawn(serve_game_port(game_listener, game.info.subscribe()));

@@ -1,0 +1,62 @@
+//! `berth-bench allocate` itself, briefly, in both of its modes: BENCHMARKS.md's figures come
+//! from it, so it must keep starting a cluster, driving it and checking durability. Its
+//! figures are not asserted here (a debug build on a shared CI machine says nothing about
+//! speed); what is asserted is that every allocation it made was answered and durable.
+
+use std::process::{Command, Stdio};
+
+use berth_e2e::{bin, bin_dir};
+use serde_json::Value;
+
+fn run_allocate(extra: &[&str]) -> Value {
+    let out = Command::new(bin("berth-bench"))
+        .args(["allocate", "--json", "--seconds", "1", "--concurrency", "2"])
+        .args(["--agents", "2", "--instances-per-agent", "40"])
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run berth-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "berth-bench {extra:?} failed ({}):\n{stderr}\n{stdout}",
+        out.status
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    let result: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"));
+    eprintln!("berth-bench {extra:?}: {line}");
+    for figure in ["allocations", "heldAcrossControllerKill"] {
+        assert!(
+            result[figure].as_u64().is_some_and(|n| n > 0),
+            "{figure}: {line}"
+        );
+    }
+    assert_eq!(result["durable"], true, "{line}");
+    assert_eq!(result["errors"], 0, "{line}");
+    assert_eq!(result["halfLoad"]["errors"], 0, "{line}");
+    assert_eq!(result["unloaded"]["errors"], 0, "{line}");
+    result
+}
+
+#[test]
+fn the_allocate_benchmark_runs_with_either_kind_of_release() {
+    let cycles = run_allocate(&[]);
+    assert_eq!(cycles["releasedBy"], "matchmaker");
+    assert_eq!(cycles["matchSeconds"], Value::Null);
+
+    // Games that end their own matches: the matchmakers only allocate, so the run goes on
+    // only as long as the games hand their instances back.
+    let matches = run_allocate(&["--match-seconds", "0.01"]);
+    assert_eq!(matches["releasedBy"], "game");
+    assert_eq!(matches["matchSeconds"], 0.01);
+    let allocations = matches["allocations"].as_u64().unwrap_or(0);
+    assert!(
+        allocations > 80,
+        "{allocations} allocations in the measured second from 80 instances: games did not hand \
+         them back"
+    );
+}
