@@ -24,6 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::client::Client;
 use crate::cluster::{
@@ -331,6 +332,7 @@ fn ranges(runs: &[Value]) -> Value {
         "matchSeconds": runs.first().map(|r| r["matchSeconds"].clone()),
         "cpuIdle": runs.first().map(|r| r["cpuIdle"].clone()),
         "durable": runs.iter().all(|r| r["durable"] == true),
+        "matchesGivenAway": runs.iter().filter_map(|r| r["matchesGivenAway"].as_u64()).sum::<u64>(),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
         "ranges": figures,
     })
@@ -753,6 +755,8 @@ async fn allocate(
         }
     }
 
+    let given_away = matches_given_away(&client, &base).await?;
+
     drop(confined);
     let ceiling = ceiling(concurrency, seconds).await?;
     let secs = window.as_secs_f64();
@@ -776,6 +780,7 @@ async fn allocate(
             "errors": unloaded.errors,
         },
         "durable": durable,
+        "matchesGivenAway": given_away,
         "heldAcrossControllerKill": held.len(),
         "instances": instances,
         "concurrency": concurrency,
@@ -807,6 +812,41 @@ async fn allocate(
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "cpuIdle": cpu_idle(),
     }))
+}
+
+/// Asks every game for `INFO` and adds up the `allocated` frames each received while its match
+/// ran: a running match given to a second matchmaker, seen from the game. Must be 0.
+async fn matches_given_away(client: &Client, base: &str) -> Result<u64> {
+    let (status, body) = client
+        .get(&format!("{base}/v1/instances"), Some(ADMIN))
+        .await?;
+    if status != 200 {
+        bail!(
+            "GET /v1/instances: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let mut given_away = 0;
+    for instance in serde_json::from_slice::<Vec<Value>>(&body)? {
+        let port = instance["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .with_context(|| format!("an instance without a port: {instance}"))?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("the game port {port} of {}", instance["id"]))?;
+        stream.write_all(b"INFO\n").await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await?;
+        let info: Value = serde_json::from_str(&line)
+            .with_context(|| format!("INFO of the game on port {port}: {line:?}"))?;
+        given_away += info["allocatedDuringMatch"]
+            .as_u64()
+            .with_context(|| format!("INFO of the game on port {port}: {line:?}"))?;
+    }
+    Ok(given_away)
 }
 
 fn round3(x: f64) -> f64 {

@@ -236,6 +236,8 @@ async fn sample_game_lifecycle_over_arcus() {
     );
     assert_eq!(got["hostInformation"], Value::Object(host));
     assert_eq!(got["instanceInformation"], Value::Object(instance));
+    assert_eq!(got["allocationsReceived"], 1);
+    assert_eq!(got["allocatedDuringMatch"], 0);
     // The connection stays open: unknown lines get an error, CRLF is tolerated.
     assert_eq!(
         client.ask("STATUS\r\n").await,
@@ -321,6 +323,51 @@ async fn sample_game_ends_the_match_after_match_seconds() {
     game.signal(Signal::SIGTERM);
     let (status, _) = game.wait_exit().await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[tokio::test]
+async fn sample_game_counts_an_allocation_that_arrives_during_a_match() {
+    let mut game = SampleGame::start(&[]).await;
+    let mut agent = game.agent().await;
+    wait_status(&mut agent, 4).await;
+    agent
+        .send(&Message::Allocated(vec![KeyValue::new("map", "dust")]))
+        .await;
+    assert_eq!(agent.next_status().await, 5);
+
+    // A second matchmaker handed the running match: the game stays allocated (no new status)
+    // and says so, on stderr and in INFO, where the fault tests look for it.
+    agent
+        .send(&Message::Allocated(vec![KeyValue::new("map", "inferno")]))
+        .await;
+    let line = loop {
+        let line = guard("the game's complaint", game.stderr.recv())
+            .await
+            .expect("the game exited");
+        if line.contains("while a match is in progress") {
+            break line;
+        }
+    };
+    assert!(line.contains("inferno"), "{line}");
+    let got = info(game.game_port).await;
+    assert_eq!(got["allocationsReceived"], 2);
+    assert_eq!(got["allocatedDuringMatch"], 1);
+
+    // After a release, an allocation is an ordinary one again.
+    agent
+        .send(&Message::CustomCommand(vec![KeyValue::new(
+            "command",
+            "deallocated",
+        )]))
+        .await;
+    assert_eq!(agent.next_status().await, 4);
+    agent
+        .send(&Message::Allocated(vec![KeyValue::new("map", "nuke")]))
+        .await;
+    assert_eq!(agent.next_status().await, 5);
+    let got = info(game.game_port).await;
+    assert_eq!(got["allocationsReceived"], 3);
+    assert_eq!(got["allocatedDuringMatch"], 1);
 }
 
 #[test]

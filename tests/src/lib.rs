@@ -2449,6 +2449,32 @@ pub async fn game_info_at(ip: &str, port: u16) -> io::Result<Value> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no INFO answer"))?
 }
 
+/// Asks every game of `instances` (controller instance objects, games on loopback) for `INFO`
+/// and panics naming each one that was sent `allocated` while its match ran: a running match
+/// given to a second matchmaker, seen from the game itself. Returns how many `allocated`
+/// frames the games received in all.
+pub async fn assert_no_match_given_away(instances: &[Value]) -> u64 {
+    let mut received = 0;
+    let mut given_away = Vec::new();
+    for instance in instances {
+        let id = json::id_of(instance);
+        let info = game_info(json::port_of(instance))
+            .await
+            .unwrap_or_else(|e| panic!("INFO of {id}: {e}"));
+        received += info["allocationsReceived"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("INFO of {id} has no allocationsReceived: {info}"));
+        if info["allocatedDuringMatch"] != 0 {
+            given_away.push(format!("{id}: {info}"));
+        }
+    }
+    assert!(
+        given_away.is_empty(),
+        "games sent `allocated` while a match was in progress: {given_away:#?}"
+    );
+    received
+}
+
 /// Polls a game's `INFO` until `pred` holds; returns the answer.
 pub async fn wait_game_info(port: u16, desc: &str, pred: impl Fn(&Value) -> bool) -> Value {
     wait_for(

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use berth_e2e::json::{details, id_of, ids, kv, pid_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, Response, TIMEOUT,
-    arg_value, count_instance_processes, is_allocatable, pid_alive, pids_writing_under, short_id,
-    wait_for,
+    arg_value, assert_no_match_given_away, count_instance_processes, fleet_body, is_allocatable,
+    pid_alive, pids_writing_under, sample_game_profile, short_id, wait_for,
 };
 use bytes::Bytes;
 use http::Method;
@@ -327,6 +327,126 @@ async fn concurrent_allocators_history_check() {
         l.len() == 12 && l.iter().all(is_allocatable)
     })
     .await;
+    for i in &online {
+        assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
+    }
+    // The games' side: each acknowledged allocation reached exactly one game, and no game was
+    // sent one while its match ran.
+    let received = assert_no_match_given_away(&online).await;
+    assert_eq!(
+        received,
+        history.len() as u64,
+        "allocated frames the games received"
+    );
+}
+
+/// Games that end their own matches, as Arcus games do (status 4 while allocated), while
+/// matchmakers only allocate: an instance returns to the pool only through its game's report,
+/// the agent's event and the controller's release, racing the next allocations. No game is
+/// sent an allocation during its match, every acknowledged allocation reaches exactly one
+/// game, and the whole pool is free again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn games_ending_their_own_matches_under_concurrent_allocators() {
+    const TASKS: usize = 8;
+    /// Allocation attempts, refusals of a busy pool included.
+    const MAX_OPS: u64 = 3000;
+    const MAX_TIME: Duration = Duration::from_secs(10);
+    let mut rng = Rng::seeded("games_ending_their_own_matches_under_concurrent_allocators");
+    let c = ControllerProcess::start_new("flt-matchend").await;
+    c.create_application(7, "game-7").await;
+    let mut profile = sample_game_profile("sample-7", 7, 0, 0);
+    // 20 ms matches: each instance goes round the pool many times in the test's seconds.
+    for arg in profile["args"].as_array_mut().expect("profile args") {
+        if arg == "--match-seconds=0" {
+            *arg = json!("--match-seconds=0.02");
+        }
+    }
+    c.create_profile(&profile).await;
+    c.create_fleet(&fleet_body(456, 7, "sample-7", 4, &[]))
+        .await;
+    let mut agents = Vec::new();
+    for name in ["matchend-a", "matchend-b", "matchend-c"] {
+        agents.push(c.spawn_agent("flt-matchend", name).await);
+    }
+    let online = c.wait_online(7, 12).await;
+
+    let started = Instant::now();
+    let budget = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refusals = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        let (budget, acked, refusals) = (budget.clone(), acked.clone(), refusals.clone());
+        let mut rng = rng.fork();
+        tasks.push(tokio::spawn(async move {
+            let alloc_url = format!("{base}/v1/applications/7/allocate");
+            let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
+            let mut problems = Vec::new();
+            while started.elapsed() < MAX_TIME && budget.fetch_add(1, Ordering::Relaxed) < MAX_OPS {
+                let r = match http
+                    .try_send(Method::POST, &alloc_url, Some(&token), &[], Some(&body))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        problems.push(format!("allocate: no answer: {e}"));
+                        break;
+                    }
+                };
+                match r.status {
+                    200 if r.json["status"] == 5 => {
+                        acked.lock().expect("acked").push(alloc_of(&r.json));
+                    }
+                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
+                        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(rng.millis(1, 3)).await;
+                    }
+                    _ => problems.push(format!("allocate: {} {}", r.status, r.text)),
+                }
+                if problems.len() > 5 {
+                    break;
+                }
+            }
+            problems
+        }));
+    }
+    let mut problems = Vec::new();
+    for t in tasks {
+        problems.extend(t.await.expect("matchmaker task"));
+    }
+    let acked = acked.lock().expect("acked").clone();
+    eprintln!(
+        "[faults] games_ending_their_own_matches_under_concurrent_allocators: {} acknowledged \
+         allocations in {:.1}s, {} NO_ALLOCATABLE_INSTANCE refusals",
+        acked.len(),
+        started.elapsed().as_secs_f64(),
+        refusals.load(Ordering::Relaxed)
+    );
+    assert!(
+        problems.is_empty(),
+        "only 200s with status 5 and full 404 NO_ALLOCATABLE_INSTANCE bodies: {problems:#?}"
+    );
+    assert!(
+        acked.len() >= 100,
+        "too few allocations to say anything: {}",
+        acked.len()
+    );
+    let distinct: BTreeSet<&str> = acked.iter().map(String::as_str).collect();
+    assert_eq!(distinct.len(), acked.len(), "allocation ids are unique");
+
+    // Every match ends by itself, so the whole pool comes back without a single release.
+    c.wait_instances("?applicationId=7", "all 12 instances idle again", |l| {
+        l.len() == 12 && l.iter().all(is_allocatable)
+    })
+    .await;
+    let received = assert_no_match_given_away(&online).await;
+    assert_eq!(
+        received,
+        acked.len() as u64,
+        "allocated frames the games received"
+    );
     for i in &online {
         assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
     }
@@ -692,6 +812,7 @@ async fn controller_sigkill_during_load_with_idempotent_retries() {
         assert_eq!(pid_of(i), pids[&id_of(i)], "no game restarted: {i}");
         assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
     }
+    assert_no_match_given_away(&after).await;
     if ledger.kept.len() < 12 {
         let fresh = c.allocate_when_offered(7, &json!({}), &[]).await;
         assert!(
@@ -952,6 +1073,9 @@ async fn agent_sigkill_restart_loop_under_load() {
         outcomes.get("allocated").copied().unwrap_or(0) >= 10,
         "too little load: {outcomes:?}"
     );
+    // Games kept running through every agent restart: none was sent an allocation while its
+    // match ran.
+    assert_no_match_given_away(&c.instances("?applicationId=7").await).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -67,6 +67,11 @@ struct Info {
     metadata: Vec<KeyValue>,
     host_information: Map<String, Value>,
     instance_information: Map<String, Value>,
+    /// `allocated` frames received.
+    allocations_received: u64,
+    /// Those that came while a match was in progress: the platform giving a running match to
+    /// another matchmaker, which must never happen. The fault tests read it from every game.
+    allocated_during_match: u64,
 }
 
 /// `--match-seconds`: a non-negative number of seconds, so that a harness can run matches
@@ -145,6 +150,8 @@ async fn run(args: Args) -> Result<(), String> {
         metadata: Vec::new(),
         host_information: Map::new(),
         instance_information: Map::new(),
+        allocations_received: 0,
+        allocated_during_match: 0,
     });
     let mut game = Game {
         arcus,
@@ -266,7 +273,16 @@ impl Game {
                 // it without depending on what the matchmaker put in the allocation.
                 self.match_end =
                     (!self.match_length.is_zero()).then(|| Instant::now() + self.match_length);
+                let during_match = self.info.borrow().allocated;
+                if during_match {
+                    eprintln!(
+                        "allocated again while a match is in progress: the platform gave this \
+                         match away (new allocation {data:?})"
+                    );
+                }
                 self.change(|info| {
+                    info.allocations_received += 1;
+                    info.allocated_during_match += u64::from(during_match);
                     info.allocated = true;
                     info.allocation = data;
                 })?;
