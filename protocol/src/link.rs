@@ -47,8 +47,11 @@ pub struct RegisterResponse {
 pub struct HeartbeatRequest {
     pub host_id: u64,
     pub seq: u64,
-    /// The highest instance version the agent has produced; the controller asks for a full
-    /// report when it is behind (it lost events).
+    /// The highest instance version the agent has sent in events so far. The controller does
+    /// not need it to stay whole (the agent sends events again until they are acknowledged,
+    /// and a restarted controller asks every agent for a full registration); it is kept on the
+    /// wire so that agents and controllers of neighbouring versions keep understanding each
+    /// other.
     pub max_version: u64,
     pub load_average: [f64; 3],
 }
