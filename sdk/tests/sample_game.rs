@@ -255,13 +255,7 @@ async fn sample_game_lifecycle_over_arcus() {
             KeyValue::new("round", "2"),
         ]))
         .await;
-    agent
-        .send(&Message::CustomCommand(vec![KeyValue::new(
-            "command",
-            "deallocated",
-        )]))
-        .await;
-    assert_eq!(agent.next_status().await, 4);
+    release(&mut agent).await;
     let got = client.ask("INFO\n").await;
     assert_eq!(got["status"], 4);
     assert_eq!(got["allocated"], false);
@@ -325,15 +319,34 @@ async fn sample_game_ends_the_match_after_match_seconds() {
     assert_eq!(status.code(), Some(0), "exit status {status}");
 }
 
-#[tokio::test]
-async fn sample_game_counts_an_allocation_that_arrives_during_a_match() {
-    let mut game = SampleGame::start(&[]).await;
+/// A matchmaker's release as the agent sends it (the custom command `deallocated`); the game
+/// answers status 4.
+async fn release(agent: &mut Agent) {
+    agent
+        .send(&Message::CustomCommand(vec![KeyValue::new(
+            "command",
+            "deallocated",
+        )]))
+        .await;
+    assert_eq!(agent.next_status().await, 4);
+}
+
+/// A game started with no flags and allocated once (map `dust`) by an agent that is still
+/// connected.
+async fn allocated_game() -> (SampleGame, Agent) {
+    let game = SampleGame::start(&[]).await;
     let mut agent = game.agent().await;
     wait_status(&mut agent, 4).await;
     agent
         .send(&Message::Allocated(vec![KeyValue::new("map", "dust")]))
         .await;
     assert_eq!(agent.next_status().await, 5);
+    (game, agent)
+}
+
+#[tokio::test]
+async fn sample_game_counts_an_allocation_that_arrives_during_a_match() {
+    let (mut game, mut agent) = allocated_game().await;
 
     // A second matchmaker handed the running match: the game stays allocated (no new status)
     // and says so, on stderr and in INFO, where the fault tests look for it.
@@ -354,13 +367,7 @@ async fn sample_game_counts_an_allocation_that_arrives_during_a_match() {
     assert_eq!(got["allocatedDuringMatch"], 1);
 
     // After a release, an allocation is an ordinary one again.
-    agent
-        .send(&Message::CustomCommand(vec![KeyValue::new(
-            "command",
-            "deallocated",
-        )]))
-        .await;
-    assert_eq!(agent.next_status().await, 4);
+    release(&mut agent).await;
     agent
         .send(&Message::Allocated(vec![KeyValue::new("map", "nuke")]))
         .await;
@@ -389,13 +396,7 @@ fn sample_game_refuses_a_match_length_that_is_not_seconds() {
 
 #[tokio::test]
 async fn sample_game_reconnecting_agent_gets_the_status() {
-    let mut game = SampleGame::start(&[]).await;
-    let mut first = game.agent().await;
-    wait_status(&mut first, 4).await;
-    first
-        .send(&Message::Allocated(vec![KeyValue::new("map", "dust")]))
-        .await;
-    assert_eq!(first.next_status().await, 5);
+    let (mut game, mut first) = allocated_game().await;
     // A restarted agent reconnects: the game drops the old link and reports where it is.
     let mut second = game.agent().await;
     assert_eq!(second.next_status().await, 5);

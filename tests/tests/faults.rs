@@ -173,6 +173,72 @@ struct Held {
     release_sent: Duration,
 }
 
+/// The load of the history checks: `TASKS` matchmakers allocate from application 7 until
+/// `max_ops` attempts in all or `max_time`; `allocated` handles each acknowledged allocation
+/// (with a random number for its choices) and returns what was wrong with it. A refusal of a
+/// busy pool must be a full 404 `NO_ALLOCATABLE_INSTANCE`, and is followed by a pause of up to
+/// a few milliseconds so that nobody spins on a full pool. Returns every problem and the
+/// refusals.
+async fn run_matchmakers<F, Fut>(
+    c: &ControllerProcess,
+    tasks: usize,
+    rng: &mut Rng,
+    max_ops: u64,
+    max_time: Duration,
+    allocated: F,
+) -> (Vec<String>, u64)
+where
+    F: Fn(Response, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Vec<String>> + Send,
+{
+    let started = Instant::now();
+    let budget = Arc::new(AtomicU64::new(0));
+    let refusals = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for n in 0..tasks {
+        let (http, token) = (c.http().clone(), c.matchmaker_token().to_owned());
+        let url = format!("{}/v1/applications/7/allocate", c.url());
+        let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
+        let (budget, refusals, allocated) = (budget.clone(), refusals.clone(), allocated.clone());
+        let mut rng = rng.fork();
+        workers.push(tokio::spawn(async move {
+            let mut problems = Vec::new();
+            while started.elapsed() < max_time
+                && budget.fetch_add(1, Ordering::Relaxed) < max_ops
+                && problems.len() <= 5
+            {
+                let r = match http
+                    .try_send(Method::POST, &url, Some(&token), &[], Some(&body))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        problems.push(format!("allocate: no answer: {e}"));
+                        break;
+                    }
+                };
+                match r.status {
+                    200 if r.json["status"] == 5 => {
+                        problems.extend(allocated(r, rng.next()).await);
+                    }
+                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
+                        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
+                    }
+                    _ => problems.push(format!("allocate: {} {}", r.status, r.text)),
+                }
+            }
+            problems
+        }));
+    }
+    let mut problems = Vec::new();
+    for w in workers {
+        problems.extend(w.await.expect("matchmaker task"));
+    }
+    (problems, refusals.load(Ordering::Relaxed))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_allocators_history_check() {
     const TASKS: usize = 16;
@@ -189,104 +255,64 @@ async fn concurrent_allocators_history_check() {
     let online = c.wait_online(7, 12).await;
 
     let started = Instant::now();
-    // `budget` bounds the allocation attempts; `ops` counts every request sent.
-    let budget = Arc::new(AtomicU64::new(0));
+    // Counts every request sent, releases included.
     let ops = Arc::new(AtomicU64::new(0));
     let history = Arc::new(Mutex::new(Vec::<Held>::new()));
-    let refusals = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for n in 0..TASKS {
-        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
-        let (budget, ops, history, refusals) = (
-            budget.clone(),
-            ops.clone(),
-            history.clone(),
-            refusals.clone(),
-        );
-        let mut rng = rng.fork();
-        tasks.push(tokio::spawn(async move {
-            let alloc_url = format!("{base}/v1/applications/7/allocate");
-            let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
-            let mut problems = Vec::new();
-            while started.elapsed() < MAX_TIME && budget.fetch_add(1, Ordering::Relaxed) < MAX_OPS {
+    let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+    let allocated = {
+        let (ops, history) = (ops.clone(), history.clone());
+        move |r: Response, random: u64| {
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            let (ops, history) = (ops.clone(), history.clone());
+            async move {
+                let acked = started.elapsed();
+                let instance = id_of(&r.json);
+                let allocation = alloc_of(&r.json);
+                // A short match.
+                let hold = random % 4;
+                if hold > 0 {
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                }
+                let release_sent = started.elapsed();
                 ops.fetch_add(1, Ordering::Relaxed);
-                let r = match http
-                    .try_send(Method::POST, &alloc_url, Some(&token), &[], Some(&body))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        problems.push(format!("allocate: no answer: {e}"));
-                        break;
-                    }
+                let d = http
+                    .try_send(
+                        Method::POST,
+                        &format!("{base}/v1/instances/{instance}/deallocate"),
+                        Some(&token),
+                        &[],
+                        Some(&json!({"allocationId": allocation})),
+                    )
+                    .await;
+                let problem = match d {
+                    Ok(d) if d.status == 200 => None,
+                    Ok(d) => Some(format!(
+                        "deallocate {instance} ({allocation}): {} {}",
+                        d.status, d.text
+                    )),
+                    Err(e) => Some(format!("deallocate: no answer: {e}")),
                 };
-                match r.status {
-                    200 => {
-                        let acked = started.elapsed();
-                        let instance = id_of(&r.json);
-                        let allocation = alloc_of(&r.json);
-                        if r.json["status"] != 5 {
-                            problems.push(format!("a 200 that is not status 5: {}", r.text));
-                        }
-                        // A short match.
-                        let hold = rng.below(4);
-                        if hold > 0 {
-                            tokio::time::sleep(Duration::from_millis(hold)).await;
-                        }
-                        let release_sent = started.elapsed();
-                        ops.fetch_add(1, Ordering::Relaxed);
-                        let d = http
-                            .try_send(
-                                Method::POST,
-                                &format!("{base}/v1/instances/{instance}/deallocate"),
-                                Some(&token),
-                                &[],
-                                Some(&json!({"allocationId": allocation})),
-                            )
-                            .await;
-                        match d {
-                            Ok(d) if d.status == 200 => {}
-                            Ok(d) => problems.push(format!(
-                                "deallocate {instance} ({allocation}): {} {}",
-                                d.status, d.text
-                            )),
-                            Err(e) => problems.push(format!("deallocate: no answer: {e}")),
-                        }
-                        history.lock().expect("history").push(Held {
-                            instance,
-                            allocation,
-                            acked,
-                            release_sent,
-                        });
-                    }
-                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
-                        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
-                        refusals.fetch_add(1, Ordering::Relaxed);
-                        // Give releases a moment instead of spinning on a full pool.
-                        tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
-                    }
-                    _ => problems.push(format!("allocate: {} {}", r.status, r.text)),
-                }
-                if problems.len() > 5 {
-                    break;
-                }
+                history.lock().expect("history").push(Held {
+                    instance,
+                    allocation,
+                    acked,
+                    release_sent,
+                });
+                problem.into_iter().collect()
             }
-            problems
-        }));
-    }
-    let mut problems = Vec::new();
-    for t in tasks {
-        problems.extend(t.await.expect("matchmaker task"));
-    }
+        }
+    };
+    let (problems, refusals) =
+        run_matchmakers(&c, TASKS, &mut rng, MAX_OPS, MAX_TIME, allocated).await;
     let took = started.elapsed();
     let history = history.lock().expect("history").clone();
-    let op_count = ops.load(Ordering::Relaxed);
+    // Each allocation attempt is a request too.
+    let op_count = ops.load(Ordering::Relaxed) + history.len() as u64 + refusals;
     eprintln!(
-        "[faults] concurrent_allocators_history_check: {op_count} operations in {:.1}s: {} \
-         acknowledged allocations (each released), {} NO_ALLOCATABLE_INSTANCE refusals",
+        "[faults] concurrent_allocators_history_check: {op_count} requests in {:.1}s: {} \
+         acknowledged allocations (each released), {refusals} NO_ALLOCATABLE_INSTANCE refusals",
         took.as_secs_f64(),
         history.len(),
-        refusals.load(Ordering::Relaxed)
     );
     assert!(
         problems.is_empty(),
@@ -371,58 +397,22 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
     let online = c.wait_online(7, 12).await;
 
     let started = Instant::now();
-    let budget = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let refusals = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for n in 0..TASKS {
-        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
-        let (budget, acked, refusals) = (budget.clone(), acked.clone(), refusals.clone());
-        let mut rng = rng.fork();
-        tasks.push(tokio::spawn(async move {
-            let alloc_url = format!("{base}/v1/applications/7/allocate");
-            let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
-            let mut problems = Vec::new();
-            while started.elapsed() < MAX_TIME && budget.fetch_add(1, Ordering::Relaxed) < MAX_OPS {
-                let r = match http
-                    .try_send(Method::POST, &alloc_url, Some(&token), &[], Some(&body))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        problems.push(format!("allocate: no answer: {e}"));
-                        break;
-                    }
-                };
-                match r.status {
-                    200 if r.json["status"] == 5 => {
-                        acked.lock().expect("acked").push(alloc_of(&r.json));
-                    }
-                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
-                        r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
-                        refusals.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(rng.millis(1, 3)).await;
-                    }
-                    _ => problems.push(format!("allocate: {} {}", r.status, r.text)),
-                }
-                if problems.len() > 5 {
-                    break;
-                }
-            }
-            problems
-        }));
-    }
-    let mut problems = Vec::new();
-    for t in tasks {
-        problems.extend(t.await.expect("matchmaker task"));
-    }
+    let allocated = {
+        let acked = acked.clone();
+        move |r: Response, _| {
+            acked.lock().expect("acked").push(alloc_of(&r.json));
+            std::future::ready(Vec::new())
+        }
+    };
+    let (problems, refusals) =
+        run_matchmakers(&c, TASKS, &mut rng, MAX_OPS, MAX_TIME, allocated).await;
     let acked = acked.lock().expect("acked").clone();
     eprintln!(
         "[faults] games_ending_their_own_matches_under_concurrent_allocators: {} acknowledged \
-         allocations in {:.1}s, {} NO_ALLOCATABLE_INSTANCE refusals",
+         allocations in {:.1}s, {refusals} NO_ALLOCATABLE_INSTANCE refusals",
         acked.len(),
         started.elapsed().as_secs_f64(),
-        refusals.load(Ordering::Relaxed)
     );
     assert!(
         problems.is_empty(),
