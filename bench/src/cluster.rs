@@ -587,7 +587,6 @@ token = "{ADMIN}"
         self.bin.join("berth-sample-game")
     }
 
-    /// Creates application 1, its profile and a fleet of `per_host` instances per host.
     /// Creates application `app` with a profile and a fleet of `per_host` sample games on
     /// every host; with `match_seconds`, the games end each match after that long.
     pub async fn create_fleet(

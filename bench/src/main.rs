@@ -332,7 +332,11 @@ fn ranges(runs: &[Value]) -> Value {
         "matchSeconds": runs.first().map(|r| r["matchSeconds"].clone()),
         "cpuIdle": runs.first().map(|r| r["cpuIdle"].clone()),
         "durable": runs.iter().all(|r| r["durable"] == true),
-        "matchesGivenAway": runs.iter().filter_map(|r| r["matchesGivenAway"].as_u64()).sum::<u64>(),
+        // null if any run's games could not say.
+        "matchesGivenAway": runs
+            .iter()
+            .map(|r| r["matchesGivenAway"].as_u64())
+            .sum::<Option<u64>>(),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
         "ranges": figures,
     })
@@ -815,8 +819,9 @@ async fn allocate(
 }
 
 /// Asks every game for `INFO` and adds up the `allocated` frames each received while its match
-/// ran: a running match given to a second matchmaker, seen from the game. Must be 0.
-async fn matches_given_away(client: &Client, base: &str) -> Result<u64> {
+/// ran: a running match given to a second matchmaker, seen from the game. Must be 0. None when
+/// the games do not count them (an older `berth-sample-game` under `--bin-dir`).
+async fn matches_given_away(client: &Client, base: &str) -> Result<Option<u64>> {
     let (status, body) = client
         .get(&format!("{base}/v1/instances"), Some(ADMIN))
         .await?;
@@ -832,21 +837,28 @@ async fn matches_given_away(client: &Client, base: &str) -> Result<u64> {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .with_context(|| format!("an instance without a port: {instance}"))?;
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let ask = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream.write_all(b"INFO\n").await?;
+            let mut line = String::new();
+            tokio::io::BufReader::new(stream)
+                .read_line(&mut line)
+                .await?;
+            anyhow::Ok(line)
+        };
+        let line = tokio::time::timeout(Duration::from_secs(5), ask)
             .await
-            .with_context(|| format!("the game port {port} of {}", instance["id"]))?;
-        stream.write_all(b"INFO\n").await?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stream)
-            .read_line(&mut line)
-            .await?;
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .with_context(|| format!("INFO of the game on port {port} ({})", instance["id"]))?;
         let info: Value = serde_json::from_str(&line)
             .with_context(|| format!("INFO of the game on port {port}: {line:?}"))?;
-        given_away += info["allocatedDuringMatch"]
-            .as_u64()
-            .with_context(|| format!("INFO of the game on port {port}: {line:?}"))?;
+        match info["allocatedDuringMatch"].as_u64() {
+            Some(n) => given_away += n,
+            None => return Ok(None),
+        }
     }
-    Ok(given_away)
+    Ok(Some(given_away))
 }
 
 fn round3(x: f64) -> f64 {
