@@ -6,7 +6,8 @@
 //! controller link as a snapshot, and marks the state file dirty (written shortly after, in
 //! one batch).
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,39 @@ pub enum Timer {
 }
 
 type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// A timer the supervisor set for one run of an instance. Timers live in the supervisor's own
+/// queue, not in a task each: every release sets one, so under load a spawned task per timer
+/// was thousands of tasks asleep at once, each woken only to be ignored.
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    /// Order of setting, so that timers due at the same instant fire in that order.
+    seq: u64,
+    id: String,
+    run: u64,
+    timer: Timer,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
 
 /// Everything the supervisor can be asked or told. Closed: nothing else changes an instance.
 #[derive(Debug)]
@@ -554,6 +588,9 @@ pub struct Supervisor {
     counter: u64,
     next_seq: u64,
     flush_at: Option<Instant>,
+    /// Pending timers, earliest first.
+    timers: BinaryHeap<Reverse<Due>>,
+    timers_set: u64,
     metrics: Arc<Metrics>,
     spawner: Spawner,
 }
@@ -597,6 +634,8 @@ impl Supervisor {
             counter: 0,
             next_seq: 0,
             flush_at: None,
+            timers: BinaryHeap::new(),
+            timers_set: 0,
             metrics,
             spawner,
         };
@@ -694,13 +733,24 @@ impl Supervisor {
 
     /// Runs until `shutdown` fires. Games are left running; the state is written first.
     pub async fn run(mut self, mut shutdown: crate::Shutdown) {
+        // One sleep for all timers, moved only when the earliest one changes: most timers
+        // are set behind others (a release's grace is always the same length).
+        let next_timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(next_timer);
         loop {
             let flush_at = self.flush_at;
+            let due = self.timers.peek().map(|Reverse(d)| d.at);
+            if let Some(at) = due
+                && next_timer.deadline() != at
+            {
+                next_timer.as_mut().reset(at);
+            }
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
+                () = &mut next_timer, if due.is_some() => self.fire_due_timers(),
                 _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)).await }, if flush_at.is_some() => {
                     self.flush_now();
                 }
@@ -1096,13 +1146,27 @@ impl Supervisor {
         });
     }
 
-    fn schedule(&self, id: &str, run: u64, timer: Timer, after: Duration) {
-        let tx = self.tx.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = tx.send(Command::Timer { id, run, timer }).await;
-        });
+    fn schedule(&mut self, id: &str, run: u64, timer: Timer, after: Duration) {
+        self.timers_set += 1;
+        self.timers.push(Reverse(Due {
+            at: Instant::now() + after,
+            seq: self.timers_set,
+            id: id.to_owned(),
+            run,
+            timer,
+        }));
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse(due)) = self.timers.peek()
+            && due.at <= now
+        {
+            let Some(Reverse(due)) = self.timers.pop() else {
+                break;
+            };
+            self.timer(&due.id, due.run, due.timer);
+        }
     }
 
     fn schedule_restart(&mut self, id: &str, run: u64) {
