@@ -1933,3 +1933,31 @@ fn probe_game_port(
     });
     tx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due(at: Instant, seq: u64, id: &str) -> Reverse<Due> {
+        Reverse(Due {
+            at,
+            seq,
+            id: id.to_owned(),
+            run: 1,
+            timer: Timer::ReleaseGrace,
+        })
+    }
+
+    #[test]
+    fn timers_come_out_earliest_first_and_in_order_of_setting_when_due_together() {
+        let now = Instant::now();
+        let mut timers = BinaryHeap::new();
+        timers.push(due(now + Duration::from_secs(2), 1, "grace"));
+        timers.push(due(now + Duration::from_millis(5), 2, "kill"));
+        timers.push(due(now + Duration::from_secs(2), 3, "grace-later-set"));
+        timers.push(due(now, 4, "restart"));
+        let order: Vec<String> =
+            std::iter::from_fn(|| timers.pop().map(|Reverse(d)| d.id)).collect();
+        assert_eq!(order, ["restart", "kill", "grace", "grace-later-set"]);
+    }
+}
