@@ -803,6 +803,55 @@ async fn sigterm_leaves_games_running() {
     assert_eq!(second["restarts"], 0);
 }
 
+/// A game that ignores the soft stop is sent SIGTERM when its timeout runs out: one of the
+/// supervisor's own timers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_ignoring_the_soft_stop_gets_sigterm_after_its_timeout() {
+    let agent = AgentProcess::start_new("stop-ignored").await;
+    let id = new_id("k");
+    let count_file = agent.dir().join("stubborn.count");
+    // `never-confirm` reads every frame and answers none, the soft stop included.
+    agent
+        .deploy(&json!({
+            "id": id,
+            "managementProtocol": "arcus",
+            "profile": bad_game_profile("stubborn", 8, "never-confirm", &count_file),
+        }))
+        .await;
+    let pid = pid_of(&agent.wait_online(&id).await);
+
+    let asked = Instant::now();
+    let r = agent
+        .post(
+            &format!("/v1/instances/{id}/stop"),
+            &json!({"timeoutSeconds": 1}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json["state"], "draining", "{}", r.text);
+    let stopped = agent
+        .wait_instance(&id, "stopped (status 2)", |i| {
+            i["status"] == 2 && i["pid"].is_null()
+        })
+        .await;
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "SIGTERM came before the 1 s timeout: {took:?}"
+    );
+    assert_eq!(stopped["exitSignal"], 15, "ended by SIGTERM: {stopped}");
+    assert_eq!(stopped["state"], "dead", "{stopped}");
+    assert_eq!(
+        stopped["restarts"], 0,
+        "a stopped game is not restarted: {stopped}"
+    );
+    assert!(!pid_alive(pid));
+    assert!(
+        agent.log().contains("soft stop timed out; sending SIGTERM"),
+        "the agent says why it sent SIGTERM"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_and_remove() {
     let agent = AgentProcess::start_new("stop-remove").await;
