@@ -73,9 +73,9 @@ enum Cmd {
         /// source tree): matchmakers, the controller and the agents all talk over TLS 1.3.
         #[arg(long)]
         tls: bool,
-        /// Matches end in the game, as most games end theirs: each sample game reports 4 over
-        /// Arcus this many seconds after its allocation (decimals allowed), and matchmakers
-        /// only allocate. Without it, each matchmaker releases its allocation at once (an
+        /// Matches end in the game, as an Arcus game may end its own: each sample game
+        /// reports 4 over Arcus this many seconds after its allocation (decimals allowed), and
+        /// matchmakers only allocate. Without it, each matchmaker releases its allocation at once (an
         /// allocate/release cycle, two requests per allocation). Give it instances to spare:
         /// each is busy for its match plus the allocation and the release's report (≈ 20–40 ms
         /// at peak here), and a refusal for an empty pool counts as an error.

@@ -366,7 +366,7 @@ async fn concurrent_allocators_history_check() {
     );
 }
 
-/// Games that end their own matches, as Arcus games do (status 4 while allocated), while
+/// Games that end their own matches, as Arcus games may (status 4 while allocated), while
 /// matchmakers only allocate: an instance returns to the pool only through its game's report,
 /// the agent's event and the controller's release, racing the next allocations. No game is
 /// sent an allocation during its match, every acknowledged allocation reaches exactly one
