@@ -15,7 +15,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use berth_http::tls::PeerCertificate;
+use berth_http::tls::PeerChain;
 use berth_http::{CorrelationId, Failure, FailureSink, Json, JsonBody, OptionalJsonBody, bearer};
 use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
@@ -223,9 +223,7 @@ impl FromRequestParts<AppState> for HostToken {
     type Rejection = Failure;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Failure> {
-        if st.agents_need_certificate
-            && parts.extensions.get::<PeerCertificate>() != Some(&PeerCertificate(true))
-        {
+        if st.agents_need_certificate && parts.extensions.get::<PeerChain>().is_none() {
             return Err(invalid_credentials(
                 "this controller runs TLS, and an agent must present a client certificate \
                  signed by its tls.ca_file; set [tls] in agent.toml",

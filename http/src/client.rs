@@ -155,9 +155,8 @@ impl JsonClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
-        let (mut status, mut bytes, reconnect) = self
-            .send_once(method.clone(), url, token, headers, body.clone(), timeout)
-            .await?;
+        let attempt = || self.send_once(method.clone(), url, token, headers, body.clone(), timeout);
+        let (mut status, mut bytes, reconnect) = attempt().await?;
         // A daemon refuses a request on a connection whose certificate it no longer accepts
         // since it reloaded its [tls] files before anything runs, closes the connection and
         // says so (`RECONNECT_HEADER`). The request goes again on a new connection, whose
@@ -165,9 +164,7 @@ impl JsonClient {
         // files, so a rotation fails no call and a revoked certificate fails at the
         // handshake, with its reason.
         if reconnect {
-            (status, bytes, _) = self
-                .send_once(method, url, token, headers, body, timeout)
-                .await?;
+            (status, bytes, _) = attempt().await?;
         }
         if !(200..300).contains(&status) {
             return Err(CallError::Status {

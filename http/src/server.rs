@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use berth_protocol::ErrorCode;
 
-use crate::tls::{PeerCertificate, PeerChain, Tls, TlsMetrics};
+use crate::tls::{PeerChain, Tls, TlsMetrics};
 
 /// A client that has not sent its whole header by then is dropped.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,7 +56,8 @@ impl ServeTls {
 
 /// Serves `app` on `listener` until `shutdown` becomes true, then drains for up to `drain`.
 /// With `tls`, every connection is TLS (the handshake, too, must end within
-/// [`HEADER_READ_TIMEOUT`]) and each request carries a [`PeerCertificate`] extension.
+/// [`HEADER_READ_TIMEOUT`]), and each request of a client that showed a certificate the CA
+/// vouches for carries its [`PeerChain`] extension.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -147,16 +148,13 @@ async fn serve_tls(
         }
     };
     let app = match stream.get_ref().1.peer_certificates() {
-        Some(chain) => {
-            app.layer(Extension(PeerCertificate(true)))
-                .layer(Extension(PeerChain::new(
-                    tls.tls,
-                    chain,
-                    generation,
-                    tls.refusal,
-                )))
-        }
-        None => app.layer(Extension(PeerCertificate(false))),
+        Some(chain) => app.layer(Extension(PeerChain::new(
+            &tls.tls,
+            chain,
+            generation,
+            tls.refusal,
+        ))),
+        None => app,
     };
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
     let _ = watcher.watch(conn).await;

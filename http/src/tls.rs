@@ -60,7 +60,7 @@ pub enum ClientCerts {
     /// certificate may call it).
     Required,
     /// Checked if presented (the controller: matchmakers need none; its agent routes ask for
-    /// one through [`PeerCertificate`]).
+    /// one through [`PeerChain`]).
     Optional,
 }
 
@@ -96,11 +96,6 @@ impl TlsError {
         }
     }
 }
-
-/// Whether the connection a request came on presented a certificate the CA vouches for. Set as
-/// a request extension by [`crate::serve`] on TLS listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCertificate(pub bool);
 
 /// Both sides of a daemon's TLS. The two configurations stay the same for the daemon's life,
 /// and so do the listener and clients built from them; the certificate, key and CAs behind
@@ -296,16 +291,22 @@ impl Tls {
     }
 }
 
-/// The certificate chain a client showed when its connection to the listener was opened.
-/// Checked again on the connection's first request after each reload, so that a certificate
-/// the new files refuse (revoked, or from a CA that was dropped) is cut off on connections
-/// already open, as it is at new handshakes. Between reloads a request costs one atomic load.
+/// The certificate chain a client showed when its TLS connection to the listener was opened,
+/// set by [`crate::serve`] on each of the connection's requests. A request carries one only if
+/// its client showed a certificate the CA vouches for, and still does: the chain is checked
+/// again at the connection's first request after each reload, and a chain the new files refuse
+/// (revoked, or from a CA that was dropped) is answered before any handler runs. So a
+/// certificate is cut off on connections already open, as at new handshakes. Between reloads a
+/// request costs one atomic load; a copy per request is one reference count.
 #[derive(Debug, Clone)]
-pub(crate) struct PeerChain {
-    tls: Tls,
-    chain: Arc<[CertificateDer<'static>]>,
+pub struct PeerChain(Arc<Chain>);
+
+#[derive(Debug)]
+struct Chain {
+    live: Arc<Live>,
+    certificates: Vec<CertificateDer<'static>>,
     /// The reload generation the chain was last accepted under.
-    checked: Arc<AtomicU64>,
+    checked: AtomicU64,
     /// The listening daemon's code for refused credentials.
     refusal: ErrorCode,
 }
@@ -313,24 +314,24 @@ pub(crate) struct PeerChain {
 impl PeerChain {
     /// `generation` is [`Tls`]'s before the handshake, so that a reload during it is checked.
     pub(crate) fn new(
-        tls: Tls,
+        tls: &Tls,
         chain: &[CertificateDer<'static>],
         generation: u64,
         refusal: ErrorCode,
     ) -> Self {
-        Self {
-            tls,
-            chain: chain.into(),
-            checked: Arc::new(AtomicU64::new(generation)),
+        Self(Arc::new(Chain {
+            live: tls.live.clone(),
+            certificates: chain.to_vec(),
+            checked: AtomicU64::new(generation),
             refusal,
-        }
+        }))
     }
 
     /// The refusal to answer when the files in use no longer accept the chain.
     pub(crate) fn refusal(&self) -> Option<crate::Failure> {
         let e = self.still_accepted().err()?;
         Some(crate::Failure::new(
-            self.refusal,
+            self.0.refusal,
             "Certificate refused.",
             format!(
                 "the client certificate this connection was opened with is refused since this \
@@ -343,18 +344,19 @@ impl PeerChain {
 
     /// Whether the files in use still accept the chain; the error is webpki's reason.
     fn still_accepted(&self) -> Result<(), rustls::Error> {
-        let now = self.tls.generation();
-        if self.checked.load(Ordering::Relaxed) == now {
+        let chain = &*self.0;
+        let now = chain.live.generation.load(Ordering::Acquire);
+        if chain.checked.load(Ordering::Relaxed) == now {
             return Ok(());
         }
-        let (end_entity, intermediates) = self
-            .chain
+        let (end_entity, intermediates) = chain
+            .certificates
             .split_first()
             .ok_or(rustls::Error::NoCertificatesPresented)?;
-        self.tls
+        chain
             .live
             .verify_client_cert(end_entity, intermediates, UnixTime::now())?;
-        self.checked.store(now, Ordering::Relaxed);
+        chain.checked.store(now, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -1007,7 +1009,7 @@ mod tests {
         let daemon = Tls::load(&files, ClientCerts::Optional).expect("valid");
         let open = |identity: &str| {
             PeerChain::new(
-                daemon.clone(),
+                &daemon,
                 &[fixture(identity)],
                 daemon.generation(),
                 ErrorCode::InvalidCredentials,
