@@ -337,6 +337,10 @@ fn ranges(runs: &[Value]) -> Value {
             .iter()
             .map(|r| r["matchesGivenAway"].as_u64())
             .sum::<Option<u64>>(),
+        "instancesNotReturned": runs
+            .iter()
+            .filter_map(|r| r["instancesNotReturned"].as_u64())
+            .sum::<u64>(),
         "errors": runs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>(),
         "ranges": figures,
     })
@@ -717,6 +721,10 @@ async fn allocate(
         .max()
         .unwrap_or(0);
 
+    // Liveness: every instance the runs used comes back to the pool, however its allocation
+    // ended (a release, or the game ending its match).
+    let not_returned = instances_not_returned(&client, &base, instances).await?;
+
     // Durability: hold some allocations, SIGKILL the controller, and find them all again.
     let mut held = Vec::new();
     // Instances released in the last cycles are offered again once their games acknowledge
@@ -785,6 +793,7 @@ async fn allocate(
         },
         "durable": durable,
         "matchesGivenAway": given_away,
+        "instancesNotReturned": not_returned,
         "heldAcrossControllerKill": held.len(),
         "instances": instances,
         "concurrency": concurrency,
@@ -816,6 +825,37 @@ async fn allocate(
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "cpuIdle": cpu_idle(),
     }))
+}
+
+/// How many of the benchmark fleet's `instances` are still not allocatable when the pool has
+/// had [`RETURN_WITHIN`] to settle after the load: an allocation the controller holds on to
+/// after it ended is an instance lost to the pool. Must be 0.
+async fn instances_not_returned(client: &Client, base: &str, instances: usize) -> Result<usize> {
+    const RETURN_WITHIN: Duration = Duration::from_secs(10);
+    let deadline = Instant::now() + RETURN_WITHIN;
+    loop {
+        let (status, body) = client
+            .get(
+                &format!("{base}/v1/instances?applicationId={BENCH_APP}"),
+                Some(ADMIN),
+            )
+            .await?;
+        if status != 200 {
+            bail!(
+                "GET /v1/instances: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let free = serde_json::from_slice::<Vec<Value>>(&body)?
+            .iter()
+            .filter(|i| i["status"] == 4 && i["allocationId"].is_null())
+            .count();
+        let missing = instances.saturating_sub(free);
+        if missing == 0 || Instant::now() >= deadline {
+            return Ok(missing);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Asks every game for `INFO` and adds up the `allocated` frames each received while its match

@@ -1616,6 +1616,10 @@ impl Inventory {
                 // The record kept is the one written: a replay after a restart is the same.
                 let (host_id, started) = (alloc.host_id, claim.started);
                 self.insert_allocation(alloc.clone());
+                // A report newer than the answer may have come while the agent was asked (an
+                // events request overtaking the answer): a game that ended its match at once.
+                // `apply_view` left it to us, as the allocation was not yet made.
+                self.reconcile_allocation(&instance_id);
                 self.metrics.allocation(Ok(()));
                 self.metrics
                     .allocation_seconds
@@ -1634,6 +1638,9 @@ impl Inventory {
                     self.writer
                         .submit(Write::ReleaseAllocation(claim.allocation_id.clone()));
                 }
+                // A report that came while the agent was asked, showing the allocation held
+                // after all (the answer was lost or late), is released on the agent here.
+                self.reconcile_allocation(&instance_id);
                 match result {
                     // Removed while the agent was allocating: nothing to hand out.
                     Ok(_) => self.fail_after_attempts(claim),
@@ -2078,12 +2085,22 @@ impl Inventory {
             return;
         };
         // Live state is not persisted: agents report it in full when they (re-)register.
-        let (status, version) = (inst.report.status, inst.report.version);
-        let claimed = inst.claimed;
-        if claimed {
+        if inst.claimed {
+            // `settle` weighs this report against the allocation once the agent answers.
             return;
         }
-        if let Some(a) = self.allocations.get(&id) {
+        self.reconcile_allocation(&id);
+    }
+
+    /// Weighs the agent's latest report of an instance against the controller's allocation of
+    /// it: a report newer than the allocation that no longer holds it ends the allocation; with
+    /// no allocation, one the agent holds is released on the agent (`check_dangling`).
+    fn reconcile_allocation(&mut self, id: &str) {
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
+        let (status, version) = (inst.report.status, inst.report.version);
+        if let Some(a) = self.allocations.get(id) {
             // The agent holding another allocation id means it released ours: a release
             // answered just before a controller crash, and so not yet on disk, brings the
             // allocation back at restart while the agent has long moved on.
@@ -2102,11 +2119,11 @@ impl Inventory {
                     _ if other => "its agent holds another allocation",
                     _ => "the game exited",
                 };
-                self.release_allocation(&id, why);
-                self.check_dangling(&id);
+                self.release_allocation(id, why);
+                self.check_dangling(id);
             }
         } else {
-            self.check_dangling(&id);
+            self.check_dangling(id);
         }
     }
 

@@ -37,6 +37,7 @@ fn run_allocate(extra: &[&str]) -> Value {
     }
     assert_eq!(result["durable"], true, "{line}");
     assert_eq!(result["matchesGivenAway"], 0, "{line}");
+    assert_eq!(result["instancesNotReturned"], 0, "{line}");
     assert_eq!(result["errors"], 0, "{line}");
     assert_eq!(result["halfLoad"]["errors"], 0, "{line}");
     assert_eq!(result["unloaded"]["errors"], 0, "{line}");

@@ -370,7 +370,10 @@ async fn concurrent_allocators_history_check() {
 /// matchmakers only allocate: an instance returns to the pool only through its game's report,
 /// the agent's event and the controller's release, racing the next allocations. No game is
 /// sent an allocation during its match, every acknowledged allocation reaches exactly one
-/// game, and the whole pool is free again afterwards.
+/// game, and the whole pool is free again afterwards. Half the games end each match after
+/// 1 ms, so that the agent's report of the match's end often reaches the controller before
+/// the agent's answer to the allocation does (which once left such instances allocated at
+/// the controller for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn games_ending_their_own_matches_under_concurrent_allocators() {
     const TASKS: usize = 8;
@@ -380,16 +383,20 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
     let mut rng = Rng::seeded("games_ending_their_own_matches_under_concurrent_allocators");
     let c = ControllerProcess::start_new("flt-matchend").await;
     c.create_application(7, "game-7").await;
-    let mut profile = sample_game_profile("sample-7", 7, 0, 0);
-    // 20 ms matches: each instance goes round the pool many times in the test's seconds.
-    for arg in profile["args"].as_array_mut().expect("profile args") {
-        if arg == "--match-seconds=0" {
-            *arg = json!("--match-seconds=0.02");
+    // Short matches, so each instance goes round the pool many times in the test's seconds.
+    for (fleet, profile_id, match_seconds) in
+        [(456, "sample-7", "0.02"), (457, "sample-7b", "0.001")]
+    {
+        let mut profile = sample_game_profile(profile_id, 7, 0, 0);
+        for arg in profile["args"].as_array_mut().expect("profile args") {
+            if arg == "--match-seconds=0" {
+                *arg = json!(format!("--match-seconds={match_seconds}"));
+            }
         }
+        c.create_profile(&profile).await;
+        c.create_fleet(&fleet_body(fleet, 7, profile_id, 2, &[]))
+            .await;
     }
-    c.create_profile(&profile).await;
-    c.create_fleet(&fleet_body(456, 7, "sample-7", 4, &[]))
-        .await;
     let mut agents = Vec::new();
     for name in ["matchend-a", "matchend-b", "matchend-c"] {
         agents.push(c.spawn_agent("flt-matchend", name).await);
