@@ -1711,6 +1711,19 @@ impl Inventory {
             .get(id)
             .ok_or_else(|| not_found(&format!("instance {id} does not exist")))?;
         if inst.claimed {
+            // A claim is only ever made on an instance with no allocation: any other named
+            // allocation has ended (its game ended the match, say), and waiting would not make
+            // it current again.
+            if let Some(w) = &want
+                && !self
+                    .claims
+                    .values()
+                    .any(|c| c.instance_id == id && c.allocation_id == *w)
+            {
+                return Err(invalid(format!(
+                    "allocationId {w} is not the current allocation of instance {id} (it has ended, and the instance is being allocated to another request right now); nothing was released"
+                )));
+            }
             return Err(Failure::new(
                 ErrorCode::InstanceAllocating,
                 "Unable to deallocate application instance.",

@@ -784,6 +784,30 @@ async fn allocation_written_but_never_answered_is_dropped_at_restart() {
     let (written, on) = rows[0].clone();
     assert_eq!(on, instance);
 
+    // A release while the allocation is in flight: of the allocation being made (or of
+    // whatever the instance holds), "retry in a moment"; of another one, which has ended since
+    // the instance is being allocated again, "not the current allocation" at once.
+    let release = async |body: Value| {
+        c.matchmaker(
+            Method::POST,
+            &format!("/v1/instances/{instance}/deallocate"),
+            Some(&body),
+        )
+        .await
+    };
+    for body in [json!({}), json!({"allocationId": written})] {
+        release(body)
+            .await
+            .assert_error(422, "INSTANCE_ALLOCATING", Some(76005));
+    }
+    let ended = "00000000-0000-4000-8000-00000000e7d0";
+    let r = release(json!({"allocationId": ended})).await;
+    let err = r.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(err).contains("not the current allocation") && details(err).contains(ended),
+        "{err}"
+    );
+
     // The agent is frozen so that the restarted controller is seen before its report.
     let agent_pid = agent.pid().expect("the agent runs");
     signal(agent_pid, Signal::SIGSTOP).expect("SIGSTOP the agent");

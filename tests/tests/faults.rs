@@ -657,17 +657,11 @@ async fn controller_sigkill_during_load_with_idempotent_retries() {
                         // handed to someone else (or is being handed out right now).
                         Ok(r)
                             if attempt > 1
-                                && ((r.status == 400
-                                    && details(&r.json).contains("not the current allocation"))
-                                    || r.status == 422) =>
+                                && r.status == 400
+                                && details(&r.json).contains("not the current allocation") =>
                         {
-                            if r.status == 422 {
-                                r.assert_error(422, "INSTANCE_ALLOCATING", Some(76005));
-                                note_retry("release: 422 allocating".to_owned());
-                            } else {
-                                released = true;
-                                break;
-                            }
+                            released = true;
+                            break;
                         }
                         Ok(r) if r.status >= 500 => {
                             note_retry(format!("release: {} {}", r.status, r.json["code"]));
