@@ -373,7 +373,10 @@ async fn concurrent_allocators_history_check() {
 /// game, and the whole pool is free again afterwards. Half the games end each match after
 /// 1 ms, so that the agent's report of the match's end often reaches the controller before
 /// the agent's answer to the allocation does (which once left such instances allocated at
-/// the controller for good).
+/// the controller for good). Matchmakers also release half their allocations at once, naming
+/// them, racing the game's own end: the release succeeds, or, when the game was first and the
+/// instance already holds another match, is refused with "not the current allocation" and
+/// releases nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn games_ending_their_own_matches_under_concurrent_allocators() {
     const TASKS: usize = 8;
@@ -405,11 +408,50 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
 
     let started = Instant::now();
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Releases that went through, and those the game's own end overtook.
+    let releases = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let allocated = {
-        let acked = acked.clone();
-        move |r: Response, _| {
-            acked.lock().expect("acked").push(alloc_of(&r.json));
-            std::future::ready(Vec::new())
+        let (acked, releases) = (acked.clone(), releases.clone());
+        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        move |r: Response, random: u64| {
+            let instance = id_of(&r.json);
+            let allocation = alloc_of(&r.json);
+            acked.lock().expect("acked").push(allocation.clone());
+            let (http, base, token, releases) =
+                (http.clone(), base.clone(), token.clone(), releases.clone());
+            async move {
+                if random.is_multiple_of(2) {
+                    return Vec::new();
+                }
+                let d = http
+                    .try_send(
+                        Method::POST,
+                        &format!("{base}/v1/instances/{instance}/deallocate"),
+                        Some(&token),
+                        &[],
+                        Some(&json!({"allocationId": allocation})),
+                    )
+                    .await;
+                match d {
+                    Ok(d) if d.status == 200 => {
+                        releases[0].fetch_add(1, Ordering::Relaxed);
+                        Vec::new()
+                    }
+                    Ok(d)
+                        if d.status == 400
+                            && d.json["code"] == "INVALID_REQUEST"
+                            && details(&d.json).contains("not the current allocation") =>
+                    {
+                        releases[1].fetch_add(1, Ordering::Relaxed);
+                        Vec::new()
+                    }
+                    Ok(d) => vec![format!(
+                        "deallocate {instance} ({allocation}): {} {}",
+                        d.status, d.text
+                    )],
+                    Err(e) => vec![format!("deallocate {instance}: no answer: {e}")],
+                }
+            }
         }
     };
     let (problems, refusals) =
@@ -417,13 +459,17 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
     let acked = acked.lock().expect("acked").clone();
     eprintln!(
         "[faults] games_ending_their_own_matches_under_concurrent_allocators: {} acknowledged \
-         allocations in {:.1}s, {refusals} NO_ALLOCATABLE_INSTANCE refusals",
+         allocations in {:.1}s, {refusals} NO_ALLOCATABLE_INSTANCE refusals; releases: {} \
+         went through, {} came after the game ended the match",
         acked.len(),
         started.elapsed().as_secs_f64(),
+        releases[0].load(Ordering::Relaxed),
+        releases[1].load(Ordering::Relaxed),
     );
     assert!(
         problems.is_empty(),
-        "only 200s with status 5 and full 404 NO_ALLOCATABLE_INSTANCE bodies: {problems:#?}"
+        "only 200s with status 5 and full 404 NO_ALLOCATABLE_INSTANCE bodies, and releases \
+         that went through or came after the match: {problems:#?}"
     );
     assert!(
         acked.len() >= 100,
