@@ -548,6 +548,56 @@ async fn game_dying_while_agent_down_is_restarted() {
     assert_eq!(info["instanceId"], json!(id));
 }
 
+/// A game that ends its match while its agent is down tells the restarted agent so (it sends
+/// its status on every new link): the instance is free again, with the same process, and takes
+/// the next match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_ended_while_agent_down_is_free_after_the_restart() {
+    let mut agent = AgentProcess::start_new("ended-while-down").await;
+    let id = new_id("g");
+    // 1 s matches.
+    agent.deploy_sample(&id, 0, 1).await;
+    let before = agent.wait_online(&id).await;
+    let (pid, port) = (pid_of(&before), port_of(&before));
+    agent.wait_pids_persisted(&[&id]).await;
+    agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": kv(&[("map", "mirage")]), "allocationId": "alloc-g"}),
+        )
+        .await
+        .expect(200);
+    agent.wait_allocation_persisted(&id).await;
+
+    agent.kill9();
+    wait_game_info(port, "the match over, with no agent to tell", |i| {
+        i["allocated"] == false && i["status"] == 4
+    })
+    .await;
+    agent.start().await;
+
+    let after = agent
+        .wait_instance(&id, "free again (4, no allocation), link up", |i| {
+            i["status"] == 4 && i["allocationId"].is_null() && i["arcusConnected"] == true
+        })
+        .await;
+    assert_eq!(pid_of(&after), pid, "re-adopted, not restarted: {after}");
+    assert_eq!(after["restarts"], 0, "{after}");
+    assert!(after["allocatedAt"].is_null(), "{after}");
+    let r = agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": kv(&[("map", "nuke")]), "allocationId": "alloc-g2"}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.json["status"], 5, "{}", r.json);
+    let info = wait_game_info(port, "the next match", |i| i["allocated"] == true).await;
+    assert_eq!(info["allocation"], kv(&[("map", "nuke")]), "{info}");
+    assert_eq!(info["allocationsReceived"], 2, "{info}");
+    assert_eq!(info["allocatedDuringMatch"], 0, "{info}");
+}
+
 /// The `berth_agent_arcus_protocol_errors_total` counter from `/metrics`.
 async fn protocol_errors(agent: &AgentProcess) -> f64 {
     let m = agent.get("/metrics").await.expect(200);
