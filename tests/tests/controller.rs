@@ -951,6 +951,59 @@ async fn controller_sigkill_loses_no_acknowledged_allocation() {
     }
 }
 
+/// Matches that end while the controller is down: the allocations come back from the store
+/// at the restart, unconfirmed, and the agents' full reports (the games ended them) release
+/// them, on disk too. Meanwhile they are not offered, and afterwards all are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matches_ended_while_the_controller_is_down_are_released_at_its_restart() {
+    let mut c = ControllerProcess::start_new("ctl-ended-down").await;
+    // 2 s matches.
+    c.sample_fleet(7, 456, 3, 2, &[]).await;
+    let agent = c.spawn_agent("ctl-ended-down", "ended-down").await;
+    let before = c.wait_online(7, 3).await;
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        ended.push(c.allocate_ok(7, "").await);
+    }
+    let registered = registrations(&agent);
+
+    c.kill9();
+    for a in &ended {
+        wait_game_info(port_of(a), "the match over, its controller down", |i| {
+            i["allocated"] == false
+        })
+        .await;
+    }
+    c.start().await;
+    wait_for("the agent registers again", TIMEOUT, async || {
+        (registrations(&agent) > registered).then_some(())
+    })
+    .await;
+    let free = c
+        .wait_instances("?applicationId=7", "all 3 free again", |l| {
+            l.len() == 3
+                && l.iter()
+                    .all(|i| is_allocatable(i) && i["allocationId"].is_null())
+        })
+        .await;
+    assert_eq!(ids(&free), ids(&before));
+    wait_for("no allocation rows left on disk", TIMEOUT, async || {
+        let rows = c.stored_allocations().await;
+        rows.is_empty().then_some(()).ok_or(format!("{rows:?}"))
+    })
+    .await;
+    // The whole pool takes matches again.
+    let mut next = Vec::new();
+    for _ in 0..3 {
+        next.push(c.allocate_ok(7, "").await);
+    }
+    assert_eq!(ids(&next), ids(&before));
+    for i in &next {
+        let info = game_info(port_of(i)).await.expect("INFO");
+        assert_eq!(info["allocatedDuringMatch"], 0, "{info}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Fleet sizing
 
