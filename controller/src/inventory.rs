@@ -2091,18 +2091,16 @@ impl Inventory {
         if view.version <= inst.report.version {
             return;
         }
+        // Live state is not persisted: agents report it in full when they (re-)register.
         inst.report = Report::from_view(view, &mut self.strings);
+        let claimed = inst.claimed;
         self.refused.remove(&id);
         self.reindex(&id);
-        let Some(inst) = self.instances.get_mut(id.as_str()) else {
-            return;
-        };
-        // Live state is not persisted: agents report it in full when they (re-)register.
-        if inst.claimed {
-            // `settle` weighs this report against the allocation once the agent answers.
-            return;
+        // While claimed, `settle` weighs this report against the allocation once the agent
+        // answers.
+        if !claimed {
+            self.reconcile_allocation(&id);
         }
-        self.reconcile_allocation(&id);
     }
 
     /// Weighs the agent's latest report of an instance against the controller's allocation of
