@@ -40,6 +40,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    Locked(#[from] berth_daemon::state_lock::LockError),
+    #[error(transparent)]
     State(#[from] state::StateError),
     #[error(
         "cannot listen on {addr}: {source} (is another agent running? set listen in agent.toml)"
@@ -61,6 +63,16 @@ pub async fn run(
 ) -> Result<(), RunError> {
     process::raise_nofile_limit();
     let config = Arc::new(config);
+    // Before the state is read: a second agent on this directory would adopt the same games.
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| state::StateError::CreateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let _lock = berth_daemon::state_lock::StateLock::acquire(
+        "berth-agent",
+        format!("the state directory {}", config.state_dir.display()),
+        &config.state_dir.join(state::LOCK_FILE),
+    )?;
     let state = state::load(&config.state_dir)?;
     let is_virtual = match config.is_virtual {
         Some(v) => v,

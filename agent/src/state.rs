@@ -119,6 +119,8 @@ pub fn journal_path(state_dir: &Path, base: u64) -> PathBuf {
 }
 
 const JOURNAL_PREFIX: &str = "agent-state.journal.";
+/// Held while an agent runs on this directory (see `berth_daemon::state_lock`).
+pub const LOCK_FILE: &str = "agent.lock";
 
 /// The single journal file agents before numbered journals wrote; replayed and then deleted.
 fn legacy_journal_path(state_dir: &Path) -> PathBuf {

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_daemon::state_lock::{LockError, StateLock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -33,6 +34,8 @@ pub use berth_protocol::time::unix_now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error(transparent)]
+    Locked(#[from] berth_daemon::state_lock::LockError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -52,6 +55,7 @@ pub async fn run(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
+    let _lock = lock_database(&config.database)?;
     let store = store::Store::open(&config.database).await?;
     let snapshot = store.load().await?;
     tracing::info!(
@@ -148,4 +152,22 @@ pub async fn run(
         tracing::warn!(error = %e, "the last writes were not saved");
     }
     Ok(())
+}
+
+/// The controller's claim on its database, beside it (`controller.db.lock`): a second
+/// controller on the same file would hand one instance to two matchmakers.
+fn lock_database(database: &std::path::Path) -> Result<StateLock, LockError> {
+    if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| LockError::Open {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let mut path = database.as_os_str().to_owned();
+    path.push(".lock");
+    StateLock::acquire(
+        "berth-controller",
+        format!("the database {}", database.display()),
+        std::path::Path::new(&path),
+    )
 }

@@ -1,6 +1,9 @@
 //! What `berth-agent` and `berth-controller` share outside HTTP: strict configuration files
 //! with single-key overrides and errors that name the key, secrets read from files, the
-//! tracing setup (JSON under systemd, text on a terminal), and the stop signals.
+//! tracing setup (JSON under systemd, text on a terminal), the stop signals, and the lock
+//! that keeps a second daemon off the same state ([`state_lock`]).
+
+pub mod state_lock;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -817,6 +817,34 @@ pub fn berth_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// Runs a daemon command expected to give up at once (a refused start), and returns its exit
+/// status and stderr. One still running after `within` is killed and the test fails: the
+/// refusal did not happen.
+pub async fn expect_exit(mut cmd: Command, within: Duration) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            reap_killed(child);
+            panic!("{cmd:?} still runs after {within:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (status, stderr)
+}
+
 /// One run after another of a daemon binary (`berth-agent` or `berth-controller`), its output
 /// appended to one log file. Dropping it kills the running process.
 #[derive(Debug)]

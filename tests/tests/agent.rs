@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use berth_e2e::json::{kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, TIMEOUT, TestDir, bad_game_profile, berth_command, bin,
-    count_instance_processes, deploy_body, game_info, pid_alive, sample_game_profile, short_id,
-    signal, wait_for, wait_game_info,
+    count_instance_processes, deploy_body, expect_exit, free_port, game_info, pid_alive,
+    sample_game_profile, short_id, signal, wait_for, wait_game_info,
 };
 use berth_protocol::arcus::MAX_BURST;
 use http::Method;
@@ -596,6 +596,55 @@ async fn match_ended_while_agent_down_is_free_after_the_restart() {
     assert_eq!(info["allocation"], kv(&[("map", "nuke")]), "{info}");
     assert_eq!(info["allocationsReceived"], 2, "{info}");
     assert_eq!(info["allocatedDuringMatch"], 0, "{info}");
+}
+
+/// A second agent started on a running agent's state directory (another listen port, so the
+/// port does not stop it) exits at once, naming the running agent's pid and the lock file, and
+/// touches nothing: the games keep their process and their Arcus link to the first agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_is_refused() {
+    let agent = AgentProcess::start_new("state-lock").await;
+    let id = new_id("l");
+    agent.deploy_sample(&id, 0, 0).await;
+    let before = agent.wait_online(&id).await;
+    let connects = arcus_connects(&agent).await;
+
+    let mut other = agent.config().clone();
+    other.listen_port = free_port();
+    let dir = TestDir::new("state-lock-second");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, other.toml(agent.state_dir())).expect("write the second config");
+    let mut second = berth_command(bin("berth-agent"));
+    second.arg("--config").arg(&config);
+    let (status, stderr) = expect_exit(second, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let pid = agent.pid().expect("the first agent runs");
+    assert!(
+        stderr.contains(&format!("another berth-agent (pid {pid})"))
+            && stderr.contains("agent.lock")
+            && stderr.contains(&agent.state_dir().display().to_string()),
+        "{stderr}"
+    );
+
+    let after = agent.instance(&id).await;
+    assert_eq!(pid_of(&after), pid_of(&before), "{after}");
+    assert_eq!(after["arcusConnected"], true, "{after}");
+    assert_eq!(
+        arcus_connects(&agent).await,
+        connects,
+        "no game's link was taken and given back"
+    );
+    agent
+        .post(&format!("/v1/instances/{id}/allocate"), &json!({}))
+        .await
+        .expect(200);
+}
+
+/// The `berth_agent_arcus_connects_total` counter from `/metrics`.
+async fn arcus_connects(agent: &AgentProcess) -> f64 {
+    let m = agent.get("/metrics").await.expect(200);
+    berth_e2e::metric(&m.text, "berth_agent_arcus_connects_total", "")
+        .unwrap_or_else(|| panic!("no Arcus connect counter in /metrics:\n{}", m.text))
 }
 
 /// The `berth_agent_arcus_protocol_errors_total` counter from `/metrics`.

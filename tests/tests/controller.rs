@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use berth_e2e::json::{details, id_of, ids, kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, ControllerToken, FaultProxy,
-    Response, TIMEOUT, assert_metrics, count_instance_processes, fleet_body, game_info,
-    is_allocatable, metric, short_id, signal, wait_for, wait_game_info,
+    Response, TIMEOUT, TestDir, assert_metrics, berth_command, bin, count_instance_processes,
+    expect_exit, fleet_body, free_port, game_info, is_allocatable, metric, short_id, signal,
+    wait_for, wait_game_info,
 };
 use bytes::Bytes;
 use http::Method;
@@ -1002,6 +1003,37 @@ async fn matches_ended_while_the_controller_is_down_are_released_at_its_restart(
         let info = game_info(port_of(i)).await.expect("INFO");
         assert_eq!(info["allocatedDuringMatch"], 0, "{info}");
     }
+}
+
+/// A second controller started on a running controller's database (another port, so the port
+/// does not stop it) exits at once, naming the running one's pid and the lock file: two
+/// controllers on one database would each claim instances in their own memory. The first one
+/// serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_controller_on_the_same_database_is_refused() {
+    let c = ControllerProcess::start_new("ctl-db-lock").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let _agent = c.spawn_agent("ctl-db-lock", "db-lock-bm").await;
+    c.wait_online(7, 1).await;
+
+    let mut other = c.config().clone();
+    other.listen_port = free_port();
+    let dir = TestDir::new("ctl-db-lock-second");
+    let config = dir.join("controller.toml");
+    std::fs::write(&config, other.toml(c.database())).expect("write the second config");
+    let mut second = berth_command(bin("berth-controller"));
+    second.arg("--config").arg(&config);
+    let (status, stderr) = expect_exit(second, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let pid = c.pid().expect("the first controller runs");
+    assert!(
+        stderr.contains(&format!("another berth-controller (pid {pid})"))
+            && stderr.contains("controller.db.lock")
+            && stderr.contains(&c.database().display().to_string()),
+        "{stderr}"
+    );
+    let a = c.allocate_ok(7, "").await;
+    assert_eq!(a["status"], 5, "{a}");
 }
 
 // ---------------------------------------------------------------------------------------------
