@@ -1877,6 +1877,27 @@ impl Inventory {
                 }
             )));
         }
+        // A host is its name, so a second agent under a live host's name (a cloned machine
+        // image, a copied agent.toml) would take the host over: the first agent's instances
+        // would leave the inventory, matches in progress with them, and the two would take it
+        // from each other at every registration. The agent's own token, kept in its state
+        // across restarts, tells a restart from another agent; another agent gets the name
+        // once the host it belonged to has gone silent (a reinstalled machine, say).
+        if let Some(h) = self
+            .hosts
+            .values()
+            .find(|h| h.rec.name == req.host_name && h.reachable)
+            && h.rec.agent_token != req.agent_token
+        {
+            return Err(invalid(format!(
+                "hostName {:?} is host {} of another agent, which is alive (reached at {}, heard from {} ms ago); give this agent its own host_name in agent.toml, or stop the other one: this one is accepted once the other has been silent for {} ms",
+                req.host_name,
+                h.rec.id,
+                h.rec.advertise_url,
+                h.last_heartbeat.elapsed().as_millis(),
+                self.config.expiry().as_millis(),
+            )));
+        }
         let region_id = self.region_for(&req.region);
         let dc_location_id = self.dc_for(region_id, &req.dc_location);
         let existing = self

@@ -1036,6 +1036,58 @@ async fn a_second_controller_on_the_same_database_is_refused() {
     assert_eq!(a["status"], 5, "{a}");
 }
 
+/// Two agents under one host name (a cloned machine image, a copied agent.toml): the second
+/// is refused while the first is alive, saying why, so the first keeps its host, its instances
+/// and its match; the second gets the name once the first has gone silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_under_a_live_hosts_name_is_refused() {
+    let c = ControllerProcess::start_new("ctl-twin").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let mut first = c.spawn_agent("ctl-twin", "twin").await;
+    c.wait_online(7, 1).await;
+    let held = c.allocate_ok(7, "").await;
+    let refusals = || c.log().matches("is host 1 of another agent").count();
+
+    let second = AgentProcess::spawn("ctl-twin-second", AgentConfig::joined("twin", &c)).await;
+    wait_for("three refused registrations", TIMEOUT, async || {
+        (refusals() >= 3).then_some(()).ok_or(refusals())
+    })
+    .await;
+    let host = c.host_named("twin").await;
+    assert_eq!(host["id"], 1, "{host}");
+    assert_eq!(c.hosts().await.len(), 1);
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert_eq!(
+        ids(&c.instances("?applicationId=7").await),
+        ids(std::slice::from_ref(&held))
+    );
+    assert!(
+        second
+            .log()
+            .contains("give this agent its own host_name in agent.toml"),
+        "the refused agent says why"
+    );
+
+    // The first agent gone silent, the second takes the name over, with its own instance.
+    first.kill9();
+    let taken = c
+        .wait_host("twin", "taken over by the second agent", |h| {
+            h["reachable"] == true && h["instances"] == 1
+        })
+        .await;
+    assert_eq!(taken["id"], 1, "{taken}");
+    let now = c.wait_online(7, 1).await;
+    assert_eq!(now[0]["hostId"], 1, "{now:?}");
+    assert_ne!(id_of(&now[0]), id_of(&held), "the second agent's own game");
+    assert_eq!(
+        ids(&second.instances().await),
+        ids(&now),
+        "the instance listed is the second agent's"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Fleet sizing
 
