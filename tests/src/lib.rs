@@ -817,16 +817,29 @@ pub fn berth_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
-/// Runs a daemon command expected to give up at once (a refused start), and returns its exit
-/// status and stderr. One still running after `within` is killed and the test fails: the
-/// refusal did not happen.
-pub async fn expect_exit(mut cmd: Command, within: Duration) -> (ExitStatus, String) {
+/// Starts a second `daemon` (`berth-agent` or `berth-controller`) with `config` (the text of
+/// its file) on the state of one that runs as `holder`, and checks that it gives up at once:
+/// exit 1, its stderr naming the holder's pid and every one of `mentions` (the lock file, the
+/// state). One still running after 10 s is killed and the test fails.
+pub async fn assert_second_daemon_refused(
+    daemon: &str,
+    config: &str,
+    holder: u32,
+    mentions: &[&str],
+) {
+    let dir = TestDir::new(&format!("{daemon}-second"));
+    let path = dir.join("second.toml");
+    std::fs::write(&path, config).expect("write the second daemon's config");
+    let mut cmd = berth_command(bin(daemon));
     let mut child = cmd
+        .arg("--config")
+        .arg(&path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start a second {daemon}: {e}"));
+    let within = Duration::from_secs(10);
     let deadline = Instant::now() + within;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -834,7 +847,7 @@ pub async fn expect_exit(mut cmd: Command, within: Duration) -> (ExitStatus, Str
         }
         if Instant::now() >= deadline {
             reap_killed(child);
-            panic!("{cmd:?} still runs after {within:?}");
+            panic!("a second {daemon} on the same state still runs after {within:?}");
         }
         tokio::time::sleep(POLL).await;
     };
@@ -842,7 +855,12 @@ pub async fn expect_exit(mut cmd: Command, within: Duration) -> (ExitStatus, Str
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
-    (status, stderr)
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("another {daemon} (pid {holder})"))
+            && mentions.iter().all(|m| stderr.contains(m)),
+        "names the running {daemon} and {mentions:?}: {stderr}"
+    );
 }
 
 /// One run after another of a daemon binary (`berth-agent` or `berth-controller`), its output

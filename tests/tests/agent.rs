@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::json::{kv, pid_of, port_of};
 use berth_e2e::{
-    AgentConfig, AgentProcess, TIMEOUT, TestDir, bad_game_profile, berth_command, bin,
-    count_instance_processes, deploy_body, expect_exit, free_port, game_info, pid_alive,
+    AgentConfig, AgentProcess, TIMEOUT, TestDir, assert_second_daemon_refused, bad_game_profile,
+    berth_command, bin, count_instance_processes, deploy_body, free_port, game_info, pid_alive,
     sample_game_profile, short_id, signal, wait_for, wait_game_info,
 };
 use berth_protocol::arcus::MAX_BURST;
@@ -611,20 +611,13 @@ async fn a_second_agent_on_the_same_state_directory_is_refused() {
 
     let mut other = agent.config().clone();
     other.listen_port = free_port();
-    let dir = TestDir::new("state-lock-second");
-    let config = dir.join("agent.toml");
-    std::fs::write(&config, other.toml(agent.state_dir())).expect("write the second config");
-    let mut second = berth_command(bin("berth-agent"));
-    second.arg("--config").arg(&config);
-    let (status, stderr) = expect_exit(second, Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    let pid = agent.pid().expect("the first agent runs");
-    assert!(
-        stderr.contains(&format!("another berth-agent (pid {pid})"))
-            && stderr.contains("agent.lock")
-            && stderr.contains(&agent.state_dir().display().to_string()),
-        "{stderr}"
-    );
+    assert_second_daemon_refused(
+        "berth-agent",
+        &other.toml(agent.state_dir()),
+        agent.pid().expect("the first agent runs"),
+        &["agent.lock", &agent.state_dir().display().to_string()],
+    )
+    .await;
 
     let after = agent.instance(&id).await;
     assert_eq!(pid_of(&after), pid_of(&before), "{after}");

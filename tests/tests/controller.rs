@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use berth_e2e::json::{details, id_of, ids, kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, ControllerToken, FaultProxy,
-    Response, TIMEOUT, TestDir, assert_metrics, berth_command, bin, count_instance_processes,
-    expect_exit, fleet_body, free_port, game_info, is_allocatable, metric, short_id, signal,
-    wait_for, wait_game_info,
+    Response, TIMEOUT, assert_metrics, assert_second_daemon_refused, count_instance_processes,
+    fleet_body, free_port, game_info, is_allocatable, metric, short_id, signal, wait_for,
+    wait_game_info,
 };
 use bytes::Bytes;
 use http::Method;
@@ -1018,20 +1018,13 @@ async fn a_second_controller_on_the_same_database_is_refused() {
 
     let mut other = c.config().clone();
     other.listen_port = free_port();
-    let dir = TestDir::new("ctl-db-lock-second");
-    let config = dir.join("controller.toml");
-    std::fs::write(&config, other.toml(c.database())).expect("write the second config");
-    let mut second = berth_command(bin("berth-controller"));
-    second.arg("--config").arg(&config);
-    let (status, stderr) = expect_exit(second, Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    let pid = c.pid().expect("the first controller runs");
-    assert!(
-        stderr.contains(&format!("another berth-controller (pid {pid})"))
-            && stderr.contains("controller.db.lock")
-            && stderr.contains(&c.database().display().to_string()),
-        "{stderr}"
-    );
+    assert_second_daemon_refused(
+        "berth-controller",
+        &other.toml(c.database()),
+        c.pid().expect("the first controller runs"),
+        &["controller.db.lock", &c.database().display().to_string()],
+    )
+    .await;
     let a = c.allocate_ok(7, "").await;
     assert_eq!(a["status"], 5, "{a}");
 }

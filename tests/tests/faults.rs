@@ -173,6 +173,24 @@ struct Held {
     release_sent: Duration,
 }
 
+/// A matchmaker's release of its own allocation, named so that it never ends another match.
+async fn release_named(
+    http: &Http,
+    base: &str,
+    token: &str,
+    instance: &str,
+    allocation: &str,
+) -> Result<Response, String> {
+    http.try_send(
+        Method::POST,
+        &format!("{base}/v1/instances/{instance}/deallocate"),
+        Some(token),
+        &[],
+        Some(&json!({"allocationId": allocation})),
+    )
+    .await
+}
+
 /// The load of the history checks: `TASKS` matchmakers allocate from application 7 until
 /// `max_ops` attempts in all or `max_time`; `allocated` handles each acknowledged allocation
 /// (with a random number for its choices) and returns what was wrong with it. A refusal of a
@@ -275,15 +293,7 @@ async fn concurrent_allocators_history_check() {
                 }
                 let release_sent = started.elapsed();
                 ops.fetch_add(1, Ordering::Relaxed);
-                let d = http
-                    .try_send(
-                        Method::POST,
-                        &format!("{base}/v1/instances/{instance}/deallocate"),
-                        Some(&token),
-                        &[],
-                        Some(&json!({"allocationId": allocation})),
-                    )
-                    .await;
+                let d = release_named(&http, &base, &token, &instance, &allocation).await;
                 let problem = match d {
                     Ok(d) if d.status == 200 => None,
                     Ok(d) => Some(format!(
@@ -423,15 +433,7 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
                 if random.is_multiple_of(2) {
                     return Vec::new();
                 }
-                let d = http
-                    .try_send(
-                        Method::POST,
-                        &format!("{base}/v1/instances/{instance}/deallocate"),
-                        Some(&token),
-                        &[],
-                        Some(&json!({"allocationId": allocation})),
-                    )
-                    .await;
+                let d = release_named(&http, &base, &token, &instance, &allocation).await;
                 match d {
                     Ok(d) if d.status == 200 => {
                         releases[0].fetch_add(1, Ordering::Relaxed);
