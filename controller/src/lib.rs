@@ -35,7 +35,7 @@ pub use berth_protocol::time::unix_now;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Locked(#[from] berth_daemon::state_lock::LockError),
+    Locked(#[from] LockError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]

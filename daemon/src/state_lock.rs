@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct StateLock {
     _file: File,
-    path: PathBuf,
 }
 
 /// Why the lock could not be taken.
@@ -78,14 +77,7 @@ impl StateLock {
             .set_len(0)
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| writeln!(file, "{pid}"));
-        Ok(Self {
-            _file: file,
-            path: path.to_owned(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { _file: file })
     }
 }
 
