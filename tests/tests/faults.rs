@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use berth_e2e::json::{details, id_of, ids, kv, pid_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, ControllerConfig, ControllerProcess, Http, Response, TIMEOUT,
-    arg_value, assert_no_match_given_away, count_instance_processes, fleet_body, is_allocatable,
-    pid_alive, pids_writing_under, sample_game_profile, short_id, wait_for,
+    arg_value, assert_no_match_given_away, count_instance_processes, fleet_body, game_info,
+    is_allocatable, pid_alive, pids_writing_under, sample_game_profile, short_id, wait_for,
 };
 use bytes::Bytes;
 use http::Method;
@@ -495,6 +495,133 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
     for i in &online {
         assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
     }
+}
+
+/// The fleet shrinks and grows while matchmakers allocate from it: the reconciler removes only
+/// idle instances, never one a matchmaker was just given. Each matchmaker asks its game, while
+/// it holds the allocation, whether it is running that very match (its metadata), then
+/// releases it by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_resizing_under_allocation_load_ends_no_match() {
+    const TASKS: usize = 6;
+    const MAX_TIME: Duration = Duration::from_secs(6);
+    let mut rng = Rng::seeded("fleet_resizing_under_allocation_load_ends_no_match");
+    let c = ControllerProcess::start_new("flt-resize").await;
+    c.sample_fleet(7, 456, 4, 0, &[]).await;
+    let mut agents = Vec::new();
+    for name in ["resize-a", "resize-b"] {
+        agents.push(c.spawn_agent("flt-resize", name).await);
+    }
+    c.wait_online(7, 8).await;
+
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let resizes = {
+        let (c_url, http, token) = (c.url(), c.http().clone(), c.admin_token().to_owned());
+        let stop = stop.clone();
+        let mut rng = rng.fork();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let per_host = if n.is_multiple_of(2) { 1 } else { 4 };
+                let body = fleet_body(456, 7, "sample-7", per_host, &[]);
+                let r = http
+                    .try_send(
+                        Method::PUT,
+                        &format!("{c_url}/v1/fleets/456"),
+                        Some(&token),
+                        &[],
+                        Some(&body),
+                    )
+                    .await;
+                assert!(r.is_ok_and(|r| r.status == 200), "resize {n}");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
+            }
+            n
+        })
+    };
+    let mut workers = Vec::new();
+    for m in 0..TASKS {
+        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        let mut rng = rng.fork();
+        workers.push(tokio::spawn(async move {
+            let (mut problems, mut checked) = (Vec::new(), 0u64);
+            let mut k = 0u64;
+            while started.elapsed() < MAX_TIME && problems.len() <= 5 {
+                k += 1;
+                let meta = kv(&[("matchmaker", &m.to_string()), ("seq", &k.to_string())]);
+                let r = match http
+                    .try_send(
+                        Method::POST,
+                        &format!("{base}/v1/applications/7/allocate"),
+                        Some(&token),
+                        &[],
+                        Some(&json!({"metadata": meta})),
+                    )
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        problems.push(format!("allocate: no answer: {e}"));
+                        break;
+                    }
+                };
+                match r.status {
+                    200 => {}
+                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
+                        tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
+                        continue;
+                    }
+                    _ => {
+                        problems.push(format!("allocate: {} {}", r.status, r.text));
+                        continue;
+                    }
+                }
+                let (instance, allocation) = (id_of(&r.json), alloc_of(&r.json));
+                let port = r.json["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+                tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
+                match port.map(game_info) {
+                    Some(info) => match info.await {
+                        Ok(i) if i["allocated"] == true && i["allocation"] == meta => checked += 1,
+                        Ok(i) => problems.push(format!(
+                            "{instance} ({allocation}): the game is not running this match: {i}"
+                        )),
+                        Err(e) => problems.push(format!(
+                            "{instance} ({allocation}): the game does not answer: {e}"
+                        )),
+                    },
+                    None => problems.push(format!("no port: {}", r.json)),
+                }
+                match release_named(&http, &base, &token, &instance, &allocation).await {
+                    Ok(d) if d.status == 200 => {}
+                    Ok(d) => problems.push(format!(
+                        "release {instance} ({allocation}): {} {}",
+                        d.status, d.text
+                    )),
+                    Err(e) => problems.push(format!("release {instance}: no answer: {e}")),
+                }
+            }
+            (problems, checked)
+        }));
+    }
+    let (mut problems, mut checked) = (Vec::new(), 0);
+    for w in workers {
+        let (p, n) = w.await.expect("matchmaker task");
+        problems.extend(p);
+        checked += n;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let resized = resizes.await.expect("resizer task");
+    eprintln!(
+        "[faults] fleet_resizing_under_allocation_load_ends_no_match: {checked} matches checked \
+         in their games, {resized} resizes"
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(
+        checked >= 50 && resized >= 6,
+        "{checked} matches, {resized} resizes"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
