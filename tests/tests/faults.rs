@@ -514,7 +514,6 @@ async fn fleet_resizing_under_allocation_load_ends_no_match() {
     }
     c.wait_online(7, 8).await;
 
-    let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let resizes = {
         let (c_url, http, token) = (c.url(), c.http().clone(), c.admin_token().to_owned());
@@ -541,49 +540,27 @@ async fn fleet_resizing_under_allocation_load_ends_no_match() {
             n
         })
     };
-    let mut workers = Vec::new();
-    for m in 0..TASKS {
+    // Each matchmaker's metadata names it, and a matchmaker releases before it allocates
+    // again: a game showing that metadata while allocated is running this very match.
+    let checked = Arc::new(AtomicU64::new(0));
+    let allocated = {
+        let checked = checked.clone();
         let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
-        let mut rng = rng.fork();
-        workers.push(tokio::spawn(async move {
-            let (mut problems, mut checked) = (Vec::new(), 0u64);
-            let mut k = 0u64;
-            while started.elapsed() < MAX_TIME && problems.len() <= 5 {
-                k += 1;
-                let meta = kv(&[("matchmaker", &m.to_string()), ("seq", &k.to_string())]);
-                let r = match http
-                    .try_send(
-                        Method::POST,
-                        &format!("{base}/v1/applications/7/allocate"),
-                        Some(&token),
-                        &[],
-                        Some(&json!({"metadata": meta})),
-                    )
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        problems.push(format!("allocate: no answer: {e}"));
-                        break;
-                    }
-                };
-                match r.status {
-                    200 => {}
-                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
-                        tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
-                        continue;
-                    }
-                    _ => {
-                        problems.push(format!("allocate: {} {}", r.status, r.text));
-                        continue;
-                    }
-                }
+        move |r: Response, random: u64| {
+            let (http, base, token, checked) =
+                (http.clone(), base.clone(), token.clone(), checked.clone());
+            async move {
                 let (instance, allocation) = (id_of(&r.json), alloc_of(&r.json));
+                let mut problems = Vec::new();
+                tokio::time::sleep(Duration::from_millis(random % 30)).await;
                 let port = r.json["port"].as_u64().and_then(|p| u16::try_from(p).ok());
-                tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
                 match port.map(game_info) {
                     Some(info) => match info.await {
-                        Ok(i) if i["allocated"] == true && i["allocation"] == meta => checked += 1,
+                        Ok(i)
+                            if i["allocated"] == true && i["allocation"] == r.json["metadata"] =>
+                        {
+                            checked.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(i) => problems.push(format!(
                             "{instance} ({allocation}): the game is not running this match: {i}"
                         )),
@@ -601,16 +578,12 @@ async fn fleet_resizing_under_allocation_load_ends_no_match() {
                     )),
                     Err(e) => problems.push(format!("release {instance}: no answer: {e}")),
                 }
+                problems
             }
-            (problems, checked)
-        }));
-    }
-    let (mut problems, mut checked) = (Vec::new(), 0);
-    for w in workers {
-        let (p, n) = w.await.expect("matchmaker task");
-        problems.extend(p);
-        checked += n;
-    }
+        }
+    };
+    let (problems, _) = run_matchmakers(&c, TASKS, &mut rng, u64::MAX, MAX_TIME, allocated).await;
+    let checked = checked.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let resized = resizes.await.expect("resizer task");
     eprintln!(
