@@ -71,6 +71,7 @@ pub async fn run(
     let _lock = berth_daemon::state_lock::StateLock::acquire(
         "berth-agent",
         format!("the state directory {}", config.state_dir.display()),
+        "state_dir (agent.toml), and listen port",
         &config.state_dir.join(state::LOCK_FILE),
     )?;
     let state = state::load(&config.state_dir)?;

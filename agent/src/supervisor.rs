@@ -7,6 +7,7 @@
 //! one batch).
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1159,11 +1160,10 @@ impl Supervisor {
 
     fn fire_due_timers(&mut self) {
         let now = Instant::now();
-        while let Some(Reverse(due)) = self.timers.peek()
-            && due.at <= now
-        {
-            let Some(Reverse(due)) = self.timers.pop() else {
-                break;
+        loop {
+            let due = match self.timers.peek_mut() {
+                Some(top) if top.0.at <= now => PeekMut::pop(top).0,
+                _ => break,
             };
             self.timer(&due.id, due.run, due.timer);
         }

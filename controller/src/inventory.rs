@@ -1883,10 +1883,9 @@ impl Inventory {
         // from each other at every registration. The agent's own token, kept in its state
         // across restarts, tells a restart from another agent; another agent gets the name
         // once the host it belonged to has gone silent (a reinstalled machine, say).
-        if let Some(h) = self
-            .hosts
-            .values()
-            .find(|h| h.rec.name == req.host_name && h.reachable)
+        let existing = self.hosts.values().find(|h| h.rec.name == req.host_name);
+        if let Some(h) = existing
+            && h.reachable
             && h.rec.agent_token != req.agent_token
         {
             return Err(invalid(format!(
@@ -1898,13 +1897,9 @@ impl Inventory {
                 self.config.expiry().as_millis(),
             )));
         }
+        let existing = existing.map(|h| (h.rec.id, h.rec.draining, h.rec.registered_at));
         let region_id = self.region_for(&req.region);
         let dc_location_id = self.dc_for(region_id, &req.dc_location);
-        let existing = self
-            .hosts
-            .values()
-            .find(|h| h.rec.name == req.host_name)
-            .map(|h| (h.rec.id, h.rec.draining, h.rec.registered_at));
         let (id, draining, registered_at) = existing.unwrap_or_else(|| {
             (
                 self.hosts.keys().max().copied().unwrap_or(0) + 1,

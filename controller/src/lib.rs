@@ -168,6 +168,7 @@ fn lock_database(database: &std::path::Path) -> Result<StateLock, LockError> {
     StateLock::acquire(
         "berth-controller",
         format!("the database {}", database.display()),
+        "database (controller.toml), and listen address",
         std::path::Path::new(&path),
     )
 }

@@ -21,13 +21,15 @@ pub struct StateLock {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another {daemon} ({}) is using {what} (it holds {}): stop it first, or give this one its own",
+        "another {daemon} ({}) is using {what} (it holds {}): stop it first, or give this one its own {setting}",
         holder.map_or("pid unknown".to_owned(), |p| format!("pid {p}")),
         path.display()
     )]
     Held {
         daemon: &'static str,
         what: String,
+        /// The configuration key that chooses the state, for the remedy.
+        setting: &'static str,
         path: PathBuf,
         /// The pid the holder wrote into the file, when it could be read.
         holder: Option<u32>,
@@ -38,10 +40,16 @@ pub enum LockError {
 
 impl StateLock {
     /// Takes the lock at `path` for `daemon` (`berth-agent`), or says who holds it. `what`
-    /// names the state it guards in the error ("the database /var/lib/berth/controller.db").
+    /// names the state it guards in the error ("the database /var/lib/berth/controller.db"),
+    /// `setting` the configuration key that would give a second daemon its own.
     /// The file is created if needed (its directory must exist) and records this process's
     /// pid for the next one's error message.
-    pub fn acquire(daemon: &'static str, what: String, path: &Path) -> Result<Self, LockError> {
+    pub fn acquire(
+        daemon: &'static str,
+        what: String,
+        setting: &'static str,
+        path: &Path,
+    ) -> Result<Self, LockError> {
         let open_error = |source| LockError::Open {
             path: path.to_owned(),
             source,
@@ -64,6 +72,7 @@ impl StateLock {
                 return Err(LockError::Held {
                     daemon,
                     what,
+                    setting,
                     path: path.to_owned(),
                     holder,
                 });
@@ -90,9 +99,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-lock-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("test.lock");
-        let first = StateLock::acquire("berth-test", "the test state".to_owned(), &path).unwrap();
+        let first =
+            StateLock::acquire("berth-test", "the test state".to_owned(), "state", &path).unwrap();
         // Another open file description of the same file, as another process would have.
-        let second = StateLock::acquire("berth-test", "the test state".to_owned(), &path);
+        let second = StateLock::acquire("berth-test", "the test state".to_owned(), "state", &path);
         match second {
             Err(e @ LockError::Held { holder, .. }) => {
                 assert_eq!(holder, Some(std::process::id()));
@@ -101,14 +111,15 @@ mod tests {
                     text.contains("another berth-test")
                         && text.contains(&format!("pid {}", std::process::id()))
                         && text.contains("the test state")
-                        && text.contains("test.lock"),
+                        && text.contains("test.lock")
+                        && text.ends_with("its own state"),
                     "{text}"
                 );
             }
             other => panic!("the second lock must be refused: {other:?}"),
         }
         drop(first);
-        let again = StateLock::acquire("berth-test", "the test state".to_owned(), &path);
+        let again = StateLock::acquire("berth-test", "the test state".to_owned(), "state", &path);
         assert!(again.is_ok(), "released on drop: {again:?}");
         drop(again);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -119,7 +130,7 @@ mod tests {
         let path = std::env::temp_dir()
             .join(format!("berth-lock-missing-{}", uuid::Uuid::new_v4()))
             .join("x.lock");
-        let e = StateLock::acquire("berth-test", "x".to_owned(), &path).unwrap_err();
+        let e = StateLock::acquire("berth-test", "x".to_owned(), "state", &path).unwrap_err();
         assert!(matches!(e, LockError::Open { .. }), "{e:?}");
         assert!(e.to_string().contains("x.lock"), "{e}");
     }

@@ -258,7 +258,7 @@ impl Tls {
 
     /// How many reloads have put new files in use.
     pub(crate) fn generation(&self) -> u64 {
-        self.live.generation.load(Ordering::Acquire)
+        self.live.generation()
     }
 
     /// What is in use now.
@@ -345,7 +345,7 @@ impl PeerChain {
     /// Whether the files in use still accept the chain; the error is webpki's reason.
     fn still_accepted(&self) -> Result<(), rustls::Error> {
         let chain = &*self.0;
-        let now = chain.live.generation.load(Ordering::Acquire);
+        let now = chain.live.generation();
         if chain.checked.load(Ordering::Relaxed) == now {
             return Ok(());
         }
@@ -566,6 +566,10 @@ struct Live {
 }
 
 impl Live {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn current(&self) -> Arc<Material> {
         self.current
             .read()
