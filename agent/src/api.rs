@@ -91,6 +91,7 @@ impl ApiError {
                 AllocateError::Allocating(_) => ErrorCode::InstanceAllocating,
                 AllocateError::AlreadyAllocated(_) => ErrorCode::InstanceAlreadyAllocated,
                 AllocateError::TimedOut { .. } => ErrorCode::AllocationTimedOut,
+                AllocateError::NotRecorded { .. } => ErrorCode::AgentServerError,
                 AllocateError::Invalid(_) => ErrorCode::InvalidRequest,
                 AllocateError::ShuttingDown => ErrorCode::ServiceUnavailable,
             },

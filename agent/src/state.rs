@@ -233,6 +233,8 @@ pub struct Journal {
     state_dir: PathBuf,
     base: u64,
     file: Option<File>,
+    /// The last write failed, perhaps halfway through its line.
+    torn: bool,
 }
 
 impl Journal {
@@ -242,6 +244,7 @@ impl Journal {
             state_dir,
             base,
             file: None,
+            torn: false,
         }
     }
 
@@ -249,18 +252,19 @@ impl Journal {
     pub fn rotate(&mut self, base: u64) {
         self.base = base;
         self.file = None;
+        self.torn = false;
     }
 
-    /// Appends an instance's allocation state as one line, written before this returns. A
-    /// failure is logged and not retried for this line: a broken disk is not a reason to
-    /// refuse allocations.
+    /// Appends an instance's allocation state as one line, written before this returns. An
+    /// allocation whose line cannot be written is refused by the caller: after a restart the
+    /// agent would not know the match, and would release it on the game.
     pub fn append(
         &mut self,
         id: String,
         status: InstanceStatus,
         allocation: Option<PersistedAllocation>,
         metadata: Vec<KeyValue>,
-    ) {
+    ) -> Result<(), StateError> {
         let entry = JournalEntry {
             base: self.base,
             id,
@@ -268,28 +272,35 @@ impl Journal {
             allocation,
             metadata,
         };
-        let line = match journal_line(&entry) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, instance_id = %entry.id, "journal line not serialised");
-                return;
-            }
+        let path = journal_path(&self.state_dir, self.base);
+        let wrap = |source| StateError::Write {
+            path: path.clone(),
+            source,
         };
-        if self.file.is_none() {
-            let path = journal_path(&self.state_dir, self.base);
-            match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(f) => self.file = Some(f),
-                Err(e) => {
-                    tracing::error!(error = %e, path = %path.display(), "journal not opened");
-                    return;
-                }
-            }
+        // Serialising our own plain data cannot fail (no maps with non-string keys).
+        let mut line = journal_line(&entry).map_err(|e| wrap(io::Error::other(e)))?;
+        if self.torn {
+            // A failed write may have left part of a line: this one starts on a line of its
+            // own, and loading skips the fragment (it does not parse).
+            line.insert(0, b'\n');
         }
-        if let Some(Err(e)) = self.file.as_mut().map(|f| f.write_all(&line)) {
-            let path = journal_path(&self.state_dir, self.base);
-            tracing::error!(error = %e, path = %path.display(), instance_id = %entry.id, "journal line not written");
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(wrap)?,
+            ),
+        };
+        let written = file.write_all(&line);
+        self.torn = written.is_err();
+        if self.torn {
+            // Opened again for the next line.
             self.file = None;
         }
+        written.map_err(wrap)
     }
 }
 
@@ -319,10 +330,18 @@ pub fn write_atomic(state_dir: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .truncate(true)
         .open(&tmp)
         .map_err(wrap)?;
-    f.write_all(bytes).map_err(wrap)?;
-    f.sync_all().map_err(wrap)?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(wrap)?;
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| {
+            drop(f);
+            std::fs::rename(&tmp, &path)
+        });
+    if let Err(e) = written {
+        // A full disk must not also keep the half-written copies.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(wrap(e));
+    }
     File::open(state_dir)
         .and_then(|d| d.sync_all())
         .map_err(wrap)?;
@@ -362,6 +381,12 @@ impl StateWriter {
     }
 }
 
+/// A snapshot the disk refused is written again after this pause, doubling up to the cap.
+const STATE_RETRY_START: std::time::Duration = std::time::Duration::from_millis(100);
+const STATE_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(5);
+/// While the state file cannot be written, one log line per this period says so.
+const STATE_FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn write_loop(
     state_dir: &Path,
     rx: &std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
@@ -370,7 +395,30 @@ fn write_loop(
     // Journals that may exist: those found now, and one per snapshot queued since.
     let mut journals = journals(state_dir);
     let mut legacy = true;
-    while let Ok(first) = rx.recv() {
+    // Snapshots not written in a row, and when that was last logged: a disk that stays full
+    // is logged once a minute, not at every snapshot.
+    let mut failed = 0u64;
+    let mut logged: Option<std::time::Instant> = None;
+    // The newest snapshot the disk refused: written again after a pause, unless a newer one
+    // comes first. Without it, a disk that filled after the last change would keep an older
+    // snapshot (without the games deployed since) until something else changed.
+    let mut unwritten: Option<(u64, Vec<u8>)> = None;
+    let mut pause = STATE_RETRY_START;
+    loop {
+        let first = match unwritten.take() {
+            None => match rx.recv() {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            Some(old) => match rx.recv_timeout(pause) {
+                Ok(s) => {
+                    journals.push(old.0);
+                    s
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => old,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+        };
         // The newest snapshot covers every one queued before it.
         let mut newest = first;
         for next in rx.try_iter() {
@@ -381,6 +429,15 @@ fn write_loop(
         journals.push(seq);
         match write_atomic(state_dir, &bytes) {
             Ok(()) => {
+                if failed > 0 {
+                    tracing::warn!(
+                        failed,
+                        "state file written again; games keep their records across restarts"
+                    );
+                    failed = 0;
+                    logged = None;
+                    pause = STATE_RETRY_START;
+                }
                 // Lines of older journals are in this snapshot now.
                 journals.retain(|&base| {
                     base >= seq || remove_stale(&journal_path(state_dir, base)).is_err()
@@ -389,7 +446,16 @@ fn write_loop(
                     legacy = false;
                 }
             }
-            Err(e) => tracing::error!(error = %e, "state file not written"),
+            Err(e) => {
+                failed += 1;
+                if logged.is_none_or(|t| t.elapsed() >= STATE_FAILURE_LOG_EVERY) {
+                    logged = Some(std::time::Instant::now());
+                    tracing::error!(error = %e, failed, "state file not written; allocations are refused while their journal lines cannot be written either; free space on the disk of state_dir");
+                }
+                journals.retain(|&base| base != seq);
+                unwritten = Some((seq, bytes));
+                pause = (pause * 2).min(STATE_RETRY_CAP);
+            }
         }
         // Published after failures too: a broken disk is logged, not a reason to hold
         // shutdown forever.
@@ -481,6 +547,31 @@ mod tests {
         }
     }
 
+    /// A snapshot the disk refused (here: a directory where the state file goes, so the
+    /// rename fails) is written again by itself once it can be, with no newer snapshot, and
+    /// leaves no temporary copy behind.
+    #[tokio::test]
+    async fn a_refused_snapshot_is_written_once_the_disk_takes_it() {
+        let dir = temp_dir();
+        std::fs::create_dir_all(state_path(&dir)).expect("a directory in the way");
+        let writer = StateWriter::start(dir.clone());
+        writer.save(1, snapshot(1));
+        wait_written(&writer, 1).await;
+        assert!(state_path(&dir).is_dir(), "not written while in the way");
+        std::fs::remove_dir(state_path(&dir)).expect("out of the way");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while load(&dir).map(|s| s.seq).ok() != Some(1) {
+            assert!(std::time::Instant::now() < deadline, "never written again");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["agent-state.json"], "{names:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn journal_lines_follow_their_snapshot() {
         let dir = temp_dir();
@@ -490,7 +581,9 @@ mod tests {
         let mut journal = Journal::new(dir.clone(), 1);
         let append = |journal: &mut Journal, alloc: &str| {
             let e = entry(0, alloc);
-            journal.append(e.id, e.status, e.allocation, e.metadata);
+            journal
+                .append(e.id, e.status, e.allocation, e.metadata)
+                .expect("journaled");
         };
         append(&mut journal, "first");
         append(&mut journal, "second");

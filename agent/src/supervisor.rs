@@ -248,6 +248,15 @@ pub enum AllocateError {
     AlreadyAllocated(String),
     #[error("allocation of instance {id} aborted: {reason}")]
     TimedOut { id: String, reason: String },
+    /// The allocation could not be recorded on disk; after a restart the agent would not know
+    /// the match and would release it on the game, so it is refused.
+    #[error(
+        "allocation of instance {id} refused: the agent cannot record it on disk ({source}); free space on the disk that holds the agent's state_dir"
+    )]
+    NotRecorded {
+        id: String,
+        source: crate::state::StateError,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("the agent is shutting down")]
@@ -808,17 +817,34 @@ impl Supervisor {
     /// forgot in a crash would come back as one the game made itself, with no id, which no
     /// release can end. One journal line, written here and now.
     fn answer_journaled(&mut self, reply: Reply<InstanceView, AllocateError>, id: &str) {
-        let Some(inst) = self.instances.get(id) else {
+        let Some(inst) = self.instances.get_mut(id) else {
             let _ = reply.send(Err(AllocateError::NotOnHost(id.to_owned())));
             return;
         };
-        self.metrics.allocations_ok.inc();
-        self.journal.append(
+        let journaled = self.journal.append(
             inst.id.clone(),
             inst.status,
             inst.allocation.clone(),
             inst.metadata.clone(),
         );
+        if let Err(source) = journaled {
+            // Not on disk, so not given: the game, which confirmed, hears that it is free.
+            inst.status = InstanceStatus::Online;
+            inst.allocation = None;
+            inst.metadata.clear();
+            let run = inst.run;
+            if tell_released(inst) {
+                self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
+            }
+            self.metrics.allocations_failed.inc();
+            let _ = reply.send(Err(AllocateError::NotRecorded {
+                id: id.to_owned(),
+                source,
+            }));
+            self.changed(id, true);
+            return;
+        }
+        self.metrics.allocations_ok.inc();
         let _ = reply.send(Ok(inst.view()));
     }
 
@@ -1409,7 +1435,11 @@ impl Supervisor {
                 }
             }
             Ok(Allocated::Done) => {
-                self.answer_journaled(reply, &id);
+                // Journaled by `try_allocate`, before the game heard of it.
+                self.metrics.allocations_ok.inc();
+                if let Some(inst) = self.instances.get(&id) {
+                    let _ = reply.send(Ok(inst.view()));
+                }
             }
             Err(e) => {
                 self.metrics.allocations_failed.inc();
@@ -1474,17 +1504,39 @@ impl Supervisor {
                     reason: QUEUE_FULL.to_owned(),
                 });
             }
+        }
+        let now = unix_now();
+        let confirmed_later = inst.confirm_allocation && inst.is_arcus();
+        let allocation = PersistedAllocation {
+            id: req.allocation_id.clone(),
+            at: now,
+            game_confirmed: false,
+        };
+        if !confirmed_later {
+            // On disk before the game hears of it: refused here, it is refused for good.
+            self.journal
+                .append(
+                    id.to_owned(),
+                    InstanceStatus::Allocated,
+                    Some(allocation.clone()),
+                    req.metadata.clone(),
+                )
+                .map_err(|source| AllocateError::NotRecorded {
+                    id: id.to_owned(),
+                    source,
+                })?;
+        }
+        if let Some(link) = inst.connected_link() {
             let _ = link.try_send(Message::Allocated(req.metadata.clone()));
             if let Some(m) = &req.game_metadata {
                 let _ = link.try_send(Message::Metadata(m.clone()));
             }
         }
-        let now = unix_now();
         // Recorded now, not when the game confirms: pairs pushed while it is pending reach the
         // game after `allocated`, so merging them into this copy keeps it equal to what the
         // game was sent.
         inst.metadata = req.metadata;
-        if inst.confirm_allocation && inst.is_arcus() {
+        if confirmed_later {
             inst.status = InstanceStatus::Allocating;
             let run = inst.run;
             self.schedule(id, run, Timer::ConfirmTimeout { seq }, timeout);
@@ -1495,11 +1547,7 @@ impl Supervisor {
             });
         }
         inst.status = InstanceStatus::Allocated;
-        inst.allocation = Some(PersistedAllocation {
-            id: req.allocation_id,
-            at: now,
-            game_confirmed: false,
-        });
+        inst.allocation = Some(allocation);
         tracing::info!(instance_id = %id, "allocated");
         self.changed(id, true);
         Ok(Allocated::Done)

@@ -36,6 +36,7 @@ use crate::inventory::{
 };
 use crate::metrics::Metrics;
 use crate::model::{Answer, Shape, hex};
+use crate::store::CommitError;
 use crate::store::Store;
 
 /// Registration carries every instance of a host in full: allow more than the default limit.
@@ -337,13 +338,24 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(st): State<AppState>) -> Response {
     let store = tokio::time::timeout(Duration::from_secs(2), st.store.ping()).await;
     let inventory = tokio::time::timeout(Duration::from_secs(2), st.inventory.counts()).await;
-    match (store, inventory) {
-        (Ok(Ok(())), Ok(Ok(_))) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        (store, _) => {
-            let why = match store {
-                Ok(Ok(())) => "the inventory is not answering".to_owned(),
-                Ok(Err(e)) => format!("the database is not reachable: {e}"),
-                Err(_) => "the database did not answer within 2 s".to_owned(),
+    let trouble = st.store.trouble();
+    match (store, inventory, trouble) {
+        (Ok(Ok(())), Ok(Ok(_)), None) => {
+            Json(serde_json::json!({"status": "ready"})).into_response()
+        }
+        (store, _, trouble) => {
+            let why = match (store, trouble) {
+                (Ok(Err(e)), _) => format!("the database is not reachable: {e}"),
+                (Err(_), _) => "the database did not answer within 2 s".to_owned(),
+                (Ok(Ok(())), Some(t)) => format!(
+                    "database commits fail since {:.1} s ({} failed, {} writes kept for later): \
+                     {}; allocations are refused until the disk takes writes again",
+                    t.since.elapsed().as_secs_f64(),
+                    t.failures,
+                    t.kept,
+                    t.error
+                ),
+                (Ok(Ok(())), None) => "the inventory is not answering".to_owned(),
             };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -379,7 +391,7 @@ async fn register(
         ));
     }
     let (resp, commit) = st.inventory.register(req).await?;
-    durable(commit).await?;
+    durable(commit, Change::Registration).await?;
     Ok(Json(resp).into_response())
 }
 
@@ -399,15 +411,54 @@ async fn events(
     Ok(Json(st.inventory.events(d, req).await?).into_response())
 }
 
-async fn durable(commit: crate::inventory::Commit) -> Result<(), Failure> {
-    match commit.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Failure::new(
+/// What a change that must be on disk before it is answered was, for the answer when it could
+/// not be written.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Allocation,
+    Registration,
+    /// A resource or a host's drain flag: already in effect in memory.
+    Setting,
+}
+
+async fn durable(commit: crate::inventory::Commit, change: Change) -> Result<(), Failure> {
+    let error = match commit.await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => CommitError::Stopped,
+    };
+    match error {
+        CommitError::Unavailable { .. } => {
+            let then = match change {
+                Change::Allocation => {
+                    "Nothing was allocated (the game is told to release it). Allocations resume by \
+                     themselves once the database takes writes again; no restart is needed."
+                }
+                Change::Registration => "The agent registers again by itself.",
+                Change::Setting => {
+                    "The change is in effect, and the controller keeps it and writes it once the \
+                     database takes writes again (it is lost if the controller stops before)."
+                }
+            };
+            let mut f = Failure::new(
+                ErrorCode::ServiceUnavailable,
+                "The controller cannot write to its database.",
+                format!(
+                    "{error}. {then} Check the disk that holds it: free space, and I/O errors in \
+                     the kernel log; GET /readyz says since when commits fail."
+                ),
+            );
+            f.retry_after_secs = Some(1);
+            Err(f)
+        }
+        CommitError::Refused { .. } => Err(Failure::new(
             ErrorCode::InternalError,
             "Internal error.",
-            format!("the change could not be written to the database: {e}"),
+            format!(
+                "{error}. This is a bug: report it with this identifier and the controller's log."
+            ),
         )),
-        Err(_) => Err(Failure::new(
+        CommitError::Stopped => Err(Failure::new(
             ErrorCode::ServiceUnavailable,
             "The controller is shutting down.",
             "the database writer stopped before the change was written",
@@ -525,7 +576,7 @@ async fn allocate_flow(st: AppState, input: AllocateInput) -> Result<Answer, Fai
                 committed,
             } => {
                 if let Some(commit) = committed
-                    && let Err(f) = durable(commit).await
+                    && let Err(f) = durable(commit, Change::Allocation).await
                 {
                     st.inventory
                         .abort_allocation(allocation.instance_id.clone(), allocation.id.clone())
@@ -862,7 +913,7 @@ async fn host(
 async fn set_drain(st: AppState, id: String, on: bool) -> Result<Response, Failure> {
     let id: u64 = number("host id", &id)?;
     let (h, commit) = st.inventory.drain(id, on).await?;
-    durable(commit).await?;
+    durable(commit, Change::Setting).await?;
     Ok(Json(h).into_response())
 }
 
@@ -912,7 +963,7 @@ async fn error_story(
 async fn crud(st: &AppState, op: Crud, created: bool) -> Result<Response, Failure> {
     let (value, commit) = st.inventory.crud(op).await?;
     if let Some(c) = commit {
-        durable(c).await?;
+        durable(c, Change::Setting).await?;
     }
     let status = if created {
         StatusCode::CREATED

@@ -20,6 +20,8 @@ pub enum Availability {
     HostUnreachable,
     /// The host's agent did not answer a call a moment ago (though it may still heartbeat).
     AgentNotAnswering,
+    /// The host's agent could not record an allocation on its disk a moment ago.
+    AgentCannotRecord,
     /// The host has not re-registered since the controller started.
     HostResyncing,
     HostDraining,
@@ -41,6 +43,9 @@ impl Availability {
             Self::ArcusDown => "with the Arcus link down",
             Self::HostUnreachable => "on unreachable hosts",
             Self::AgentNotAnswering => "on hosts whose agent did not answer a moment ago",
+            Self::AgentCannotRecord => {
+                "on hosts whose agent could not record an allocation on its disk a moment ago"
+            }
             Self::HostResyncing => "on hosts not yet re-registered after a controller restart",
             Self::HostDraining => "on draining hosts",
             Self::RecentlyRefused => "just refused by their agent",

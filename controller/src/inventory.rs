@@ -49,7 +49,7 @@ const DEPLOY_BURST: u32 = 32;
 /// How long a host that failed a deploy is left alone.
 const DEPLOY_BACKOFF: Duration = Duration::from_secs(5);
 
-pub type Commit = oneshot::Receiver<Result<(), String>>;
+pub type Commit = oneshot::Receiver<Result<(), crate::store::CommitError>>;
 
 /// What the allocation handler gets back at each step.
 #[derive(Debug)]
@@ -398,6 +398,9 @@ struct Host {
     deploy_backoff_until: Option<Instant>,
     /// The agent did not answer a call: skip the host until then.
     not_answering_until: Option<Instant>,
+    /// The agent refused an allocation it could not record on its disk: skip the host until
+    /// then (all its instances share that disk).
+    cannot_record_until: Option<Instant>,
 }
 
 impl Host {
@@ -671,6 +674,7 @@ impl Inventory {
                             synced: false,
                             deploy_backoff_until: None,
                             not_answering_until: None,
+                            cannot_record_until: None,
                         },
                     )
                 })
@@ -884,6 +888,7 @@ impl Inventory {
                 || !host.synced
                 || host.rec.draining
                 || host.not_answering_until.is_some_and(|t| t > now)
+                || host.cannot_record_until.is_some_and(|t| t > now)
             {
                 continue;
             }
@@ -1000,6 +1005,9 @@ impl Inventory {
         }
         if host.not_answering_until.is_some_and(|t| t > now) {
             return Availability::AgentNotAnswering;
+        }
+        if host.cannot_record_until.is_some_and(|t| t > now) {
+            return Availability::AgentCannotRecord;
         }
         if !host.synced {
             return Availability::HostResyncing;
@@ -1669,10 +1677,18 @@ impl Inventory {
             details: f.details.clone(),
             elapsed_ms: f.elapsed_ms,
         });
-        if f.code == ErrorCode::AgentUnreachable
-            && let Some(h) = self.hosts.get_mut(&f.host_id)
-        {
-            h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
+        if let Some(h) = self.hosts.get_mut(&f.host_id) {
+            match f.code {
+                ErrorCode::AgentUnreachable => {
+                    h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
+                }
+                // The only allocation refusal with this code: the agent's disk takes no
+                // journal line (see the agent's `AllocateError::NotRecorded`).
+                ErrorCode::AgentServerError => {
+                    h.cannot_record_until = Some(Instant::now() + REFUSED_FOR);
+                }
+                _ => {}
+            }
         }
         if self.instances.contains_key(instance_id.as_str()) {
             self.refused
@@ -1946,6 +1962,7 @@ impl Inventory {
                 synced: true,
                 deploy_backoff_until: None,
                 not_answering_until: None,
+                cannot_record_until: None,
             },
         );
         self.rerank(id, old_rank);

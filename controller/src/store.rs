@@ -24,7 +24,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::StoreMetrics;
 use crate::model::{AllocationRecord, HostRecord, InstanceRecord};
@@ -55,6 +55,32 @@ pub enum StoreError {
     WriterGone,
 }
 
+/// Why a write did not reach the database.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The disk or the file takes no writes now: full, an I/O error, read-only, locked. Writes
+    /// nobody waits for are kept and tried again; the writer goes on by itself once the disk
+    /// takes writes.
+    #[error("the database {path} cannot be written: {reason}")]
+    Unavailable { path: PathBuf, reason: String },
+    /// The database refused this write itself (a constraint): trying again cannot help.
+    #[error("the database {path} refused the write: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("the database writer has stopped")]
+    Stopped,
+}
+
+/// The writer's commits have failed since `since`: what `/readyz` reports.
+#[derive(Debug, Clone)]
+pub struct Trouble {
+    pub since: std::time::Instant,
+    /// Failed commits since then.
+    pub failures: u64,
+    /// Writes kept for the next try.
+    pub kept: usize,
+    pub error: CommitError,
+}
+
 /// One change to persist.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -83,6 +109,37 @@ pub enum Write {
     },
     /// Nothing to write: its commit receipt says that everything queued before it is on disk.
     Flush,
+    /// One small row, written while commits fail and nothing else waits, to learn when the
+    /// disk takes writes again.
+    Probe,
+}
+
+impl Write {
+    /// The write's kind and key, for a log line.
+    fn describe(&self) -> String {
+        match self {
+            Write::Region(r) => format!("region {}", r.id),
+            Write::DeleteRegion(id) => format!("deletion of region {id}"),
+            Write::DcLocation(d) => format!("dc location {}", d.id),
+            Write::Environment(e) => format!("deployment environment {}", e.id),
+            Write::Application(a) => format!("application {}", a.id),
+            Write::DeleteApplication(id) => format!("deletion of application {id}"),
+            Write::Profile(p) => format!("profile {}", p.id),
+            Write::DeleteProfile(id) => format!("deletion of profile {id}"),
+            Write::Build(b) => format!("build {}", b.id),
+            Write::DeleteBuild(id) => format!("deletion of build {id}"),
+            Write::Fleet(f) => format!("fleet {}", f.id),
+            Write::DeleteFleet(id) => format!("deletion of fleet {id}"),
+            Write::Host(h) => format!("host {} ({})", h.id, h.name),
+            Write::Instance(i) => format!("instance {}", i.id),
+            Write::Allocation(a) => format!("allocation {} of instance {}", a.id, a.instance_id),
+            Write::ReleaseAllocation(id) => format!("release of allocation {id}"),
+            Write::ErrorStory(s) => format!("error story {}", s.identifier),
+            Write::PruneErrorStories { .. } => "pruning of error stories".to_owned(),
+            Write::Flush => "flush".to_owned(),
+            Write::Probe => "write probe".to_owned(),
+        }
+    }
 }
 
 /// Everything in the database, as loaded at start.
@@ -105,9 +162,12 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    path: PathBuf,
+    /// Set by the writer while its commits fail.
+    trouble: watch::Sender<Option<Trouble>>,
 }
 
-type Done = oneshot::Sender<Result<(), String>>;
+type Done = oneshot::Sender<Result<(), CommitError>>;
 
 /// Submits writes to the writer task.
 #[derive(Debug, Clone)]
@@ -123,17 +183,17 @@ impl Writer {
 
     /// Waits until every write queued so far is committed (at shutdown: writes nobody waits
     /// for may be lingering).
-    pub async fn flush(&self) -> Result<(), String> {
+    pub async fn flush(&self) -> Result<(), CommitError> {
         self.submit_durable(Write::Flush)
             .await
-            .unwrap_or_else(|_| Err("the database writer has stopped".to_owned()))
+            .unwrap_or(Err(CommitError::Stopped))
     }
 
     /// Queues a write and returns a receiver that fires once its batch is committed.
-    pub fn submit_durable(&self, w: Write) -> oneshot::Receiver<Result<(), String>> {
+    pub fn submit_durable(&self, w: Write) -> oneshot::Receiver<Result<(), CommitError>> {
         let (done, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError((_, Some(done)))) = self.tx.send((w, Some(done))) {
-            let _ = done.send(Err("the database writer has stopped".to_owned()));
+            let _ = done.send(Err(CommitError::Stopped));
         }
         rx
     }
@@ -184,7 +244,16 @@ impl Store {
                 source,
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            path: path.to_owned(),
+            trouble: watch::Sender::new(None),
+        })
+    }
+
+    /// Since when, and why, commits fail; `None` while they succeed.
+    pub fn trouble(&self) -> Option<Trouble> {
+        self.trouble.borrow().clone()
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -290,7 +359,13 @@ impl Store {
     /// Starts the writer task.
     pub fn start_writer(&self, metrics: StoreMetrics) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(self.pool.clone(), rx, metrics));
+        tokio::spawn(write_loop(
+            self.pool.clone(),
+            self.path.clone(),
+            rx,
+            metrics,
+            self.trouble.clone(),
+        ));
         Writer { tx }
     }
 }
@@ -307,19 +382,115 @@ type Queued = (Write, Option<Done>);
 /// A commit this slow is logged: allocations wait for it, so the disk is what to look at.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
+/// While the database takes no writes, kept writes are tried again after this pause (or with
+/// the next write), doubling up to `RETRY_CAP`.
+const RETRY_START: Duration = Duration::from_millis(50);
+const RETRY_CAP: Duration = Duration::from_secs(2);
+/// Most writes kept while the database takes none; past it the oldest go (a restart rebuilds
+/// instances from the agents' registrations).
+const MAX_KEPT: usize = 100_000;
+/// While commits keep failing, one log line per this period says so.
+const FAILING_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a write of a batch that did not reach the disk is kept and written later. Memory
+/// already holds every one of them, and a controller that forgot them while it runs would
+/// disagree with its own database: a release forgotten leaves the allocation's row, and that
+/// row then refuses every later allocation of the instance. An allocation's row is not kept:
+/// its caller was told, and withdrew the allocation. Error stories are diagnostics the
+/// inventory also keeps in memory, and a disk that stays full must not make them pile up.
+fn kept_after_failure(w: &Write) -> bool {
+    !matches!(
+        w,
+        Write::Allocation(_)
+            | Write::Flush
+            | Write::Probe
+            | Write::ErrorStory(_)
+            | Write::PruneErrorStories { .. }
+    )
+}
+
+/// Sorts a failed commit's error: is the disk or the file the problem, or this write?
+fn classify(path: &Path, e: &sqlx::Error) -> CommitError {
+    // SQLite's primary result codes (the low byte of an extended code): BUSY, LOCKED, NOMEM,
+    // READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+    let unavailable = match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_none_or(|c| matches!(c & 0xff, 5..=8 | 10 | 13..=15)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    };
+    let (path, reason) = (path.to_owned(), e.to_string());
+    if unavailable {
+        CommitError::Unavailable { path, reason }
+    } else {
+        CommitError::Refused { path, reason }
+    }
+}
+
+/// Commits `batch` on the writer's connection, opening one if it has none. A connection whose
+/// commit failed is closed, not given back to the pool: SQLite rolls some failed transactions
+/// back by itself (a full disk does), sqlx then still counts one open, and that connection
+/// would refuse every later `BEGIN`.
+async fn attempt(
+    pool: &SqlitePool,
+    conn: &mut Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+    batch: &[Queued],
+) -> Result<(), sqlx::Error> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(pool.acquire().await?),
+    };
+    let result = commit(c, batch).await;
+    if result.is_err()
+        && let Some(c) = conn.take()
+    {
+        let _ = c.close().await;
+    }
+    result
+}
+
+/// Commits that keep failing: since when, how many, and when that was last logged.
+struct Failing {
+    since: std::time::Instant,
+    failures: u64,
+    logged: std::time::Instant,
+}
+
 async fn write_loop(
     pool: SqlitePool,
+    path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<Queued>,
     metrics: StoreMetrics,
+    trouble: watch::Sender<Option<Trouble>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut kept: Vec<Write> = Vec::new();
     let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
+    let mut failing: Option<Failing> = None;
+    let mut retry = RETRY_START;
     let mut open = true;
     while open {
-        let Some(first) = rx.recv().await else { break };
-        batch.push(first);
+        if kept.is_empty() {
+            let Some(first) = rx.recv().await else { break };
+            batch.push(first);
+        } else {
+            // Kept writes go first, in the order they were made, with the next write or once
+            // the pause is over.
+            let next = tokio::time::timeout(retry, rx.recv()).await;
+            batch.extend(kept.drain(..).map(|w| (w, None)));
+            match next {
+                Ok(Some(w)) => batch.push(w),
+                Ok(None) => open = false,
+                Err(_) => {}
+            }
+        }
         drain(&mut rx, &mut batch);
-        if batch.iter().all(|(_, done)| done.is_none()) {
+        if open && batch.iter().all(|(_, done)| done.is_none()) {
             let until = tokio::time::Instant::now() + LINGER;
             while batch.len() < MAX_BATCH {
                 match tokio::time::timeout_at(until, rx.recv()).await {
@@ -340,19 +511,9 @@ async fn write_loop(
             }
         }
         let started = std::time::Instant::now();
-        let result = match &mut conn {
-            Some(c) => commit(c, &batch).await,
-            None => match pool.acquire().await {
-                Ok(c) => commit(conn.insert(c), &batch).await,
-                Err(e) => Err(e),
-            },
-        };
+        let result = attempt(&pool, &mut conn, &batch).await;
         let took = started.elapsed();
         metrics.commit_seconds.observe(took.as_secs_f64());
-        if result.is_ok() {
-            let writes = batch.iter().filter(|(w, _)| !matches!(w, Write::Flush));
-            metrics.writes.inc_by(writes.count() as u64);
-        }
         if took >= SLOW_COMMIT {
             tracing::warn!(
                 ms = took.as_millis() as u64,
@@ -360,18 +521,117 @@ async fn write_loop(
                 "slow database commit: allocations wait for it; check the disk's fsync latency"
             );
         }
-        let outcome = result.map_err(|e| {
-            metrics.failures.inc();
-            tracing::error!(error = %e, writes = batch.len(), "database commit failed");
-            // A broken connection is replaced on the next batch.
-            conn = None;
-            e.to_string()
-        });
-        for (_, done) in batch.drain(..) {
+        let error = match result {
+            Ok(()) => {
+                let writes = batch.iter().filter(|(w, _)| !matches!(w, Write::Flush));
+                metrics.writes.inc_by(writes.count() as u64);
+                for (_, done) in batch.drain(..) {
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                if let Some(f) = failing.take() {
+                    tracing::warn!(
+                        failed_commits = f.failures,
+                        seconds = f.since.elapsed().as_secs(),
+                        database = %path.display(),
+                        "database commits succeed again; the writes kept meanwhile are written"
+                    );
+                    trouble.send_replace(None);
+                }
+                retry = RETRY_START;
+                continue;
+            }
+            Err(e) => {
+                metrics.failures.inc();
+                classify(&path, &e)
+            }
+        };
+        if matches!(error, CommitError::Refused { .. }) && batch.len() > 1 {
+            // One write the database refuses must not take the others with it: each is
+            // tried on its own.
+            tracing::error!(error = %error, writes = batch.len(), "database commit failed; writing its writes one by one");
+            for (w, done) in batch.drain(..) {
+                let alone = [(w, None)];
+                let outcome = attempt(&pool, &mut conn, &alone)
+                    .await
+                    .map_err(|e| classify(&path, &e));
+                let [(w, _)] = alone;
+                match &outcome {
+                    Ok(()) => {
+                        metrics.writes.inc();
+                    }
+                    Err(e @ CommitError::Refused { .. }) => {
+                        tracing::error!(error = %e, write = w.describe(), "a write the database refuses is dropped");
+                    }
+                    Err(_) => {
+                        if kept_after_failure(&w) {
+                            kept.push(w);
+                        }
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(outcome);
+                }
+            }
+            continue;
+        }
+        for (w, done) in batch.drain(..) {
             if let Some(done) = done {
-                let _ = done.send(outcome.clone());
+                let _ = done.send(Err(error.clone()));
+            }
+            if matches!(error, CommitError::Unavailable { .. }) && kept_after_failure(&w) {
+                kept.push(w);
             }
         }
+        if let CommitError::Refused { .. } = error {
+            tracing::error!(error = %error, "database commit failed");
+            continue;
+        }
+        if kept.is_empty() {
+            // Nothing else would find out when the disk takes writes again.
+            kept.push(Write::Probe);
+        }
+        if kept.len() > MAX_KEPT {
+            let dropped = kept.len() - MAX_KEPT;
+            kept.drain(..dropped);
+            tracing::error!(
+                dropped,
+                kept = kept.len(),
+                "the database has taken no writes for long: the oldest kept writes are dropped; a restart rebuilds instances from the agents"
+            );
+        }
+        let now = std::time::Instant::now();
+        let f = failing.get_or_insert(Failing {
+            since: now,
+            failures: 0,
+            logged: now - FAILING_LOG_EVERY,
+        });
+        f.failures += 1;
+        if now.duration_since(f.logged) >= FAILING_LOG_EVERY {
+            f.logged = now;
+            tracing::error!(
+                error = %error,
+                failed_commits = f.failures,
+                seconds = f.since.elapsed().as_secs(),
+                kept = kept.len(),
+                "database commits fail: allocations are refused (503) until the disk takes writes again; other writes are kept and retried"
+            );
+        }
+        trouble.send_replace(Some(Trouble {
+            since: f.since,
+            failures: f.failures,
+            kept: kept.iter().filter(|w| !matches!(w, Write::Probe)).count(),
+            error,
+        }));
+        retry = (retry * 2).min(RETRY_CAP);
+    }
+    if !kept.is_empty() {
+        tracing::error!(
+            writes = kept.len(),
+            database = %path.display(),
+            "the writer stopped with writes the database never took; agents' registrations rebuild instances at the next start"
+        );
     }
 }
 
@@ -630,6 +890,12 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
         }
         // Batched by `commit` (a flush has nothing to write).
         Write::Allocation(_) | Write::ReleaseAllocation(_) | Write::Flush => {}
+        Write::Probe => {
+            sqlx::query("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)")
+                .bind(crate::unix_now() as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         Write::ErrorStory(s) => {
             sqlx::query(
                 "INSERT OR REPLACE INTO error_stories (identifier, created_at, body) VALUES (?, ?, ?)",
@@ -708,7 +974,7 @@ mod tests {
     /// Queues every write at once and waits for each. They share one batch (up to
     /// `MAX_BATCH`): these tests run on a single-threaded runtime, where the writer task cannot
     /// run until the first wait, and it then drains the whole queue.
-    async fn commit_all(w: &Writer, writes: Vec<Write>) -> Vec<Result<(), String>> {
+    async fn commit_all(w: &Writer, writes: Vec<Write>) -> Vec<Result<(), CommitError>> {
         let pending: Vec<_> = writes.into_iter().map(|x| w.submit_durable(x)).collect();
         let mut out = Vec::new();
         for p in pending {
@@ -746,7 +1012,10 @@ mod tests {
         let err = refused[0]
             .as_ref()
             .expect_err("the unique index refuses it");
-        assert!(err.contains("UNIQUE"), "{err}");
+        assert!(
+            matches!(err, CommitError::Refused { .. }) && err.to_string().contains("UNIQUE"),
+            "{err}"
+        );
         assert_eq!(t.active().await, [pair("a-1", "i-1")]);
         // The writer goes on after a failed batch.
         commit_ok(&t.writer, vec![allocation("a-3", "i-3")]).await;
@@ -754,35 +1023,91 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_batch_changes_nothing_and_the_writer_goes_on() {
+    async fn a_refused_write_takes_no_other_write_with_it() {
         let t = TempStore::new().await;
         commit_ok(
             &t.writer,
             vec![allocation("a-1", "i-1"), allocation("a-2", "i-2")],
         )
         .await;
-        // One batch (this runtime runs the writer only once both are queued): its release and
-        // its refused insert are one transaction, so the release is undone too.
-        let refused = commit_all(&t.writer, vec![release("a-2"), allocation("a-3", "i-1")]).await;
-        assert!(refused.iter().all(Result::is_err), "{refused:?}");
-        assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-2", "i-2")]);
+        // One batch (this runtime runs the writer only once both are queued): the insert the
+        // unique index refuses fails the batch's transaction, and the writer then writes each
+        // write on its own, so the release still lands and only the insert is refused.
+        let results = commit_all(&t.writer, vec![release("a-2"), allocation("a-3", "i-1")]).await;
+        assert!(results[0].is_ok(), "{results:?}");
+        assert!(
+            matches!(results[1], Err(CommitError::Refused { .. })),
+            "{results:?}"
+        );
+        assert_eq!(t.active().await, [pair("a-1", "i-1")]);
         // The connection is not left inside the failed transaction.
-        commit_ok(&t.writer, vec![release("a-2"), allocation("a-4", "i-4")]).await;
-        assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-4", "i-4")]);
-        // The same with several rows of each (the JSON-array statements): two inserts for one
-        // instance undo both releases.
-        let refused = commit_all(
+        commit_ok(&t.writer, vec![release("a-1"), allocation("a-4", "i-4")]).await;
+        assert_eq!(t.active().await, [pair("a-4", "i-4")]);
+        // The same with several rows of each (the JSON-array statements): of two inserts for
+        // one instance, the first is written and the second refused; the releases land.
+        commit_ok(&t.writer, vec![allocation("a-5", "i-5")]).await;
+        let results = commit_all(
             &t.writer,
             vec![
-                release("a-1"),
                 release("a-4"),
-                allocation("a-5", "i-5"),
-                allocation("a-6", "i-5"),
+                release("a-5"),
+                allocation("a-6", "i-6"),
+                allocation("a-7", "i-6"),
             ],
         )
         .await;
-        assert!(refused.iter().all(Result::is_err), "{refused:?}");
-        assert_eq!(t.active().await, [pair("a-1", "i-1"), pair("a-4", "i-4")]);
+        let refused: Vec<bool> = results.iter().map(Result::is_err).collect();
+        assert_eq!(refused, [false, false, false, true], "{results:?}");
+        assert_eq!(t.active().await, [pair("a-6", "i-6")]);
+        // A write nobody waits for, refused, is dropped; the writer goes on.
+        t.writer.submit(allocation("a-8", "i-6"));
+        commit_ok(&t.writer, vec![allocation("a-9", "i-9")]).await;
+        assert_eq!(t.active().await, [pair("a-6", "i-6"), pair("a-9", "i-9")]);
+    }
+
+    /// The disk takes no writes for a while (here: another connection holds the write lock
+    /// past the busy timeout, which SQLite reports like a disk that cannot be written). The
+    /// waiting allocation is refused at once; the release nobody waits for is kept, and lands
+    /// once the database takes writes again, with no new write to carry it. Forgotten, its row
+    /// would refuse every later allocation of the instance.
+    #[tokio::test]
+    async fn writes_kept_while_the_database_takes_none_land_when_it_does() {
+        let t = TempStore::new().await;
+        commit_ok(
+            &t.writer,
+            vec![allocation("a-1", "i-1"), allocation("a-2", "i-2")],
+        )
+        .await;
+        let mut blocker = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            t.dir.join("controller.db").display()
+        ))
+        .await
+        .expect("a second connection");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .expect("the write lock");
+        t.writer.submit(release("a-1"));
+        let refused = commit_all(&t.writer, vec![allocation("a-3", "i-3")]).await;
+        assert!(
+            matches!(refused[0], Err(CommitError::Unavailable { .. })),
+            "{refused:?}"
+        );
+        let trouble = t.store.trouble().expect("the writer reports its trouble");
+        assert!(trouble.failures >= 1 && trouble.kept == 1, "{trouble:?}");
+        sqlx::query("ROLLBACK")
+            .execute(&mut blocker)
+            .await
+            .expect("the lock let go");
+        wait_active(&t, &[pair("a-2", "i-2")]).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while t.store.trouble().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "still in trouble");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        commit_ok(&t.writer, vec![allocation("a-4", "i-1")]).await;
+        assert_eq!(t.active().await, [pair("a-2", "i-2"), pair("a-4", "i-1")]);
     }
 
     /// Polls the store until `want` are the active allocations.

@@ -30,7 +30,9 @@
 //! * Agents and controllers can listen on other addresses than loopback
 //!   ([`AgentConfig::listen_ip`], [`ControllerConfig::listen_ip`]) and an agent can run under a
 //!   wrapper command ([`AgentConfig::wrapper`], e.g. `ip netns exec <ns>`), for tests that put
-//!   daemons in network namespaces; [`game_info_at`] reaches such a game.
+//!   daemons in network namespaces; [`game_info_at`] reaches such a game. A controller can
+//!   too ([`ControllerConfig::wrapper`]), with its database where the test says
+//!   ([`ControllerConfig::database`]): on a small disk of the test's own, say.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -1075,6 +1077,9 @@ pub struct AgentConfig {
     /// A command the agent is run under, e.g. `["ip", "netns", "exec", "<ns>"]`; it must
     /// `exec` the agent (so the child's pid is the agent's). Empty: the agent is run directly.
     pub wrapper: Vec<String>,
+    /// `None`: `state` in the agent's own directory. Elsewhere (a disk of the test's own in
+    /// another mount namespace, say), the helpers that read the state file do not see it.
+    pub state_dir: Option<PathBuf>,
     /// `[tls]` with this fixture certificate (e.g. `"agent"`): the agent then serves HTTPS
     /// only, to clients with a certificate.
     pub tls: Option<String>,
@@ -1101,6 +1106,7 @@ impl AgentConfig {
             join_token: None,
             extra: Vec::new(),
             wrapper: Vec::new(),
+            state_dir: None,
             tls: None,
             tls_cas: vec!["ca"],
             tls_crl: None,
@@ -1213,7 +1219,10 @@ impl AgentProcess {
     pub async fn spawn(name: &str, config: AgentConfig) -> Self {
         let dir = TestDir::new(name);
         let config_path = dir.join("agent.toml");
-        let state_dir = dir.join("state");
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("state"));
         std::fs::write(&config_path, config.toml(&state_dir))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         let mut agent = Self {
@@ -1565,6 +1574,11 @@ pub struct ControllerConfig {
     pub tls_cas: Vec<&'static str>,
     /// A fixture revocation list for its `crl_file`.
     pub tls_crl: Option<&'static str>,
+    /// `None`: `data/controller.db` in the controller's own directory.
+    pub database: Option<PathBuf>,
+    /// Runs the controller under this command (e.g. `nsenter -t <pid> -m --`), like
+    /// [`AgentConfig::wrapper`].
+    pub wrapper: Vec<String>,
 }
 
 impl Default for ControllerConfig {
@@ -1592,6 +1606,8 @@ impl ControllerConfig {
             tls: None,
             tls_cas: vec!["ca"],
             tls_crl: None,
+            database: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -1702,7 +1718,10 @@ impl ControllerProcess {
     pub async fn spawn(name: &str, config: ControllerConfig) -> Self {
         let dir = TestDir::new(name);
         let config_path = dir.join("controller.toml");
-        let database = dir.join("data").join("controller.db");
+        let database = config
+            .database
+            .clone()
+            .unwrap_or_else(|| dir.join("data").join("controller.db"));
         std::fs::write(&config_path, config.toml(&database))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         let mut controller = Self {
@@ -1720,7 +1739,14 @@ impl ControllerProcess {
     /// Starts the controller (again) on the same config and database; returns once it is
     /// ready.
     pub async fn start(&mut self) {
-        let mut cmd = berth_command(bin("berth-controller"));
+        let mut cmd = match self.config.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = berth_command(program);
+                cmd.args(args).arg(bin("berth-controller"));
+                cmd
+            }
+            None => berth_command(bin("berth-controller")),
+        };
         cmd.arg("--config").arg(&self.config_path);
         let url = self.url();
         self.daemon

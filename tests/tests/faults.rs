@@ -1,6 +1,7 @@
 //! Fault tests of the whole system (DESIGN.md §10): the real controller, agents and sample
 //! games, hit with concurrent matchmakers, SIGKILLs of either daemon under load, network
-//! partitions between network namespaces, and malformed or slow input.
+//! partitions between network namespaces, a full disk under the controller's database, and
+//! malformed or slow input.
 //!
 //! Fault schedules (when to kill, how long to hold, which agent) come from a seeded xorshift
 //! PRNG. Every test prints its seed; `BERTH_FAULT_SEED=<n>` runs the same schedule again.
@@ -191,18 +192,53 @@ async fn release_named(
     .await
 }
 
-/// The load of the history checks: `TASKS` matchmakers allocate from application 7 until
-/// `max_ops` attempts in all or `max_time`; `allocated` handles each acknowledged allocation
-/// (with a random number for its choices) and returns what was wrong with it. A refusal of a
-/// busy pool must be a full 404 `NO_ALLOCATABLE_INSTANCE`, and is followed by a pause of up to
-/// a few milliseconds so that nobody spins on a full pool. Returns every problem and the
-/// refusals.
-async fn run_matchmakers<F, Fut>(
-    c: &ControllerProcess,
+/// How many matchmakers `run_matchmakers` runs, how long, and which refusals it takes besides
+/// an empty pool.
+struct Load {
     tasks: usize,
-    rng: &mut Rng,
+    /// Allocation attempts in all.
     max_ops: u64,
     max_time: Duration,
+    /// Set: the matchmakers stop before their next allocation.
+    stop: Option<Arc<AtomicBool>>,
+    /// Set: a 503 `SERVICE_UNAVAILABLE` saying that the database cannot be written (and that
+    /// nothing was allocated) is a refusal too, counted here.
+    unwritable: Option<Arc<AtomicU64>>,
+}
+
+impl Load {
+    fn new(tasks: usize, max_ops: u64, max_time: Duration) -> Self {
+        Self {
+            tasks,
+            max_ops,
+            max_time,
+            stop: None,
+            unwritable: None,
+        }
+    }
+}
+
+/// Whether `r` is the controller's refusal of an allocation it could not write to its
+/// database: a 503 that says so, says that nothing was allocated, and asks for a retry.
+fn refused_as_unwritable(r: &Response) -> bool {
+    let d = details(&r.json);
+    r.status == 503
+        && r.json["code"] == "SERVICE_UNAVAILABLE"
+        && d.contains("cannot be written")
+        && d.contains("Nothing was allocated")
+        && r.header("retry-after") == Some("1")
+}
+
+/// The load of the history checks: `load.tasks` matchmakers allocate from application 7
+/// until `load.max_ops` attempts in all, `load.max_time` or `load.stop`; `allocated` handles
+/// each acknowledged allocation (with a random number for its choices) and returns what was
+/// wrong with it. A refusal of a busy pool must be a full 404 `NO_ALLOCATABLE_INSTANCE`, and
+/// is followed by a pause of up to a few milliseconds so that nobody spins on a full pool.
+/// Returns every problem and the refusals.
+async fn run_matchmakers<F, Fut>(
+    c: &ControllerProcess,
+    load: Load,
+    rng: &mut Rng,
     allocated: F,
 ) -> (Vec<String>, u64)
 where
@@ -213,15 +249,18 @@ where
     let budget = Arc::new(AtomicU64::new(0));
     let refusals = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for n in 0..tasks {
+    for n in 0..load.tasks {
         let (http, token) = (c.http().clone(), c.matchmaker_token().to_owned());
         let url = format!("{}/v1/applications/7/allocate", c.url());
         let body = json!({"metadata": kv(&[("matchmaker", &n.to_string())])});
         let (budget, refusals, allocated) = (budget.clone(), refusals.clone(), allocated.clone());
+        let (stop, unwritable) = (load.stop.clone(), load.unwritable.clone());
+        let (max_ops, max_time) = (load.max_ops, load.max_time);
         let mut rng = rng.fork();
         workers.push(tokio::spawn(async move {
             let mut problems = Vec::new();
             while started.elapsed() < max_time
+                && !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
                 && budget.fetch_add(1, Ordering::Relaxed) < max_ops
                 && problems.len() <= 5
             {
@@ -235,14 +274,18 @@ where
                         break;
                     }
                 };
-                match r.status {
-                    200 if r.json["status"] == 5 => {
+                match (r.status, &unwritable) {
+                    (200, _) if r.json["status"] == 5 => {
                         problems.extend(allocated(r, rng.next()).await);
                     }
-                    404 if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
+                    (404, _) if r.json["code"] == "NO_ALLOCATABLE_INSTANCE" => {
                         r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
                         refusals.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
+                    }
+                    (503, Some(count)) if refused_as_unwritable(&r) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(5 + rng.below(10))).await;
                     }
                     _ => problems.push(format!("allocate: {} {}", r.status, r.text)),
                 }
@@ -255,6 +298,46 @@ where
         problems.extend(w.await.expect("matchmaker task"));
     }
     (problems, refusals.load(Ordering::Relaxed))
+}
+
+/// A matchmaker's handling of each match in the tests that check matches in their games:
+/// after up to 30 ms it asks the game over `INFO` whether it is running this very match (the
+/// matchmaker's own metadata, and a matchmaker releases before it allocates again), counts it
+/// in `checked`, and releases it by name.
+async fn check_in_game_then_release(
+    c: (Http, String, String),
+    checked: Arc<AtomicU64>,
+    r: Response,
+    random: u64,
+) -> Vec<String> {
+    let (http, base, token) = c;
+    let (instance, allocation) = (id_of(&r.json), alloc_of(&r.json));
+    let mut problems = Vec::new();
+    tokio::time::sleep(Duration::from_millis(random % 30)).await;
+    let port = r.json["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+    match port.map(game_info) {
+        Some(info) => match info.await {
+            Ok(i) if i["allocated"] == true && i["allocation"] == r.json["metadata"] => {
+                checked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(i) => problems.push(format!(
+                "{instance} ({allocation}): the game is not running this match: {i}"
+            )),
+            Err(e) => problems.push(format!(
+                "{instance} ({allocation}): the game does not answer: {e}"
+            )),
+        },
+        None => problems.push(format!("no port: {}", r.json)),
+    }
+    match release_named(&http, &base, &token, &instance, &allocation).await {
+        Ok(d) if d.status == 200 => {}
+        Ok(d) => problems.push(format!(
+            "release {instance} ({allocation}): {} {}",
+            d.status, d.text
+        )),
+        Err(e) => problems.push(format!("release {instance}: no answer: {e}")),
+    }
+    problems
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +396,7 @@ async fn concurrent_allocators_history_check() {
         }
     };
     let (problems, refusals) =
-        run_matchmakers(&c, TASKS, &mut rng, MAX_OPS, MAX_TIME, allocated).await;
+        run_matchmakers(&c, Load::new(TASKS, MAX_OPS, MAX_TIME), &mut rng, allocated).await;
     let took = started.elapsed();
     let history = history.lock().expect("history").clone();
     // Each allocation attempt is a request too.
@@ -457,7 +540,7 @@ async fn games_ending_their_own_matches_under_concurrent_allocators() {
         }
     };
     let (problems, refusals) =
-        run_matchmakers(&c, TASKS, &mut rng, MAX_OPS, MAX_TIME, allocated).await;
+        run_matchmakers(&c, Load::new(TASKS, MAX_OPS, MAX_TIME), &mut rng, allocated).await;
     let acked = acked.lock().expect("acked").clone();
     eprintln!(
         "[faults] games_ending_their_own_matches_under_concurrent_allocators: {} acknowledged \
@@ -540,49 +623,16 @@ async fn fleet_resizing_under_allocation_load_ends_no_match() {
             n
         })
     };
-    // Each matchmaker's metadata names it, and a matchmaker releases before it allocates
-    // again: a game showing that metadata while allocated is running this very match.
     let checked = Arc::new(AtomicU64::new(0));
     let allocated = {
         let checked = checked.clone();
-        let (http, base, token) = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        let who = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
         move |r: Response, random: u64| {
-            let (http, base, token, checked) =
-                (http.clone(), base.clone(), token.clone(), checked.clone());
-            async move {
-                let (instance, allocation) = (id_of(&r.json), alloc_of(&r.json));
-                let mut problems = Vec::new();
-                tokio::time::sleep(Duration::from_millis(random % 30)).await;
-                let port = r.json["port"].as_u64().and_then(|p| u16::try_from(p).ok());
-                match port.map(game_info) {
-                    Some(info) => match info.await {
-                        Ok(i)
-                            if i["allocated"] == true && i["allocation"] == r.json["metadata"] =>
-                        {
-                            checked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(i) => problems.push(format!(
-                            "{instance} ({allocation}): the game is not running this match: {i}"
-                        )),
-                        Err(e) => problems.push(format!(
-                            "{instance} ({allocation}): the game does not answer: {e}"
-                        )),
-                    },
-                    None => problems.push(format!("no port: {}", r.json)),
-                }
-                match release_named(&http, &base, &token, &instance, &allocation).await {
-                    Ok(d) if d.status == 200 => {}
-                    Ok(d) => problems.push(format!(
-                        "release {instance} ({allocation}): {} {}",
-                        d.status, d.text
-                    )),
-                    Err(e) => problems.push(format!("release {instance}: no answer: {e}")),
-                }
-                problems
-            }
+            check_in_game_then_release(who.clone(), checked.clone(), r, random)
         }
     };
-    let (problems, _) = run_matchmakers(&c, TASKS, &mut rng, u64::MAX, MAX_TIME, allocated).await;
+    let load = Load::new(TASKS, u64::MAX, MAX_TIME);
+    let (problems, _) = run_matchmakers(&c, load, &mut rng, allocated).await;
     let checked = checked.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let resized = resizes.await.expect("resizer task");
@@ -1740,7 +1790,423 @@ async fn network_partitions_with_namespaces() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Bad input
+// 5. Full disks: under the controller's database, under an agent's state
+
+/// A small tmpfs in a mount namespace of its own, held open by a `sleep`: a disk the test can
+/// fill without touching the machine's. Daemons run on it through [`SmallDisk::wrapper`]; the
+/// test reaches its files through `/proc/<holder>/root`. The mount goes with the namespace's
+/// last process, also when the test fails.
+struct SmallDisk {
+    holder: std::process::Child,
+    path: std::path::PathBuf,
+    _dir: berth_e2e::TestDir,
+}
+
+impl SmallDisk {
+    /// `Err` when a mount namespace or a tmpfs cannot be made here (no permission).
+    fn mount(name: &str, bytes: u64) -> Result<Self, String> {
+        use std::io::BufRead;
+        let dir = berth_e2e::TestDir::new(name);
+        let path = dir.join("disk");
+        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o "size=$1" berth-test "$2" && echo mounted && exec sleep 600"#)
+            .arg("sh")
+            .arg(bytes.to_string())
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run unshare: {e}"))?;
+        let mut line = String::new();
+        let stdout = holder.stdout.take().expect("piped");
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        if line.trim() != "mounted" {
+            let _ = holder.kill();
+            let out = holder.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "unshare --mount with a tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self {
+            holder,
+            path,
+            _dir: dir,
+        })
+    }
+
+    /// Where the disk is, as processes in its namespace see it.
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn wrapper(&self) -> Vec<String> {
+        let pid = self.holder.id().to_string();
+        ["nsenter", "-t", &pid, "-m", "--"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+
+    /// `name` on the disk, as this process reaches it.
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        let inside = self.path.join(name);
+        let relative = inside.strip_prefix("/").expect("an absolute path");
+        std::path::Path::new(&format!("/proc/{}/root", self.holder.id())).join(relative)
+    }
+
+    /// Writes a file until the disk refuses more; returns the bytes it took.
+    fn fill(&self) -> u64 {
+        use std::io::Write as _;
+        let path = self.file("filler");
+        let mut f =
+            std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let chunk = vec![0u8; 64 << 10];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        written
+    }
+
+    fn free(&self) {
+        let path = self.file("filler");
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// The disk under the controller's database fills up while matchmakers allocate, then gets
+/// room again. Allocations it cannot write are refused with a 503 that says so (and their
+/// games are released); releases and settings made meanwhile are kept and written once it has
+/// room, with no restart; nothing is left allocated, no instance refuses matches afterwards,
+/// and a restart finds what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_disk_full_under_allocation_load() {
+    const TASKS: usize = 4;
+    let mut rng = Rng::seeded("controller_disk_full_under_allocation_load");
+    // Declared first, so it is dropped last.
+    let disk = match SmallDisk::mount("flt-disk-fs", 8 << 20) {
+        Ok(d) => d,
+        Err(reason) => {
+            println!("SKIPPED: no small disk of the test's own: {reason}");
+            eprintln!("SKIPPED: no small disk of the test's own: {reason}");
+            return;
+        }
+    };
+    let mut config = ControllerConfig::new();
+    config.database = Some(disk.path().join("controller.db"));
+    config.wrapper = disk.wrapper();
+    let mut c = ControllerProcess::spawn("flt-disk", config).await;
+    c.sample_fleet(7, 456, 3, 0, &[]).await;
+    let mut agents = Vec::new();
+    for name in ["disk-a", "disk-b"] {
+        agents.push(c.spawn_agent("flt-disk", name).await);
+    }
+    let pool = c.wait_online(7, 6).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let unwritable = Arc::new(AtomicU64::new(0));
+    let checked = Arc::new(AtomicU64::new(0));
+    let allocated = {
+        let checked = checked.clone();
+        let who = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+        move |r: Response, random: u64| {
+            check_in_game_then_release(who.clone(), checked.clone(), r, random)
+        }
+    };
+    let mut load = Load::new(TASKS, u64::MAX, Duration::from_secs(90));
+    load.stop = Some(stop.clone());
+    load.unwritable = Some(unwritable.clone());
+    let at_least = async |what: &str, counter: &AtomicU64, n: u64| {
+        wait_for(&format!("{n} {what}"), TIMEOUT, async || {
+            let seen = counter.load(Ordering::Relaxed);
+            (seen >= n).then_some(seen)
+        })
+        .await
+    };
+    let readyz = async || {
+        c.http()
+            .try_send(Method::GET, &format!("{}/readyz", c.url()), None, &[], None)
+            .await
+    };
+    let phases = async {
+        at_least("matches checked before the disk fills", &checked, 30).await;
+        let filled = disk.fill();
+        at_least("allocations refused as unwritable", &unwritable, 20).await;
+        let r = readyz().await.expect("readyz answers");
+        assert!(
+            r.status == 503
+                && r.json["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("commits fail")),
+            "{} {}",
+            r.status,
+            r.text
+        );
+        // A setting made meanwhile is in effect at once, and said to be written later.
+        let app = json!({"id": 8, "name": "made-while-full", "managementProtocol": "arcus"});
+        let r = c.admin(Method::POST, "/v1/applications", Some(&app)).await;
+        r.assert_error(503, "SERVICE_UNAVAILABLE", None);
+        assert!(details(&r.json).contains("in effect"), "{}", r.text);
+        c.admin(Method::GET, "/v1/applications/8", None)
+            .await
+            .expect(200);
+        let before = checked.load(Ordering::Relaxed);
+        disk.free();
+        at_least(
+            "matches checked after the disk has room",
+            &checked,
+            before + 30,
+        )
+        .await;
+        wait_for("/readyz to say ready", TIMEOUT, async || {
+            readyz().await.ok().filter(|r| r.status == 200)
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        (filled, before)
+    };
+    let ((problems, refusals), (filled, before)) =
+        tokio::join!(run_matchmakers(&c, load, &mut rng, allocated), phases);
+    eprintln!(
+        "[faults] controller_disk_full_under_allocation_load: the disk filled with {} KiB; \
+         {before} matches checked before it had room again, {} after; {} allocations refused \
+         as unwritable, {refusals} NO_ALLOCATABLE_INSTANCE refusals",
+        filled >> 10,
+        checked.load(Ordering::Relaxed) - before,
+        unwritable.load(Ordering::Relaxed),
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // Every instance is free again at the controller and in its game, and no game was sent a
+    // second match while one ran.
+    wait_for("every instance free again", TIMEOUT, async || {
+        let list = c.instances("?applicationId=7").await;
+        let free = list.iter().filter(|i| is_allocatable(i)).count();
+        (free == 6).then_some(()).ok_or_else(|| brief(&list))
+    })
+    .await;
+    for instance in &pool {
+        berth_e2e::wait_game_info(berth_e2e::json::port_of(instance), "not allocated", |i| {
+            i["allocated"] == false
+        })
+        .await;
+    }
+    assert_no_match_given_away(&pool).await;
+    // No instance refuses a match (a release the database never took would leave its row, and
+    // that row would refuse every later allocation of the instance), and a restart finds the
+    // matches acknowledged and the setting made while the disk was full.
+    let mut held = BTreeMap::new();
+    for _ in 0..6 {
+        let a = c.allocate_ok(7, "").await;
+        held.insert(id_of(&a), alloc_of(&a));
+    }
+    assert_eq!(held.len(), 6, "{held:?}");
+    c.kill9();
+    c.start().await;
+    c.admin(Method::GET, "/v1/applications/8", None)
+        .await
+        .expect(200);
+    wait_for("the held matches after the restart", TIMEOUT, async || {
+        let list = c.instances("?applicationId=7").await;
+        let kept = list
+            .iter()
+            .filter(|i| i["status"] == 5 && held.get(&id_of(i)) == Some(&alloc_of(i)))
+            .count();
+        (kept == 6).then_some(()).ok_or_else(|| brief(&list))
+    })
+    .await;
+}
+
+/// The disk under an agent's state directory fills up. The agent cannot record an allocation
+/// before it answers, so it refuses it (76002, saying why) before its game hears of it, and
+/// the controller skips the host for a while and places matches elsewhere. The match the host
+/// already runs goes on; once the disk has room, the agent restarts and finds that match, in
+/// the same game process, and the host takes matches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
+    // Declared first, so it is dropped last.
+    let disk = match SmallDisk::mount("flt-agent-disk-fs", 1 << 20) {
+        Ok(d) => d,
+        Err(reason) => {
+            println!("SKIPPED: no small disk of the test's own: {reason}");
+            eprintln!("SKIPPED: no small disk of the test's own: {reason}");
+            return;
+        }
+    };
+    let c = ControllerProcess::start_new("flt-agent-disk").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let logs = berth_e2e::TestDir::new("flt-agent-disk-logs");
+    let mut config = AgentConfig::joined("disk-full", &c);
+    config.dc_location = "full1".to_owned();
+    config.state_dir = Some(disk.path().to_owned());
+    config.wrapper = disk.wrapper();
+    // Only the agent's state is on the small disk; the games' logs are not.
+    let log_dir = serde_json::to_string(&logs.path().to_string_lossy()).expect("a string");
+    config.extra.push(format!("log_dir = {log_dir}"));
+    let mut full = AgentProcess::spawn("flt-agent-disk-full", config).await;
+    let _other = c.spawn_agent("flt-agent-disk", "disk-ok").await;
+    let pool = c.wait_online(7, 4).await;
+    let full_host = c.host_named("disk-full").await["id"].clone();
+    let on_full: Vec<&Value> = pool.iter().filter(|i| i["hostId"] == full_host).collect();
+    assert_eq!(on_full.len(), 2, "{}", brief(&pool));
+
+    // The disk fills while its games run: their records (pids) are on it already. (A game
+    // started after the last snapshot the disk took is not re-adopted by a restart.)
+    let state_file = disk.file("agent-state.json");
+    wait_for(
+        "the full host's games recorded on its disk",
+        TIMEOUT,
+        async || {
+            let text = std::fs::read_to_string(&state_file).map_err(|e| e.to_string())?;
+            let state: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let with_pid = state["instances"]
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|i| i["pid"].is_u64()).count());
+            (with_pid == 2).then_some(()).ok_or(text)
+        },
+    )
+    .await;
+    let held = c.allocate_ok(7, "dcLocationName=full1").await;
+    let held_id = id_of(&held);
+    let held_pid = pid_of(&c.instance(&held_id).await);
+    let filled = disk.fill();
+
+    // A line still fits while the journal's last block has room: those allocations are
+    // recorded, and released again. Then one is refused, before its game heard of it, saying
+    // why and what to do.
+    let recorded = AtomicU64::new(0);
+    let r = wait_for(
+        "an allocation refused on the full host",
+        TIMEOUT,
+        async || {
+            let r = c
+                .allocate(7, &json!({"filter": "dcLocationName=full1"}), &[])
+                .await;
+            match r.status {
+                200 => {
+                    recorded.fetch_add(1, Ordering::Relaxed);
+                    let (base, instance, allocation) = (c.url(), id_of(&r.json), alloc_of(&r.json));
+                    let d = release_named(
+                        c.http(),
+                        &base,
+                        c.matchmaker_token(),
+                        &instance,
+                        &allocation,
+                    )
+                    .await
+                    .expect("an answer");
+                    assert_eq!(d.status, 200, "{}", d.text);
+                    Err("recorded: the journal's last block had room".to_owned())
+                }
+                404 => Err(r.text),
+                _ => Ok(r),
+            }
+        },
+    )
+    .await;
+    let body = r.assert_error(422, "AGENT_SERVER_ERROR", Some(76002));
+    let said = body.to_string();
+    assert!(
+        said.contains("cannot record it on disk") && said.contains("state_dir"),
+        "{said}"
+    );
+    let mut received = 0;
+    for i in &on_full {
+        received +=
+            game_info(berth_e2e::json::port_of(i)).await.expect("INFO")["allocationsReceived"]
+                .as_u64()
+                .expect("a count");
+    }
+    let recorded = recorded.load(Ordering::Relaxed);
+    assert_eq!(
+        received,
+        1 + recorded,
+        "only the held match and the {recorded} recorded ones reached a game on the full host"
+    );
+    // Matches go to the other host meanwhile: the full one is skipped, not tried again.
+    let mut elsewhere = Vec::new();
+    for _ in 0..2 {
+        let a = c
+            .allocate(7, &json!({"filter": ""}), &[])
+            .await
+            .expect(200)
+            .json;
+        assert_ne!(a["hostId"], full_host, "{a}");
+        elsewhere.push(a);
+    }
+    let r = c.allocate(7, &json!({"filter": ""}), &[]).await;
+    let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(
+        body.to_string()
+            .contains("could not record an allocation on its disk"),
+        "{body}"
+    );
+    for a in &elsewhere {
+        let (base, instance, allocation) = (c.url(), id_of(a), alloc_of(a));
+        let r = release_named(
+            c.http(),
+            &base,
+            c.matchmaker_token(),
+            &instance,
+            &allocation,
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    // The match in progress goes on.
+    let now = c.instance(&held_id).await;
+    assert!(
+        now["status"] == 5 && now["allocationId"] == held["allocationId"],
+        "{now}"
+    );
+
+    // Room again, and a restart: the agent finds the match it recorded before the disk filled.
+    disk.free();
+    full.kill9();
+    full.start().await;
+    wait_for(
+        "the held match after the agent's restart",
+        TIMEOUT,
+        async || {
+            let i = c.instance(&held_id).await;
+            (i["status"] == 5
+                && i["allocationId"] == held["allocationId"]
+                && pid_of(&i) == held_pid)
+                .then_some(())
+                .ok_or_else(|| i.to_string())
+        },
+    )
+    .await;
+    let again = c
+        .allocate_when_offered(7, &json!({"filter": "dcLocationName=full1"}), &[])
+        .await;
+    assert_ne!(id_of(&again), held_id, "{again}");
+    assert_no_match_given_away(&pool).await;
+    eprintln!(
+        "[faults] agent_disk_full_refuses_allocations_and_keeps_matches: the disk filled with {} \
+         KiB; {recorded} allocations still recorded in the journal's last block, then refused",
+        filled >> 10
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Bad input
 
 /// A daemon under attack: where to send what.
 struct Target {
