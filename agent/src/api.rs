@@ -75,7 +75,9 @@ impl ApiError {
             Self::Unavailable => ErrorCode::ServiceUnavailable,
             Self::Deploy(e) => match e {
                 DeployError::Invalid(_) | DeployError::Conflict(_) => ErrorCode::InvalidRequest,
-                DeployError::HostFull(_) | DeployError::Ports(_) => ErrorCode::AgentServerError,
+                DeployError::HostFull(_)
+                | DeployError::Ports(_)
+                | DeployError::NotRecorded { .. } => ErrorCode::AgentServerError,
                 DeployError::ShuttingDown => ErrorCode::ServiceUnavailable,
             },
             Self::Instance(e) => match e {

@@ -267,8 +267,54 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 #[derive(Debug, Clone, Copy)]
 pub struct Stat {
     pub state: char,
+    /// The session's id: a game, started in a session of its own, leads it.
+    pub session: u32,
     /// Clock ticks after boot at which the process started.
     pub start_time: u64,
+}
+
+/// Finds running games of `ids` whose pid the agent never recorded: it was stopped after
+/// starting them and before their pid reached its state file (or while the disk took no
+/// writes). A game is the leader of a session of its own, and its environment names its
+/// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
+/// agents on one machine). Of two, the newer is taken. One pass over `/proc`, at start only.
+pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> HashMap<String, Process> {
+    let mut found: HashMap<String, Process> = HashMap::new();
+    if ids.is_empty() {
+        return found;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(s) = stat(pid) else { continue };
+        if s.session != pid {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let id = environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(b"BERTH_INSTANCE_ID="))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|id| ids.contains(id));
+        let Some(id) = id else { continue };
+        if found.get(id).is_some_and(|p| p.start_time >= s.start_time) {
+            continue;
+        }
+        if let Some(p) = adopt(pid, s.start_time) {
+            found.insert(id.to_owned(), p);
+        }
+    }
+    found
 }
 
 pub fn stat(pid: u32) -> Option<Stat> {
@@ -282,9 +328,15 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    // Field 22 (starttime) is the 20th after the state (field 3).
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(Stat { state, start_time })
+    // Fields 4 (ppid), 5 (pgrp), 6 (session).
+    let session = fields.nth(2)?.parse().ok()?;
+    // Field 22 (starttime) is the 16th after the session.
+    let start_time = fields.nth(15)?.parse().ok()?;
+    Some(Stat {
+        state,
+        session,
+        start_time,
+    })
 }
 
 /// Raises our open-file limit to the hard limit: every game costs the agent a socket.
@@ -565,7 +617,50 @@ mod tests {
                     18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
         let s = parse_stat(line).expect("parse");
         assert_eq!(s.state, 'S');
+        assert_eq!(s.session, 1234);
         assert_eq!(s.start_time, 987654);
+    }
+
+    /// A game the agent started and never recorded is found by the instance id in its
+    /// environment, as the leader of its own session; a process of another instance, or one
+    /// that leads no session, is not.
+    #[test]
+    fn unrecorded_games_are_found_by_their_instance_id() {
+        let id = uuid::Uuid::new_v4().to_string();
+        let other = uuid::Uuid::new_v4().to_string();
+        let start = |id: &str, own_session: bool| {
+            let mut cmd = if own_session {
+                let mut c = Command::new("setsid");
+                c.args(["sleep", "30"]);
+                c
+            } else {
+                let mut c = Command::new("sleep");
+                c.arg("30");
+                c
+            };
+            cmd.env("BERTH_INSTANCE_ID", id)
+                .spawn()
+                .expect("a test process")
+        };
+        let mut game = start(&id, true);
+        let mut child = start(&id, false);
+        let mut stranger = start(&other, true);
+        let ids = std::collections::HashSet::from([id.as_str()]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            // `setsid` execs `sleep` once it leads its session.
+            let found = find_unrecorded(&ids);
+            if found.contains_key(&id) || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        for p in [&mut game, &mut child, &mut stranger] {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[&id].pid, game.id());
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct JournalEntry {
     pub status: InstanceStatus,
     pub allocation: Option<PersistedAllocation>,
     pub metadata: Vec<KeyValue>,
+    /// A new instance's whole record, written before its game is started: a game must never
+    /// run that a restarted agent would not know of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Box<PersistedInstance>>,
 }
 
 /// What the supervisor wants to be true of an instance.
@@ -204,10 +208,18 @@ fn replay_journal(state_dir: &Path, state: &mut StateFile) {
                 continue;
             }
             state.seq = state.seq.max(e.base);
-            if let Some(inst) = state.instances.iter_mut().find(|i| i.id == e.id) {
-                inst.status = e.status;
-                inst.allocation = e.allocation;
-                inst.metadata = e.metadata;
+            match (
+                state.instances.iter_mut().find(|i| i.id == e.id),
+                e.instance,
+            ) {
+                (Some(_), Some(_)) => {}
+                (Some(inst), None) => {
+                    inst.status = e.status;
+                    inst.allocation = e.allocation;
+                    inst.metadata = e.metadata;
+                }
+                (None, Some(new)) => state.instances.push(*new),
+                (None, None) => {}
             }
         }
     }
@@ -265,20 +277,37 @@ impl Journal {
         allocation: Option<PersistedAllocation>,
         metadata: Vec<KeyValue>,
     ) -> Result<(), StateError> {
-        let entry = JournalEntry {
+        self.write(&JournalEntry {
             base: self.base,
             id,
             status,
             allocation,
             metadata,
-        };
+            instance: None,
+        })
+    }
+
+    /// Appends a new instance's whole record, before its game is started; an instance whose
+    /// record cannot be written is not deployed.
+    pub fn append_deployed(&mut self, instance: PersistedInstance) -> Result<(), StateError> {
+        self.write(&JournalEntry {
+            base: self.base,
+            id: instance.id.clone(),
+            status: instance.status,
+            allocation: None,
+            metadata: Vec::new(),
+            instance: Some(Box::new(instance)),
+        })
+    }
+
+    fn write(&mut self, entry: &JournalEntry) -> Result<(), StateError> {
         let path = journal_path(&self.state_dir, self.base);
         let wrap = |source| StateError::Write {
             path: path.clone(),
             source,
         };
         // Serialising our own plain data cannot fail (no maps with non-string keys).
-        let mut line = journal_line(&entry).map_err(|e| wrap(io::Error::other(e)))?;
+        let mut line = journal_line(entry).map_err(|e| wrap(io::Error::other(e)))?;
         if self.torn {
             // A failed write may have left part of a line: this one starts on a line of its
             // own, and loading skips the fragment (it does not parse).
@@ -375,7 +404,7 @@ impl StateWriter {
         let _ = self.tx.send((seq, bytes));
     }
 
-    /// The number of the last snapshot on disk.
+    /// The number of the last snapshot the writer is done with: on disk, or refused by it.
     pub fn written(&self) -> watch::Receiver<u64> {
         self.written.clone()
     }
@@ -516,6 +545,7 @@ mod tests {
                 game_confirmed: false,
             }),
             metadata: vec![KeyValue::new("map", "dust")],
+            instance: None,
         }
     }
 
@@ -618,6 +648,40 @@ mod tests {
         assert!(!journal_path(&dir, 2).exists());
         let loaded = load(&dir).expect("load");
         assert!(allocation_of(&loaded).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An instance deployed after the last snapshot on disk comes back from its journal line,
+    /// with the allocation lines that follow it.
+    #[test]
+    fn an_instance_deployed_after_the_snapshot_comes_back_from_the_journal() {
+        let dir = temp_dir();
+        std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
+        let mut journal = Journal::new(dir.clone(), 4);
+        let mut new = instance("b");
+        new.status = InstanceStatus::Setup;
+        journal.append_deployed(new).expect("deployed");
+        let alloc = entry(4, "m-1");
+        journal
+            .append("b".into(), alloc.status, alloc.allocation, alloc.metadata)
+            .expect("journaled");
+        let loaded = load(&dir).expect("load");
+        let ids: Vec<&str> = loaded.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let b = &loaded.instances[1];
+        assert_eq!(b.status, InstanceStatus::Allocated);
+        assert_eq!(
+            b.allocation.as_ref().and_then(|a| a.id.as_deref()),
+            Some("m-1")
+        );
+        // A line of an instance the snapshot already has does not replace it.
+        let mut again = instance("a");
+        again.port = 1;
+        journal.append_deployed(again).expect("deployed");
+        assert_eq!(
+            load(&dir).expect("load").instances[0].port,
+            instance("a").port
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -214,6 +214,15 @@ pub enum DeployError {
     Conflict(String),
     #[error("this host already runs {0} instances (max_instances)")]
     HostFull(usize),
+    /// Its record could not be written: a game is never started that a restarted agent would
+    /// not know of.
+    #[error(
+        "instance {id} not deployed: the agent cannot record it on disk ({source}); free space on the disk that holds the agent's state_dir"
+    )]
+    NotRecorded {
+        id: String,
+        source: crate::state::StateError,
+    },
     #[error(transparent)]
     Ports(#[from] PortError),
     #[error("the agent is shutting down")]
@@ -650,6 +659,21 @@ impl Supervisor {
             spawner,
         };
         let now = unix_now();
+        // Games whose recorded process is gone (or never recorded) may still run under a pid
+        // the state file never got: looked for once, together.
+        let mut recorded: HashMap<String, process::Process> = HashMap::new();
+        for p in &state.instances {
+            if let Some(proc_) = p.pid.and_then(|pid| process::adopt(pid, p.start_time)) {
+                recorded.insert(p.id.clone(), proc_);
+            }
+        }
+        let missing: std::collections::HashSet<&str> = state
+            .instances
+            .iter()
+            .filter(|p| p.desired != Desired::Removed && !recorded.contains_key(&p.id))
+            .map(|p| p.id.as_str())
+            .collect();
+        let mut unrecorded = process::find_unrecorded(&missing);
         for p in state.instances {
             sup.ports.mark_used(p.port);
             sup.ports.mark_used(p.management_port);
@@ -676,7 +700,21 @@ impl Supervisor {
                     p.management_port,
                 )
             };
-            let adopted = p.pid.and_then(|pid| process::adopt(pid, p.start_time));
+            let adopted = match recorded.remove(&p.id) {
+                Some(proc_) => Some(proc_),
+                None => unrecorded.remove(&p.id).inspect(|proc_| {
+                    tracing::warn!(instance_id = %inst.id, pid = proc_.pid, recorded_pid = ?p.pid, "re-adopted a game the state file did not record (the agent stopped before writing its pid)");
+                    if p.pid.is_some() {
+                        // The recorded process ended, and its match with it; this one is the
+                        // restart the agent made before it stopped.
+                        if inst.allocation.take().is_some() {
+                            inst.metadata.clear();
+                        }
+                        inst.restarts += 1;
+                        inst.pid_changed_at = Some(now);
+                    }
+                }),
+            };
             match adopted {
                 Some(proc_) => {
                     tracing::info!(instance_id = %inst.id, pid = proc_.pid, "re-adopted running game");
@@ -973,6 +1011,11 @@ impl Supervisor {
             port,
             management_port,
         );
+        if let Err(source) = self.journal.append_deployed(inst.persisted()) {
+            self.ports.release(port);
+            self.ports.release(management_port);
+            return Err(DeployError::NotRecorded { id, source });
+        }
         tracing::info!(instance_id = %id, port, management_port, profile = %inst.profile.id, "instance deployed");
         self.instances.insert(id.clone(), inst);
         self.changed(&id, true);

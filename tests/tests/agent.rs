@@ -598,6 +598,34 @@ async fn match_ended_while_agent_down_is_free_after_the_restart() {
     assert_eq!(info["allocatedDuringMatch"], 0, "{info}");
 }
 
+/// The agent is killed right after it answered deploys and started their games, before its
+/// state file holds them. The restarted agent knows every instance (each was journaled before
+/// its game could start) and takes back each game, found by its instance id (its pid never
+/// recorded): one game per instance, none restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_right_after_deploying_neither_orphans_nor_duplicates_games() {
+    let mut agent = AgentProcess::start_new("killed-after-deploy").await;
+    let ids: Vec<String> = (0..4).map(|n| new_id(&format!("d{n}"))).collect();
+    for id in &ids {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    // Killed once the games run, most likely before the state file (written up to 100 ms
+    // after a change) has their pids; if it has them, the restart is an ordinary one.
+    wait_for("the games started", TIMEOUT, async || {
+        ids.iter()
+            .all(|id| count_instance_processes(id) == 1)
+            .then_some(())
+    })
+    .await;
+    agent.kill9();
+    agent.start().await;
+    for id in &ids {
+        let view = agent.wait_online(id).await;
+        assert_eq!(view["restarts"], 0, "{view}");
+        assert_eq!(count_instance_processes(id), 1, "one game for {id}: {view}");
+    }
+}
+
 /// A second agent started on a running agent's state directory (another listen port, so the
 /// port does not stop it) exits at once, naming the running agent's pid and the lock file, and
 /// touches nothing: the games keep their process and their Arcus link to the first agent.

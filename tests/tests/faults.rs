@@ -2035,8 +2035,11 @@ async fn controller_disk_full_under_allocation_load() {
 /// The disk under an agent's state directory fills up. The agent cannot record an allocation
 /// before it answers, so it refuses it (76002, saying why) before its game hears of it, and
 /// the controller skips the host for a while and places matches elsewhere. The match the host
-/// already runs goes on; once the disk has room, the agent restarts and finds that match, in
-/// the same game process, and the host takes matches again.
+/// already runs goes on. A game that crashes meanwhile is started again under a pid the state
+/// file cannot take, and a new instance is refused (76002) with no game started; the agent,
+/// killed and restarted on the full disk, finds the match in the same process and the
+/// restarted game by its instance id, with no duplicate. Once the disk has room, the host
+/// takes matches again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
     // Declared first, so it is dropped last.
@@ -2176,28 +2179,77 @@ async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
         "{now}"
     );
 
-    // Room again, and a restart: the agent finds the match it recorded before the disk filled.
-    disk.free();
+    // While the disk stays full: the idle game crashes and is started again (a pid the state
+    // file cannot take). Then the agent is killed and restarted, the disk still full.
+    let idle = on_full
+        .iter()
+        .map(|i| id_of(i))
+        .find(|id| *id != held_id)
+        .expect("the idle instance");
+    let crashed = pid_of(&c.instance(&idle).await);
+    berth_e2e::signal(crashed, nix::sys::signal::Signal::SIGKILL).expect("kill the game");
+    let restarted = wait_for("the crashed game started again", TIMEOUT, async || {
+        let i = c.instance(&idle).await;
+        let pid = i["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+        pid.filter(|&p| p != crashed && i["status"] == 4)
+            .ok_or_else(|| i.to_string())
+    })
+    .await;
+    // A new instance is not deployed on that host: its record cannot be written, so its game
+    // is not started. (While the journal's last block has room, one is: removed again.)
+    let (third, r) = wait_for("a deploy refused on the full host", TIMEOUT, async || {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = berth_e2e::deploy_body(&id, sample_game_profile("sample-extra", 7, 0, 0));
+        let r = full.post("/v1/instances", &body).await;
+        if r.status == 201 {
+            full.delete(&format!("/v1/instances/{id}?force=true")).await;
+            return Err("recorded: the journal's last block had room".to_owned());
+        }
+        Ok((id, r))
+    })
+    .await;
+    let said = r
+        .assert_error(422, "AGENT_SERVER_ERROR", Some(76002))
+        .to_string();
+    assert!(
+        said.contains("not deployed") && said.contains("state_dir"),
+        "{said}"
+    );
     full.kill9();
     full.start().await;
     wait_for(
-        "the held match after the agent's restart",
+        "both games re-adopted by the restarted agent",
         TIMEOUT,
         async || {
-            let i = c.instance(&held_id).await;
-            (i["status"] == 5
-                && i["allocationId"] == held["allocationId"]
-                && pid_of(&i) == held_pid)
-                .then_some(())
-                .ok_or_else(|| i.to_string())
+            let h = c.instance(&held_id).await;
+            let i = c.instance(&idle).await;
+            let ok = h["status"] == 5
+                && h["allocationId"] == held["allocationId"]
+                && pid_of(&h) == held_pid
+                && i["status"] == 4
+                && pid_of(&i) == restarted;
+            ok.then_some(()).ok_or_else(|| format!("{h}\n{i}"))
         },
     )
     .await;
+    assert_eq!(
+        count_instance_processes(&idle),
+        1,
+        "the crashed game's restart, once"
+    );
+    assert_eq!(
+        count_instance_processes(&third),
+        0,
+        "no game runs for an instance whose record the disk did not take"
+    );
+
+    // Room again: the host takes matches again.
+    disk.free();
     let again = c
         .allocate_when_offered(7, &json!({"filter": "dcLocationName=full1"}), &[])
         .await;
     assert_ne!(id_of(&again), held_id, "{again}");
-    assert_no_match_given_away(&pool).await;
+    assert_no_match_given_away(&c.instances("?applicationId=7").await).await;
     eprintln!(
         "[faults] agent_disk_full_refuses_allocations_and_keeps_matches: the disk filled with {} \
          KiB; {recorded} allocations still recorded in the journal's last block, then refused",
