@@ -27,6 +27,10 @@ pub struct Metrics {
     pub heartbeats_failed: Counter,
     pub game_log_rotations: Counter,
     pub game_logs_removed: Counter,
+    /// State snapshots the disk refused (each written again later).
+    pub snapshot_write_failures: Counter,
+    /// Journal lines the disk refused (each an allocation or a deploy refused).
+    pub journal_write_failures: Counter,
     pub tls: TlsMetrics,
     instances: Family<Labels, Gauge>,
     arcus_links_up: Gauge,
@@ -90,6 +94,13 @@ impl Metrics {
             "game_logs_removed",
             "Log files of removed instances deleted after game_log_retention_hours",
         );
+        let state_write_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "state_write_failures",
+            "Writes to state_dir the disk refused, by file (snapshot: written again later; \
+             journal: the allocation or deploy it recorded was refused)",
+            state_write_failures.clone(),
+        );
         let tls = TlsMetrics::register(&mut registry, tls);
         let instances = Family::<Labels, Gauge>::default();
         registry.register(
@@ -111,6 +122,13 @@ impl Metrics {
         let allocations_failed = child(&allocations, "error");
         let heartbeats_ok = child(&heartbeats, "ok");
         let heartbeats_failed = child(&heartbeats, "error");
+        let file = |name| {
+            state_write_failures
+                .get_or_create(&vec![("file", name)])
+                .clone()
+        };
+        let snapshot_write_failures = file("snapshot");
+        let journal_write_failures = file("journal");
         Self {
             allocations_ok,
             allocations_failed,
@@ -124,6 +142,8 @@ impl Metrics {
             arcus_protocol_errors,
             game_log_rotations,
             game_logs_removed,
+            snapshot_write_failures,
+            journal_write_failures,
             tls,
             instances,
             arcus_links_up,

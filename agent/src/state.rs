@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use berth_protocol::agent_api::Profile;
 use berth_protocol::{InstanceStatus, KeyValue, ManagementProtocol};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -245,17 +246,19 @@ pub struct Journal {
     state_dir: PathBuf,
     base: u64,
     file: Option<File>,
+    failures: Counter,
     /// The last write failed, perhaps halfway through its line.
     torn: bool,
 }
 
 impl Journal {
     /// The journal following snapshot `base` (opened at the first line).
-    pub fn new(state_dir: PathBuf, base: u64) -> Self {
+    pub fn new(state_dir: PathBuf, base: u64, failures: Counter) -> Self {
         Self {
             state_dir,
             base,
             file: None,
+            failures,
             torn: false,
         }
     }
@@ -320,12 +323,16 @@ impl Journal {
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .map_err(wrap)?,
+                    .map_err(|e| {
+                        self.failures.inc();
+                        wrap(e)
+                    })?,
             ),
         };
         let written = file.write_all(&line);
         self.torn = written.is_err();
         if self.torn {
+            self.failures.inc();
             // Opened again for the next line.
             self.file = None;
         }
@@ -386,13 +393,14 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
-    /// Starts the writer thread for `state_dir`.
-    pub fn start(state_dir: PathBuf) -> Self {
+    /// Starts the writer thread for `state_dir`; `failures` counts the snapshots it could not
+    /// write.
+    pub fn start(state_dir: PathBuf, failures: Counter) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let (written_tx, written) = watch::channel(0u64);
         let spawned = std::thread::Builder::new()
             .name("berth-state".to_owned())
-            .spawn(move || write_loop(&state_dir, &rx, &written_tx));
+            .spawn(move || write_loop(&state_dir, &rx, &written_tx, &failures));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the state writer; state will not be saved");
         }
@@ -420,6 +428,7 @@ fn write_loop(
     state_dir: &Path,
     rx: &std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
     written: &watch::Sender<u64>,
+    failures: &Counter,
 ) {
     // Journals that may exist: those found now, and one per snapshot queued since.
     let mut journals = journals(state_dir);
@@ -476,6 +485,7 @@ fn write_loop(
                 }
             }
             Err(e) => {
+                failures.inc();
                 failed += 1;
                 if logged.is_none_or(|t| t.elapsed() >= STATE_FAILURE_LOG_EVERY) {
                     logged = Some(std::time::Instant::now());
@@ -584,7 +594,7 @@ mod tests {
     async fn a_refused_snapshot_is_written_once_the_disk_takes_it() {
         let dir = temp_dir();
         std::fs::create_dir_all(state_path(&dir)).expect("a directory in the way");
-        let writer = StateWriter::start(dir.clone());
+        let writer = StateWriter::start(dir.clone(), Counter::default());
         writer.save(1, snapshot(1));
         wait_written(&writer, 1).await;
         assert!(state_path(&dir).is_dir(), "not written while in the way");
@@ -605,10 +615,10 @@ mod tests {
     #[tokio::test]
     async fn journal_lines_follow_their_snapshot() {
         let dir = temp_dir();
-        let writer = StateWriter::start(dir.clone());
+        let writer = StateWriter::start(dir.clone(), Counter::default());
         writer.save(1, snapshot(1));
         wait_written(&writer, 1).await;
-        let mut journal = Journal::new(dir.clone(), 1);
+        let mut journal = Journal::new(dir.clone(), 1, Counter::default());
         let append = |journal: &mut Journal, alloc: &str| {
             let e = entry(0, alloc);
             journal
@@ -657,7 +667,7 @@ mod tests {
     fn an_instance_deployed_after_the_snapshot_comes_back_from_the_journal() {
         let dir = temp_dir();
         std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let mut journal = Journal::new(dir.clone(), 4);
+        let mut journal = Journal::new(dir.clone(), 4, Counter::default());
         let mut new = instance("b");
         new.status = InstanceStatus::Setup;
         journal.append_deployed(new).expect("deployed");
@@ -714,7 +724,7 @@ mod tests {
         std::fs::write(legacy_journal_path(&dir), lines).expect("journal");
         let loaded = load(&dir).expect("load");
         assert_eq!(allocation_of(&loaded), Some("upgraded"));
-        let writer = StateWriter::start(dir.clone());
+        let writer = StateWriter::start(dir.clone(), Counter::default());
         writer.save(5, snapshot(5));
         wait_written(&writer, 5).await;
         assert!(!legacy_journal_path(&dir).exists());

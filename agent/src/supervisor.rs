@@ -635,8 +635,15 @@ impl Supervisor {
     ) -> (Self, SupervisorHandle) {
         let (tx, rx) = mpsc::channel(8192);
         state.generation += 1;
-        let writer = StateWriter::start(config.state_dir.clone());
-        let journal = Journal::new(config.state_dir.clone(), state.seq);
+        let writer = StateWriter::start(
+            config.state_dir.clone(),
+            metrics.snapshot_write_failures.clone(),
+        );
+        let journal = Journal::new(
+            config.state_dir.clone(),
+            state.seq,
+            metrics.journal_write_failures.clone(),
+        );
         let mut sup = Self {
             ports: PortPool::new(config.game_ports.clone(), config.management_ports.clone()),
             host,

@@ -458,7 +458,7 @@ async fn attempt(
 struct Failing {
     since: std::time::Instant,
     failures: u64,
-    logged: std::time::Instant,
+    logged: Option<std::time::Instant>,
 }
 
 async fn write_loop(
@@ -605,11 +605,13 @@ async fn write_loop(
         let f = failing.get_or_insert(Failing {
             since: now,
             failures: 0,
-            logged: now - FAILING_LOG_EVERY,
+            logged: None,
         });
         f.failures += 1;
-        if now.duration_since(f.logged) >= FAILING_LOG_EVERY {
-            f.logged = now;
+        if f.logged
+            .is_none_or(|t| now.duration_since(t) >= FAILING_LOG_EVERY)
+        {
+            f.logged = Some(now);
             tracing::error!(
                 error = %error,
                 failed_commits = f.failures,

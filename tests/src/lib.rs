@@ -807,6 +807,18 @@ fn collect_pids(v: &Value, out: &mut BTreeSet<u32>) {
 // ---------------------------------------------------------------------------------------------
 // Daemons
 
+/// A daemon's command, run under `wrapper` (e.g. `ip netns exec <ns>`) when there is one.
+fn wrapped(wrapper: &[String], daemon: &str) -> Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = berth_command(program);
+            cmd.args(args).arg(bin(daemon));
+            cmd
+        }
+        None => berth_command(bin(daemon)),
+    }
+}
+
 /// A command running `program` without any `BERTH_*` variable of the test's environment:
 /// the daemons take them as config overrides, and only the files the tests write may count.
 pub fn berth_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -1240,14 +1252,7 @@ impl AgentProcess {
 
     /// Starts the agent (again) on the same config and state; returns once it is ready.
     pub async fn start(&mut self) {
-        let mut cmd = match self.config.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = berth_command(program);
-                cmd.args(args).arg(bin("berth-agent"));
-                cmd
-            }
-            None => berth_command(bin("berth-agent")),
-        };
+        let mut cmd = wrapped(&self.config.wrapper, "berth-agent");
         cmd.arg("--config").arg(&self.config_path);
         let url = self.url();
         self.daemon.start(cmd, "debug", &self.http, &url).await;
@@ -1739,14 +1744,7 @@ impl ControllerProcess {
     /// Starts the controller (again) on the same config and database; returns once it is
     /// ready.
     pub async fn start(&mut self) {
-        let mut cmd = match self.config.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = berth_command(program);
-                cmd.args(args).arg(bin("berth-controller"));
-                cmd
-            }
-            None => berth_command(bin("berth-controller")),
-        };
+        let mut cmd = wrapped(&self.config.wrapper, "berth-controller");
         cmd.arg("--config").arg(&self.config_path);
         let url = self.url();
         self.daemon

@@ -28,6 +28,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
+/// Says why a test did not run, both in its captured output and on the terminal.
+fn skipped(reason: &str) {
+    println!("SKIPPED: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
+
 /// xorshift64*: tiny, deterministic, good enough for fault schedules.
 #[derive(Debug, Clone)]
 struct Rng(u64);
@@ -174,6 +180,22 @@ struct Held {
     release_sent: Duration,
 }
 
+/// Releases `allocated` (an instance object an allocation answered) by name; panics unless
+/// 200.
+async fn release_ok(c: &ControllerProcess, allocated: &Value) {
+    let (base, instance, allocation) = (c.url(), id_of(allocated), alloc_of(allocated));
+    let r = release_named(
+        c.http(),
+        &base,
+        c.matchmaker_token(),
+        &instance,
+        &allocation,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 /// A matchmaker's release of its own allocation, named so that it never ends another match.
 async fn release_named(
     http: &Http,
@@ -300,10 +322,30 @@ where
     (problems, refusals.load(Ordering::Relaxed))
 }
 
+/// [`check_in_game_then_release`] for `run_matchmakers`, counting in `checked`.
+fn checks_in_game(
+    c: &ControllerProcess,
+    checked: &Arc<AtomicU64>,
+) -> impl Fn(Response, u64) -> CheckFuture + Clone + Send + 'static {
+    let checked = checked.clone();
+    let who = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
+    move |r: Response, random: u64| -> CheckFuture {
+        Box::pin(check_in_game_then_release(
+            who.clone(),
+            checked.clone(),
+            r,
+            random,
+        ))
+    }
+}
+
+type CheckFuture = std::pin::Pin<Box<dyn Future<Output = Vec<String>> + Send>>;
+
 /// A matchmaker's handling of each match in the tests that check matches in their games:
 /// after up to 30 ms it asks the game over `INFO` whether it is running this very match (the
-/// matchmaker's own metadata, and a matchmaker releases before it allocates again), counts it
-/// in `checked`, and releases it by name.
+/// matchmaker's own metadata, and a matchmaker releases before it allocates again; a game not
+/// allocated yet is asked again, as `allocated` may still be on its way), counts it in
+/// `checked`, and releases it by name.
 async fn check_in_game_then_release(
     c: (Http, String, String),
     checked: Arc<AtomicU64>,
@@ -315,19 +357,36 @@ async fn check_in_game_then_release(
     let mut problems = Vec::new();
     tokio::time::sleep(Duration::from_millis(random % 30)).await;
     let port = r.json["port"].as_u64().and_then(|p| u16::try_from(p).ok());
-    match port.map(game_info) {
-        Some(info) => match info.await {
+    // The agent answers once it sent `allocated`; the frame may still be on its way to the
+    // game, so a game not allocated yet is asked again, for a while. Any other match is wrong
+    // at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Some(port) = port else {
+            problems.push(format!("no port: {}", r.json));
+            break;
+        };
+        match game_info(port).await {
             Ok(i) if i["allocated"] == true && i["allocation"] == r.json["metadata"] => {
                 checked.fetch_add(1, Ordering::Relaxed);
+                break;
             }
-            Ok(i) => problems.push(format!(
-                "{instance} ({allocation}): the game is not running this match: {i}"
-            )),
-            Err(e) => problems.push(format!(
-                "{instance} ({allocation}): the game does not answer: {e}"
-            )),
-        },
-        None => problems.push(format!("no port: {}", r.json)),
+            Ok(i) if i["allocated"] == false && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(i) => {
+                problems.push(format!(
+                    "{instance} ({allocation}): the game is not running this match: {i}"
+                ));
+                break;
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{instance} ({allocation}): the game does not answer: {e}"
+                ));
+                break;
+            }
+        }
     }
     match release_named(&http, &base, &token, &instance, &allocation).await {
         Ok(d) if d.status == 200 => {}
@@ -624,13 +683,7 @@ async fn fleet_resizing_under_allocation_load_ends_no_match() {
         })
     };
     let checked = Arc::new(AtomicU64::new(0));
-    let allocated = {
-        let checked = checked.clone();
-        let who = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
-        move |r: Response, random: u64| {
-            check_in_game_then_release(who.clone(), checked.clone(), r, random)
-        }
-    };
+    let allocated = checks_in_game(&c, &checked);
     let load = Load::new(TASKS, u64::MAX, MAX_TIME);
     let (problems, _) = run_matchmakers(&c, load, &mut rng, allocated).await;
     let checked = checked.load(Ordering::Relaxed);
@@ -1549,13 +1602,11 @@ impl Watch {
 async fn network_partitions_with_namespaces() {
     let mut rng = Rng::seeded("network_partitions_with_namespaces");
     // Declared first, so it is dropped last: after the agent and its games are gone.
-    let net = match NetNs::create() {
-        Ok(n) => n,
-        Err(reason) => {
-            println!("SKIPPED: network namespaces unavailable: {reason}");
-            eprintln!("SKIPPED: network namespaces unavailable: {reason}");
-            return;
-        }
+    let Some(net) = NetNs::create()
+        .map_err(|reason| skipped(&format!("network namespaces unavailable: {reason}")))
+        .ok()
+    else {
+        return;
     };
     let mut config = ControllerConfig::new();
     config.listen_ip = "0.0.0.0".to_owned();
@@ -1899,13 +1950,11 @@ async fn controller_disk_full_under_allocation_load() {
     const TASKS: usize = 4;
     let mut rng = Rng::seeded("controller_disk_full_under_allocation_load");
     // Declared first, so it is dropped last.
-    let disk = match SmallDisk::mount("flt-disk-fs", 8 << 20) {
-        Ok(d) => d,
-        Err(reason) => {
-            println!("SKIPPED: no small disk of the test's own: {reason}");
-            eprintln!("SKIPPED: no small disk of the test's own: {reason}");
-            return;
-        }
+    let Some(disk) = SmallDisk::mount("flt-disk-fs", 8 << 20)
+        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
+        .ok()
+    else {
+        return;
     };
     let mut config = ControllerConfig::new();
     config.database = Some(disk.path().join("controller.db"));
@@ -1921,13 +1970,7 @@ async fn controller_disk_full_under_allocation_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let unwritable = Arc::new(AtomicU64::new(0));
     let checked = Arc::new(AtomicU64::new(0));
-    let allocated = {
-        let checked = checked.clone();
-        let who = (c.http().clone(), c.url(), c.matchmaker_token().to_owned());
-        move |r: Response, random: u64| {
-            check_in_game_then_release(who.clone(), checked.clone(), r, random)
-        }
-    };
+    let allocated = checks_in_game(&c, &checked);
     let mut load = Load::new(TASKS, u64::MAX, Duration::from_secs(90));
     load.stop = Some(stop.clone());
     load.unwritable = Some(unwritable.clone());
@@ -2043,13 +2086,11 @@ async fn controller_disk_full_under_allocation_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
     // Declared first, so it is dropped last.
-    let disk = match SmallDisk::mount("flt-agent-disk-fs", 1 << 20) {
-        Ok(d) => d,
-        Err(reason) => {
-            println!("SKIPPED: no small disk of the test's own: {reason}");
-            eprintln!("SKIPPED: no small disk of the test's own: {reason}");
-            return;
-        }
+    let Some(disk) = SmallDisk::mount("flt-agent-disk-fs", 1 << 20)
+        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
+        .ok()
+    else {
+        return;
     };
     let c = ControllerProcess::start_new("flt-agent-disk").await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
@@ -2103,17 +2144,7 @@ async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
             match r.status {
                 200 => {
                     recorded.fetch_add(1, Ordering::Relaxed);
-                    let (base, instance, allocation) = (c.url(), id_of(&r.json), alloc_of(&r.json));
-                    let d = release_named(
-                        c.http(),
-                        &base,
-                        c.matchmaker_token(),
-                        &instance,
-                        &allocation,
-                    )
-                    .await
-                    .expect("an answer");
-                    assert_eq!(d.status, 200, "{}", d.text);
+                    release_ok(&c, &r.json).await;
                     Err("recorded: the journal's last block had room".to_owned())
                 }
                 404 => Err(r.text),
@@ -2128,6 +2159,13 @@ async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
         said.contains("cannot record it on disk") && said.contains("state_dir"),
         "{said}"
     );
+    let metrics = full.get("/metrics").await.expect(200).text;
+    let journal = berth_e2e::metric(
+        &metrics,
+        "berth_agent_state_write_failures_total",
+        "file=\"journal\"",
+    );
+    assert!(journal.is_some_and(|n| n >= 1.0), "{metrics}");
     let mut received = 0;
     for i in &on_full {
         received +=
@@ -2160,17 +2198,7 @@ async fn agent_disk_full_refuses_allocations_and_keeps_matches() {
         "{body}"
     );
     for a in &elsewhere {
-        let (base, instance, allocation) = (c.url(), id_of(a), alloc_of(a));
-        let r = release_named(
-            c.http(),
-            &base,
-            c.matchmaker_token(),
-            &instance,
-            &allocation,
-        )
-        .await
-        .expect("an answer");
-        assert_eq!(r.status, 200, "{}", r.text);
+        release_ok(&c, a).await;
     }
     // The match in progress goes on.
     let now = c.instance(&held_id).await;
