@@ -873,7 +873,28 @@ impl Supervisor {
             inst.metadata.clone(),
         );
         if let Err(source) = journaled {
-            // Not on disk, so not given: the game, which confirmed, hears that it is free.
+            // Not on disk, so not given.
+            let error = AllocateError::NotRecorded {
+                id: id.to_owned(),
+                source,
+            };
+            self.withdraw(id, reply, error);
+            return;
+        }
+        self.metrics.allocations_ok.inc();
+        let _ = reply.send(Ok(inst.view()));
+    }
+
+    /// An allocation the game was sent but that is not given after all: the instance is free
+    /// and carries no match metadata, and the game, which did get `allocated`, hears that it
+    /// is free.
+    fn withdraw(
+        &mut self,
+        id: &str,
+        reply: Reply<InstanceView, AllocateError>,
+        error: AllocateError,
+    ) {
+        if let Some(inst) = self.instances.get_mut(id) {
             inst.status = InstanceStatus::Online;
             inst.allocation = None;
             inst.metadata.clear();
@@ -881,16 +902,10 @@ impl Supervisor {
             if tell_released(inst) {
                 self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
             }
-            self.metrics.allocations_failed.inc();
-            let _ = reply.send(Err(AllocateError::NotRecorded {
-                id: id.to_owned(),
-                source,
-            }));
-            self.changed(id, true);
-            return;
         }
-        self.metrics.allocations_ok.inc();
-        let _ = reply.send(Ok(inst.view()));
+        self.metrics.allocations_failed.inc();
+        let _ = reply.send(Err(error));
+        self.changed(id, true);
     }
 
     /// Records a change: new version, snapshot to the controller, state file later.
@@ -1368,20 +1383,12 @@ impl Supervisor {
                 if inst.pending.as_ref().is_some_and(|p| p.seq == seq)
                     && let Some(p) = inst.pending.take()
                 {
-                    inst.status = InstanceStatus::Online;
-                    // The allocation never happened: a free instance carries no match metadata,
-                    // and the game, which did get `allocated`, must hear that it is free.
-                    inst.metadata.clear();
-                    if tell_released(inst) {
-                        self.schedule(id, run, Timer::ReleaseGrace, RELEASE_GRACE);
-                    }
-                    let _ = p.reply.send(Err(AllocateError::TimedOut {
+                    let error = AllocateError::TimedOut {
                         id: id.to_owned(),
                         reason: "the game did not confirm the allocation (status 5) in time"
                             .to_owned(),
-                    }));
-                    self.metrics.allocations_failed.inc();
-                    self.changed(id, true);
+                    };
+                    self.withdraw(id, p.reply, error);
                 }
             }
         }
