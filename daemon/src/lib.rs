@@ -370,10 +370,26 @@ mod tests {
 
     const KEYS: &[(&str, Kind)] = &[("a", Kind::Str), ("n", Kind::Int), ("b", Kind::Bool)];
 
-    fn write(text: &str) -> PathBuf {
+    /// A config file in the temp dir that goes away with the test, so runs leave nothing behind.
+    struct Written(PathBuf);
+
+    impl std::ops::Deref for Written {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Written {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write(text: &str) -> Written {
         let p = std::env::temp_dir().join(format!("berth-daemon-{}.toml", uuid::Uuid::new_v4()));
         std::fs::write(&p, text).expect("write");
-        p
+        Written(p)
     }
 
     #[test]

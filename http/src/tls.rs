@@ -817,9 +817,18 @@ pub fn trusting(ca_file: &Path) -> Result<ClientConfig, TlsError> {
 mod tests {
     use super::*;
 
+    /// A test's temporary directory, removed when the test ends so runs leave nothing behind.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A directory of its own under the system's temporary directory, holding copies of
     /// fixtures named as a daemon's `[tls]` would: `cert.pem`, `key.pem`, `ca.pem`.
-    fn tls_dir(test: &str, identity: &str, ca: &str) -> TlsFiles {
+    fn tls_dir(test: &str, identity: &str, ca: &str) -> (TlsFiles, Scratch) {
         let dir = std::env::temp_dir().join(format!("berth-tls-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temporary directory");
         let files = TlsFiles {
@@ -829,18 +838,18 @@ mod tests {
             crl_file: None,
         };
         install(&files, identity, ca);
-        files
+        (files, Scratch(dir))
     }
 
     /// The fixture `controller`, trusting both test CAs (`ca` and `ca2`).
-    fn trusting_both_cas(test: &str) -> TlsFiles {
-        let files = tls_dir(test, "controller", "ca");
+    fn trusting_both_cas(test: &str) -> (TlsFiles, Scratch) {
+        let (files, dir) = tls_dir(test, "controller", "ca");
         let bundle = [test_certificate("ca.pem"), test_certificate("ca2.pem")]
             .iter()
             .flat_map(|p| std::fs::read(p).expect("a CA"))
             .collect::<Vec<u8>>();
         std::fs::write(&files.ca_file, bundle).expect("write");
-        files
+        (files, dir)
     }
 
     fn install(files: &TlsFiles, identity: &str, ca: &str) {
@@ -889,7 +898,7 @@ mod tests {
     #[test]
     fn reload_swaps_the_certificate_and_the_cas_for_new_handshakes() {
         install_crypto_provider();
-        let files = tls_dir("reload", "controller", "ca");
+        let (files, _dir) = tls_dir("reload", "controller", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
             &TlsFiles::test("agent.pem", "agent.key", "ca.pem"),
@@ -942,7 +951,7 @@ mod tests {
     #[test]
     fn a_failed_reload_changes_nothing() {
         install_crypto_provider();
-        let files = tls_dir("failed-reload", "agent", "ca");
+        let (files, _dir) = tls_dir("failed-reload", "agent", "ca");
         let daemon = Tls::load(&files, ClientCerts::Required).expect("valid");
         let peer = Tls::load(
             &TlsFiles::test("controller.pem", "controller.key", "ca.pem"),
@@ -967,7 +976,7 @@ mod tests {
     #[test]
     fn listed_certificates_are_refused_both_ways() {
         install_crypto_provider();
-        let files = trusting_both_cas("crl");
+        let (files, _dir) = trusting_both_cas("crl");
         let with_list = |list: &str| TlsFiles {
             crl_file: Some(test_certificate(list)),
             ..files.clone()
@@ -1003,7 +1012,7 @@ mod tests {
     #[test]
     fn a_reload_checks_the_chains_of_open_connections_again() {
         install_crypto_provider();
-        let files = trusting_both_cas("recheck");
+        let (files, _dir) = trusting_both_cas("recheck");
         let list = files.ca_file.with_file_name("crl.pem");
         std::fs::copy(test_certificate("ca2-crl-empty.pem"), &list).expect("copy");
         let files = TlsFiles {
