@@ -85,6 +85,7 @@ impl ApiError {
                 InstanceError::Allocated(_) => ErrorCode::InstanceAlreadyAllocated,
                 InstanceError::Invalid(_) => ErrorCode::InvalidRequest,
                 InstanceError::Unreachable { .. } => ErrorCode::InstanceNotAllocatable,
+                InstanceError::NotRecorded { .. } => ErrorCode::AgentServerError,
                 InstanceError::ShuttingDown => ErrorCode::ServiceUnavailable,
             },
             Self::Allocate(e) => match e {

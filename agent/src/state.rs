@@ -51,6 +51,12 @@ pub struct JournalEntry {
     /// run that a restarted agent would not know of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<Box<PersistedInstance>>,
+    /// What the operator or the controller now wants of the instance (stop, remove, start),
+    /// written before the game is signalled: a restarted agent must not bring back a game it
+    /// was told to remove. Such a line changes only `desired` (its `status` is the instance's
+    /// at the time, for a reader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Desired>,
 }
 
 /// What the supervisor wants to be true of an instance.
@@ -214,6 +220,9 @@ fn replay_journal(state_dir: &Path, state: &mut StateFile) {
                 e.instance,
             ) {
                 (Some(_), Some(_)) => {}
+                (Some(inst), None) if e.desired.is_some() => {
+                    inst.desired = e.desired.unwrap_or(inst.desired);
+                }
                 (Some(inst), None) => {
                     inst.status = e.status;
                     inst.allocation = e.allocation;
@@ -287,6 +296,26 @@ impl Journal {
             allocation,
             metadata,
             instance: None,
+            desired: None,
+        })
+    }
+
+    /// Appends what is now wanted of an instance, before anything acts on it; a change that
+    /// cannot be written is refused by the caller.
+    pub fn append_desired(
+        &mut self,
+        id: String,
+        status: InstanceStatus,
+        desired: Desired,
+    ) -> Result<(), StateError> {
+        self.write(&JournalEntry {
+            base: self.base,
+            id,
+            status,
+            allocation: None,
+            metadata: Vec::new(),
+            instance: None,
+            desired: Some(desired),
         })
     }
 
@@ -300,6 +329,7 @@ impl Journal {
             allocation: None,
             metadata: Vec::new(),
             instance: Some(Box::new(instance)),
+            desired: None,
         })
     }
 
@@ -556,6 +586,7 @@ mod tests {
             }),
             metadata: vec![KeyValue::new("map", "dust")],
             instance: None,
+            desired: None,
         }
     }
 
@@ -691,6 +722,37 @@ mod tests {
         assert_eq!(
             load(&dir).expect("load").instances[0].port,
             instance("a").port
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stop or removal is on disk before the game hears of it, and changes nothing but what
+    /// is wanted of the instance: its match stays as journaled.
+    #[test]
+    fn a_desired_line_changes_only_what_is_wanted() {
+        let dir = temp_dir();
+        std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
+        let mut journal = Journal::new(dir.clone(), 4, Counter::default());
+        let alloc = entry(4, "m-1");
+        journal
+            .append("a".into(), alloc.status, alloc.allocation, alloc.metadata)
+            .expect("journaled");
+        journal
+            .append_desired("a".into(), InstanceStatus::Allocated, Desired::Removed)
+            .expect("journaled");
+        let loaded = load(&dir).expect("load");
+        assert_eq!(loaded.instances[0].desired, Desired::Removed);
+        assert_eq!(allocation_of(&loaded), Some("m-1"));
+        assert_eq!(
+            loaded.instances[0].metadata,
+            vec![KeyValue::new("map", "dust")]
+        );
+        journal
+            .append_desired("a".into(), InstanceStatus::Allocated, Desired::Running)
+            .expect("journaled");
+        assert_eq!(
+            load(&dir).expect("load").instances[0].desired,
+            Desired::Running
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

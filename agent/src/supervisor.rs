@@ -241,6 +241,15 @@ pub enum InstanceError {
     Invalid(String),
     #[error("instance {id} cannot receive messages: {reason}")]
     Unreachable { id: String, reason: String },
+    /// A stop, removal or start that could not be recorded is not made: after a restart the
+    /// agent would undo it.
+    #[error(
+        "instance {id} left as it is: the agent cannot record the change on disk ({source}); free space on the disk that holds the agent's state_dir"
+    )]
+    NotRecorded {
+        id: String,
+        source: crate::state::StateError,
+    },
     #[error("the agent is shutting down")]
     ShuttingDown,
 }
@@ -739,11 +748,19 @@ impl Supervisor {
                         inst.adopted_free = true;
                         InstanceStatus::Starting
                     };
-                    if inst.desired == Desired::Stopped {
+                    // A stop or removal under way lost its timers with the agent: the game
+                    // gets its whole grace again (it may not have been told yet), then SIGTERM.
+                    let stopping = (inst.desired != Desired::Running).then(|| {
+                        Duration::from_secs(inst.profile.stop_timeout_seconds.max(1).into())
+                    });
+                    if stopping.is_some() {
                         inst.state = RuntimeState::ShuttingDown;
                     }
                     sup.instances.insert(inst.id.clone(), inst);
                     sup.watch(&p.id, proc_);
+                    if let Some(grace) = stopping {
+                        sup.schedule(&p.id, 1, Timer::Terminate, grace);
+                    }
                 }
                 None => {
                     if p.pid.is_some() {
@@ -1359,7 +1376,7 @@ impl Supervisor {
             }
             Timer::Terminate => {
                 if let Some(pid) = inst.pid {
-                    tracing::info!(instance_id = %id, pid, "soft stop timed out; sending SIGTERM");
+                    tracing::info!(instance_id = %id, pid, "the game did not stop within its grace; sending SIGTERM");
                     let _ = process::signal_group(pid, Signal::SIGTERM);
                     inst.state = RuntimeState::ShuttingDown;
                     self.schedule(id, run, Timer::Kill, KILL_GRACE);
@@ -1407,6 +1424,16 @@ impl Supervisor {
             .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
         if !force && (inst.allocation.is_some() || inst.pending.is_some()) && inst.pid.is_some() {
             return Err(InstanceError::Allocated(id.to_owned()));
+        }
+        if inst.desired != desired {
+            // On disk before the game hears of it: a restarted agent must not start again a
+            // game it was told to stop or remove.
+            self.journal
+                .append_desired(id.to_owned(), inst.status, desired)
+                .map_err(|source| InstanceError::NotRecorded {
+                    id: id.to_owned(),
+                    source,
+                })?;
         }
         inst.desired = desired;
         let run = inst.run;
@@ -1464,6 +1491,14 @@ impl Supervisor {
             return Err(InstanceError::Invalid(format!(
                 "instance {id} is being removed"
             )));
+        }
+        if inst.desired != Desired::Running {
+            self.journal
+                .append_desired(id.to_owned(), inst.status, Desired::Running)
+                .map_err(|source| InstanceError::NotRecorded {
+                    id: id.to_owned(),
+                    source,
+                })?;
         }
         inst.desired = Desired::Running;
         inst.crash_streak = 0;

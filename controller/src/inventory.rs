@@ -1021,12 +1021,10 @@ impl Inventory {
         let v = &i.report;
         match v.status {
             InstanceStatus::Allocated | InstanceStatus::Allocating => Availability::Allocated,
+            _ if v.state.is_stopping() => Availability::Stopping,
             InstanceStatus::Online if v.releasing => Availability::Releasing,
             InstanceStatus::Online if v.is_allocatable() => Availability::Allocatable,
             InstanceStatus::Online => Availability::ArcusDown,
-            _ if matches!(v.state, RuntimeState::Draining | RuntimeState::ShuttingDown) => {
-                Availability::Stopping
-            }
             _ => Availability::NotOnline,
         }
     }

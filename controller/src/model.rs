@@ -307,6 +307,7 @@ impl Report {
     pub fn is_allocatable(&self) -> bool {
         self.status == InstanceStatus::Online
             && !self.releasing
+            && !self.state.is_stopping()
             && (self.management_protocol == ManagementProtocol::None || self.arcus_connected)
     }
 }

@@ -149,10 +149,12 @@ pub struct InstanceView {
 }
 
 impl InstanceView {
-    /// Online, and for Arcus games with a live link: what the agent itself would allocate.
+    /// Online, not being stopped, and for Arcus games with a live link: what the agent itself
+    /// would allocate.
     pub fn is_allocatable(&self) -> bool {
         self.status == InstanceStatus::Online
             && !self.releasing
+            && !self.state.is_stopping()
             && (self.management_protocol == ManagementProtocol::None || self.arcus_connected)
     }
 }

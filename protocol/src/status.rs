@@ -125,6 +125,12 @@ impl RuntimeState {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|v| v.as_str() == s)
     }
+
+    /// The game was told to stop (or is being removed): it takes no new match, whatever
+    /// status it still reports.
+    pub fn is_stopping(self) -> bool {
+        matches!(self, Self::Draining | Self::ShuttingDown)
+    }
 }
 
 impl fmt::Display for RuntimeState {

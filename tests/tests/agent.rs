@@ -626,6 +626,76 @@ async fn an_agent_killed_right_after_deploying_neither_orphans_nor_duplicates_ga
     }
 }
 
+/// The agent is killed right after it answered removals, before its state file holds them.
+/// The restarted agent starts none of those games again: the sample games, which left at the
+/// soft stop, are gone with their instances, and a game that ignores the soft stop (it never
+/// reads a frame) is still stopped, by SIGTERM once its grace (2 s) is over, although the
+/// agent that set that timer is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_right_after_removing_starts_none_of_those_games_again() {
+    let mut agent = AgentProcess::start_new("killed-after-remove").await;
+    let samples: Vec<String> = (0..3).map(|n| new_id(&format!("r{n}"))).collect();
+    for id in &samples {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let deaf = new_id("r-deaf");
+    let mut profile =
+        bad_game_profile("bad-deaf", 9, "log-frames", &agent.dir().join("deaf.count"));
+    profile["args"]
+        .as_array_mut()
+        .expect("args")
+        .push(json!(format!(
+            "--frames-file={}",
+            agent.dir().join("deaf.frames").display()
+        )));
+    profile["stopTimeoutSeconds"] = json!(2);
+    agent.deploy(&deploy_body(&deaf, profile)).await;
+    let ids: Vec<&str> = samples
+        .iter()
+        .map(String::as_str)
+        .chain([deaf.as_str()])
+        .collect();
+    for id in &ids {
+        agent.wait_online(id).await;
+    }
+    agent.wait_pids_persisted(&ids).await;
+
+    for id in &ids {
+        agent
+            .delete(&format!("/v1/instances/{id}"))
+            .await
+            .expect(200);
+    }
+    // Killed at once: the state file is written up to 100 ms after a change.
+    agent.kill9();
+    // The restarted agent sets the grace while it starts, so after this.
+    let restarting = Instant::now();
+    agent.start().await;
+
+    wait_for("every removed instance to be gone", TIMEOUT, async || {
+        let listed = agent.instances().await;
+        let left: Vec<&Value> = listed
+            .iter()
+            .filter(|i| i["id"].as_str().is_some_and(|id| ids.contains(&id)))
+            .collect();
+        for i in &left {
+            assert_eq!(
+                i["state"], "shuttingdown",
+                "a removed instance came back after the restart: {i}"
+            );
+        }
+        left.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        restarting.elapsed() >= Duration::from_secs(2),
+        "the deaf game keeps its whole grace"
+    );
+    for id in &ids {
+        assert_eq!(count_instance_processes(id), 0, "no game left for {id}");
+    }
+}
+
 /// A second agent started on a running agent's state directory (another listen port, so the
 /// port does not stop it) exits at once, naming the running agent's pid and the lock file, and
 /// touches nothing: the games keep their process and their Arcus link to the first agent.
@@ -967,7 +1037,9 @@ async fn a_game_ignoring_the_soft_stop_gets_sigterm_after_its_timeout() {
     );
     assert!(!pid_alive(pid));
     assert!(
-        agent.log().contains("soft stop timed out; sending SIGTERM"),
+        agent
+            .log()
+            .contains("the game did not stop within its grace; sending SIGTERM"),
         "the agent says why it sent SIGTERM"
     );
 }

@@ -626,6 +626,55 @@ async fn release_and_reallocation() {
     assert_ne!(next_match["allocationId"], match_start["allocationId"]);
 }
 
+/// A game told to stop that has not left yet still reports 4 (here one that ignores the soft
+/// stop, for its 30 s grace). It is not offered: no matchmaker gets a game on its way out, no
+/// allocation is tried on it first, and a refusal says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_being_stopped_is_not_offered() {
+    let c = ControllerProcess::start_new("ctl-stopping").await;
+    c.create_application(9, "deaf").await;
+    let mut profile =
+        berth_e2e::bad_game_profile("deaf-9", 9, "log-frames", &c.dir().join("deaf.count"));
+    profile["args"]
+        .as_array_mut()
+        .expect("args")
+        .push(json!(format!(
+            "--frames-file={}",
+            c.dir().join("deaf.frames").display()
+        )));
+    profile["stopTimeoutSeconds"] = json!(30);
+    c.create_profile(&profile).await;
+    c.create_fleet(&fleet_body(90, 9, "deaf-9", 2, &[])).await;
+    let _agent = c.spawn_agent("ctl-stopping", "stopping-bm").await;
+    let online = c.wait_online(9, 2).await;
+    let (stopping, other) = (id_of(&online[0]), id_of(&online[1]));
+
+    c.admin(
+        Method::POST,
+        &format!("/v1/instances/{stopping}/stop"),
+        Some(&json!({})),
+    )
+    .await
+    .expect(200);
+    let seen = c
+        .wait_instance(&stopping, "draining", |i| i["state"] == "draining")
+        .await;
+    assert_eq!(seen["status"], 4, "the game still reports 4: {seen}");
+    let got = c.allocate_ok(9, "").await;
+    assert_eq!(id_of(&got), other, "the other game: {got}");
+    let r = c.allocate(9, &json!({}), &[]).await;
+    let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(
+        details(body).contains("1 being stopped or removed"),
+        "{body}"
+    );
+    assert_eq!(
+        c.instance(&stopping).await["state"],
+        "draining",
+        "no allocation reached it"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. A frozen agent
 
