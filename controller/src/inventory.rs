@@ -392,6 +392,9 @@ struct Host {
     target: Arc<AgentTarget>,
     token_digest: [u8; 32],
     last_heartbeat: Instant,
+    /// [`Inventory::excused`] at `last_heartbeat`: the controller's own stalls since then do
+    /// not count as the host's silence.
+    excused_at: Duration,
     reachable: bool,
     /// A full report arrived since the controller started (or since the host came back).
     synced: bool,
@@ -406,6 +409,19 @@ struct Host {
 impl Host {
     fn target(&self) -> Arc<AgentTarget> {
         self.target.clone()
+    }
+
+    /// How long the host has been silent, less the time the controller itself did not run
+    /// (`excused`, its running total of stalls).
+    fn silent_for(&self, excused: Duration) -> Duration {
+        self.last_heartbeat
+            .elapsed()
+            .saturating_sub(excused.saturating_sub(self.excused_at))
+    }
+
+    fn heard(&mut self, excused: Duration) {
+        self.last_heartbeat = Instant::now();
+        self.excused_at = excused;
     }
 
     fn state(&self) -> HostState {
@@ -564,6 +580,11 @@ pub struct Inventory {
     stories_since_prune: usize,
     actions: mpsc::UnboundedSender<Action>,
     agents: AgentClient,
+    /// When the last tick ran: a tick far later than its period means the controller itself
+    /// did not run (stopped, its VM paused, starved of CPU) and could hear no agent.
+    last_tick: Instant,
+    /// The total of such stalls, which no host's silence includes.
+    excused: Duration,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -670,6 +691,7 @@ impl Inventory {
                             rec,
                             token_digest,
                             last_heartbeat: now,
+                            excused_at: Duration::ZERO,
                             reachable: true,
                             synced: false,
                             deploy_backoff_until: None,
@@ -698,6 +720,8 @@ impl Inventory {
             actions,
             config,
             agents,
+            last_tick: now,
+            excused: Duration::ZERO,
         };
         for rec in snapshot.instances {
             inv.insert_instance(rec);
@@ -1956,6 +1980,7 @@ impl Inventory {
                 rec,
                 token_digest,
                 last_heartbeat: Instant::now(),
+                excused_at: self.excused,
                 reachable: true,
                 synced: true,
                 deploy_backoff_until: None,
@@ -2047,8 +2072,9 @@ impl Inventory {
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, Failure> {
         self.metrics.heartbeats.inc();
+        let excused = self.excused;
         let host = self.authenticate_host(token, req.host_id)?;
-        host.last_heartbeat = Instant::now();
+        host.heard(excused);
         if !host.reachable {
             host.reachable = true;
             tracing::info!(
@@ -2062,8 +2088,9 @@ impl Inventory {
     }
 
     fn events(&mut self, token: [u8; 32], req: EventsRequest) -> Result<EventsResponse, Failure> {
+        let excused = self.excused;
         let host = self.authenticate_host(token, req.host_id)?;
-        host.last_heartbeat = Instant::now();
+        host.heard(excused);
         let synced = host.synced;
         if !synced {
             // A partial report cannot be trusted to be complete; ask for the full one.
@@ -2207,16 +2234,33 @@ impl Inventory {
             self.refused.remove(&id);
             self.reindex(&id);
         }
+        // Ticks come every 100 ms. One later than a heartbeat period means the controller did
+        // not run meanwhile: agents' heartbeats waited in its sockets, unheard, and holding
+        // that against them would take every host out of the pool (and have each register
+        // again) after any pause of the controller's own.
+        let gap = now.saturating_duration_since(self.last_tick);
+        self.last_tick = now;
+        let period = self.config.heartbeat_period;
+        if gap > period {
+            self.excused += gap - period;
+            self.metrics.stalls.inc();
+            tracing::warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "the controller did not run for a while (stopped, its machine paused, or starved of CPU); that time is not counted as any host's silence"
+            );
+        }
         let expiry = self.config.expiry();
+        let excused = self.excused;
         for h in self.hosts.values_mut() {
-            if h.reachable && h.last_heartbeat.elapsed() > expiry {
+            let silent = h.silent_for(excused);
+            if h.reachable && silent > expiry {
                 h.reachable = false;
                 h.synced = false;
                 self.metrics.hosts_lost.inc();
                 tracing::warn!(
                     host_id = h.rec.id,
                     host_name = %h.rec.name,
-                    silent_ms = h.last_heartbeat.elapsed().as_millis() as u64,
+                    silent_ms = silent.as_millis() as u64,
                     "host unreachable: its idle instances leave the pool, its matches stay allocated"
                 );
             }

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub agent_attempt_failures: Counter,
     pub heartbeats: Counter,
     pub hosts_lost: Counter,
+    pub stalls: Counter,
     pub reconcile_deploys: Counter,
     pub reconcile_removals: Counter,
     pub tls: TlsMetrics,
@@ -74,6 +75,10 @@ impl Metrics {
         );
         let heartbeats = counter("heartbeats", "Agent heartbeats received");
         let hosts_lost = counter("hosts_lost", "Hosts declared unreachable");
+        let stalls = counter(
+            "stalls",
+            "Times the controller did not run for longer than a heartbeat period (stopped, paused, starved of CPU); hosts are not blamed for that time",
+        );
         let reconcile_deploys =
             counter("reconcile_deploys", "Instances deployed by the reconciler");
         let reconcile_removals =
@@ -108,6 +113,7 @@ impl Metrics {
             agent_attempt_failures,
             heartbeats,
             hosts_lost,
+            stalls,
             reconcile_deploys,
             reconcile_removals,
             tls,

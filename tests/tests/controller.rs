@@ -765,6 +765,75 @@ async fn frozen_agent_leaves_pool_and_rejoins() {
     }
 }
 
+/// The controller itself stops (SIGSTOP, as a paused VM or a starved process would) for three
+/// expiry windows. When it runs again it does not blame the hosts for its own deafness: the
+/// host that kept running is not declared unreachable nor asked to register again, its idle
+/// game is offered at once, and the stall is counted. A host that really went silent during
+/// the pause (frozen too) is still found, within expiry + 1 s of the thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_controller_blames_no_host_for_its_own_pause() {
+    let c = ControllerProcess::start_new("ctl-paused").await;
+    c.sample_fleet(7, 457, 2, 0, &[]).await;
+    let agents = [
+        c.spawn_agent("ctl-paused", "paused-a").await,
+        c.spawn_agent("ctl-paused", "paused-b").await,
+    ];
+    c.wait_online(7, 4).await;
+    let held = c.allocate_ok(7, "").await;
+    let (a, b) = (&agents[0], &agents[1]);
+    let registered = registrations(a);
+    let host_name = |g: &AgentProcess| g.config().host_name.clone();
+
+    let controller = c.pid().expect("the controller runs");
+    signal(controller, Signal::SIGSTOP).expect("SIGSTOP the controller");
+    signal(b.pid().expect("agent B runs"), Signal::SIGSTOP).expect("SIGSTOP agent B");
+    // The fault's length, not a wait for a state: three expiry windows.
+    tokio::time::sleep(c.config().expiry() * 3).await;
+    let thawed = Instant::now();
+    signal(controller, Signal::SIGCONT).expect("SIGCONT the controller");
+
+    let lost_b = c
+        .wait_host(&host_name(b), "unreachable", |h| h["reachable"] == false)
+        .await;
+    assert_eq!(lost_b["state"], "unreachable", "{lost_b}");
+    let detected = thawed.elapsed();
+    assert!(
+        detected <= c.config().expiry() + Duration::from_secs(1),
+        "a host silent through the pause must still leave the pool within expiry + 1 s of the thaw; took {detected:?}"
+    );
+    let seen_a = c.host_named(&host_name(a)).await;
+    assert_eq!(seen_a["state"], "ready", "{seen_a}");
+    let m = c.metrics().await;
+    assert!(
+        metric(&m, "berth_controller_stalls_total", "").is_some_and(|n| n >= 1.0),
+        "the stall is counted:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "berth_controller_hosts_lost_total", ""),
+        Some(1.0),
+        "only the frozen agent's host was declared lost"
+    );
+    assert_eq!(
+        registrations(a),
+        registered,
+        "the host that kept running was not asked to register again"
+    );
+    assert!(
+        c.log()
+            .contains("that time is not counted as any host's silence"),
+        "the controller says why"
+    );
+
+    // The held match never moved, and the running host takes the next one.
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    let next = c.allocate_ok(7, "").await;
+    assert_eq!(json!(host_of(&next)), seen_a["id"], "{next}");
+    signal(b.pid().expect("agent B runs"), Signal::SIGCONT).expect("SIGCONT agent B");
+    c.wait_host(&host_name(b), "reachable again", |h| h["reachable"] == true)
+        .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Controller crash
 
