@@ -182,6 +182,16 @@ pub async fn run(
     }
 }
 
+/// Between half and all of `backoff`, at random: agents that lost a controller together
+/// (its restart) would otherwise come back to it together, every attempt, the whole fleet's
+/// full reports at once.
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(random % nanos.saturating_add(1))
+}
+
 /// Registers, retrying with backoff until it works or the agent stops.
 async fn register(
     client: &JsonClient,
@@ -226,7 +236,7 @@ async fn register(
                 }
             }
         }
-        let deadline = Instant::now() + backoff;
+        let deadline = Instant::now() + jittered(backoff);
         backoff = (backoff * 2).min(BACKOFF_CAP);
         loop {
             tokio::select! {
@@ -345,5 +355,22 @@ async fn connected(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Agents retrying together must spread out: every wait lies between half the backoff and
+    /// all of it, and they cover both halves of that range.
+    #[test]
+    fn register_retries_are_spread_over_the_upper_half_of_the_backoff() {
+        let backoff = Duration::from_secs(4);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(backoff)).collect();
+        assert!(waits.iter().all(|w| (backoff / 2..=backoff).contains(w)));
+        let split = backoff * 3 / 4;
+        assert!(waits.iter().any(|w| *w < split) && waits.iter().any(|w| *w > split));
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -39,7 +39,7 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("database {path}: {source}")]
+    #[error("database {path}: {source}{}", advice(source))]
     Open { path: PathBuf, source: sqlx::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -410,14 +410,36 @@ fn kept_after_failure(w: &Write) -> bool {
 }
 
 /// Sorts a failed commit's error: is the disk or the file the problem, or this write?
+/// What an operator can do about a database that cannot be opened, by SQLite's primary
+/// result code.
+fn advice(e: &sqlx::Error) -> &'static str {
+    let code = match e {
+        sqlx::Error::Database(d) => d.code().and_then(|c| c.parse::<i32>().ok()),
+        _ => None,
+    };
+    match code.map(|c| c & 0xff) {
+        Some(11 | 26) => {
+            "; the file is damaged or is not a SQLite database: stop the controller and restore it from a backup (`sqlite3 FILE .recover` may save most of its rows into a new file); the controller never repairs it"
+        }
+        Some(8) => "; the file or its directory is read-only to the controller's user",
+        Some(13) => "; the disk that holds it is full",
+        Some(14) => {
+            "; check that its directory exists and that the controller's user may write there"
+        }
+        _ => "",
+    }
+}
+
 fn classify(path: &Path, e: &sqlx::Error) -> CommitError {
     // SQLite's primary result codes (the low byte of an extended code): BUSY, LOCKED, NOMEM,
-    // READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+    // READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB. A damaged file is not a
+    // refusal of this write: nothing can be written until an operator restores it, and
+    // `/readyz` must say so.
     let unavailable = match e {
         sqlx::Error::Database(d) => d
             .code()
             .and_then(|c| c.parse::<i32>().ok())
-            .is_none_or(|c| matches!(c & 0xff, 5..=8 | 10 | 13..=15)),
+            .is_none_or(|c| matches!(c & 0xff, 5..=8 | 10 | 11 | 13..=15 | 26)),
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -962,6 +984,30 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+
+    /// A damaged database is refused at start with what to do about it, and left as it is.
+    #[tokio::test]
+    async fn a_damaged_database_is_refused_with_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("berth-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("controller.db");
+        let garbage = vec![0x5a_u8; 8192];
+        std::fs::write(&path, &garbage).expect("write");
+        let e = Store::open(&path)
+            .await
+            .expect_err("not a database")
+            .to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("restore it from a backup"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            garbage,
+            "left as it was"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn allocation(id: &str, instance: &str) -> Write {
