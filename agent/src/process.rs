@@ -145,9 +145,21 @@ pub fn spawn_direct(req: &SpawnRequest) -> Result<u32, SpawnError> {
     }
     let limits = req.limits.clone();
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system calls setsid(2), prctl(2) and setrlimit(2); it allocates nothing.
+    // async-signal-safe system calls close_range(2), setsid(2), prctl(2) and setrlimit(2); it
+    // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // A game gets stdin, stdout and stderr and nothing else of ours: any other
+            // descriptor (one a parent leaked to the agent, the spawner's socket) is closed at
+            // exec. Marked rather than closed, so that std still hears of a failed exec. On
+            // kernels before 5.11 this fails, and only Berth's own descriptors, all opened
+            // close-on-exec, are kept from the game.
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             // Own session and process group: a signal to the agent's group or session (Ctrl-C,
             // systemd stopping the agent) never reaches the game.
             nix::unistd::setsid().map_err(io::Error::from)?;
@@ -374,7 +386,13 @@ enum FromSpawner {
 /// when the agent closes its end (the agent exited): games are not its to stop.
 pub fn spawner_main() -> i32 {
     // SAFETY: the agent starts us with the socketpair end on fd 3 and nothing else owns it.
-    let sock = unsafe { StdUnixStream::from_raw_fd(SPAWNER_FD) };
+    // fcntl(2) only sets that descriptor's close-on-exec flag: every game would otherwise
+    // inherit the socket and hold it open, and the agent, never reading end-of-file, would
+    // not notice this process die (the exits of its games unreported, spawns unanswered).
+    let sock = unsafe {
+        libc::fcntl(SPAWNER_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        StdUnixStream::from_raw_fd(SPAWNER_FD)
+    };
     let Ok(write_half) = sock.try_clone() else {
         return 1;
     };

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use berth_e2e::json::{kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, TIMEOUT, TestDir, assert_second_daemon_refused, bad_game_profile,
-    berth_command, bin, count_instance_processes, deploy_body, free_port, game_info, pid_alive,
-    sample_game_profile, short_id, signal, wait_for, wait_game_info,
+    berth_command, bin, children_of, count_instance_processes, deploy_body, free_port, game_info,
+    pid_alive, sample_game_profile, short_id, signal, wait_for, wait_game_info,
 };
 use berth_protocol::arcus::MAX_BURST;
 use http::Method;
@@ -694,6 +694,79 @@ async fn an_agent_killed_right_after_removing_starts_none_of_those_games_again()
     for id in &ids {
         assert_eq!(count_instance_processes(id), 0, "no game left for {id}");
     }
+}
+
+/// The agent's spawner (`berth-agent spawner`, its child).
+fn spawner_of(agent: &AgentProcess) -> Option<u32> {
+    children_of(agent.pid()?).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"spawner"))
+    })
+}
+
+/// What `/proc/<pid>/fd/*` point at.
+fn descriptors(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The spawner (the agent's helper that forks games) is killed. The games keep running, the
+/// agent notices and starts a new spawner, a game killed afterwards is seen to exit and is
+/// restarted, and a new instance starts. No game holds the spawner's socket: games that
+/// inherited it kept it open, so the agent never saw the spawner die, their exits went
+/// unseen (a dead game stayed "running") and spawns were never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_spawner_is_replaced_and_no_game_exit_goes_unseen() {
+    let agent = AgentProcess::start_new("spawner-killed").await;
+    let ids: Vec<String> = (0..2).map(|n| new_id(&format!("s{n}"))).collect();
+    for id in &ids {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let mut pids = Vec::new();
+    for id in &ids {
+        pids.push(pid_of(&agent.wait_online(id).await));
+    }
+    let spawner = spawner_of(&agent).expect("the agent runs a spawner");
+    let socket = std::fs::read_link(format!("/proc/{spawner}/fd/3"))
+        .expect("the spawner's socket")
+        .display()
+        .to_string();
+    for &pid in &pids {
+        let held = descriptors(pid);
+        assert!(
+            !held.contains(&socket),
+            "game {pid} holds the spawner's socket {socket}: {held:?}"
+        );
+    }
+
+    signal(spawner, Signal::SIGKILL).expect("SIGKILL the spawner");
+    wait_for("a new spawner", TIMEOUT, async || {
+        spawner_of(&agent).filter(|&p| p != spawner).map(|_| ())
+    })
+    .await;
+    for &pid in &pids {
+        assert!(pid_alive(pid), "game {pid} keeps running");
+    }
+
+    signal(pids[0], Signal::SIGKILL).expect("SIGKILL a game");
+    let restarted = agent
+        .wait_instance(&ids[0], "restarted with a new pid, online", |i| {
+            i["pid"].as_u64().is_some_and(|p| p != u64::from(pids[0])) && i["status"] == 4
+        })
+        .await;
+    assert_eq!(restarted["restarts"], 1, "{restarted}");
+    assert_eq!(count_instance_processes(&ids[0]), 1);
+    let other = agent.instance(&ids[1]).await;
+    assert_eq!(pid_of(&other), pids[1], "{other}");
+
+    let late = new_id("s-late");
+    agent.deploy_sample(&late, 0, 0).await;
+    agent.wait_online(&late).await;
 }
 
 /// A second agent started on a running agent's state directory (another listen port, so the
