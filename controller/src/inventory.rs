@@ -578,6 +578,7 @@ pub struct Inventory {
     stories: VecDeque<String>,
     story_map: HashMap<String, ErrorStory>,
     stories_since_prune: usize,
+    removals_since_prune: usize,
     actions: mpsc::UnboundedSender<Action>,
     agents: AgentClient,
     /// When the last tick ran: a tick far later than its period means the controller itself
@@ -717,6 +718,7 @@ impl Inventory {
             stories: VecDeque::new(),
             story_map: HashMap::new(),
             stories_since_prune: 0,
+            removals_since_prune: 0,
             actions,
             config,
             agents,
@@ -1006,6 +1008,13 @@ impl Inventory {
             );
             self.writer
                 .submit(Write::Instance(Box::new(inst.record(Some(unix_now())))));
+            self.removals_since_prune += 1;
+            if self.removals_since_prune >= crate::store::REMOVED_INSTANCES_KEPT {
+                self.removals_since_prune = 0;
+                self.writer.submit(Write::PruneRemovedInstances {
+                    keep: crate::store::REMOVED_INSTANCES_KEPT,
+                });
+            }
         }
     }
 

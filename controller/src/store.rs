@@ -55,6 +55,11 @@ pub enum StoreError {
     WriterGone,
 }
 
+/// Removed instances kept as history: what `GET /v1/instances?all=true` shows. Older ones are
+/// deleted (every thousand removals), so that fleets that come and go do not grow the file
+/// for ever.
+pub const REMOVED_INSTANCES_KEPT: usize = 1000;
+
 /// Why a write did not reach the database.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
@@ -107,6 +112,10 @@ pub enum Write {
     PruneErrorStories {
         keep: usize,
     },
+    /// Keep only the newest `keep` removed instances (live ones are never touched).
+    PruneRemovedInstances {
+        keep: usize,
+    },
     /// Nothing to write: its commit receipt says that everything queued before it is on disk.
     Flush,
     /// One small row, written while commits fail and nothing else waits, to learn when the
@@ -136,6 +145,7 @@ impl Write {
             Write::ReleaseAllocation(id) => format!("release of allocation {id}"),
             Write::ErrorStory(s) => format!("error story {}", s.identifier),
             Write::PruneErrorStories { .. } => "pruning of error stories".to_owned(),
+            Write::PruneRemovedInstances { .. } => "pruning of removed instances".to_owned(),
             Write::Flush => "flush".to_owned(),
             Write::Probe => "write probe".to_owned(),
         }
@@ -406,10 +416,10 @@ fn kept_after_failure(w: &Write) -> bool {
             | Write::Probe
             | Write::ErrorStory(_)
             | Write::PruneErrorStories { .. }
+            | Write::PruneRemovedInstances { .. }
     )
 }
 
-/// Sorts a failed commit's error: is the disk or the file the problem, or this write?
 /// What an operator can do about a database that cannot be opened, by SQLite's primary
 /// result code.
 fn advice(e: &sqlx::Error) -> &'static str {
@@ -430,6 +440,7 @@ fn advice(e: &sqlx::Error) -> &'static str {
     }
 }
 
+/// Sorts a failed commit's error: is the disk or the file the problem, or this write?
 fn classify(path: &Path, e: &sqlx::Error) -> CommitError {
     // SQLite's primary result codes (the low byte of an extended code): BUSY, LOCKED, NOMEM,
     // READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB. A damaged file is not a
@@ -938,6 +949,14 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .execute(&mut *tx)
             .await?;
         }
+        Write::PruneRemovedInstances { keep } => {
+            sqlx::query(
+                "DELETE FROM instances WHERE removed_at IS NOT NULL AND id NOT IN (SELECT id FROM instances WHERE removed_at IS NOT NULL ORDER BY removed_at DESC LIMIT ?)",
+            )
+            .bind(*keep as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     Ok(())
 }
@@ -1008,6 +1027,61 @@ mod tests {
             "left as it was"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn instance(id: &str, removed_at: Option<u64>) -> Write {
+        let view = serde_json::from_value(serde_json::json!({
+            "id": id, "applicationId": 7, "profileId": "p", "build": "b",
+            "managementProtocol": "arcus", "port": 1, "managementPort": 2, "status": 4,
+            "state": "running", "createdAt": 1, "updatedAt": 1, "autoRestart": true,
+            "version": 1,
+        }))
+        .expect("view");
+        Write::Instance(Box::new(InstanceRecord {
+            id: id.to_owned(),
+            host_id: 1,
+            application_id: 7,
+            fleet_id: None,
+            view,
+            created_at: 1,
+            removed_at,
+        }))
+    }
+
+    /// History stays bounded: pruning keeps the newest removed instances and never touches a
+    /// live one.
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_removed_instances_and_every_live_one() {
+        let t = TempStore::new().await;
+        let mut writes: Vec<Write> = (1..=5)
+            .map(|n| instance(&format!("gone-{n}"), Some(100 + n)))
+            .collect();
+        writes.push(instance("live-1", None));
+        writes.push(instance("live-2", None));
+        writes.push(Write::PruneRemovedInstances { keep: 2 });
+        for r in commit_all(&t.writer, writes).await {
+            r.expect("committed");
+        }
+        let kept: Vec<String> = t
+            .store
+            .removed_instances(100)
+            .await
+            .expect("history")
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(kept, ["gone-5", "gone-4"]);
+        let mut live: Vec<String> = t
+            .store
+            .load()
+            .await
+            .expect("load")
+            .instances
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        live.sort();
+        assert_eq!(live, ["live-1", "live-2"]);
     }
 
     fn allocation(id: &str, instance: &str) -> Write {
