@@ -255,6 +255,15 @@ async fn poll_exit(pid: u32, start_time: u64) {
     }
 }
 
+/// Kills what is left of a game's process group right after its leader exited: a helper it
+/// started must not keep its ports or its Arcus listener from the restart (systemd does the
+/// same with a service's cgroup). Nothing left (ESRCH) is the usual case. Never falls back to
+/// the pid alone, and never called for a game that ended while the agent was down: only now,
+/// while the group still exists or its id was freed a moment ago, can it name no other group.
+pub fn kill_group_remains(pgid: u32) {
+    let _ = kill(Pid::from_raw(-(pgid as i32)), Signal::SIGKILL);
+}
+
 /// Signals the whole process group of a game (its pid is its group id, from `setsid`).
 pub fn signal_group(pid: u32, signal: Signal) -> nix::Result<()> {
     match kill(Pid::from_raw(-(pid as i32)), signal) {

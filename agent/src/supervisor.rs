@@ -1301,6 +1301,9 @@ impl Supervisor {
         }
         let now = unix_now();
         tracing::info!(instance_id = %id, pid = ?inst.pid, exit = ?exit, "game exited");
+        if let Some(pid) = inst.pid {
+            process::kill_group_remains(pid);
+        }
         inst.pid = None;
         inst.exit = Some(exit);
         inst.stopped_at = Some(now);

@@ -769,6 +769,57 @@ async fn a_killed_spawner_is_replaced_and_no_game_exit_goes_unseen() {
     agent.wait_online(&late).await;
 }
 
+/// A game that crashes leaves nothing behind: a helper it started (here a `sleep` from the
+/// shell that then became the game) would otherwise live on, holding whatever the game gave it
+/// (its ports, its Arcus listener) against the restart. It is killed with the game's process
+/// group when the game exits, and the restart comes up alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_game_leaves_no_helper_behind() {
+    let agent = AgentProcess::start_new("game-remains").await;
+    let id = new_id("h");
+    let marker = format!("{}", 100_000 + std::process::id() % 100_000);
+    let mut profile = sample_game_profile("sample-helper", 7, 0, 0);
+    let args: Vec<String> = profile["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let game = profile["executable"]
+        .as_str()
+        .expect("executable")
+        .to_owned();
+    profile["executable"] = json!("/bin/sh");
+    profile["args"] = json!([
+        "-c",
+        format!("sleep {marker} & exec {game} {}", args.join(" "))
+    ]);
+    agent.deploy(&deploy_body(&id, profile)).await;
+    let before = agent.wait_online(&id).await;
+    let helper = wait_for("the helper", TIMEOUT, async || {
+        berth_e2e::pids_with_arg(&marker).first().copied()
+    })
+    .await;
+
+    signal(pid_of(&before), Signal::SIGKILL).expect("SIGKILL the game");
+    let after = agent
+        .wait_instance(&id, "restarted, online", |i| {
+            i["pid"]
+                .as_u64()
+                .is_some_and(|p| p != u64::from(pid_of(&before)))
+                && i["status"] == 4
+        })
+        .await;
+    wait_for("the old helper to be gone", TIMEOUT, async || {
+        (!pid_alive(helper)).then_some(())
+    })
+    .await;
+    assert_eq!(count_instance_processes(&id), 1, "{after}");
+    let _ = agent
+        .delete(&format!("/v1/instances/{id}?force=true"))
+        .await;
+}
+
 /// A second agent started on a running agent's state directory (another listen port, so the
 /// port does not stop it) exits at once, naming the running agent's pid and the lock file, and
 /// touches nothing: the games keep their process and their Arcus link to the first agent.
