@@ -294,13 +294,26 @@ pub struct Stat {
     pub start_time: u64,
 }
 
+/// What one pass over `/proc` found of instances whose recorded game is gone.
+#[derive(Debug, Default)]
+pub struct Unrecorded {
+    /// Each instance's running game, found by its instance id.
+    pub games: HashMap<String, Process>,
+    /// Processes of those instances whose game has ended (helpers it started, in a session
+    /// nothing leads any more), with their instance: what [`kill_group_remains`] would have
+    /// killed had the agent seen that game end.
+    pub remains: Vec<(String, u32)>,
+}
+
 /// Finds running games of `ids` whose pid the agent never recorded: it was stopped after
 /// starting them and before their pid reached its state file (or while the disk took no
 /// writes). A game is the leader of a session of its own, and its environment names its
 /// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
-/// agents on one machine). Of two, the newer is taken. One pass over `/proc`, at start only.
-pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> HashMap<String, Process> {
-    let mut found: HashMap<String, Process> = HashMap::new();
+/// agents on one machine). Of two, the newer is taken. Processes with such an id in a session
+/// whose leader is gone are the remains of a game that ended while the agent was down. One
+/// pass over `/proc`, at start only.
+pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
+    let mut found = Unrecorded::default();
     if ids.is_empty() {
         return found;
     }
@@ -316,9 +329,6 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> HashMap<String,
             continue;
         };
         let Some(s) = stat(pid) else { continue };
-        if s.session != pid {
-            continue;
-        }
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
@@ -328,14 +338,32 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> HashMap<String,
             .and_then(|v| std::str::from_utf8(v).ok())
             .filter(|id| ids.contains(id));
         let Some(id) = id else { continue };
-        if found.get(id).is_some_and(|p| p.start_time >= s.start_time) {
+        if s.session != pid {
+            // Its session's leader (the game that started it) is gone, not merely elsewhere;
+            // a leader not yet reaped by whoever inherited it is gone too.
+            let leader = stat(s.session);
+            if leader.is_none_or(|l| l.session != s.session || matches!(l.state, 'Z' | 'X')) {
+                found.remains.push((id.to_owned(), pid));
+            }
+            continue;
+        }
+        if found
+            .games
+            .get(id)
+            .is_some_and(|p| p.start_time >= s.start_time)
+        {
             continue;
         }
         if let Some(p) = adopt(pid, s.start_time) {
-            found.insert(id.to_owned(), p);
+            found.games.insert(id.to_owned(), p);
         }
     }
     found
+}
+
+/// Kills one process [`find_unrecorded`] found left over from an ended game.
+pub fn kill_remain(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
 }
 
 pub fn stat(pid: u32) -> Option<Stat> {
@@ -670,6 +698,7 @@ mod tests {
                 .expect("a test process")
         };
         let mut game = start(&id, true);
+        // Of ours, but in the test runner's session: neither its game nor a remain of one.
         let mut child = start(&id, false);
         let mut stranger = start(&other, true);
         let ids = std::collections::HashSet::from([id.as_str()]);
@@ -677,7 +706,7 @@ mod tests {
         let found = loop {
             // `setsid` execs `sleep` once it leads its session.
             let found = find_unrecorded(&ids);
-            if found.contains_key(&id) || std::time::Instant::now() > deadline {
+            if found.games.contains_key(&id) || std::time::Instant::now() > deadline {
                 break found;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -686,8 +715,50 @@ mod tests {
             let _ = p.kill();
             let _ = p.wait();
         }
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[&id].pid, game.id());
+        assert_eq!(found.games.len(), 1, "{found:?}");
+        assert_eq!(found.games[&id].pid, game.id());
+        assert!(
+            found.remains.iter().all(|(i, _)| *i == id),
+            "none of the stranger's: {found:?}"
+        );
+    }
+
+    /// A process of an instance in a session whose leader (the game) is gone is a remain; one
+    /// whose game still runs is part of that game.
+    #[test]
+    fn the_remains_of_an_ended_game_are_found() {
+        let id = uuid::Uuid::new_v4().to_string();
+        // The game leads its session and has started a helper in it.
+        let mut game = Command::new("setsid")
+            .args(["sh", "-c", "sleep 31 & exec sleep 30"])
+            .env("BERTH_INSTANCE_ID", &id)
+            .spawn()
+            .expect("a test game");
+        let ids = std::collections::HashSet::from([id.as_str()]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let scan = |want: &dyn Fn(&Unrecorded) -> bool| loop {
+            let found = find_unrecorded(&ids);
+            if want(&found) || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let found = scan(&|f| f.games.contains_key(&id) && f.remains.is_empty());
+        assert!(found.games.contains_key(&id), "{found:?}");
+        assert!(found.remains.is_empty(), "the game runs: {found:?}");
+        let leader = found.games[&id].pid;
+
+        let _ = game.kill();
+        let _ = game.wait();
+        let found = scan(&|f| !f.remains.is_empty());
+        assert!(found.games.is_empty(), "{found:?}");
+        assert_eq!(found.remains.len(), 1, "the helper: {found:?}");
+        let (of, helper) = found.remains[0].clone();
+        assert_eq!(of, id);
+        assert_ne!(helper, leader);
+        kill_remain(helper);
+        let gone = scan(&|f| f.remains.is_empty());
+        assert!(gone.remains.is_empty(), "{gone:?}");
     }
 
     #[test]

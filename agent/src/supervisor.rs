@@ -690,6 +690,12 @@ impl Supervisor {
             .map(|p| p.id.as_str())
             .collect();
         let mut unrecorded = process::find_unrecorded(&missing);
+        for (id, pid) in unrecorded.remains.drain(..) {
+            // As when the agent sees a game end: nothing of it may keep its ports from the
+            // restart.
+            tracing::warn!(instance_id = %id, pid, "killed a process left over from a game that ended while the agent was down");
+            process::kill_remain(pid);
+        }
         for p in state.instances {
             sup.ports.mark_used(p.port);
             sup.ports.mark_used(p.management_port);
@@ -718,7 +724,7 @@ impl Supervisor {
             };
             let adopted = match recorded.remove(&p.id) {
                 Some(proc_) => Some(proc_),
-                None => unrecorded.remove(&p.id).inspect(|proc_| {
+                None => unrecorded.games.remove(&p.id).inspect(|proc_| {
                     tracing::warn!(instance_id = %inst.id, pid = proc_.pid, recorded_pid = ?p.pid, "re-adopted a game the state file did not record (the agent stopped before writing its pid)");
                     if p.pid.is_some() {
                         // The recorded process ended, and its match with it; this one is the

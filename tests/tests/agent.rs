@@ -772,10 +772,11 @@ async fn a_killed_spawner_is_replaced_and_no_game_exit_goes_unseen() {
 /// A game that crashes leaves nothing behind: a helper it started (here a `sleep` from the
 /// shell that then became the game) would otherwise live on, holding whatever the game gave it
 /// (its ports, its Arcus listener) against the restart. It is killed with the game's process
-/// group when the game exits, and the restart comes up alone.
+/// group when the game exits, or at the agent's start when the game ended while the agent
+/// was down, and the restart comes up alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_game_leaves_no_helper_behind() {
-    let agent = AgentProcess::start_new("game-remains").await;
+    let mut agent = AgentProcess::start_new("game-remains").await;
     let id = new_id("h");
     let marker = format!("{}", 100_000 + std::process::id() % 100_000);
     let mut profile = sample_game_profile("sample-helper", 7, 0, 0);
@@ -815,6 +816,34 @@ async fn a_crashed_game_leaves_no_helper_behind() {
     })
     .await;
     assert_eq!(count_instance_processes(&id), 1, "{after}");
+
+    // The same while the agent is down: the restarted agent kills the helper the ended game
+    // left (found by its instance id, in a session nothing leads any more) before it starts
+    // the game again.
+    let helper = wait_for("the new helper", TIMEOUT, async || {
+        berth_e2e::pids_with_arg(&marker).first().copied()
+    })
+    .await;
+    agent.wait_pids_persisted(&[&id]).await;
+    agent.kill9();
+    let leader = pid_of(&after);
+    signal(leader, Signal::SIGKILL).expect("SIGKILL the game");
+    wait_for("the game to be gone", TIMEOUT, async || {
+        (!pid_alive(leader)).then_some(())
+    })
+    .await;
+    assert!(pid_alive(helper), "the helper outlives its game");
+    agent.start().await;
+    wait_for("the helper to be gone", TIMEOUT, async || {
+        (!pid_alive(helper)).then_some(())
+    })
+    .await;
+    let again = agent
+        .wait_instance(&id, "restarted, online", |i| {
+            i["pid"].as_u64().is_some_and(|p| p != u64::from(leader)) && i["status"] == 4
+        })
+        .await;
+    assert_eq!(count_instance_processes(&id), 1, "{again}");
     let _ = agent
         .delete(&format!("/v1/instances/{id}?force=true"))
         .await;
