@@ -552,6 +552,12 @@ pub struct Inventory {
     profiles: BTreeMap<String, Profile>,
     builds: BTreeMap<String, Build>,
     fleets: BTreeMap<u64, Fleet>,
+    /// Fleets deleted through this database: their instances are removed. An instance of a
+    /// fleet in neither map was never this database's to manage (a new, wrong or restored
+    /// database) and is left alone.
+    deleted_fleets: HashSet<u64>,
+    /// Such unknown fleets, each warned about once.
+    unknown_fleets: HashSet<u64>,
     hosts: BTreeMap<u64, Host>,
     instances: HashMap<Arc<str>, Inst>,
     by_application: HashMap<u32, BTreeSet<Arc<str>>>,
@@ -680,6 +686,8 @@ impl Inventory {
                 .map(|b| (b.id.clone(), b))
                 .collect(),
             fleets: snapshot.fleets.into_iter().map(|f| (f.id, f)).collect(),
+            deleted_fleets: snapshot.deleted_fleets.into_iter().collect(),
+            unknown_fleets: HashSet::new(),
             hosts: snapshot
                 .hosts
                 .into_iter()
@@ -2135,7 +2143,9 @@ impl Inventory {
         let id = view.id.clone();
         let Some(inst) = self.instances.get_mut(id.as_str()) else {
             self.pending_deploys.remove(&id);
-            let fleet_id = view.fleet_id.filter(|f| self.fleets.contains_key(f));
+            // The agent's word, even for a fleet unknown here: the reconciler leaves such an
+            // instance alone, and it is the fleet's own once the fleet is created.
+            let fleet_id = view.fleet_id;
             let rec = InstanceRecord {
                 id: id.clone(),
                 host_id,
@@ -2378,11 +2388,18 @@ impl Inventory {
         let mut count: HashMap<(u64, u64), u32> = HashMap::new();
         let mut idle: HashMap<(u64, u64), Vec<Arc<str>>> = HashMap::new();
         let mut removals = Vec::new();
+        let mut unknown: BTreeMap<u64, usize> = BTreeMap::new();
         for inst in self.instances.values() {
             let Some(fleet_id) = inst.fleet_id else {
                 continue;
             };
             if inst.removing {
+                continue;
+            }
+            if !self.fleets.contains_key(&fleet_id) && !self.deleted_fleets.contains(&fleet_id) {
+                // Not deleted here, so not this database's to remove: one restored from an
+                // old backup, or the wrong file, must not take the hosts' games away.
+                *unknown.entry(fleet_id).or_default() += 1;
                 continue;
             }
             let host_id = inst.host_id;
@@ -2463,6 +2480,15 @@ impl Inventory {
                         removals.push((host.rec.id, id.clone()));
                     }
                 }
+            }
+        }
+        for (fleet_id, n) in unknown {
+            if self.unknown_fleets.insert(fleet_id) {
+                tracing::warn!(
+                    fleet_id,
+                    instances = n,
+                    "instances of fleet {fleet_id}, which this controller's database has never had, are left running and are not removed (a new, wrong or restored database?); create the fleet to manage them, or create and delete it to remove them"
+                );
             }
         }
         for (host_id, fleet_id, id) in deploys {
@@ -2786,6 +2812,8 @@ impl Inventory {
                 f.deployment_environment_id = env;
                 let commit = self.writer.submit_durable(Write::Fleet((*f).clone()));
                 let v = json(&*f);
+                self.deleted_fleets.remove(&f.id);
+                self.unknown_fleets.remove(&f.id);
                 self.fleets.insert(f.id, *f);
                 Ok((v, Some(commit)))
             }
@@ -2795,6 +2823,7 @@ impl Inventory {
                     .remove(&id)
                     .ok_or_else(|| not_found(&format!("fleet {id} does not exist")))?;
                 let commit = self.writer.submit_durable(Write::DeleteFleet(id));
+                self.deleted_fleets.insert(id);
                 Ok((json(&f), Some(commit)))
             }
             Crud::ListRegions => Ok((json(&self.regions.values().collect::<Vec<_>>()), None)),

@@ -162,6 +162,8 @@ pub struct Snapshot {
     pub profiles: Vec<Profile>,
     pub builds: Vec<Build>,
     pub fleets: Vec<Fleet>,
+    /// Fleets deleted through this database (their instances are removed).
+    pub deleted_fleets: Vec<u64>,
     pub hosts: Vec<HostRecord>,
     /// Instances not removed.
     pub instances: Vec<InstanceRecord>,
@@ -293,6 +295,12 @@ impl Store {
                 .await?,
             builds: self.bodies("builds", "SELECT id, body FROM builds").await?,
             fleets: self.bodies("fleets", "SELECT id, body FROM fleets").await?,
+            deleted_fleets: sqlx::query_scalar::<_, i64>("SELECT id FROM deleted_fleets")
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(|id| id as u64)
+                .collect(),
             hosts: self.bodies("hosts", "SELECT id, body FROM hosts").await?,
             instances: self
                 .bodies(
@@ -896,10 +904,19 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
                 .bind(to_json(f))
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query("DELETE FROM deleted_fleets WHERE id = ?")
+                .bind(f.id as i64)
+                .execute(&mut *tx)
+                .await?;
         }
         Write::DeleteFleet(id) => {
             sqlx::query("DELETE FROM fleets WHERE id = ?")
                 .bind(*id as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT OR REPLACE INTO deleted_fleets (id, deleted_at) VALUES (?, ?)")
+                .bind(*id as i64)
+                .bind(crate::unix_now() as i64)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -1082,6 +1099,35 @@ mod tests {
             .collect();
         live.sort();
         assert_eq!(live, ["live-1", "live-2"]);
+    }
+
+    /// A deleted fleet stays known as deleted across restarts (its instances are removed),
+    /// until a fleet of that id is created again.
+    #[tokio::test]
+    async fn a_deleted_fleet_is_remembered_until_created_again() {
+        let t = TempStore::new().await;
+        let fleet: berth_protocol::controller_api::Fleet = serde_json::from_value(
+            serde_json::json!({"id": 9, "name": "f", "applicationId": 7, "profileId": "p", "instancesPerHost": 1}),
+        )
+        .expect("fleet");
+        let load = async || t.store.load().await.expect("load");
+        for r in commit_all(
+            &t.writer,
+            vec![Write::Fleet(fleet.clone()), Write::DeleteFleet(9)],
+        )
+        .await
+        {
+            r.expect("committed");
+        }
+        let s = load().await;
+        assert!(s.fleets.is_empty());
+        assert_eq!(s.deleted_fleets, [9]);
+        for r in commit_all(&t.writer, vec![Write::Fleet(fleet)]).await {
+            r.expect("committed");
+        }
+        let s = load().await;
+        assert_eq!(s.fleets.len(), 1);
+        assert!(s.deleted_fleets.is_empty());
     }
 
     fn allocation(id: &str, instance: &str) -> Write {

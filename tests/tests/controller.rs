@@ -1347,6 +1347,70 @@ async fn fleet_sizing_and_drift_repair() {
     }
 }
 
+/// The controller comes back on a database that never had the hosts' fleet (the wrong file,
+/// a new one, an old backup). It must not take the hosts' games away: their instances are
+/// listed, left running and reported in the log, not removed. Once the fleet is created again
+/// they are its own (only what is missing is deployed); a fleet deleted here still has its
+/// instances removed (see `fleet_sizing_and_drift_repair`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_fleet_removes_none_of_its_games() {
+    let mut c = ControllerProcess::start_new("ctl-nofleet").await;
+    c.sample_fleet(7, 901, 2, 0, &[]).await;
+    let agent = c.spawn_agent("ctl-nofleet", "nofleet-a").await;
+    let before = c.wait_online(7, 2).await;
+    let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
+
+    c.sigterm().await;
+    let db = c.database().to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        if file.exists() {
+            std::fs::rename(&file, format!("{}.old", file.display())).expect("move away");
+        }
+    }
+    c.start().await;
+    // The agent registers again with both instances: the reconciler then runs with them.
+    let seen = c
+        .wait_instances("", "the agent's two instances", |l| l.len() == 2)
+        .await;
+    assert_eq!(ids(&seen), ids(&before));
+    wait_for("the warning about the unknown fleet", TIMEOUT, async || {
+        c.log()
+            .contains("instances of fleet 901, which this controller's database has never had")
+            .then_some(())
+    })
+    .await;
+    let m = c.metrics().await;
+    assert_eq!(
+        metric(&m, "berth_controller_reconcile_removals_total", ""),
+        Some(0.0),
+        "nothing removed"
+    );
+    for g in agent.instances().await {
+        assert_eq!(
+            pids.get(&id_of(&g)),
+            Some(&pid_of(&g)),
+            "still running: {g}"
+        );
+    }
+
+    // The fleet again, with one more per host: the two are its own, so one is deployed (not
+    // three beside two unmanaged ones) and none removed.
+    c.sample_fleet(7, 901, 3, 0, &[]).await;
+    let owned = c.wait_online(7, 3).await;
+    assert!(ids(&before).is_subset(&ids(&owned)), "{owned:?}");
+    let m = c.metrics().await;
+    assert_eq!(
+        metric(&m, "berth_controller_reconcile_deploys_total", ""),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "berth_controller_reconcile_removals_total", ""),
+        Some(0.0)
+    );
+    assert_eq!(agent.instances().await.len(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Every controller error code
 
