@@ -218,18 +218,17 @@ fn replay_journal(state_dir: &Path, state: &mut StateFile) {
             match (
                 state.instances.iter_mut().find(|i| i.id == e.id),
                 e.instance,
+                e.desired,
             ) {
-                (Some(_), Some(_)) => {}
-                (Some(inst), None) if e.desired.is_some() => {
-                    inst.desired = e.desired.unwrap_or(inst.desired);
-                }
-                (Some(inst), None) => {
+                (Some(_), Some(_), _) => {}
+                (Some(inst), None, Some(desired)) => inst.desired = desired,
+                (Some(inst), None, None) => {
                     inst.status = e.status;
                     inst.allocation = e.allocation;
                     inst.metadata = e.metadata;
                 }
-                (None, Some(new)) => state.instances.push(*new),
-                (None, None) => {}
+                (None, Some(new), _) => state.instances.push(*new),
+                (None, None, _) => {}
             }
         }
     }

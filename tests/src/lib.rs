@@ -2489,6 +2489,23 @@ pub fn bad_game_profile(
     })
 }
 
+/// The profile of a game that reports 4 and then never answers another frame, the soft stop
+/// included (`berth-bad-game` in `log-frames` mode): a game that drains for ever, or hangs.
+/// It logs every frame it gets to the returned file, in `dir`.
+pub fn silent_game_profile(profile_id: &str, application_id: u32, dir: &Path) -> (Value, PathBuf) {
+    let frames = dir.join(format!("{profile_id}.frames"));
+    let mut profile = bad_game_profile(
+        profile_id,
+        application_id,
+        "log-frames",
+        &dir.join(format!("{profile_id}.count")),
+    );
+    if let Some(args) = profile["args"].as_array_mut() {
+        args.push(json!(format!("--frames-file={}", frames.display())));
+    }
+    (profile, frames)
+}
+
 /// An agent deploy request for an Arcus game.
 pub fn deploy_body(id: &str, profile: Value) -> Value {
     json!({"id": id, "managementProtocol": "arcus", "profile": profile})

@@ -11,7 +11,8 @@ use berth_e2e::json::{kv, pid_of, port_of};
 use berth_e2e::{
     AgentConfig, AgentProcess, TIMEOUT, TestDir, assert_second_daemon_refused, bad_game_profile,
     berth_command, bin, children_of, count_instance_processes, deploy_body, free_port, game_info,
-    pid_alive, sample_game_profile, short_id, signal, wait_for, wait_game_info,
+    pid_alive, sample_game_profile, short_id, signal, silent_game_profile, wait_for,
+    wait_game_info,
 };
 use berth_protocol::arcus::MAX_BURST;
 use http::Method;
@@ -639,15 +640,7 @@ async fn an_agent_killed_right_after_removing_starts_none_of_those_games_again()
         agent.deploy_sample(id, 0, 0).await;
     }
     let deaf = new_id("r-deaf");
-    let mut profile =
-        bad_game_profile("bad-deaf", 9, "log-frames", &agent.dir().join("deaf.count"));
-    profile["args"]
-        .as_array_mut()
-        .expect("args")
-        .push(json!(format!(
-            "--frames-file={}",
-            agent.dir().join("deaf.frames").display()
-        )));
+    let (mut profile, _) = silent_game_profile("bad-deaf", 9, agent.dir().path());
     profile["stopTimeoutSeconds"] = json!(2);
     agent.deploy(&deploy_body(&deaf, profile)).await;
     let ids: Vec<&str> = samples
@@ -1000,17 +993,7 @@ async fn malformed_arcus_closes_only_that_link() {
 async fn frames_to_a_silent_game_wait_after_a_burst() {
     let agent = AgentProcess::start_new("burst-pause").await;
     let id = new_id("g-silent");
-    let frames_file = agent.dir().join("silent.frames");
-    let mut profile = bad_game_profile(
-        "bad-log-frames",
-        9,
-        "log-frames",
-        &agent.dir().join("silent.count"),
-    );
-    profile["args"]
-        .as_array_mut()
-        .expect("args")
-        .push(json!(format!("--frames-file={}", frames_file.display())));
+    let (profile, frames_file) = silent_game_profile("bad-log-frames", 9, agent.dir().path());
     agent.deploy(&deploy_body(&id, profile)).await;
     agent.wait_online(&id).await;
     let commands = MAX_BURST + 5;

@@ -633,15 +633,7 @@ async fn release_and_reallocation() {
 async fn a_game_being_stopped_is_not_offered() {
     let c = ControllerProcess::start_new("ctl-stopping").await;
     c.create_application(9, "deaf").await;
-    let mut profile =
-        berth_e2e::bad_game_profile("deaf-9", 9, "log-frames", &c.dir().join("deaf.count"));
-    profile["args"]
-        .as_array_mut()
-        .expect("args")
-        .push(json!(format!(
-            "--frames-file={}",
-            c.dir().join("deaf.frames").display()
-        )));
+    let (mut profile, _) = berth_e2e::silent_game_profile("deaf-9", 9, c.dir().path());
     profile["stopTimeoutSeconds"] = json!(30);
     c.create_profile(&profile).await;
     c.create_fleet(&fleet_body(90, 9, "deaf-9", 2, &[])).await;
