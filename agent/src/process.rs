@@ -743,7 +743,14 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let found = scan(&|f| f.games.contains_key(&id) && f.remains.is_empty());
+        // Once the shell has become `sleep 30`, it has started the helper.
+        let became_game = |f: &Unrecorded| {
+            f.games.get(&id).is_some_and(|p| {
+                std::fs::read_to_string(format!("/proc/{}/comm", p.pid))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+        };
+        let found = scan(&|f| became_game(f) && f.remains.is_empty());
         assert!(found.games.contains_key(&id), "{found:?}");
         assert!(found.remains.is_empty(), "the game runs: {found:?}");
         let leader = found.games[&id].pid;

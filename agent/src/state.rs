@@ -606,6 +606,22 @@ mod tests {
         dir
     }
 
+    /// A state directory whose snapshot `seq` (instance `a`) is on disk, and its journal.
+    fn journal_after_snapshot(seq: u64) -> (PathBuf, Journal) {
+        let dir = temp_dir();
+        std::fs::write(state_path(&dir), snapshot(seq)).expect("snapshot");
+        let journal = Journal::new(dir.clone(), seq, Counter::default());
+        (dir, journal)
+    }
+
+    /// Journals allocation `alloc` (with `map=dust`) of instance `id`.
+    fn append_allocation(journal: &mut Journal, id: &str, alloc: &str) {
+        let e = entry(0, alloc);
+        journal
+            .append(id.into(), e.status, e.allocation, e.metadata)
+            .expect("journaled");
+    }
+
     fn allocation_of(state: &StateFile) -> Option<&str> {
         state.instances[0].allocation.as_ref()?.id.as_deref()
     }
@@ -649,14 +665,8 @@ mod tests {
         writer.save(1, snapshot(1));
         wait_written(&writer, 1).await;
         let mut journal = Journal::new(dir.clone(), 1, Counter::default());
-        let append = |journal: &mut Journal, alloc: &str| {
-            let e = entry(0, alloc);
-            journal
-                .append(e.id, e.status, e.allocation, e.metadata)
-                .expect("journaled");
-        };
-        append(&mut journal, "first");
-        append(&mut journal, "second");
+        append_allocation(&mut journal, "a", "first");
+        append_allocation(&mut journal, "a", "second");
         // Written before `append` returns: no writer thread in between.
         let loaded = load(&dir).expect("load");
         let a = &loaded.instances[0];
@@ -668,7 +678,7 @@ mod tests {
         // A snapshot that never reached the disk loses nothing: its journal is replayed after
         // the older one.
         journal.rotate(2);
-        append(&mut journal, "third");
+        append_allocation(&mut journal, "a", "third");
         let loaded = load(&dir).expect("load");
         assert_eq!(allocation_of(&loaded), Some("third"));
         assert_eq!(
@@ -695,16 +705,11 @@ mod tests {
     /// with the allocation lines that follow it.
     #[test]
     fn an_instance_deployed_after_the_snapshot_comes_back_from_the_journal() {
-        let dir = temp_dir();
-        std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let mut journal = Journal::new(dir.clone(), 4, Counter::default());
+        let (dir, mut journal) = journal_after_snapshot(4);
         let mut new = instance("b");
         new.status = InstanceStatus::Setup;
         journal.append_deployed(new).expect("deployed");
-        let alloc = entry(4, "m-1");
-        journal
-            .append("b".into(), alloc.status, alloc.allocation, alloc.metadata)
-            .expect("journaled");
+        append_allocation(&mut journal, "b", "m-1");
         let loaded = load(&dir).expect("load");
         let ids: Vec<&str> = loaded.instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -729,13 +734,8 @@ mod tests {
     /// is wanted of the instance: its match stays as journaled.
     #[test]
     fn a_desired_line_changes_only_what_is_wanted() {
-        let dir = temp_dir();
-        std::fs::write(state_path(&dir), snapshot(4)).expect("snapshot");
-        let mut journal = Journal::new(dir.clone(), 4, Counter::default());
-        let alloc = entry(4, "m-1");
-        journal
-            .append("a".into(), alloc.status, alloc.allocation, alloc.metadata)
-            .expect("journaled");
+        let (dir, mut journal) = journal_after_snapshot(4);
+        append_allocation(&mut journal, "a", "m-1");
         journal
             .append_desired("a".into(), InstanceStatus::Allocated, Desired::Removed)
             .expect("journaled");

@@ -1434,16 +1434,7 @@ impl Supervisor {
         if !force && (inst.allocation.is_some() || inst.pending.is_some()) && inst.pid.is_some() {
             return Err(InstanceError::Allocated(id.to_owned()));
         }
-        if inst.desired != desired {
-            // On disk before the game hears of it: a restarted agent must not start again a
-            // game it was told to stop or remove.
-            self.journal
-                .append_desired(id.to_owned(), inst.status, desired)
-                .map_err(|source| InstanceError::NotRecorded {
-                    id: id.to_owned(),
-                    source,
-                })?;
-        }
+        record_desired(&mut self.journal, inst, desired)?;
         inst.desired = desired;
         let run = inst.run;
         let timeout = timeout_seconds
@@ -1501,14 +1492,7 @@ impl Supervisor {
                 "instance {id} is being removed"
             )));
         }
-        if inst.desired != Desired::Running {
-            self.journal
-                .append_desired(id.to_owned(), inst.status, Desired::Running)
-                .map_err(|source| InstanceError::NotRecorded {
-                    id: id.to_owned(),
-                    source,
-                })?;
-        }
+        record_desired(&mut self.journal, inst, Desired::Running)?;
         inst.desired = Desired::Running;
         inst.crash_streak = 0;
         if inst.pid.is_none() && !inst.spawning {
@@ -1899,6 +1883,25 @@ impl Supervisor {
             self.schedule_flush();
         }
     }
+}
+
+/// Journals a change of what is wanted of `inst`, before anything acts on it: a restarted
+/// agent must not start again a game it was told to stop or remove. A change that cannot be
+/// written is not made.
+fn record_desired(
+    journal: &mut Journal,
+    inst: &Instance,
+    desired: Desired,
+) -> Result<(), InstanceError> {
+    if inst.desired == desired {
+        return Ok(());
+    }
+    journal
+        .append_desired(inst.id.clone(), inst.status, desired)
+        .map_err(|source| InstanceError::NotRecorded {
+            id: inst.id.clone(),
+            source,
+        })
 }
 
 /// Tells the game its allocation is over. Arcus has no "released" message; the Berth SDK

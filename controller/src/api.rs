@@ -810,17 +810,13 @@ async fn list_instances(
     if !all {
         list.retain(|o| o.status != InstanceStatus::Inactive);
     } else if status.is_none_or(|s| s == InstanceStatus::Inactive) {
-        let removed = st
-            .store
-            .removed_instances(crate::store::REMOVED_INSTANCES_KEPT as i64)
-            .await
-            .map_err(|e| {
-                Failure::new(
-                    ErrorCode::InternalError,
-                    "Internal error.",
-                    format!("cannot read history: {e}"),
-                )
-            })?;
+        let removed = st.store.removed_instances().await.map_err(|e| {
+            Failure::new(
+                ErrorCode::InternalError,
+                "Internal error.",
+                format!("cannot read history: {e}"),
+            )
+        })?;
         list.extend(
             removed
                 .into_iter()

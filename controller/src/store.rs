@@ -338,12 +338,12 @@ impl Store {
             .collect()
     }
 
-    /// Removed instances, newest first, for `all=true` listings.
-    pub async fn removed_instances(&self, limit: i64) -> Result<Vec<InstanceRecord>, StoreError> {
+    /// The removed instances kept as history, newest first, for `all=true` listings.
+    pub async fn removed_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT body FROM instances WHERE removed_at IS NOT NULL ORDER BY removed_at DESC LIMIT ?",
         )
-        .bind(limit)
+        .bind(REMOVED_INSTANCES_KEPT as i64)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1076,12 +1076,10 @@ mod tests {
         writes.push(instance("live-1", None));
         writes.push(instance("live-2", None));
         writes.push(Write::PruneRemovedInstances { keep: 2 });
-        for r in commit_all(&t.writer, writes).await {
-            r.expect("committed");
-        }
+        commit_ok(&t.writer, writes).await;
         let kept: Vec<String> = t
             .store
-            .removed_instances(100)
+            .removed_instances()
             .await
             .expect("history")
             .into_iter()
@@ -1111,20 +1109,15 @@ mod tests {
         )
         .expect("fleet");
         let load = async || t.store.load().await.expect("load");
-        for r in commit_all(
+        commit_ok(
             &t.writer,
             vec![Write::Fleet(fleet.clone()), Write::DeleteFleet(9)],
         )
-        .await
-        {
-            r.expect("committed");
-        }
+        .await;
         let s = load().await;
         assert!(s.fleets.is_empty());
         assert_eq!(s.deleted_fleets, [9]);
-        for r in commit_all(&t.writer, vec![Write::Fleet(fleet)]).await {
-            r.expect("committed");
-        }
+        commit_ok(&t.writer, vec![Write::Fleet(fleet)]).await;
         let s = load().await;
         assert_eq!(s.fleets.len(), 1);
         assert!(s.deleted_fleets.is_empty());

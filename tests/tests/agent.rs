@@ -691,9 +691,8 @@ async fn an_agent_killed_right_after_removing_starts_none_of_those_games_again()
 
 /// The agent's spawner (`berth-agent spawner`, its child).
 fn spawner_of(agent: &AgentProcess) -> Option<u32> {
-    children_of(agent.pid()?).into_iter().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"spawner"))
+    children_of(agent.pid()?).into_iter().find(|&pid| {
+        berth_e2e::cmdline(pid).is_some_and(|args| args.get(1).is_some_and(|a| a == "spawner"))
     })
 }
 
