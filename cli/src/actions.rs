@@ -1,4 +1,4 @@
-//! The commands that change something: `allocate`, `deallocate`, `drain`.
+//! The commands that change something: `allocate`, `deallocate`, `drain`, `hosts delete`.
 
 use anyhow::Result;
 use berth_protocol::KeyValue;
@@ -117,5 +117,34 @@ pub async fn drain(api: &Api, args: &DrainArgs, json: bool) -> Result<()> {
             h.id, h.name, h.id
         );
     }
+    Ok(())
+}
+
+pub async fn delete_host(api: &Api, host: &str, release: bool, json: bool) -> Result<()> {
+    let id = hosts::resolve(api, host).await?;
+    let path = if release {
+        format!("/v1/hosts/{id}?releaseAllocations=true")
+    } else {
+        format!("/v1/hosts/{id}")
+    };
+    let raw = api.delete(&path).await?;
+    if json {
+        println!("{}", pretty_json(&raw));
+        return Ok(());
+    }
+    let h: HostObject = api.decode(&path, &raw)?;
+    let released = h.instances_by_status.get("allocated").copied().unwrap_or(0);
+    let released = match released {
+        0 => String::new(),
+        1 => ", 1 allocation released".to_owned(),
+        n => format!(", {n} allocations released"),
+    };
+    println!(
+        "host {} ({}) deleted: {} removed from the inventory{released}. If its agent starts \
+         again, it registers as a new host.",
+        h.id,
+        h.name,
+        crate::render::plural(h.instances, "instance", "instances")
+    );
     Ok(())
 }

@@ -88,7 +88,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List hosts (or `hosts show ID|NAME`).
+    /// List hosts (or `hosts show ID|NAME`, `hosts delete ID|NAME`).
     Hosts(HostsArgs),
     /// List instances (or `instances show ID`, `instances info ID`).
     Instances(InstancesArgs),
@@ -119,6 +119,18 @@ pub struct HostsArgs {
 pub enum HostsCommand {
     /// Everything about one host, by id or name.
     Show { host: String },
+    /// Forget a host taken out of service (its agent stopped, the machine gone). Refused
+    /// while its agent is heard from, and while it holds allocations unless told to release
+    /// them. Its instances leave the inventory; an agent that comes back later registers as a
+    /// new host.
+    Delete {
+        /// Host id or name.
+        host: String,
+        /// Release the host's allocations with it (if it is only cut off, its matches may
+        /// still be running).
+        #[arg(long)]
+        release_allocations: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +465,10 @@ async fn dispatch(inv: &Invocation) -> anyhow::Result<()> {
         Command::Hosts(a) => match &a.command {
             None => hosts::list(&api, json).await,
             Some(HostsCommand::Show { host }) => hosts::show(&api, host, json).await,
+            Some(HostsCommand::Delete {
+                host,
+                release_allocations,
+            }) => actions::delete_host(&api, host, *release_allocations, json).await,
         },
         Command::Instances(a) => match &a.command {
             None => instances::list(&api, a, json).await,

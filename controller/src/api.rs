@@ -274,7 +274,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/instances/{id}/command", post(command))
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/hosts", get(hosts))
-        .route("/v1/hosts/{id}", get(host))
+        .route("/v1/hosts/{id}", get(host).delete(delete_host))
         .route("/v1/hosts/{id}/drain", post(drain).delete(undrain))
         .route(
             "/v1/applications",
@@ -897,17 +897,30 @@ async fn host(
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
     let id: u64 = number("host id", &id)?;
-    st.inventory
-        .host(id)
-        .await?
-        .map(|h| Json(h).into_response())
-        .ok_or_else(|| {
-            Failure::new(
-                ErrorCode::ResourceNotFound,
-                "Not found.",
-                format!("host {id} does not exist"),
-            )
-        })
+    Ok(Json(st.inventory.host(id).await?).into_response())
+}
+
+/// `DELETE /v1/hosts/{id}[?releaseAllocations=true]`: answers the host as it was last seen.
+async fn delete_host(
+    State(st): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Failure> {
+    let id: u64 = number("host id", &id)?;
+    let release = match berth_http::query_param(q.as_deref(), "releaseAllocations").as_deref() {
+        None => false,
+        Some(v) if berth_http::is_true(Some(v)) => true,
+        Some("false" | "0" | "no") => false,
+        Some(v) => {
+            return Err(Failure::invalid_request(format!(
+                "releaseAllocations={v:?} must be true or false"
+            )));
+        }
+    };
+    let (h, commit) = st.inventory.delete_host(id, release).await?;
+    durable(commit, Change::Setting).await?;
+    Ok(Json(h).into_response())
 }
 
 async fn set_drain(st: AppState, id: String, on: bool) -> Result<Response, Failure> {

@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::{
     AllocationRecord, Answer, HostRecord, InstanceRecord, Interner, Report, Shape, hex,
 };
-use crate::store::{Snapshot, Write, Writer};
+use crate::store::{DeletedHost, Snapshot, Write, Writer};
 use crate::unix_now;
 
 /// How long an instance an agent refused is skipped, unless the agent reports it sooner.
@@ -194,8 +194,10 @@ pub enum Command {
     ListInstances(ListQuery, Reply<Result<Vec<InstanceObject>, Failure>>),
     GetInstance(String, Reply<Option<InstanceObject>>),
     Hosts(Reply<Vec<HostObject>>),
-    Host(u64, Reply<Option<HostObject>>),
+    Host(u64, Reply<Result<HostObject, Failure>>),
     Drain(u64, bool, Reply<Result<(HostObject, Commit), Failure>>),
+    /// Take a host out of service: the host id and whether its allocations may be released.
+    DeleteHost(u64, bool, Reply<Result<(HostObject, Commit), Failure>>),
     Crud(
         Crud,
         Reply<Result<(serde_json::Value, Option<Commit>), Failure>>,
@@ -346,8 +348,19 @@ impl InventoryHandle {
         self.ask(Command::Hosts).await
     }
 
-    pub async fn host(&self, id: u64) -> Result<Option<HostObject>, Failure> {
-        self.ask(|r| Command::Host(id, r)).await
+    pub async fn host(&self, id: u64) -> Result<HostObject, Failure> {
+        self.ask(|r| Command::Host(id, r)).await?
+    }
+
+    /// Forgets a host that is out of service. Refused while its agent is heard from, and,
+    /// unless `release_allocations`, while it holds allocations.
+    pub async fn delete_host(
+        &self,
+        id: u64,
+        release_allocations: bool,
+    ) -> Result<(HostObject, Commit), Failure> {
+        self.ask(|r| Command::DeleteHost(id, release_allocations, r))
+            .await?
     }
 
     pub async fn drain(&self, id: u64, on: bool) -> Result<(HostObject, Commit), Failure> {
@@ -559,6 +572,8 @@ pub struct Inventory {
     /// Such unknown fleets, each warned about once.
     unknown_fleets: HashSet<u64>,
     hosts: BTreeMap<u64, Host>,
+    /// Hosts an operator deleted: their ids are never given again.
+    deleted_hosts: BTreeMap<u64, DeletedHost>,
     instances: HashMap<Arc<str>, Inst>,
     by_application: HashMap<u32, BTreeSet<Arc<str>>>,
     /// Profile ids, builds, maps, modes and versions, stored once.
@@ -688,6 +703,11 @@ impl Inventory {
             fleets: snapshot.fleets.into_iter().map(|f| (f.id, f)).collect(),
             deleted_fleets: snapshot.deleted_fleets.into_iter().collect(),
             unknown_fleets: HashSet::new(),
+            deleted_hosts: snapshot
+                .deleted_hosts
+                .into_iter()
+                .map(|d| (d.id, d))
+                .collect(),
             hosts: snapshot
                 .hosts
                 .into_iter()
@@ -829,10 +849,17 @@ impl Inventory {
             }
             Command::Host(id, reply) => {
                 let tally = self.tally(Some(id));
-                let _ = reply.send(self.hosts.get(&id).map(|h| self.host_object(h, &tally)));
+                let host = match self.hosts.get(&id) {
+                    Some(h) => Ok(self.host_object(h, &tally)),
+                    None => Err(self.host_missing(id)),
+                };
+                let _ = reply.send(host);
             }
             Command::Drain(id, on, reply) => {
                 let _ = reply.send(self.drain(id, on));
+            }
+            Command::DeleteHost(id, release, reply) => {
+                let _ = reply.send(self.delete_host(id, release));
             }
             Command::Crud(op, reply) => {
                 let _ = reply.send(self.crud(op));
@@ -1957,7 +1984,14 @@ impl Inventory {
         let dc_location_id = self.dc_for(region_id, &req.dc_location);
         let (id, draining, registered_at) = existing.unwrap_or_else(|| {
             (
-                self.hosts.keys().max().copied().unwrap_or(0) + 1,
+                // Never a deleted host's id: its removed instances and logs still name it.
+                self.hosts
+                    .keys()
+                    .chain(self.deleted_hosts.keys())
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+                    + 1,
                 false,
                 unix_now(),
             )
@@ -2140,6 +2174,11 @@ impl Inventory {
 
     /// Takes an agent's report of one instance into account.
     fn apply_view(&mut self, host_id: u64, view: InstanceView) {
+        if !self.hosts.contains_key(&host_id) {
+            // An answer from a host deleted while the call was out: its agent reports the
+            // instance again when it registers as a new host.
+            return;
+        }
         let id = view.id.clone();
         let Some(inst) = self.instances.get_mut(id.as_str()) else {
             self.pending_deploys.remove(&id);
@@ -2310,17 +2349,111 @@ impl Inventory {
         Ok(out)
     }
 
+    /// Why host `id` is not here: deleted (when), or never registered.
+    fn host_missing(&self, id: u64) -> Failure {
+        match self.deleted_hosts.get(&id) {
+            Some(d) => not_found(&format!(
+                "host {id} ({}) was deleted at {}; an agent that comes back on that machine registers as a new host",
+                d.name,
+                rfc3339(d.deleted_at)
+            )),
+            None => not_found(&format!("host {id} does not exist")),
+        }
+    }
+
     fn drain(&mut self, id: u64, on: bool) -> Result<(HostObject, Commit), Failure> {
-        let host = self
-            .hosts
-            .get_mut(&id)
-            .ok_or_else(|| not_found(&format!("host {id} does not exist")))?;
+        if !self.hosts.contains_key(&id) {
+            return Err(self.host_missing(id));
+        }
+        let host = self.hosts.get_mut(&id).expect("checked above");
         host.rec.draining = on;
         let commit = self
             .writer
             .submit_durable(Write::Host(Box::new(host.rec.clone())));
         tracing::info!(host_id = id, draining = on, "host drain changed");
         let obj = self.host_object(&self.hosts[&id], &self.tally(Some(id)));
+        Ok((obj, commit))
+    }
+
+    /// Takes a host out of service: a machine decommissioned, reinstalled under another name,
+    /// or lost for good, which would otherwise stay listed as unreachable with its instances.
+    /// Its agent must be silent: a live one would register it again at once, and its games
+    /// would run unmanaged meanwhile. Allocations are released only when asked: a host that is
+    /// only cut off may still be running those matches.
+    fn delete_host(
+        &mut self,
+        id: u64,
+        release_allocations: bool,
+    ) -> Result<(HostObject, Commit), Failure> {
+        let Some(host) = self.hosts.get(&id) else {
+            return Err(self.host_missing(id));
+        };
+        let name = host.rec.name.clone();
+        if host.reachable {
+            return Err(invalid(format!(
+                "host {id} ({name}) is reachable: its agent was heard from {} ms ago and would register it again at once. Stop the agent on that machine first (systemctl stop berth-agent); the host can be deleted once it has been silent for {} ms and shows as unreachable. To only keep new work away from it, drain it",
+                host.last_heartbeat.elapsed().as_millis(),
+                self.config.expiry().as_millis()
+            )));
+        }
+        let mut on_host: Vec<Arc<str>> = self
+            .instances
+            .values()
+            .filter(|i| i.host_id == id)
+            .map(|i| i.id.clone())
+            .collect();
+        on_host.sort();
+        if let Some(i) = on_host.iter().find(|i| self.instances[&**i].claimed) {
+            return Err(Failure::new(
+                ErrorCode::InstanceAllocating,
+                "Unable to delete host.",
+                format!(
+                    "instance {i} of host {id} ({name}) is being allocated right now; retry in a moment"
+                ),
+            ));
+        }
+        let held: Vec<String> = on_host
+            .iter()
+            .filter_map(|i| {
+                let a = self.allocations.get(&**i)?;
+                Some(format!("instance {i} (allocation {})", a.id))
+            })
+            .collect();
+        if !held.is_empty() && !release_allocations {
+            const SHOWN: usize = 5;
+            let more = match held.len().saturating_sub(SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(invalid(format!(
+                "host {id} ({name}) holds {} allocation{}: {}{more}. If the host is only cut off, those matches may still be in progress. Release them first (berthctl deallocate INSTANCE), or delete with releaseAllocations=true (berthctl hosts delete {id} --release-allocations) to release them with the host",
+                held.len(),
+                if held.len() == 1 { "" } else { "s" },
+                held[..held.len().min(SHOWN)].join(", ")
+            )));
+        }
+        let obj = self.host_object(&self.hosts[&id], &self.tally(Some(id)));
+        for i in &on_host {
+            self.remove_instance(i, "its host was deleted");
+        }
+        self.pending_deploys
+            .retain(|_, (host_id, _)| *host_id != id);
+        self.host_allocations.remove(&id);
+        self.hosts.remove(&id);
+        let gone = DeletedHost {
+            id,
+            name,
+            deleted_at: unix_now(),
+        };
+        let commit = self.writer.submit_durable(Write::DeleteHost(gone.clone()));
+        tracing::warn!(
+            host_id = id,
+            host_name = %gone.name,
+            instances = on_host.len(),
+            released = held.len(),
+            "host deleted"
+        );
+        self.deleted_hosts.insert(id, gone);
         Ok((obj, commit))
     }
 

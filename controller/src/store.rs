@@ -102,6 +102,8 @@ pub enum Write {
     Fleet(Fleet),
     DeleteFleet(u64),
     Host(Box<HostRecord>),
+    /// A host taken out of service: its row goes, its id is remembered (never given again).
+    DeleteHost(DeletedHost),
     Instance(Box<InstanceRecord>),
     /// A new allocation (inserted when its agent is asked; never rewritten).
     Allocation(Arc<AllocationRecord>),
@@ -140,6 +142,7 @@ impl Write {
             Write::Fleet(f) => format!("fleet {}", f.id),
             Write::DeleteFleet(id) => format!("deletion of fleet {id}"),
             Write::Host(h) => format!("host {} ({})", h.id, h.name),
+            Write::DeleteHost(h) => format!("deletion of host {} ({})", h.id, h.name),
             Write::Instance(i) => format!("instance {}", i.id),
             Write::Allocation(a) => format!("allocation {} of instance {}", a.id, a.instance_id),
             Write::ReleaseAllocation(id) => format!("release of allocation {id}"),
@@ -150,6 +153,15 @@ impl Write {
             Write::Probe => "write probe".to_owned(),
         }
     }
+}
+
+/// A host an operator deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedHost {
+    pub id: u64,
+    pub name: String,
+    /// Unix seconds.
+    pub deleted_at: u64,
 }
 
 /// Everything in the database, as loaded at start.
@@ -165,6 +177,8 @@ pub struct Snapshot {
     /// Fleets deleted through this database (their instances are removed).
     pub deleted_fleets: Vec<u64>,
     pub hosts: Vec<HostRecord>,
+    /// Hosts deleted by an operator.
+    pub deleted_hosts: Vec<DeletedHost>,
     /// Instances not removed.
     pub instances: Vec<InstanceRecord>,
     /// Allocations not released.
@@ -302,6 +316,18 @@ impl Store {
                 .map(|id| id as u64)
                 .collect(),
             hosts: self.bodies("hosts", "SELECT id, body FROM hosts").await?,
+            deleted_hosts: sqlx::query_as::<_, (i64, String, i64)>(
+                "SELECT id, name, deleted_at FROM deleted_hosts",
+            )
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|(id, name, at)| DeletedHost {
+                id: id as u64,
+                name,
+                deleted_at: at as u64,
+            })
+            .collect(),
             instances: self
                 .bodies(
                     "instances",
@@ -928,6 +954,20 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
                 .execute(&mut *tx)
                 .await?;
         }
+        Write::DeleteHost(h) => {
+            sqlx::query("DELETE FROM hosts WHERE id = ?")
+                .bind(h.id as i64)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT OR REPLACE INTO deleted_hosts (id, name, deleted_at) VALUES (?, ?, ?)",
+            )
+            .bind(h.id as i64)
+            .bind(&h.name)
+            .bind(h.deleted_at as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         Write::Instance(i) => {
             sqlx::query(
                 "INSERT OR REPLACE INTO instances (id, host_id, application_id, removed_at, body) VALUES (?, ?, ?, ?, ?)",
@@ -1121,6 +1161,45 @@ mod tests {
         let s = load().await;
         assert_eq!(s.fleets.len(), 1);
         assert!(s.deleted_fleets.is_empty());
+    }
+
+    /// A deleted host's row goes and its id stays taken; a new agent may then take its name.
+    #[tokio::test]
+    async fn a_deleted_host_keeps_its_id_and_frees_its_name() {
+        let t = TempStore::new().await;
+        let host = |id: u64| HostRecord {
+            id,
+            name: "ams-bm-017".to_owned(),
+            region_id: 1,
+            dc_location_id: 1,
+            is_virtual: false,
+            labels: Default::default(),
+            advertise_url: "http://127.0.0.1:6824".to_owned(),
+            addresses: Vec::new(),
+            capacity: Default::default(),
+            agent_version: "test".to_owned(),
+            agent_token: "a".repeat(32),
+            host_token_digest: "00".repeat(32),
+            draining: false,
+            registered_at: 1,
+        };
+        let gone = DeletedHost {
+            id: 3,
+            name: "ams-bm-017".to_owned(),
+            deleted_at: 1_700_000_000,
+        };
+        commit_ok(
+            &t.writer,
+            vec![
+                Write::Host(Box::new(host(3))),
+                Write::DeleteHost(gone.clone()),
+                Write::Host(Box::new(host(4))),
+            ],
+        )
+        .await;
+        let s = t.store.load().await.expect("load");
+        assert_eq!(s.hosts, [host(4)]);
+        assert_eq!(s.deleted_hosts, [gone]);
     }
 
     fn allocation(id: &str, instance: &str) -> Write {

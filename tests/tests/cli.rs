@@ -110,7 +110,7 @@ async fn errors_show_reconstructs_a_failed_allocation() {
 async fn tables_and_drain_against_a_real_controller() {
     let c = ControllerProcess::spawn("cli-tables", ControllerConfig::new()).await;
     c.sample_fleet(3, 30, 2, 0, &[]).await;
-    let _agent =
+    let mut agent =
         AgentProcess::spawn("cli-tables-bm", AgentConfig::joined("cli-tables-bm", &c)).await;
     c.wait_online(3, 2).await;
 
@@ -150,4 +150,30 @@ async fn tables_and_drain_against_a_real_controller() {
     let (code, _, err) = berthctl(&c, c.matchmaker_token(), &["drain", "1"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("BERTH_TOKEN"), "{err}");
+
+    // Taking the host out of service: refused while its agent runs, then while it holds the
+    // match, then done with the match released.
+    let delete = |extra: &[&str]| {
+        let mut args = vec!["hosts", "delete", "cli-tables-bm"];
+        args.extend_from_slice(extra);
+        berthctl(&c, c.admin_token(), &args)
+    };
+    let (code, _, err) = delete(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is reachable"), "{err}");
+    agent.kill9();
+    c.wait_host("cli-tables-bm", "unreachable", |h| h["reachable"] == false)
+        .await;
+    let (code, _, err) = delete(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--release-allocations"), "{err}");
+    let (code, out, err) = delete(&["--release-allocations"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("host 1 (cli-tables-bm) deleted: 2 instances removed from the inventory, 1 allocation released"),
+        "{out}"
+    );
+    let (code, out, err) = berthctl(&c, c.admin_token(), &["hosts"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("No hosts have registered"), "{out}");
 }

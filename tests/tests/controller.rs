@@ -1191,6 +1191,118 @@ async fn a_second_agent_under_a_live_hosts_name_is_refused() {
     );
 }
 
+/// A host taken out of service is deleted by an operator: refused while its agent is alive
+/// and while it holds a match (naming it), then forgotten with its instances, for good across
+/// a controller restart, and its id is never given again. The agent started again on that
+/// machine registers as a new host with its games, nothing duplicated, and the match released
+/// with the host is released on the agent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_host_is_forgotten_and_comes_back_only_as_a_new_host() {
+    let mut c = ControllerProcess::start_new("ctl-delete-host").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    // The host to delete is the newest (id 2), so that giving its id again would show, and a
+    // VM, so that a filter puts the match there.
+    let _kept = c.spawn_agent("ctl-delete-host", "kept-bm").await;
+    c.wait_host("kept-bm", "registered", |h| h["id"] == 1).await;
+    let gone_name = "retired-vm";
+    let mut config = AgentConfig::joined(gone_name, &c);
+    config.is_virtual = true;
+    let mut victim = AgentProcess::spawn("ctl-delete-host-vm", config).await;
+    let before = c.wait_online(7, 4).await;
+    let held = c.allocate_ok(7, "isVirtual=1").await;
+    let gone_id = host_of(&held);
+    assert_eq!(gone_id, 2, "{held}");
+    let path = format!("/v1/hosts/{gone_id}");
+    let delete = async |query: &str| {
+        c.admin(Method::DELETE, &format!("{path}{query}"), None)
+            .await
+    };
+
+    let alive = delete("").await;
+    let body = alive.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(body).contains("is reachable") && details(body).contains("systemctl stop"),
+        "{body}"
+    );
+    let denied = c.matchmaker(Method::DELETE, &path, None).await;
+    denied.assert_error(403, "INVALID_CREDENTIALS", None);
+
+    // The machine's agent stops (its games keep running, as on any agent stop).
+    victim.kill9();
+    c.wait_host(gone_name, "unreachable", |h| h["reachable"] == false)
+        .await;
+    let holding = delete("").await;
+    let body = holding.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(body).contains("holds 1 allocation:")
+            && details(body).contains(&id_of(&held))
+            && details(body).contains("releaseAllocations=true"),
+        "{body}"
+    );
+    let unclear = delete("?releaseAllocations=perhaps").await;
+    let body = unclear.assert_error(400, "INVALID_REQUEST", None);
+    assert!(
+        details(body).contains("releaseAllocations=\"perhaps\""),
+        "{body}"
+    );
+    assert_eq!(c.hosts().await.len(), 2, "nothing deleted by a refusal");
+
+    let deleted = delete("?releaseAllocations=true").await.expect(200);
+    let h = deleted.json;
+    assert_eq!(h["id"], gone_id, "{h}");
+    assert_eq!(h["instances"], 2, "{h}");
+    let check_gone = async |c: &ControllerProcess| {
+        let hosts = c.hosts().await;
+        assert_eq!(hosts.len(), 1, "{hosts:?}");
+        assert_ne!(hosts[0]["id"], gone_id, "{hosts:?}");
+        let missing = c.admin(Method::GET, &path, None).await;
+        let body = missing.assert_error(404, "RESOURCE_NOT_FOUND", None);
+        assert!(
+            details(body).contains("was deleted at") && details(body).contains(gone_name),
+            "{body}"
+        );
+        let left = c.instances("?applicationId=7").await;
+        assert!(on_host(&left, gone_id).is_empty(), "{left:?}");
+        assert_eq!(left.len(), 2, "{left:?}");
+    };
+    check_gone(&c).await;
+    assert!(
+        c.stored_allocations().await.is_empty(),
+        "the release is on disk"
+    );
+    c.sigterm().await;
+    c.start().await;
+    check_gone(&c).await;
+
+    // The agent started again on that machine: a new host, same games, the match released.
+    victim.start().await;
+    let back = c
+        .wait_host(gone_name, "registered again", |h| {
+            h["reachable"] == true && h["instances"] == 2
+        })
+        .await;
+    let new_id = back["id"].as_u64().expect("host id");
+    assert_eq!(
+        new_id, 3,
+        "a deleted host's id is never given again: {back}"
+    );
+    let released = c
+        .wait_instance(&id_of(&held), "released on its agent", |i| {
+            i["status"] == 4 && i["allocationId"].is_null()
+        })
+        .await;
+    assert_eq!(host_of(&released), new_id, "{released}");
+    let after = c.wait_online(7, 4).await;
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "the same games, none deployed twice"
+    );
+    for i in &after {
+        assert_eq!(count_instance_processes(&id_of(i)), 1, "{i}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Fleet sizing
 
