@@ -391,7 +391,20 @@ async fn register(
         ));
     }
     let (resp, commit) = st.inventory.register(req).await?;
-    durable(commit, Change::Registration).await?;
+    // A database that takes no writes does not keep agents out: the registration is in effect
+    // in memory and the writer keeps the host's record until the disk has room, so hosts come
+    // back (full reports, heartbeats) and matches resume the moment commits do. Should the
+    // controller stop before that, its database still has the host's previous token: the
+    // agent's next heartbeat is refused and it registers again.
+    match committed(commit).await {
+        Ok(()) => {}
+        Err(e @ CommitError::Unavailable { .. }) => tracing::warn!(
+            host_id = resp.host_id,
+            error = %e,
+            "host registered; its record is written once the database takes writes again"
+        ),
+        Err(e) => return Err(commit_failure(e, Change::Setting)),
+    }
     Ok(Json(resp).into_response())
 }
 
@@ -416,17 +429,21 @@ async fn events(
 #[derive(Debug, Clone, Copy)]
 enum Change {
     Allocation,
-    Registration,
-    /// A resource or a host's drain flag: already in effect in memory.
+    /// A resource, a host's drain flag or deletion: already in effect in memory.
     Setting,
 }
 
+async fn committed(commit: crate::inventory::Commit) -> Result<(), CommitError> {
+    commit.await.unwrap_or(Err(CommitError::Stopped))
+}
+
 async fn durable(commit: crate::inventory::Commit, change: Change) -> Result<(), Failure> {
-    let error = match commit.await {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e,
-        Err(_) => CommitError::Stopped,
-    };
+    committed(commit)
+        .await
+        .map_err(|e| commit_failure(e, change))
+}
+
+fn commit_failure(error: CommitError, change: Change) -> Failure {
     match error {
         CommitError::Unavailable { .. } => {
             let then = match change {
@@ -434,7 +451,6 @@ async fn durable(commit: crate::inventory::Commit, change: Change) -> Result<(),
                     "Nothing was allocated (the game is told to release it). Allocations resume by \
                      themselves once the database takes writes again; no restart is needed."
                 }
-                Change::Registration => "The agent registers again by itself.",
                 Change::Setting => {
                     "The change is in effect, and the controller keeps it and writes it once the \
                      database takes writes again (it is lost if the controller stops before)."
@@ -449,20 +465,20 @@ async fn durable(commit: crate::inventory::Commit, change: Change) -> Result<(),
                 ),
             );
             f.retry_after_secs = Some(1);
-            Err(f)
+            f
         }
-        CommitError::Refused { .. } => Err(Failure::new(
+        CommitError::Refused { .. } => Failure::new(
             ErrorCode::InternalError,
             "Internal error.",
             format!(
                 "{error}. This is a bug: report it with this identifier and the controller's log."
             ),
-        )),
-        CommitError::Stopped => Err(Failure::new(
+        ),
+        CommitError::Stopped => Failure::new(
             ErrorCode::ServiceUnavailable,
             "The controller is shutting down.",
             "the database writer stopped before the change was written",
-        )),
+        ),
     }
 }
 

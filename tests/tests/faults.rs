@@ -2075,6 +2075,69 @@ async fn controller_disk_full_under_allocation_load() {
     .await;
 }
 
+/// A controller restarted while the disk under its database is full takes its agent back:
+/// the registration is answered (the host's record is kept for when the disk has room), the
+/// match it holds is confirmed by the agent's full report, and an allocation is refused because
+/// it cannot be written (a 503 that says so), not for want of a host. Once the disk has room,
+/// matches are made at once and survive another restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restarted_on_a_full_disk_takes_its_agents_back() {
+    let Some(disk) = SmallDisk::mount("flt-fullstart-fs", 8 << 20)
+        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
+        .ok()
+    else {
+        return;
+    };
+    let mut config = ControllerConfig::new();
+    config.database = Some(disk.path().join("controller.db"));
+    config.wrapper = disk.wrapper();
+    let mut c = ControllerProcess::spawn("flt-fullstart", config).await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let agent = c.spawn_agent("flt-fullstart", "fullstart-bm").await;
+    c.wait_online(7, 2).await;
+    let held = c.allocate_ok(7, "").await;
+
+    disk.fill();
+    c.kill9();
+    c.start().await;
+    let refused = wait_for("an allocation refused as unwritable", TIMEOUT, async || {
+        let r = c.allocate(7, &json!({}), &[]).await;
+        if refused_as_unwritable(&r) {
+            Ok(r)
+        } else {
+            Err(format!("{} {}", r.status, r.text))
+        }
+    })
+    .await;
+    assert!(
+        details(&refused.json).contains("controller.db"),
+        "{}",
+        refused.text
+    );
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert!(
+        agent
+            .log()
+            .matches("registered with the controller")
+            .count()
+            >= 2,
+        "the agent registered again"
+    );
+
+    disk.free();
+    let made = c.allocate_when_offered(7, &json!({}), &[]).await;
+    c.kill9();
+    c.start().await;
+    for a in [&held, &made] {
+        c.wait_instance(&id_of(a), "still held after the restart", |i| {
+            i["status"] == 5 && i["allocationId"] == a["allocationId"]
+        })
+        .await;
+    }
+}
+
 /// The disk under an agent's state directory fills up. The agent cannot record an allocation
 /// before it answers, so it refuses it (76002, saying why) before its game hears of it, and
 /// the controller skips the host for a while and places matches elsewhere. The match the host
