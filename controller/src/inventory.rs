@@ -2454,6 +2454,9 @@ impl Inventory {
             "host deleted"
         );
         self.deleted_hosts.insert(id, gone);
+        while self.deleted_hosts.len() > crate::store::DELETED_HOSTS_KEPT {
+            self.deleted_hosts.pop_first();
+        }
         Ok((obj, commit))
     }
 

@@ -60,6 +60,11 @@ pub enum StoreError {
 /// for ever.
 pub const REMOVED_INSTANCES_KEPT: usize = 1000;
 
+/// Deleted hosts remembered, the newest ids: enough to say what became of a recent one, and the
+/// highest id is always among them, so that no id is given twice. Machines that come and go
+/// (autoscaled VMs, say) do not grow the file for ever.
+pub const DELETED_HOSTS_KEPT: usize = 1000;
+
 /// Why a write did not reach the database.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
@@ -967,6 +972,12 @@ async fn apply(tx: &mut sqlx::SqliteConnection, w: &Write) -> Result<(), sqlx::E
             .bind(h.deleted_at as i64)
             .execute(&mut *tx)
             .await?;
+            sqlx::query(
+                "DELETE FROM deleted_hosts WHERE id NOT IN (SELECT id FROM deleted_hosts ORDER BY id DESC LIMIT ?)",
+            )
+            .bind(DELETED_HOSTS_KEPT as i64)
+            .execute(&mut *tx)
+            .await?;
         }
         Write::Instance(i) => {
             sqlx::query(
@@ -1199,7 +1210,24 @@ mod tests {
         .await;
         let s = t.store.load().await.expect("load");
         assert_eq!(s.hosts, [host(4)]);
-        assert_eq!(s.deleted_hosts, [gone]);
+        assert_eq!(s.deleted_hosts, std::slice::from_ref(&gone));
+
+        // Only the newest are remembered, and the highest id is always among them.
+        let more = (10..10 + DELETED_HOSTS_KEPT as u64)
+            .map(|id| Write::DeleteHost(DeletedHost { id, ..gone.clone() }));
+        commit_ok(&t.writer, more.collect()).await;
+        let ids: Vec<u64> = t
+            .store
+            .load()
+            .await
+            .expect("load")
+            .deleted_hosts
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids.len(), DELETED_HOSTS_KEPT);
+        assert_eq!(ids.iter().min(), Some(&10));
+        assert_eq!(ids.iter().max(), Some(&(9 + DELETED_HOSTS_KEPT as u64)));
     }
 
     fn allocation(id: &str, instance: &str) -> Write {
