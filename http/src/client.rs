@@ -68,7 +68,11 @@ impl JsonClient {
 
     fn builder() -> hyper_util::client::legacy::Builder {
         let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(Duration::from_secs(30))
+        // Our servers close a connection idle for `HEADER_READ_TIMEOUT`; one idle about that
+        // long could be closed by the server just as a request goes out on it (which then
+        // fails, though the server never read it). Dropping idle connections well before
+        // leaves no such moment.
+        b.pool_idle_timeout(crate::server::HEADER_READ_TIMEOUT / 2)
             .pool_max_idle_per_host(512);
         b
     }
