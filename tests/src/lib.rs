@@ -897,8 +897,15 @@ impl Daemon {
     }
 
     /// Runs `cmd` (from [`berth_command`]) with `BERTH_LOG=log_level`, its stdout and stderr
-    /// appended to the log, then waits until `{url}/readyz` answers 200.
-    async fn start(&mut self, mut cmd: Command, log_level: &str, http: &Http, url: &str) {
+    /// appended to the log, then waits until `{url}{probe}` answers 200.
+    async fn start(
+        &mut self,
+        mut cmd: Command,
+        log_level: &str,
+        http: &Http,
+        url: &str,
+        probe: &str,
+    ) {
         assert!(
             self.child.is_none(),
             "{} is already running; kill9() or sigterm() it first",
@@ -927,7 +934,7 @@ impl Daemon {
         self.child = Some(child);
         // The daemon may listen on 0.0.0.0 while it is reached on one address: the port decides.
         let port = url.rsplit(':').next().unwrap_or_default();
-        self.wait_ready(http, &format!("{url}/readyz"), port, log_start)
+        self.wait_ready(http, &format!("{url}{probe}"), port, log_start)
             .await;
     }
 
@@ -1255,7 +1262,9 @@ impl AgentProcess {
         let mut cmd = wrapped(&self.config.wrapper, "berth-agent");
         cmd.arg("--config").arg(&self.config_path);
         let url = self.url();
-        self.daemon.start(cmd, "debug", &self.http, &url).await;
+        self.daemon
+            .start(cmd, "debug", &self.http, &url, "/readyz")
+            .await;
     }
 
     /// SIGKILL, and wait until the kernel has reaped it. The games keep running.
@@ -1744,11 +1753,21 @@ impl ControllerProcess {
     /// Starts the controller (again) on the same config and database; returns once it is
     /// ready.
     pub async fn start(&mut self) {
+        self.start_probed("/readyz").await;
+    }
+
+    /// Starts the controller (again); returns once it serves, even while `/readyz` says it
+    /// cannot take allocations (its database refuses writes, say).
+    pub async fn start_serving(&mut self) {
+        self.start_probed("/healthz").await;
+    }
+
+    async fn start_probed(&mut self, probe: &str) {
         let mut cmd = wrapped(&self.config.wrapper, "berth-controller");
         cmd.arg("--config").arg(&self.config_path);
         let url = self.url();
         self.daemon
-            .start(cmd, "info,berth_controller=debug", &self.http, &url)
+            .start(cmd, "info,berth_controller=debug", &self.http, &url, probe)
             .await;
     }
 

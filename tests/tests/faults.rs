@@ -2099,7 +2099,8 @@ async fn a_controller_restarted_on_a_full_disk_takes_its_agents_back() {
 
     disk.fill();
     c.kill9();
-    c.start().await;
+    // Not ready, as soon as the agent's registration fails to commit: serving is enough.
+    c.start_serving().await;
     let refused = wait_for("an allocation refused as unwritable", TIMEOUT, async || {
         let r = c.allocate(7, &json!({}), &[]).await;
         if refused_as_unwritable(&r) {
