@@ -2362,10 +2362,9 @@ impl Inventory {
     }
 
     fn drain(&mut self, id: u64, on: bool) -> Result<(HostObject, Commit), Failure> {
-        if !self.hosts.contains_key(&id) {
+        let Some(host) = self.hosts.get_mut(&id) else {
             return Err(self.host_missing(id));
-        }
-        let host = self.hosts.get_mut(&id).expect("checked above");
+        };
         host.rec.draining = on;
         let commit = self
             .writer
