@@ -1979,7 +1979,37 @@ impl Inventory {
                 self.config.expiry().as_millis(),
             )));
         }
-        let existing = existing.map(|h| (h.rec.id, h.rec.draining, h.rec.registered_at));
+        // The agent's token also tells a renamed agent (a new host_name in agent.toml, the
+        // machine's hostname changed) from a new machine: it keeps its host, and with it its
+        // instances and the matches they run, rather than leaving them to a host that never
+        // comes back while its new host deploys a second set beside them. While the old
+        // registration is alive, the same token under another name is more likely a copy of
+        // that agent's state_dir on another machine, which must not take the host from it.
+        let renamed = match existing {
+            Some(_) => None,
+            None => self
+                .hosts
+                .values()
+                .find(|h| h.rec.agent_token == req.agent_token),
+        };
+        if let Some(h) = renamed {
+            if h.reachable {
+                return Err(invalid(format!(
+                    "this agent was registered as host {} ({:?}), which is alive (heard from {} ms ago); now it says hostName {:?}. If the agent was renamed, it is accepted as host {} under its new name once the old registration has been silent for {} ms. If this machine's state_dir was copied from {:?}'s, give this agent an empty state_dir",
+                    h.rec.id,
+                    h.rec.name,
+                    h.last_heartbeat.elapsed().as_millis(),
+                    req.host_name,
+                    h.rec.id,
+                    self.config.expiry().as_millis(),
+                    h.rec.name,
+                )));
+            }
+            tracing::warn!(host_id = h.rec.id, old_name = %h.rec.name, host_name = %req.host_name, "host renamed by its agent");
+        }
+        let existing = existing
+            .or(renamed)
+            .map(|h| (h.rec.id, h.rec.draining, h.rec.registered_at));
         let region_id = self.region_for(&req.region);
         let dc_location_id = self.dc_for(region_id, &req.dc_location);
         let (id, draining, registered_at) = existing.unwrap_or_else(|| {

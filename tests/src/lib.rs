@@ -1257,6 +1257,14 @@ impl AgentProcess {
         agent
     }
 
+    /// Gives the stopped agent another `host_name` in its config, for its next start.
+    pub fn rename(&mut self, host_name: &str) {
+        assert!(self.pid().is_none(), "stop the agent before renaming it");
+        self.config.host_name = host_name.to_owned();
+        std::fs::write(&self.config_path, self.config.toml(&self.state_dir))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.config_path.display()));
+    }
+
     /// Starts the agent (again) on the same config and state; returns once it is ready.
     pub async fn start(&mut self) {
         let mut cmd = wrapped(&self.config.wrapper, "berth-agent");

@@ -1303,6 +1303,62 @@ async fn a_deleted_host_is_forgotten_and_comes_back_only_as_a_new_host() {
     }
 }
 
+/// An agent given another host name (agent.toml edited, the machine's hostname changed) keeps
+/// its host: the same id under the new name, with its games and the match one of them runs,
+/// and no second set deployed beside them. While the old registration is alive, the name
+/// change is refused, saying why: it could be a copy of the agent's state on another machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_agent_keeps_its_host_and_its_games() {
+    let c = ControllerProcess::start_new("ctl-rename").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let mut agent = c.spawn_agent("ctl-rename", "old-name").await;
+    let before = c.wait_online(7, 2).await;
+    let held = c.allocate_ok(7, "").await;
+    let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
+
+    agent.kill9();
+    agent.rename("new-name");
+    agent.start().await;
+    let renamed = c
+        .wait_host("new-name", "the old host renamed", |h| {
+            h["reachable"] == true && h["instances"] == 2
+        })
+        .await;
+    assert_eq!(renamed["id"], 1, "{renamed}");
+    let hosts = c.hosts().await;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert_eq!(kept["hostName"], "new-name", "{kept}");
+    // The reconciler counts the renamed host's games as its own: a fleet of 3 per host
+    // deploys exactly one more there.
+    c.put_fleet(&fleet_body(456, 7, "sample-7", 3, &[])).await;
+    let on_agent = wait_agent_count(&agent, 3).await;
+    let deploys = metric(
+        &c.metrics().await,
+        "berth_controller_reconcile_deploys_total",
+        "",
+    );
+    assert_eq!(deploys, Some(3.0), "2 at first, then 1");
+    for i in on_agent.iter().filter(|i| pids.contains_key(&id_of(i))) {
+        assert_eq!(pid_of(i), pids[&id_of(i)], "the same game: {i}");
+    }
+    assert_eq!(
+        on_agent
+            .iter()
+            .filter(|i| pids.contains_key(&id_of(i)))
+            .count(),
+        2
+    );
+    let listed = c
+        .wait_instances("?applicationId=7", "the agent's three", |l| {
+            ids(l) == ids(&on_agent)
+        })
+        .await;
+    assert!(listed.iter().all(|i| host_of(i) == 1), "{listed:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Fleet sizing
 
