@@ -119,10 +119,11 @@ pub struct HostsArgs {
 pub enum HostsCommand {
     /// Everything about one host, by id or name.
     Show { host: String },
-    /// Forget a host taken out of service (its agent stopped, the machine gone). Refused
-    /// while its agent is heard from, and while it holds allocations unless told to release
-    /// them. Its instances leave the inventory; an agent that comes back later registers as a
-    /// new host.
+    /// Forget a host taken out of service (its agent stopped, the machine gone).
+    ///
+    /// Refused while its agent is heard from, and while it holds allocations unless told to
+    /// release them. Its instances leave the inventory; an agent that comes back later
+    /// registers as a new host.
     Delete {
         /// Host id or name.
         host: String,
