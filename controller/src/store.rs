@@ -41,8 +41,19 @@ pub enum StoreError {
     },
     #[error("database {path}: {source}{}", advice(source))]
     Open { path: PathBuf, source: sqlx::Error },
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "database {path} was written by a newer berth-controller (it has schema version {version}; this one knows up to {known}); nothing was changed. Run that newer version again, or restore a backup taken before the upgrade"
+    )]
+    Newer {
+        path: PathBuf,
+        version: i64,
+        known: i64,
+    },
+    #[error("database {path}: updating its schema failed: {source}")]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("stored {table} row {id} is not valid JSON: {source}")]
@@ -274,7 +285,20 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let migrator = sqlx::migrate!("./migrations");
+        // A rollback to an older controller is a likely operator action: say so, rather than
+        // sqlx's "previously applied but missing". Checked before anything is applied.
+        migrator.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(version) => StoreError::Newer {
+                path: path.to_owned(),
+                version,
+                known: migrator.iter().map(|m| m.version).max().unwrap_or(0),
+            },
+            source => StoreError::Migrate {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
         Ok(Self {
             pool,
             path: path.to_owned(),
@@ -1095,6 +1119,34 @@ mod tests {
             "left as it was"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A database a newer controller migrated (a rollback after an upgrade) is refused with
+    /// what to do, and left as it was.
+    #[tokio::test]
+    async fn a_database_of_a_newer_controller_is_refused_with_what_to_do() {
+        let t = TempStore::new().await;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&t.store.pool)
+        .await
+        .expect("a newer migration");
+        let path = t.dir.join("controller.db");
+        let e = Store::open(&path).await.expect_err("newer");
+        assert!(matches!(e, StoreError::Newer { version: 999, .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("newer berth-controller")
+                && e.contains("restore a backup"),
+            "{e}"
+        );
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&t.store.pool)
+            .await
+            .expect("versions");
+        assert_eq!(versions.last(), Some(&999), "left as it was");
     }
 
     fn instance(id: &str, removed_at: Option<u64>) -> Write {
