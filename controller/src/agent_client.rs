@@ -9,7 +9,7 @@ use berth_http::{CallError, JsonClient};
 use berth_protocol::ErrorCode;
 use berth_protocol::agent_api::{
     AllocateRequest, BatchOperation, BatchRequest, BatchResponse, BatchResult, CommandRequest,
-    DeallocateRequest, DeployRequest, InstanceView, MetadataRequest, StopRequest,
+    DeallocateRequest, DeployRequest, HostView, InstanceView, MetadataRequest, StopRequest,
 };
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -17,6 +17,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 /// The agent's own answer comes within 5 s; allow for the network on top.
 const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(6);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Within the agent's own wait for its registration's answer.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where and how to reach one host's agent.
 #[derive(Debug, Clone)]
@@ -239,6 +241,13 @@ impl AgentClient {
         let path = format!("/v1/instances/{instance_id}/deallocate");
         self.post(target, &path, &req, correlation, CALL_TIMEOUT)
             .await
+    }
+
+    /// What the agent at `url` says it is (`GET /v1/host`), asked with the token the
+    /// controller will present to it.
+    pub async fn identify(&self, url: &str, token: &str) -> Result<HostView, CallError> {
+        let url = format!("{}/v1/host", url.trim_end_matches('/'));
+        self.http.get(&url, Some(token), IDENTIFY_TIMEOUT).await
     }
 
     pub async fn deploy(

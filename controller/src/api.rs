@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use berth_http::tls::PeerChain;
-use berth_http::{CorrelationId, Failure, FailureSink, Json, JsonBody, OptionalJsonBody, bearer};
+use berth_http::{
+    CallError, CorrelationId, Failure, FailureSink, Json, JsonBody, OptionalJsonBody, bearer,
+};
 use berth_protocol::agent_api::{
     AllocateRequest, CommandRequest, DeallocateRequest, MetadataRequest, Profile, StopRequest,
 };
@@ -390,6 +392,8 @@ async fn register(
             "the join token is wrong; check join_token in agent.toml against controller.toml",
         ));
     }
+    crate::inventory::check_registration(&req, st.agents_need_certificate)?;
+    check_advertised(&st.agents, &req).await?;
     let (resp, commit) = st.inventory.register(req).await?;
     // A database that takes no writes does not keep agents out: the registration is in effect
     // in memory and the writer keeps the host's record until the disk has room, so hosts come
@@ -406,6 +410,33 @@ async fn register(
         Err(e) => return Err(commit_failure(e, Change::Setting)),
     }
     Ok(Json(resp).into_response())
+}
+
+/// Calls the registering agent where it says it can be reached, as every deploy and
+/// allocation will: an address the controller cannot reach (a loopback or private address
+/// copied from an example, a closed port) or one where another agent answers (a copied
+/// agent.toml) is refused now, in the agent's log, rather than accepted as a ready host whose
+/// every call then fails.
+async fn check_advertised(agents: &AgentClient, req: &RegisterRequest) -> Result<(), Failure> {
+    let url = &req.advertise_url;
+    let fix = "set advertise_url in agent.toml to an address of this machine that the controller reaches (and open that port to the controller)";
+    let details = match agents.identify(url, &req.agent_token).await {
+        Ok(view) if view.host_name == req.host_name => return Ok(()),
+        Ok(view) => format!(
+            "advertiseUrl {url} reaches the agent of {:?}, not this one ({:?}): give each agent its own advertise_url in agent.toml",
+            view.host_name, req.host_name
+        ),
+        Err(CallError::Status {
+            status: 401 | 403, ..
+        }) => format!(
+            "advertiseUrl {url} reaches another agent, which refuses this one's token: give each agent its own advertise_url in agent.toml"
+        ),
+        Err(e @ (CallError::Unreachable { .. } | CallError::TimedOut { .. })) => {
+            format!("the controller cannot call this agent at advertiseUrl {url} ({e}): {fix}")
+        }
+        Err(e) => format!("advertiseUrl {url} does not answer as a Berth agent ({e}): {fix}"),
+    };
+    Err(Failure::invalid_request(details))
 }
 
 async fn heartbeat(

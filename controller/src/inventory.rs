@@ -644,6 +644,37 @@ fn host_not_registered(host_id: u64, instance_id: &str) -> Failure {
     ))
 }
 
+/// What a registration must say before anything is done with it (the controller then calls the
+/// agent at `advertiseUrl`): a usable host name, and the scheme the controller reaches agents
+/// with.
+pub fn check_registration(req: &RegisterRequest, tls: bool) -> Result<(), Failure> {
+    if req.host_name.trim().is_empty() || req.host_name.len() > 253 {
+        // A runaway name is shown cut short: the point is which agent sent it.
+        let name = &req.host_name;
+        let shown: String = name.chars().take(64).collect();
+        let cut = if shown.len() < name.len() { "…" } else { "" };
+        return Err(invalid(format!(
+            "hostName {shown:?}{cut} is {} bytes long; it must be 1-253 bytes and not blank (set host_name in agent.toml)",
+            name.len()
+        )));
+    }
+    // With TLS the controller reaches agents only over it, so that allocations go to the
+    // host the certificate names; without, it has nothing to verify an agent with.
+    let scheme = if tls { "https://" } else { "http://" };
+    if !req.advertise_url.starts_with(scheme) {
+        return Err(invalid(format!(
+            "advertiseUrl {:?} must be an {scheme} URL the controller can reach ({})",
+            req.advertise_url,
+            if tls {
+                "this controller runs TLS: set [tls] in agent.toml"
+            } else {
+                "this controller has no [tls]: remove [tls] from agent.toml or add it to controller.toml"
+            }
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(details: impl Into<String>) -> Failure {
     Failure::invalid_request(details)
 }
@@ -1931,34 +1962,6 @@ impl Inventory {
     }
 
     fn register(&mut self, req: RegisterRequest) -> Result<(RegisterResponse, Commit), Failure> {
-        if req.host_name.trim().is_empty() || req.host_name.len() > 253 {
-            // A runaway name is shown cut short: the point is which agent sent it.
-            let name = &req.host_name;
-            let shown: String = name.chars().take(64).collect();
-            let cut = if shown.len() < name.len() { "…" } else { "" };
-            return Err(invalid(format!(
-                "hostName {shown:?}{cut} is {} bytes long; it must be 1-253 bytes and not blank (set host_name in agent.toml)",
-                name.len()
-            )));
-        }
-        // With TLS the controller reaches agents only over it, so that allocations go to the
-        // host the certificate names; without, it has nothing to verify an agent with.
-        let scheme = if self.config.tls.is_some() {
-            "https://"
-        } else {
-            "http://"
-        };
-        if !req.advertise_url.starts_with(scheme) {
-            return Err(invalid(format!(
-                "advertiseUrl {:?} must be an {scheme} URL the controller can reach ({})",
-                req.advertise_url,
-                if self.config.tls.is_some() {
-                    "this controller runs TLS: set [tls] in agent.toml"
-                } else {
-                    "this controller has no [tls]: remove [tls] from agent.toml or add it to controller.toml"
-                }
-            )));
-        }
         // A host is its name, so a second agent under a live host's name (a cloned machine
         // image, a copied agent.toml) would take the host over: the first agent's instances
         // would leave the inventory, matches in progress with them, and the two would take it

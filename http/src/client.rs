@@ -118,6 +118,18 @@ impl JsonClient {
         decode(url, &raw)
     }
 
+    pub async fn get<R: DeserializeOwned>(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let (_, raw) = self
+            .send(Method::GET, url, token, None, None, timeout)
+            .await?;
+        decode(url, &raw)
+    }
+
     pub async fn delete<R: DeserializeOwned>(
         &self,
         url: &str,

@@ -1191,6 +1191,61 @@ async fn a_second_agent_under_a_live_hosts_name_is_refused() {
     );
 }
 
+/// An agent whose advertised address the controller cannot call (nothing listens there), or
+/// where another agent answers (a copied agent.toml), is refused at registration, and its log
+/// says why and what to set, instead of showing as a ready host whose every deploy and
+/// allocation fails. The agent that does answer there is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_the_controller_cannot_call_is_refused_and_told_why() {
+    let c = ControllerProcess::start_new("ctl-advertise").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let real = c.spawn_agent("ctl-advertise", "real").await;
+    c.wait_online(7, 1).await;
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let closed = AgentProcess::spawn(
+        "ctl-advertise-closed",
+        AgentConfig::joined("closed", &c).advertise_url(&nowhere),
+    )
+    .await;
+    let copied = AgentProcess::spawn(
+        "ctl-advertise-copied",
+        AgentConfig::joined("copied", &c).advertise_url(&real.url()),
+    )
+    .await;
+    let refusal = async |agent: &AgentProcess, says: &[&str]| {
+        wait_for(
+            &format!("{}'s refusal", agent.config().host_name),
+            TIMEOUT,
+            async || {
+                let log = agent.log();
+                let line = log
+                    .lines()
+                    .find(|l| l.contains("cannot register") && says.iter().all(|s| l.contains(s)));
+                line.map(str::to_owned).ok_or(())
+            },
+        )
+        .await
+    };
+    refusal(
+        &closed,
+        &[
+            &format!("cannot call this agent at advertiseUrl {nowhere}"),
+            "set advertise_url in agent.toml",
+        ],
+    )
+    .await;
+    refusal(
+        &copied,
+        &[&real.url(), "give each agent its own advertise_url"],
+    )
+    .await;
+    let hosts = c.hosts().await;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0]["name"], "real", "{hosts:?}");
+    let a = c.allocate_ok(7, "").await;
+    assert_eq!(a["hostName"], "real", "{a}");
+}
+
 /// A host taken out of service is deleted by an operator: refused while its agent is alive
 /// and while it holds a match (naming it), then forgotten with its instances, for good across
 /// a controller restart, and its id is never given again. The agent started again on that
