@@ -1940,6 +1940,19 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A small disk of the test's own and a controller config with its database there (the
+/// controller runs in the disk's mount namespace); `None`, with the reason printed, where such
+/// a disk cannot be made.
+fn controller_on_small_disk(name: &str) -> Option<(SmallDisk, ControllerConfig)> {
+    let disk = SmallDisk::mount(name, 8 << 20)
+        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
+        .ok()?;
+    let mut config = ControllerConfig::new();
+    config.database = Some(disk.path().join("controller.db"));
+    config.wrapper = disk.wrapper();
+    Some((disk, config))
+}
+
 /// The disk under the controller's database fills up while matchmakers allocate, then gets
 /// room again. Allocations it cannot write are refused with a 503 that says so (and their
 /// games are released); releases and settings made meanwhile are kept and written once it has
@@ -1950,15 +1963,9 @@ async fn controller_disk_full_under_allocation_load() {
     const TASKS: usize = 4;
     let mut rng = Rng::seeded("controller_disk_full_under_allocation_load");
     // Declared first, so it is dropped last.
-    let Some(disk) = SmallDisk::mount("flt-disk-fs", 8 << 20)
-        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
-        .ok()
-    else {
+    let Some((disk, config)) = controller_on_small_disk("flt-disk-fs") else {
         return;
     };
-    let mut config = ControllerConfig::new();
-    config.database = Some(disk.path().join("controller.db"));
-    config.wrapper = disk.wrapper();
     let mut c = ControllerProcess::spawn("flt-disk", config).await;
     c.sample_fleet(7, 456, 3, 0, &[]).await;
     let mut agents = Vec::new();
@@ -2082,15 +2089,9 @@ async fn controller_disk_full_under_allocation_load() {
 /// matches are made at once and survive another restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_restarted_on_a_full_disk_takes_its_agents_back() {
-    let Some(disk) = SmallDisk::mount("flt-fullstart-fs", 8 << 20)
-        .map_err(|reason| skipped(&format!("no small disk of the test's own: {reason}")))
-        .ok()
-    else {
+    let Some((disk, config)) = controller_on_small_disk("flt-fullstart-fs") else {
         return;
     };
-    let mut config = ControllerConfig::new();
-    config.database = Some(disk.path().join("controller.db"));
-    config.wrapper = disk.wrapper();
     let mut c = ControllerProcess::spawn("flt-fullstart", config).await;
     c.sample_fleet(7, 456, 2, 0, &[]).await;
     let agent = c.spawn_agent("flt-fullstart", "fullstart-bm").await;
