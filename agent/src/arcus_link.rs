@@ -25,6 +25,9 @@ use crate::supervisor::{Command, LinkEvent};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_STARTING: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// A game refusing connections longer than this is reported (its instance view says why the
+/// link is down); a refusal while a game starts is normal, and not worth a report.
+const NOT_LISTENING_AFTER: Duration = Duration::from_secs(2);
 /// After `MAX_BURST` frames without hearing from the game, wait this long before writing more:
 /// the SDK drops links that queue more than 48 messages between two of its ticks.
 const BURST_PAUSE: Duration = Duration::from_millis(50);
@@ -56,9 +59,14 @@ async fn run(
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, params.management_port));
     let mut backoff = RETRY_STARTING;
     let mut ever_connected = false;
+    // Since when connections are refused, and what was last reported about it.
+    let mut refused_since: Option<Instant> = None;
+    let mut reported: Option<String> = None;
     loop {
         let wait = match TcpStream::connect(addr).await {
             Ok(stream) => {
+                refused_since = None;
+                reported = None;
                 let _ = stream.set_nodelay(true);
                 let outcome = session(stream, &params, &events, &mut outgoing).await;
                 match outcome {
@@ -89,11 +97,31 @@ async fn run(
                 backoff = (backoff * 2).min(BACKOFF_CAP);
                 backoff
             }
-            // Not listening yet: the game is still starting.
-            Err(_) if !ever_connected => RETRY_STARTING,
-            Err(_) => {
-                backoff = (backoff * 2).min(BACKOFF_CAP);
-                backoff
+            Err(e) => {
+                let since = *refused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= NOT_LISTENING_AFTER {
+                    let reason = format!(
+                        "the game does not accept connections on its management port {addr} ({e}); it must listen there for the agent's Arcus link (the profile passes the port as {{managementPort}})"
+                    );
+                    if reported.as_ref() != Some(&reason) {
+                        send(
+                            &events,
+                            &params,
+                            LinkEvent::NotListening {
+                                reason: reason.clone(),
+                            },
+                        )
+                        .await;
+                        reported = Some(reason);
+                    }
+                }
+                if ever_connected {
+                    backoff = (backoff * 2).min(BACKOFF_CAP);
+                    backoff
+                } else {
+                    // Not listening yet: the game is still starting.
+                    RETRY_STARTING
+                }
             }
         };
         // Wait before reconnecting, but end at once when the supervisor lets go; messages

@@ -60,6 +60,10 @@ pub enum LinkEvent {
     ProtocolError {
         reason: String,
     },
+    /// The game has not accepted a connection on its management port for a while.
+    NotListening {
+        reason: String,
+    },
     Status(i32),
     LiveState(LiveState),
     ReverseMetadata(Vec<KeyValue>),
@@ -452,6 +456,8 @@ struct Instance {
     /// Sender to the Arcus link (or the port probe of a `none` game) of the current run.
     link: Option<mpsc::Sender<Message>>,
     arcus_connected: bool,
+    /// Why the link is not up while the game runs; shown, never persisted.
+    arcus_error: Option<String>,
     live: Option<LiveState>,
     metadata: Vec<KeyValue>,
     reverse_metadata: Vec<KeyValue>,
@@ -509,6 +515,7 @@ impl Instance {
             crash_streak: 0,
             link: None,
             arcus_connected: false,
+            arcus_error: None,
             live: None,
             metadata: Vec::new(),
             reverse_metadata: Vec::new(),
@@ -549,6 +556,7 @@ impl Instance {
             restarts: self.restarts,
             auto_restart: self.profile.auto_restart,
             arcus_connected: self.arcus_connected,
+            arcus_error: self.arcus_error.clone(),
             num_players: self.live.as_ref().map(|l| l.players),
             num_players_max: self.live.as_ref().map(|l| l.max_players),
             live_host_name: self.live.as_ref().map(|l| l.name.clone()),
@@ -1194,6 +1202,7 @@ impl Supervisor {
         inst.state = RuntimeState::Running;
         inst.live = None;
         inst.arcus_connected = false;
+        inst.arcus_error = None;
         let stop_now = inst.desired != Desired::Running;
         self.watch(id, proc_);
         if stop_now {
@@ -1320,6 +1329,7 @@ impl Supervisor {
         };
         inst.link = None;
         inst.arcus_connected = false;
+        inst.arcus_error = None;
         inst.live = None;
         // A game that exits ends its match (i3D: the platform restarts it and it is free again).
         inst.release_pending = None;
@@ -1780,6 +1790,7 @@ impl Supervisor {
             LinkEvent::Connected => {
                 tracing::debug!(instance_id = %id, "Arcus link up");
                 inst.arcus_connected = true;
+                inst.arcus_error = None;
                 self.metrics.arcus_connects.inc();
                 // A release made while the link was down: the game hears of it now.
                 if inst.release_pending.is_some() && tell_released(inst) {
@@ -1789,11 +1800,20 @@ impl Supervisor {
             LinkEvent::Disconnected { reason } => {
                 tracing::info!(instance_id = %id, %reason, "Arcus link down");
                 inst.arcus_connected = false;
+                inst.arcus_error = Some(reason);
             }
             LinkEvent::ProtocolError { reason } => {
                 tracing::warn!(instance_id = %id, %reason, "Arcus protocol error; link closed");
                 self.metrics.arcus_protocol_errors.inc();
                 inst.arcus_connected = false;
+                inst.arcus_error = Some(reason);
+            }
+            LinkEvent::NotListening { reason } => {
+                if inst.arcus_error.as_deref() == Some(reason.as_str()) {
+                    return;
+                }
+                tracing::warn!(instance_id = %id, %reason, "the game does not accept its Arcus link");
+                inst.arcus_error = Some(reason);
             }
             LinkEvent::GamePortOpen => {
                 if inst.status == InstanceStatus::Starting {

@@ -240,7 +240,14 @@ pub fn details(i: &InstanceObject) -> Fields {
         .add("management port", i.management_port.to_string())
         .add("status", i.status.to_string())
         .add("state", i.state.to_string())
-        .add("arcus link", if i.arcus_connected { "up" } else { "down" })
+        .add(
+            "arcus link",
+            match (i.arcus_connected, &i.arcus_error) {
+                (true, _) => "up".to_owned(),
+                (false, Some(why)) => format!("down: {why}"),
+                (false, None) => "down".to_owned(),
+            },
+        )
         .add(
             "process",
             format!(

@@ -898,6 +898,7 @@ fn removed_object(r: crate::model::InstanceRecord) -> InstanceObject {
         state: v.state,
         pid: None,
         arcus_connected: false,
+        arcus_error: None,
         num_players: None,
         num_players_max: None,
         live_host_name: None,

@@ -143,6 +143,9 @@ pub struct GameState {
     pub live_map: Option<Arc<str>>,
     pub live_rules: Option<Arc<str>>,
     pub live_game_version: Option<Arc<str>>,
+    /// Why the link is down, while it is: mostly for a game that never came up, so kept in
+    /// this box rather than in every instance.
+    pub arcus_error: Option<Box<str>>,
 }
 
 /// An agent's last report of an instance, as the controller keeps it in memory: the same facts
@@ -198,7 +201,8 @@ impl Report {
             || v.live_host_name.is_some()
             || v.live_map.is_some()
             || v.live_rules.is_some()
-            || v.live_game_version.is_some();
+            || v.live_game_version.is_some()
+            || v.arcus_error.is_some();
         let game = has_game.then(|| {
             Box::new(GameState {
                 num_players: v.num_players,
@@ -207,6 +211,7 @@ impl Report {
                 live_map: v.live_map.as_deref().map(|s| strings.get(s)),
                 live_rules: v.live_rules.as_deref().map(|s| strings.get(s)),
                 live_game_version: v.live_game_version.as_deref().map(|s| strings.get(s)),
+                arcus_error: v.arcus_error.map(String::into_boxed_str),
             })
         });
         let held = (v.allocation_id.is_some()
@@ -280,6 +285,7 @@ impl Report {
             live_map: g.and_then(|g| g.live_map.as_deref().map(str::to_owned)),
             live_rules: g.and_then(|g| g.live_rules.as_deref().map(str::to_owned)),
             live_game_version: g.and_then(|g| g.live_game_version.as_deref().map(str::to_owned)),
+            arcus_error: g.and_then(|g| g.arcus_error.as_deref().map(str::to_owned)),
             metadata: self.metadata().to_vec(),
             reverse_metadata: self.reverse_metadata().to_vec(),
             allocation_id: self.allocation_id().map(str::to_owned),
@@ -389,7 +395,21 @@ mod tests {
         let report = Report::from_view(view.clone(), &mut strings);
         assert_eq!(report.to_view("i-1", 7, Some(456)), view);
         // Shared strings are stored once.
-        let again = Report::from_view(view, &mut strings);
+        let again = Report::from_view(view.clone(), &mut strings);
         assert!(Arc::ptr_eq(&report.profile_id, &again.profile_id));
+        // A game whose link is down, and says why, with no live state.
+        let down = InstanceView {
+            arcus_connected: false,
+            arcus_error: Some("the game does not accept connections".to_owned()),
+            num_players: None,
+            num_players_max: None,
+            live_host_name: None,
+            live_map: None,
+            live_rules: None,
+            live_game_version: None,
+            ..view
+        };
+        let report = Report::from_view(down.clone(), &mut strings);
+        assert_eq!(report.to_view("i-1", 7, Some(456)), down);
     }
 }

@@ -117,6 +117,10 @@ pub struct InstanceView {
     /// Whether the agent's Arcus link to the game is up (always false for `none` games).
     #[serde(default)]
     pub arcus_connected: bool,
+    /// Why the Arcus link is not up, while the game runs: the last attempt's failure (the game
+    /// not listening on its management port yet, a bad hello, a dropped link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arcus_error: Option<String>,
     #[serde(default)]
     pub num_players: Option<i32>,
     #[serde(default)]

@@ -152,6 +152,9 @@ pub struct InstanceObject {
     pub state: RuntimeState,
     pub pid: Option<u32>,
     pub arcus_connected: bool,
+    /// Why the Arcus link is not up, while the game runs (see the agent's instance view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arcus_error: Option<String>,
     pub num_players: Option<i32>,
     pub num_players_max: Option<i32>,
     pub live_host_name: Option<String>,

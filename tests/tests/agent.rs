@@ -911,6 +911,14 @@ async fn malformed_arcus_closes_only_that_link() {
             .await;
         bad.push((mode, id, count_file));
     }
+    // And a game that never listens for Arcus at all.
+    let mute = new_id("g-mute");
+    agent
+        .deploy(&deploy_body(
+            &mute,
+            json!({"id": "mute", "applicationId": 9, "build": "1", "executable": "/bin/sleep", "args": ["60"]}),
+        ))
+        .await;
 
     let sample_before = agent.wait_online(&sample).await;
     for (mode, _, count_file) in &bad {
@@ -963,7 +971,31 @@ async fn malformed_arcus_closes_only_that_link() {
             .assert_error(404, "INSTANCE_NOT_ALLOCATABLE", Some(76004));
     }
 
+    // Each instance says why its link is down; the sample game's is up, with nothing to say.
+    let mute_seen = agent
+        .wait_instance(&mute, "the reason its link is down", |i| {
+            i["arcusError"].as_str().is_some()
+        })
+        .await;
+    let why = mute_seen["arcusError"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("does not accept connections on its management port")
+            && why.contains(&format!("127.0.0.1:{}", mute_seen["managementPort"])),
+        "{mute_seen}"
+    );
+    assert_eq!(mute_seen["status"], 3, "{mute_seen}");
+    for (_, id, _) in &bad {
+        // Between its link's handshake and the bad frame that follows, a bad game's link is
+        // briefly up, with no reason to give.
+        agent
+            .wait_instance(id, "the reason its link is down", |i| {
+                i["arcusError"].as_str().is_some_and(|e| !e.is_empty())
+            })
+            .await;
+    }
+
     let sample_now = agent.wait_online(&sample).await;
+    assert!(sample_now.get("arcusError").is_none(), "{sample_now}");
     assert_eq!(pid_of(&sample_now), pid_of(&sample_before));
     let r = agent
         .post(
