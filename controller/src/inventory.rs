@@ -1198,7 +1198,7 @@ impl Inventory {
             state,
             pid: v.pid.map(NonZeroU32::get),
             arcus_connected: v.arcus_connected,
-            arcus_error: game.and_then(|g| g.arcus_error.as_deref().map(str::to_owned)),
+            arcus_error: game.and_then(|g| g.arcus_error.as_deref().cloned()),
             num_players: game.and_then(|g| g.num_players),
             num_players_max: game.and_then(|g| g.num_players_max),
             live_host_name: game.and_then(|g| g.live_host_name.as_deref().map(str::to_owned)),
