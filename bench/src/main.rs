@@ -1113,6 +1113,7 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
         .and_then(Daemon::pid)
         .context("the controller is not running")?;
     let rss_empty = rss_bytes(controller_pid);
+    let identities = synthetic_agents().await?;
     let hosts = instances.div_ceil(per_host.max(1));
     let started = Instant::now();
     let mut made = 0usize;
@@ -1135,7 +1136,7 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
         made += n;
         let body = json!({
             "hostName": format!("synthetic-{h}"), "region": "bench", "dcLocation": "bench-1",
-            "isVirtual": false, "advertiseUrl": format!("http://127.0.0.1:9/{h}"),
+            "isVirtual": false, "advertiseUrl": format!("http://127.0.0.1:{identities}/{h}"),
             "addresses": ["127.0.0.1"], "labels": {}, "capacity": {"cpus": 32, "memoryBytes": 1u64 << 37},
             "agentVersion": "bench", "agentToken": format!("synthetic-agent-token-{h}-0123456789"),
             "instances": views,
@@ -1164,6 +1165,44 @@ async fn inventory(bin: PathBuf, instances: usize, per_host: usize) -> Result<Va
         "controllerRssEmptyBytes": rss_empty,
         "bytesPerInstance": (rss.saturating_sub(rss_empty)) / made.max(1) as u64,
     }))
+}
+
+/// The one thing the controller asks a registering agent (`GET /v1/host`, to check that it
+/// can call it at its advertised address), answered for every synthetic host at once: host `h`
+/// is advertised as `http://127.0.0.1:<port>/<h>`. Returns the port.
+async fn synthetic_agents() -> Result<u16> {
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                let h = req
+                    .uri()
+                    .path()
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = json!({
+                    "hostName": format!("synthetic-{h}"), "region": "bench", "dcLocation": "bench-1",
+                    "isVirtual": false, "labels": {}, "capacity": {"cpus": 32, "memoryBytes": 1u64 << 37},
+                    "agentVersion": "bench", "instances": 0, "instancesByStatus": {},
+                    "loadAverage": [0.0, 0.0, 0.0], "registered": false, "controllerUrl": "",
+                });
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                    body.to_string(),
+                ))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    Ok(port)
 }
 
 /// Waits until `GET /v1/hosts` lists `hosts` hosts holding `instances` instances in all;

@@ -1,7 +1,8 @@
-//! `berth-bench allocate` itself, briefly, in both of its modes: BENCHMARKS.md's figures come
-//! from it, so it must keep starting a cluster, driving it and checking durability. Its
-//! figures are not asserted here (a debug build on a shared CI machine says nothing about
-//! speed); what is asserted is that every allocation it made was answered and durable.
+//! `berth-bench` itself, briefly: `allocate` in both of its modes and `inventory`.
+//! BENCHMARKS.md's figures come from it, so it must keep starting a cluster, driving it and
+//! checking durability. Its figures are not asserted here (a debug build on a shared CI
+//! machine says nothing about speed); what is asserted is that every allocation it made was
+//! answered and durable, and that every synthetic host registered.
 
 use std::process::{Command, Stdio};
 
@@ -61,4 +62,36 @@ fn the_allocate_benchmark_runs_with_either_kind_of_release() {
         "{allocations} allocations in the measured second from 80 instances: games did not hand \
          them back"
     );
+}
+
+/// `berth-bench inventory` (BENCHMARKS.md's controller memory figures), small: every synthetic
+/// host registers and the controller lists every instance.
+#[test]
+fn the_inventory_benchmark_registers_every_host() {
+    let out = Command::new(bin("berth-bench"))
+        .args([
+            "inventory",
+            "--json",
+            "--instances",
+            "300",
+            "--per-host",
+            "100",
+        ])
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run berth-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "berth-bench inventory failed ({}):\n{stderr}\n{stdout}",
+        out.status
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    let result: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"));
+    assert_eq!(result["hosts"], 3, "{line}");
+    assert_eq!(result["instances"], 300, "{line}");
 }
