@@ -2208,13 +2208,14 @@ impl Inventory {
 
     /// Takes an agent's report of one instance into account.
     fn apply_view(&mut self, host_id: u64, view: InstanceView) {
-        if !self.hosts.contains_key(&host_id) {
-            // An answer from a host deleted while the call was out: its agent reports the
-            // instance again when it registers as a new host.
-            return;
-        }
         let id = view.id.clone();
         let Some(inst) = self.instances.get_mut(id.as_str()) else {
+            if !self.hosts.contains_key(&host_id) {
+                // An answer from a host deleted while the call was out (its instances went
+                // with it): its agent reports the instance again when it registers as a new
+                // host.
+                return;
+            }
             self.pending_deploys.remove(&id);
             // The agent's word, even for a fleet unknown here: the reconciler leaves such an
             // instance alone, and it is the fleet's own once the fleet is created.
