@@ -16,6 +16,8 @@ pub enum Availability {
     Allocating,
     /// Status other than 4 (starting, offline, setup).
     NotOnline,
+    /// Starting, and the agent cannot establish the game's Arcus link (it says why).
+    NoLink,
     ArcusDown,
     HostUnreachable,
     /// The host's agent did not answer a call a moment ago (though it may still heartbeat).
@@ -40,6 +42,9 @@ impl Availability {
             Self::Allocated => "allocated",
             Self::Allocating => "being allocated",
             Self::NotOnline => "not online (starting or offline)",
+            Self::NoLink => {
+                "starting with no Arcus link to their game (berthctl instances show ID says why)"
+            }
             Self::ArcusDown => "with the Arcus link down",
             Self::HostUnreachable => "on unreachable hosts",
             Self::AgentNotAnswering => "on hosts whose agent did not answer a moment ago",

@@ -1124,6 +1124,11 @@ impl Inventory {
             InstanceStatus::Online if v.releasing => Availability::Releasing,
             InstanceStatus::Online if v.is_allocatable() => Availability::Allocatable,
             InstanceStatus::Online => Availability::ArcusDown,
+            InstanceStatus::Starting
+                if v.game.as_deref().is_some_and(|g| g.arcus_error.is_some()) =>
+            {
+                Availability::NoLink
+            }
             _ => Availability::NotOnline,
         }
     }

@@ -1246,6 +1246,42 @@ async fn an_agent_the_controller_cannot_call_is_refused_and_told_why() {
     assert_eq!(a["hostName"], "real", "{a}");
 }
 
+/// A game that never listens for Arcus (a new integration's first mistake) is explained where
+/// an operator looks: the instance object says why its link is down, and an allocation's
+/// refusal counts it as starting with no link and says where to look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_that_never_listens_is_explained() {
+    let c = ControllerProcess::start_new("ctl-mute").await;
+    c.create_application(8, "mute").await;
+    c.create_profile(&json!({
+        "id": "mute-1", "applicationId": 8, "build": "1",
+        "executable": "/bin/sleep", "args": ["60"], "stopTimeoutSeconds": 1,
+    }))
+    .await;
+    c.create_fleet(&fleet_body(801, 8, "mute-1", 1, &[])).await;
+    let _agent = c.spawn_agent("ctl-mute", "mute-bm").await;
+    let listed = c
+        .wait_instances("?applicationId=8", "the game's reason", |l| {
+            l.len() == 1 && l[0]["arcusError"].as_str().is_some()
+        })
+        .await;
+    let i = &listed[0];
+    assert_eq!(i["status"], 3, "{i}");
+    let why = i["arcusError"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("does not accept connections on its management port")
+            && why.contains(&format!(":{}", i["managementPort"])),
+        "{i}"
+    );
+    let r = c.allocate(8, &json!({}), &[]).await;
+    let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(
+        details(body).contains("1 starting with no Arcus link to their game")
+            && details(body).contains("berthctl instances show"),
+        "{body}"
+    );
+}
+
 /// A host taken out of service is deleted by an operator: refused while its agent is alive
 /// and while it holds a match (naming it), then forgotten with its instances, for good across
 /// a controller restart, and its id is never given again. The agent started again on that
