@@ -397,20 +397,18 @@ mod tests {
         let report = Report::from_view(view.clone(), &mut strings);
         assert_eq!(report.to_view("i-1", 7, Some(456)), view);
         // Shared strings are stored once.
-        let again = Report::from_view(view.clone(), &mut strings);
+        let again = Report::from_view(view, &mut strings);
         assert!(Arc::ptr_eq(&report.profile_id, &again.profile_id));
-        // A game whose link is down, and says why, with no live state.
-        let down = InstanceView {
-            arcus_connected: false,
-            arcus_error: Some("the game does not accept connections".to_owned()),
-            num_players: None,
-            num_players_max: None,
-            live_host_name: None,
-            live_map: None,
-            live_rules: None,
-            live_game_version: None,
-            ..view
-        };
+        // A starting game whose link is down, and says why, with no live state.
+        let down: InstanceView = serde_json::from_value(serde_json::json!({
+            "id": "i-1", "applicationId": 7, "fleetId": 456, "profileId": "arena-1.0",
+            "build": "1.0.0", "managementProtocol": "arcus", "port": 20000,
+            "managementPort": 30000, "status": 3, "state": "running", "pid": 42,
+            "createdAt": 1_795_000_000u64, "updatedAt": 1_795_000_001u64,
+            "autoRestart": true, "arcusError": "the game does not accept connections",
+            "version": 3,
+        }))
+        .expect("view");
         let report = Report::from_view(down.clone(), &mut strings);
         assert_eq!(report.to_view("i-1", 7, Some(456)), down);
     }

@@ -9,13 +9,13 @@ use std::process::{Command, Stdio};
 use berth_e2e::{bin, bin_dir};
 use serde_json::Value;
 
-fn run_allocate(extra: &[&str]) -> Value {
+/// Runs `berth-bench <args> --json --bin-dir …`; returns its last line, parsed, and the line.
+fn run_bench(args: &[&str]) -> (Value, String) {
     let out = Command::new(bin("berth-bench"))
-        .args(["allocate", "--json", "--seconds", "1", "--concurrency", "2"])
-        .args(["--agents", "2", "--instances-per-agent", "40"])
+        .args(args)
+        .arg("--json")
         .arg("--bin-dir")
         .arg(bin_dir())
-        .args(extra)
         .stdin(Stdio::null())
         .output()
         .expect("run berth-bench");
@@ -23,13 +23,30 @@ fn run_allocate(extra: &[&str]) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "berth-bench {extra:?} failed ({}):\n{stderr}\n{stdout}",
+        "berth-bench {args:?} failed ({}):\n{stderr}\n{stdout}",
         out.status
     );
-    let line = stdout.lines().last().unwrap_or_default();
-    let result: Value = serde_json::from_str(line)
+    let line = stdout.lines().last().unwrap_or_default().to_owned();
+    let result: Value = serde_json::from_str(&line)
         .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"));
-    eprintln!("berth-bench {extra:?}: {line}");
+    eprintln!("berth-bench {args:?}: {line}");
+    (result, line)
+}
+
+fn run_allocate(extra: &[&str]) -> Value {
+    let mut args = vec![
+        "allocate",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "2",
+        "--agents",
+        "2",
+        "--instances-per-agent",
+        "40",
+    ];
+    args.extend_from_slice(extra);
+    let (result, line) = run_bench(&args);
     for figure in ["allocations", "heldAcrossControllerKill"] {
         assert!(
             result[figure].as_u64().is_some_and(|n| n > 0),
@@ -68,30 +85,7 @@ fn the_allocate_benchmark_runs_with_either_kind_of_release() {
 /// host registers and the controller lists every instance.
 #[test]
 fn the_inventory_benchmark_registers_every_host() {
-    let out = Command::new(bin("berth-bench"))
-        .args([
-            "inventory",
-            "--json",
-            "--instances",
-            "300",
-            "--per-host",
-            "100",
-        ])
-        .arg("--bin-dir")
-        .arg(bin_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run berth-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "berth-bench inventory failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
-    let line = stdout.lines().last().unwrap_or_default();
-    let result: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"));
+    let (result, line) = run_bench(&["inventory", "--instances", "300", "--per-host", "100"]);
     assert_eq!(result["hosts"], 3, "{line}");
     assert_eq!(result["instances"], 300, "{line}");
 }
