@@ -1426,27 +1426,26 @@ async fn a_renamed_agent_keeps_its_host_and_its_games() {
     // deploys exactly one more there.
     c.put_fleet(&fleet_body(456, 7, "sample-7", 3, &[])).await;
     let on_agent = wait_agent_count(&agent, 3).await;
+    let kept: Vec<&Value> = on_agent
+        .iter()
+        .filter(|i| pids.contains_key(&id_of(i)))
+        .collect();
+    assert_eq!(kept.len(), 2, "{on_agent:?}");
+    for i in kept {
+        assert_eq!(pid_of(i), pids[&id_of(i)], "the same game: {i}");
+    }
+    // Listed by the controller once it has taken in the deploy's answer, and counted with it.
+    let listed = c
+        .wait_instances("?applicationId=7", "the agent's three", |l| {
+            ids(l) == ids(&on_agent)
+        })
+        .await;
     let deploys = metric(
         &c.metrics().await,
         "berth_controller_reconcile_deploys_total",
         "",
     );
     assert_eq!(deploys, Some(3.0), "2 at first, then 1");
-    for i in on_agent.iter().filter(|i| pids.contains_key(&id_of(i))) {
-        assert_eq!(pid_of(i), pids[&id_of(i)], "the same game: {i}");
-    }
-    assert_eq!(
-        on_agent
-            .iter()
-            .filter(|i| pids.contains_key(&id_of(i)))
-            .count(),
-        2
-    );
-    let listed = c
-        .wait_instances("?applicationId=7", "the agent's three", |l| {
-            ids(l) == ids(&on_agent)
-        })
-        .await;
     assert!(listed.iter().all(|i| host_of(i) == 1), "{listed:?}");
 }
 

@@ -2119,14 +2119,15 @@ async fn a_controller_restarted_on_a_full_disk_takes_its_agents_back() {
     let kept = c.instance(&id_of(&held)).await;
     assert_eq!(kept["status"], 5, "{kept}");
     assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
-    assert!(
-        agent
+    // Its answer may still be on its way to the agent when the allocation is refused.
+    wait_for("the agent registered again", TIMEOUT, async || {
+        let n = agent
             .log()
             .matches("registered with the controller")
-            .count()
-            >= 2,
-        "the agent registered again"
-    );
+            .count();
+        (n >= 2).then_some(()).ok_or(n)
+    })
+    .await;
 
     disk.free();
     let made = c.allocate_when_offered(7, &json!({}), &[]).await;
