@@ -268,6 +268,9 @@ async fn connected(
     let mut seq = 0u64;
     let mut max_version = 0u64;
     let mut hb_failures = Failures::default();
+    // The controller says it cannot call this agent: logged when that starts and ends, not at
+    // every heartbeat.
+    let mut cannot_call = false;
     let mut retry_at: Option<Instant> = None;
     let mut linger_until: Option<Instant> = None;
     loop {
@@ -311,6 +314,15 @@ async fn connected(
                             tracing::info!(failed = hb_failures.count, "controller reachable again");
                         }
                         hb_failures = Failures::default();
+                        match (&resp.cannot_call, cannot_call) {
+                            (Some(why), false) => tracing::warn!(
+                                error = %why,
+                                "the controller cannot call this agent: check that advertise_url in agent.toml is this machine's and that its port is open to the controller; games keep running"
+                            ),
+                            (None, true) => tracing::info!("the controller reaches this agent again"),
+                            _ => {}
+                        }
+                        cannot_call = resp.cannot_call.is_some();
                         if resp.reregister {
                             tracing::info!("controller asked for a full registration");
                             return Next::Reregister;

@@ -163,6 +163,15 @@ fn state_sentence(h: &HostObject) -> String {
              `berthctl drain ID --undo`)"
                 .to_owned()
         }
+        "not_answering" => format!(
+            "NOT ANSWERING: the agent heartbeats but the controller cannot call it at {} since \
+             {} ({}); its instances are not allocated until it answers (the controller asks \
+             again every few seconds). Check that advertise_url in agent.toml is this \
+             machine's and that its port is open to the controller",
+            h.advertise_url,
+            h.agent_error_since.as_deref().unwrap_or("a moment ago"),
+            h.agent_error.as_deref().unwrap_or("no answer"),
+        ),
         "unreachable" => format!(
             "UNREACHABLE: no heartbeat since {}; its idle instances left the pool, its matches \
              stay allocated",

@@ -89,5 +89,9 @@ async fn execute(client: &AgentClient, action: Action) -> ActionResult {
                 )
                 .await,
         },
+        Action::Probe { target } => ActionResult::Probed {
+            host_id: target.host_id,
+            result: client.probe(&target).await,
+        },
     }
 }

@@ -250,6 +250,15 @@ impl AgentClient {
         self.http.get(&url, Some(token), IDENTIFY_TIMEOUT).await
     }
 
+    /// Whether the host's agent answers the controller (`GET /v1/host`); why not, if not.
+    pub async fn probe(&self, target: &AgentTarget) -> Result<(), String> {
+        let started = Instant::now();
+        self.identify(&target.url, &target.token)
+            .await
+            .map(drop)
+            .map_err(|e| failure(target, e, started.elapsed()).details)
+    }
+
     pub async fn deploy(
         &self,
         target: &AgentTarget,

@@ -20,7 +20,8 @@ pub enum Availability {
     NoLink,
     ArcusDown,
     HostUnreachable,
-    /// The host's agent did not answer a call a moment ago (though it may still heartbeat).
+    /// The host's agent did not answer a call and no probe has had an answer since (though it
+    /// may still heartbeat).
     AgentNotAnswering,
     /// The host's agent could not record an allocation on its disk a moment ago.
     AgentCannotRecord,
@@ -47,7 +48,9 @@ impl Availability {
             }
             Self::ArcusDown => "with the Arcus link down",
             Self::HostUnreachable => "on unreachable hosts",
-            Self::AgentNotAnswering => "on hosts whose agent did not answer a moment ago",
+            Self::AgentNotAnswering => {
+                "on hosts whose agent does not answer the controller's calls (berthctl hosts show says why)"
+            }
             Self::AgentCannotRecord => {
                 "on hosts whose agent could not record an allocation on its disk a moment ago"
             }

@@ -41,9 +41,12 @@ use crate::unix_now;
 
 /// How long an instance an agent refused is skipped, unless the agent reports it sooner.
 const REFUSED_FOR: Duration = Duration::from_secs(5);
-/// How long a host whose agent could not be reached is skipped. Heartbeats do not shorten it:
-/// they prove the agent can reach the controller, not the other way round.
-const NOT_ANSWERING_FOR: Duration = Duration::from_secs(2);
+/// The first wait before a host whose agent did not answer a call is asked again whether it
+/// answers (`GET /v1/host`); each failed probe doubles it up to [`PROBE_MAX`]. Heartbeats do
+/// not bring the host back: they prove the agent can reach the controller, not the other way
+/// round.
+const PROBE_FIRST: Duration = Duration::from_millis(500);
+const PROBE_MAX: Duration = Duration::from_secs(5);
 /// Instances a fleet deploys per host per reconcile round.
 const DEPLOY_BURST: u32 = 32;
 /// How long a host that failed a deploy is left alone.
@@ -107,6 +110,8 @@ pub enum Action {
         instance_id: String,
         allocation_id: String,
     },
+    /// Asks an agent that did not answer a call whether it answers now.
+    Probe { target: Arc<AgentTarget> },
 }
 
 #[derive(Debug)]
@@ -124,6 +129,11 @@ pub enum ActionResult {
     Deallocated {
         host_id: u64,
         result: Result<InstanceView, AgentFailure>,
+    },
+    Probed {
+        host_id: u64,
+        /// Why the agent still does not answer.
+        result: Result<(), String>,
     },
 }
 
@@ -412,8 +422,8 @@ struct Host {
     /// A full report arrived since the controller started (or since the host came back).
     synced: bool,
     deploy_backoff_until: Option<Instant>,
-    /// The agent did not answer a call: skip the host until then.
-    not_answering_until: Option<Instant>,
+    /// The agent did not answer a call: the host is skipped until a probe gets an answer.
+    not_answering: Option<Box<NotAnswering>>,
     /// The agent refused an allocation it could not record on its disk: skip the host until
     /// then (all its instances share that disk).
     cannot_record_until: Option<Instant>,
@@ -440,6 +450,8 @@ impl Host {
     fn state(&self) -> HostState {
         if !self.reachable {
             HostState::Unreachable
+        } else if self.not_answering.is_some() {
+            HostState::NotAnswering
         } else if self.rec.draining {
             HostState::Draining
         } else {
@@ -448,21 +460,43 @@ impl Host {
     }
 }
 
+/// A host whose agent heartbeats but did not answer the controller's last call: a firewall
+/// that lets the agent out but not the controller in, an `advertise_url` no longer the
+/// agent's, an agent whose API hangs. Allocations do not try it (each try would cost a
+/// matchmaker the call's timeout) until a probe gets an answer.
+#[derive(Debug)]
+struct NotAnswering {
+    /// When the first call failed (Unix seconds, for listings).
+    since: u64,
+    started: Instant,
+    error: String,
+    next_probe: Instant,
+    backoff: Duration,
+    probing: bool,
+}
+
 /// A host as listings and metrics show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HostState {
     Ready,
     Unreachable,
+    NotAnswering,
     Draining,
 }
 
 impl HostState {
-    const ALL: [Self; 3] = [Self::Ready, Self::Unreachable, Self::Draining];
+    const ALL: [Self; 4] = [
+        Self::Ready,
+        Self::Unreachable,
+        Self::NotAnswering,
+        Self::Draining,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Ready => "ready",
             Self::Unreachable => "unreachable",
+            Self::NotAnswering => "not_answering",
             Self::Draining => "draining",
         }
     }
@@ -755,7 +789,7 @@ impl Inventory {
                             reachable: true,
                             synced: false,
                             deploy_backoff_until: None,
-                            not_answering_until: None,
+                            not_answering: None,
                             cannot_record_until: None,
                         },
                     )
@@ -979,7 +1013,7 @@ impl Inventory {
             if !host.reachable
                 || !host.synced
                 || host.rec.draining
-                || host.not_answering_until.is_some_and(|t| t > now)
+                || host.not_answering.is_some()
                 || host.cannot_record_until.is_some_and(|t| t > now)
             {
                 continue;
@@ -1102,7 +1136,7 @@ impl Inventory {
         if !host.reachable {
             return Availability::HostUnreachable;
         }
-        if host.not_answering_until.is_some_and(|t| t > now) {
+        if host.not_answering.is_some() {
             return Availability::AgentNotAnswering;
         }
         if host.cannot_record_until.is_some_and(|t| t > now) {
@@ -1277,6 +1311,8 @@ impl Inventory {
             registered_at: rfc3339(h.rec.registered_at),
             instances: counts.iter().sum(),
             instances_by_status: by_status,
+            agent_error: h.not_answering.as_ref().map(|n| n.error.clone()),
+            agent_error_since: h.not_answering.as_ref().map(|n| rfc3339(n.since)),
         }
     }
 
@@ -1285,7 +1321,7 @@ impl Inventory {
         for i in self.instances.values() {
             by_status[self.shown_status(i) as usize] += 1;
         }
-        let mut hosts = [0i64; 3];
+        let mut hosts = [0i64; HostState::ALL.len()];
         for h in self.hosts.values() {
             hosts[h.state() as usize] += 1;
         }
@@ -1780,18 +1816,16 @@ impl Inventory {
             details: f.details.clone(),
             elapsed_ms: f.elapsed_ms,
         });
-        if let Some(h) = self.hosts.get_mut(&f.host_id) {
-            match f.code {
-                ErrorCode::AgentUnreachable => {
-                    h.not_answering_until = Some(Instant::now() + NOT_ANSWERING_FOR);
-                }
-                // The only allocation refusal with this code: the agent's disk takes no
-                // journal line (see the agent's `AllocateError::NotRecorded`).
-                ErrorCode::AgentServerError => {
+        match f.code {
+            ErrorCode::AgentUnreachable => self.not_answering(f.host_id, &f.details),
+            // The only allocation refusal with this code: the agent's disk takes no journal
+            // line (see the agent's `AllocateError::NotRecorded`).
+            ErrorCode::AgentServerError => {
+                if let Some(h) = self.hosts.get_mut(&f.host_id) {
                     h.cannot_record_until = Some(Instant::now() + REFUSED_FOR);
                 }
-                _ => {}
             }
+            _ => {}
         }
         if self.instances.contains_key(instance_id.as_str()) {
             self.refused
@@ -1899,6 +1933,9 @@ impl Inventory {
                 // The controller releases anyway; the agent is told again when it next
                 // reports the allocation (see `apply_view`).
                 tracing::warn!(instance_id = id, error = %f.details, "agent did not confirm the release");
+                if f.code == ErrorCode::AgentUnreachable {
+                    self.not_answering(host_id, &f.details);
+                }
             }
         }
         self.object_of(id)
@@ -2074,7 +2111,7 @@ impl Inventory {
                 reachable: true,
                 synced: true,
                 deploy_backoff_until: None,
-                not_answering_until: None,
+                not_answering: None,
                 cannot_record_until: None,
             },
         );
@@ -2174,6 +2211,14 @@ impl Inventory {
         }
         Ok(HeartbeatResponse {
             reregister: !host.synced,
+            cannot_call: host.not_answering.as_ref().map(|n| {
+                format!(
+                    "{} (since {} s ago); this host's games are not allocated until the controller reaches the agent at {} again",
+                    n.error,
+                    n.started.elapsed().as_secs(),
+                    host.rec.advertise_url
+                )
+            }),
         })
     }
 
@@ -2350,6 +2395,18 @@ impl Inventory {
         let expiry = self.config.expiry();
         let excused = self.excused;
         for h in self.hosts.values_mut() {
+            // Only while heartbeats come: a silent host is already out, and its registration
+            // (which calls the agent first) brings it back.
+            if let Some(n) = &mut h.not_answering
+                && h.reachable
+                && !n.probing
+                && n.next_probe <= now
+            {
+                n.probing = true;
+                let _ = self.actions.send(Action::Probe {
+                    target: h.target.clone(),
+                });
+            }
             let silent = h.silent_for(excused);
             if h.reachable && silent > expiry {
                 h.reachable = false;
@@ -2618,7 +2675,13 @@ impl Inventory {
                 continue;
             };
             for host in self.hosts.values() {
-                if !host.reachable || !host.synced || !self.fleet_wants(fleet, host) {
+                // A host whose agent does not answer would fail every call; its probe
+                // brings it back.
+                if !host.reachable
+                    || !host.synced
+                    || host.not_answering.is_some()
+                    || !self.fleet_wants(fleet, host)
+                {
                     continue;
                 }
                 let have = count.get(&(fleet.id, host.rec.id)).copied().unwrap_or(0);
@@ -2704,6 +2767,9 @@ impl Inventory {
                         if let Some(h) = self.hosts.get_mut(&host_id) {
                             h.deploy_backoff_until = Some(Instant::now() + DEPLOY_BACKOFF);
                         }
+                        if f.code == ErrorCode::AgentUnreachable {
+                            self.not_answering(host_id, &f.details);
+                        }
                     }
                 }
             }
@@ -2725,12 +2791,64 @@ impl Inventory {
                         i.removing = false;
                     }
                     self.reindex(&instance_id);
+                    if f.code == ErrorCode::AgentUnreachable {
+                        self.not_answering(host_id, &f.details);
+                    }
                 }
             },
-            ActionResult::Deallocated { host_id, result } => {
-                if let Ok(view) = result {
-                    self.apply_answer(host_id, view);
+            ActionResult::Deallocated { host_id, result } => match result {
+                Ok(view) => self.apply_answer(host_id, view),
+                Err(f) if f.code == ErrorCode::AgentUnreachable => {
+                    self.not_answering(host_id, &f.details);
                 }
+                Err(_) => {}
+            },
+            ActionResult::Probed { host_id, result } => self.probed(host_id, result),
+        }
+    }
+
+    /// A call to the host's agent got no answer: the host is set aside (allocations and
+    /// deploys skip it) until a probe gets one. Calls already under way may fail too; they
+    /// only refresh the reason.
+    fn not_answering(&mut self, host_id: u64, error: &str) {
+        let Some(h) = self.hosts.get_mut(&host_id) else {
+            return;
+        };
+        if let Some(n) = &mut h.not_answering {
+            if !n.probing {
+                n.error = error.to_owned();
+            }
+            return;
+        }
+        tracing::warn!(host_id, host_name = %h.rec.name, error, "the controller cannot call this host's agent; its instances are not allocated until a probe gets an answer");
+        let now = Instant::now();
+        h.not_answering = Some(Box::new(NotAnswering {
+            since: unix_now(),
+            started: now,
+            error: error.to_owned(),
+            next_probe: now + PROBE_FIRST,
+            backoff: PROBE_FIRST,
+            probing: false,
+        }));
+    }
+
+    fn probed(&mut self, host_id: u64, result: Result<(), String>) {
+        let Some(h) = self.hosts.get_mut(&host_id) else {
+            return;
+        };
+        let Some(n) = &mut h.not_answering else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(host_id, host_name = %h.rec.name, not_answering_ms = n.started.elapsed().as_millis() as u64, "the host's agent answers the controller again; its instances are offered again");
+                h.not_answering = None;
+            }
+            Err(error) => {
+                n.backoff = (n.backoff * 2).min(PROBE_MAX);
+                n.next_probe = Instant::now() + n.backoff;
+                n.probing = false;
+                n.error = error;
             }
         }
     }

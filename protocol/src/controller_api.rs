@@ -237,7 +237,8 @@ pub struct HostObject {
     pub addresses: Vec<String>,
     pub capacity: crate::agent_api::Capacity,
     pub agent_version: String,
-    /// `ready`, `unreachable` or `draining`.
+    /// `ready`, `unreachable`, `not_answering` (its agent heartbeats but does not answer the
+    /// controller's calls: see `agentError`) or `draining`.
     pub state: String,
     pub reachable: bool,
     pub draining: bool,
@@ -245,6 +246,13 @@ pub struct HostObject {
     pub registered_at: String,
     pub instances: usize,
     pub instances_by_status: BTreeMap<String, usize>,
+    /// Why the controller cannot call the host's agent at `advertiseUrl`, while it cannot: the
+    /// host's instances are not offered until the agent answers again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_error: Option<String>,
+    /// Since when the agent has not answered the controller's calls (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_error_since: Option<String>,
 }
 
 /// The story of a failed request (`GET /v1/errors/{identifier}`).

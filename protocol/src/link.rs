@@ -62,6 +62,10 @@ pub struct HeartbeatResponse {
     /// The controller wants a full registration (it lost or doubts its view of this host).
     #[serde(default)]
     pub reregister: bool,
+    /// The controller cannot call this agent at the `advertiseUrl` it registered with (a
+    /// firewall changed, the address moved): why. Its games are not allocated meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cannot_call: Option<String>,
 }
 
 /// `POST /v1/agent/events`, authenticated with the host token.

@@ -2316,6 +2316,9 @@ struct Faults {
     removal_delay_ms: std::sync::atomic::AtomicU64,
     hold: std::sync::atomic::AtomicBool,
     held: std::sync::atomic::AtomicU64,
+    refuse: std::sync::atomic::AtomicBool,
+    /// Requests closed unanswered while refusing: allocations, `GET /v1/host`, the rest.
+    refused: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl FaultProxy {
@@ -2345,9 +2348,21 @@ impl FaultProxy {
                         let (target, faults, client) =
                             (target.clone(), faults.clone(), client.clone());
                         async move {
-                            Ok::<_, std::convert::Infallible>(
-                                proxy_one(req, &target, &faults, &client).await,
-                            )
+                            if faults.refuse.load(Ordering::SeqCst) {
+                                let kind = if req.uri().path().ends_with("/allocate")
+                                    || req.uri().path().ends_with("/batch")
+                                {
+                                    0
+                                } else if req.uri().path() == "/v1/host" {
+                                    1
+                                } else {
+                                    2
+                                };
+                                faults.refused[kind].fetch_add(1, Ordering::SeqCst);
+                                // An error closes the connection with no answer.
+                                return Err(std::io::Error::other("refused by the fault proxy"));
+                            }
+                            Ok(proxy_one(req, &target, &faults, &client).await)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -2379,6 +2394,18 @@ impl FaultProxy {
     /// except those already swallowed.
     pub fn hold_allocations(&self, on: bool) {
         self.faults.hold.store(on, Ordering::SeqCst);
+    }
+
+    /// On: every request is read and its connection closed with no answer, as an agent
+    /// behind a firewall that resets the controller's connections. Off: forwarded again.
+    pub fn refuse_all(&self, on: bool) {
+        self.faults.refuse.store(on, Ordering::SeqCst);
+    }
+
+    /// Requests refused so far: `(allocations and batches, GET /v1/host, others)`.
+    pub fn refused(&self) -> (u64, u64, u64) {
+        let n = |i: usize| self.faults.refused[i].load(Ordering::SeqCst);
+        (n(0), n(1), n(2))
     }
 
     /// How many allocations were swallowed so far.

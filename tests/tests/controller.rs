@@ -1246,6 +1246,100 @@ async fn an_agent_the_controller_cannot_call_is_refused_and_told_why() {
     assert_eq!(a["hostName"], "real", "{a}");
 }
 
+/// A host whose agent heartbeats but stops answering the controller's calls (a firewall that
+/// lets the agent out but not the controller in) is set aside at the first call that fails:
+/// listed `not_answering` with why, told so through its heartbeats, and not tried again by
+/// allocations (each try would cost a matchmaker the call's timeout). The controller probes it
+/// and offers it again once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_answering_is_set_aside_until_it_answers() {
+    let c = ControllerProcess::start_new("ctl-walled").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let config = AgentConfig::joined("walled-bm", &c);
+    let proxy = FaultProxy::start(format!("http://127.0.0.1:{}", config.listen_port)).await;
+    let walled = AgentProcess::spawn("ctl-walled-bm", config.advertise_url(&proxy.url())).await;
+    let mut vm = AgentConfig::joined("open-vm", &c);
+    vm.is_virtual = true;
+    let _open = AgentProcess::spawn("ctl-walled-vm", vm).await;
+    c.wait_online(7, 4).await;
+
+    proxy.refuse_all(true);
+    // Bare metal first: the call to it fails, and the VM takes the allocation.
+    let a = c.allocate_ok(7, "").await;
+    assert_eq!(a["hostName"], "open-vm", "{a}");
+    let tried = proxy.refused().0;
+    assert!(tried >= 1, "the walled host was tried first");
+    let h = c.host_named("walled-bm").await;
+    assert_eq!(h["state"], "not_answering", "{h}");
+    assert_eq!(h["reachable"], true, "its heartbeats still come: {h}");
+    let why = h["agentError"].as_str().unwrap_or_default();
+    assert!(why.contains(&proxy.url()), "{h}");
+    assert!(h["agentErrorSince"].is_string(), "{h}");
+    let metrics = c.metrics().await;
+    assert_metrics(
+        &metrics,
+        &[("berth_controller_hosts", "state=\"not_answering\"", 1.0)],
+    );
+    wait_for("the agent told why", TIMEOUT, async || {
+        walled
+            .log()
+            .lines()
+            .any(|l| {
+                l.contains("the controller cannot call this agent") && l.contains(&proxy.url())
+            })
+            .then_some(())
+            .ok_or(())
+    })
+    .await;
+
+    // Allocations keep to the VM while the controller's probes go unanswered.
+    let release = async |a: &Value| {
+        c.matchmaker(
+            Method::POST,
+            &format!("/v1/instances/{}/deallocate", id_of(a)),
+            Some(&json!({})),
+        )
+        .await
+        .expect(200);
+    };
+    release(&a).await;
+    wait_for("two unanswered probes", TIMEOUT, async || {
+        let a = c.allocate_when_offered(7, &json!({}), &[]).await;
+        assert_eq!(a["hostName"], "open-vm", "{a}");
+        release(&a).await;
+        (proxy.refused().1 >= 2).then_some(()).ok_or(())
+    })
+    .await;
+    assert_eq!(
+        proxy.refused().0,
+        tried,
+        "no allocation tried the walled host again"
+    );
+    let r = c.allocate(7, &json!({"filter": "isVirtual=0"}), &[]).await;
+    let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
+    assert!(
+        details(body).contains("2 on hosts whose agent does not answer the controller's calls"),
+        "{body}"
+    );
+
+    proxy.refuse_all(false);
+    let h = c
+        .wait_host("walled-bm", "answering again", |h| h["state"] == "ready")
+        .await;
+    assert!(h.get("agentError").is_none(), "{h}");
+    assert!(c.log().contains("answers the controller again"));
+    wait_for("the agent told it is reached again", TIMEOUT, async || {
+        walled
+            .log()
+            .contains("the controller reaches this agent again")
+            .then_some(())
+            .ok_or(())
+    })
+    .await;
+    let a = c.allocate_when_offered(7, &json!({}), &[]).await;
+    assert_eq!(a["hostName"], "walled-bm", "{a}");
+}
+
 /// A game that never listens for Arcus (a new integration's first mistake) is explained where
 /// an operator looks: the instance object says why its link is down, and an allocation's
 /// refusal counts it as starting with no link and says where to look.
@@ -1838,12 +1932,16 @@ async fn every_controller_error_code() {
     // Right after, K is skipped as a whole, and the refusal says why.
     let r = c.allocate(1, &json!({}), &[]).await;
     let body = r.assert_error(404, "NO_ALLOCATABLE_INSTANCE", None);
-    assert!(details(body).contains("did not answer"), "{body}");
+    assert!(
+        details(body).contains("2 on hosts whose agent does not answer the controller's calls"),
+        "{body}"
+    );
     let k_host = c.host_named("errors-k").await;
     assert_eq!(
         k_host["reachable"], true,
         "still inside the window: {k_host}"
     );
+    assert_eq!(k_host["state"], "not_answering", "{k_host}");
 }
 
 // ---------------------------------------------------------------------------------------------
