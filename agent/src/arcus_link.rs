@@ -31,6 +31,11 @@ const NOT_LISTENING_AFTER: Duration = Duration::from_secs(2);
 /// After `MAX_BURST` frames without hearing from the game, wait this long before writing more:
 /// the SDK drops links that queue more than 48 messages between two of its ticks.
 const BURST_PAUSE: Duration = Duration::from_millis(50);
+/// A game sends a frame at least every health interval (5 s). One that has sent nothing for
+/// half as long again is frozen, stopped or deadlocked: it is not offered for allocation (a
+/// match sent there would wait for a server that does not run) until it sends again. The link
+/// itself stays open until [`LINK_TIMEOUT`], as the protocol says.
+const SILENT_AFTER: Duration = Duration::from_millis(HEALTH_INTERVAL.as_millis() as u64 * 3 / 2);
 
 /// What the link needs to know about its instance.
 #[derive(Debug)]
@@ -221,6 +226,11 @@ async fn session(
     // deadline) for every frame is work a thousand links do for nothing.
     let pause = sleep_until(Instant::now());
     tokio::pin!(pause);
+    // Fires at most once per frame gap: when it finds a frame read since it was set, it is set
+    // again from that frame, instead of being reset for every frame read.
+    let quiet = sleep_until(last_frame + SILENT_AFTER);
+    tokio::pin!(quiet);
+    let mut silent = false;
     let closed = |reason: String| Outcome::Closed {
         handshake_done: true,
         reason,
@@ -241,6 +251,11 @@ async fn session(
                             last_frame = Instant::now();
                             unanswered = 0;
                             paused = false;
+                            if silent {
+                                silent = false;
+                                quiet.as_mut().reset(last_frame + SILENT_AFTER);
+                                send(events, params, LinkEvent::Heard).await;
+                            }
                             if let Frame::Message { message, .. } = frame
                                 && let Some(event) = event_for(message)
                             {
@@ -272,6 +287,20 @@ async fn session(
                 if unanswered >= MAX_BURST {
                     pause.as_mut().reset(Instant::now() + BURST_PAUSE);
                     paused = true;
+                }
+            }
+            () = &mut quiet, if !silent => {
+                let due = last_frame + SILENT_AFTER;
+                if due > Instant::now() {
+                    quiet.as_mut().reset(due);
+                } else {
+                    silent = true;
+                    let reason = format!(
+                        "the game has sent nothing on its Arcus link for {:.1} s (it must send a health frame every {} s): it is not offered for allocation until it sends again",
+                        last_frame.elapsed().as_secs_f64(),
+                        HEALTH_INTERVAL.as_secs()
+                    );
+                    send(events, params, LinkEvent::Silent { reason }).await;
                 }
             }
             // A fixed deadline, so frames read or health sent meanwhile do not push it back.

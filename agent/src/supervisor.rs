@@ -64,6 +64,12 @@ pub enum LinkEvent {
     NotListening {
         reason: String,
     },
+    /// The game, linked, has sent no frame for longer than its health interval allows.
+    Silent {
+        reason: String,
+    },
+    /// A silent game sent a frame again.
+    Heard,
     Status(i32),
     LiveState(LiveState),
     ReverseMetadata(Vec<KeyValue>),
@@ -456,6 +462,9 @@ struct Instance {
     /// Sender to the Arcus link (or the port probe of a `none` game) of the current run.
     link: Option<mpsc::Sender<Message>>,
     arcus_connected: bool,
+    /// Linked, but the game has sent nothing for longer than its health interval allows
+    /// (frozen, stopped, deadlocked): shown as a link that is down, and not allocated.
+    arcus_silent: bool,
     /// Why the link is not up while the game runs; shown, never persisted.
     arcus_error: Option<String>,
     live: Option<LiveState>,
@@ -515,6 +524,7 @@ impl Instance {
             crash_streak: 0,
             link: None,
             arcus_connected: false,
+            arcus_silent: false,
             arcus_error: None,
             live: None,
             metadata: Vec::new(),
@@ -555,7 +565,7 @@ impl Instance {
             exit_signal,
             restarts: self.restarts,
             auto_restart: self.profile.auto_restart,
-            arcus_connected: self.arcus_connected,
+            arcus_connected: self.arcus_connected && !self.arcus_silent,
             arcus_error: self.arcus_error.clone(),
             num_players: self.live.as_ref().map(|l| l.players),
             num_players_max: self.live.as_ref().map(|l| l.max_players),
@@ -1202,6 +1212,7 @@ impl Supervisor {
         inst.state = RuntimeState::Running;
         inst.live = None;
         inst.arcus_connected = false;
+        inst.arcus_silent = false;
         inst.arcus_error = None;
         let stop_now = inst.desired != Desired::Running;
         self.watch(id, proc_);
@@ -1329,6 +1340,7 @@ impl Supervisor {
         };
         inst.link = None;
         inst.arcus_connected = false;
+        inst.arcus_silent = false;
         inst.arcus_error = None;
         inst.live = None;
         // A game that exits ends its match (i3D: the platform restarts it and it is free again).
@@ -1592,6 +1604,12 @@ impl Supervisor {
                     reason: "the Arcus link to the game is down".to_owned(),
                 });
             };
+            if inst.arcus_silent {
+                return Err(AllocateError::NotAllocatable {
+                    id: id.to_owned(),
+                    reason: inst.arcus_error.clone().unwrap_or_default(),
+                });
+            }
             // Both frames or neither: a half-sent allocation must not be reported as done.
             if link.capacity() < 2 {
                 return Err(AllocateError::TimedOut {
@@ -1790,6 +1808,7 @@ impl Supervisor {
             LinkEvent::Connected => {
                 tracing::debug!(instance_id = %id, "Arcus link up");
                 inst.arcus_connected = true;
+                inst.arcus_silent = false;
                 inst.arcus_error = None;
                 self.metrics.arcus_connects.inc();
                 // A release made while the link was down: the game hears of it now.
@@ -1800,12 +1819,14 @@ impl Supervisor {
             LinkEvent::Disconnected { reason } => {
                 tracing::info!(instance_id = %id, %reason, "Arcus link down");
                 inst.arcus_connected = false;
+                inst.arcus_silent = false;
                 inst.arcus_error = Some(reason);
             }
             LinkEvent::ProtocolError { reason } => {
                 tracing::warn!(instance_id = %id, %reason, "Arcus protocol error; link closed");
                 self.metrics.arcus_protocol_errors.inc();
                 inst.arcus_connected = false;
+                inst.arcus_silent = false;
                 inst.arcus_error = Some(reason);
             }
             LinkEvent::NotListening { reason } => {
@@ -1814,6 +1835,16 @@ impl Supervisor {
                 }
                 tracing::warn!(instance_id = %id, %reason, "the game does not accept its Arcus link");
                 inst.arcus_error = Some(reason);
+            }
+            LinkEvent::Silent { reason } => {
+                tracing::warn!(instance_id = %id, %reason, "the game does not answer");
+                inst.arcus_silent = true;
+                inst.arcus_error = Some(reason);
+            }
+            LinkEvent::Heard => {
+                tracing::info!(instance_id = %id, "the game answers again");
+                inst.arcus_silent = false;
+                inst.arcus_error = None;
             }
             LinkEvent::GamePortOpen => {
                 if inst.status == InstanceStatus::Starting {

@@ -280,7 +280,7 @@ impl ErrorCode {
                     "the agent is restarting",
                 ],
                 checks: &[
-                    "`berthctl hosts` for the host's last heartbeat",
+                    "`berthctl hosts` for the host's state and last heartbeat; `not_answering` means its agent heartbeats but the controller cannot call it (`berthctl hosts show` says why)",
                     "curl http://HOST:6824/healthz from the controller machine",
                     "systemctl status berth-agent on the host",
                 ],

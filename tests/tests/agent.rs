@@ -1017,6 +1017,58 @@ async fn malformed_arcus_closes_only_that_link() {
 }
 
 /// Runs `berth-agent --config <file> validate`: (exit code, stderr).
+/// A game that stops sending (frozen; here by SIGSTOP) keeps its link for the protocol's 20 s,
+/// but once it has sent nothing for 1.5 health intervals it is shown with its link down, says
+/// why, and is refused for allocation: a match sent there would wait for a server that does
+/// not run. When it sends again it is offered again, on the same link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_game_is_not_allocated_until_it_sends_again() {
+    let agent = AgentProcess::start_new("frozen-game").await;
+    let id = new_id("f");
+    agent.deploy_sample(&id, 0, 0).await;
+    let pid = pid_of(&agent.wait_online(&id).await);
+    let connects = arcus_connects(&agent).await;
+
+    signal(pid, Signal::SIGSTOP).expect("SIGSTOP the game");
+    let frozen = agent
+        .wait_instance(&id, "the game's silence noticed", |i| {
+            i["arcusConnected"] == false
+        })
+        .await;
+    assert_eq!(frozen["status"], 4, "its status stands: {frozen}");
+    let why = frozen["arcusError"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("has sent nothing on its Arcus link") && why.contains("not offered"),
+        "{frozen}"
+    );
+    let allocate = async || {
+        agent
+            .post(&format!("/v1/instances/{id}/allocate"), &json!({}))
+            .await
+    };
+    let refused = allocate().await;
+    let body = refused.assert_error(404, "INSTANCE_NOT_ALLOCATABLE", Some(76004));
+    assert!(
+        body["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("has sent nothing")),
+        "{body}"
+    );
+
+    signal(pid, Signal::SIGCONT).expect("SIGCONT the game");
+    let back = agent
+        .wait_instance(&id, "the game heard again", |i| i["arcusConnected"] == true)
+        .await;
+    assert!(back["arcusError"].is_null(), "{back}");
+    assert_eq!(
+        arcus_connects(&agent).await,
+        connects,
+        "the link was never closed"
+    );
+    let allocated = allocate().await.expect(200).json;
+    assert_eq!(allocated["status"], 5, "{allocated}");
+}
+
 /// ARCUS.md §6: never more than `MAX_BURST` frames to a game that has not answered. A game
 /// that reports 4 and then stays silent gets the first `MAX_BURST` commands at once, and the
 /// rest only after the link's pause (50 ms).
