@@ -305,20 +305,11 @@ pub struct Unrecorded {
     pub remains: Vec<(String, u32)>,
 }
 
-/// Finds running games of `ids` whose pid the agent never recorded: it was stopped after
-/// starting them and before their pid reached its state file (or while the disk took no
-/// writes). A game is the leader of a session of its own, and its environment names its
-/// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
-/// agents on one machine). Of two, the newer is taken. Processes with such an id in a session
-/// whose leader is gone are the remains of a game that ended while the agent was down. One
-/// pass over `/proc`, at start only.
-pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
-    let mut found = Unrecorded::default();
-    if ids.is_empty() {
-        return found;
-    }
+/// Visits every process whose environment names an instance (`BERTH_INSTANCE_ID`): its pid,
+/// stat, instance id and whole environment. One pass over `/proc`.
+fn scan_games(mut visit: impl FnMut(u32, &Stat, &str, &[u8])) {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
+        return;
     };
     for entry in dir.flatten() {
         let Some(pid) = entry
@@ -332,12 +323,36 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        let id = environ
-            .split(|&b| b == 0)
-            .find_map(|kv| kv.strip_prefix(b"BERTH_INSTANCE_ID="))
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .filter(|id| ids.contains(id));
-        let Some(id) = id else { continue };
+        if let Some(id) = env_value(&environ, "BERTH_INSTANCE_ID") {
+            visit(pid, &s, id, &environ);
+        }
+    }
+}
+
+/// One variable of a NUL-separated environment block, if it is there and UTF-8.
+fn env_value<'a>(environ: &'a [u8], key: &str) -> Option<&'a str> {
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(key.as_bytes())?.strip_prefix(b"="))
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Finds running games of `ids` whose pid the agent never recorded: it was stopped after
+/// starting them and before their pid reached its state file (or while the disk took no
+/// writes). A game is the leader of a session of its own, and its environment names its
+/// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
+/// agents on one machine). Of two, the newer is taken. Processes with such an id in a session
+/// whose leader is gone are the remains of a game that ended while the agent was down. One
+/// pass over `/proc`, at start only.
+pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
+    let mut found = Unrecorded::default();
+    if ids.is_empty() {
+        return found;
+    }
+    scan_games(|pid, s, id, _| {
+        if !ids.contains(id) {
+            return;
+        }
         if s.session != pid {
             // Its session's leader (the game that started it) is gone, not merely elsewhere;
             // a leader not yet reaped by whoever inherited it is gone too.
@@ -345,20 +360,79 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
             if leader.is_none_or(|l| l.session != s.session || matches!(l.state, 'Z' | 'X')) {
                 found.remains.push((id.to_owned(), pid));
             }
-            continue;
+            return;
         }
         if found
             .games
             .get(id)
             .is_some_and(|p| p.start_time >= s.start_time)
         {
-            continue;
+            return;
         }
         if let Some(p) = adopt(pid, s.start_time) {
             found.games.insert(id.to_owned(), p);
         }
-    }
+    });
     found
+}
+
+/// A running game the agent has no record of, found by its environment.
+#[derive(Debug)]
+pub struct Orphan {
+    pub id: String,
+    pub process: Process,
+    /// `BERTH_AGENT_RECORD`, as the agent wrote it when it started the game.
+    pub record: String,
+    /// `BERTH_PORT` and `BERTH_MANAGEMENT_PORT`.
+    pub port: u16,
+    pub management_port: u16,
+}
+
+/// Finds running games with an agent's record (`BERTH_AGENT_RECORD`) whose instance is not in
+/// `known`, owned by `uid` (the games' user): candidates for an agent whose state was lost (a
+/// wiped or replaced `state_dir`, a corrupt state file moved away) while they ran; the caller
+/// keeps those whose record names its `state_dir`. A game is a session leader. Of two with one
+/// instance id, the newer. One pass over `/proc`, at start only.
+pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Orphan> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found: HashMap<String, (u64, u32, String, u16, u16)> = HashMap::new();
+    scan_games(|pid, s, id, environ| {
+        if s.session != pid || known.contains(id) {
+            return;
+        }
+        let port = |key| env_value(environ, key).and_then(|p| p.parse::<u16>().ok());
+        let (Some(record), Some(game), Some(management)) = (
+            env_value(environ, "BERTH_AGENT_RECORD"),
+            port("BERTH_PORT"),
+            port("BERTH_MANAGEMENT_PORT"),
+        ) else {
+            return;
+        };
+        if std::fs::metadata(format!("/proc/{pid}"))
+            .ok()
+            .map(|m| m.uid())
+            != Some(uid)
+        {
+            return;
+        }
+        if found.get(id).is_some_and(|(t, ..)| *t >= s.start_time) {
+            return;
+        }
+        let record = record.to_owned();
+        found.insert(id.to_owned(), (s.start_time, pid, record, game, management));
+    });
+    found
+        .into_iter()
+        .filter_map(|(id, (start_time, pid, record, port, management_port))| {
+            Some(Orphan {
+                id,
+                process: adopt(pid, start_time)?,
+                record,
+                port,
+                management_port,
+            })
+        })
+        .collect()
 }
 
 /// Kills one process [`find_unrecorded`] found left over from an ended game.

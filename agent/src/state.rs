@@ -75,6 +75,10 @@ pub struct PersistedAllocation {
     pub at: u64,
     /// The game reported status 5 during this allocation: a later 4 from it ends the match.
     pub game_confirmed: bool,
+    /// Learned from a game found running with no record (see [`GameRecord`]): the controller
+    /// holds its id, so a release naming any id ends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +103,25 @@ pub struct PersistedInstance {
     pub allocation: Option<PersistedAllocation>,
     pub metadata: Vec<KeyValue>,
     pub reverse_metadata: Vec<KeyValue>,
+    /// Found running with no record; until its game first reports a status, a 5 from it is
+    /// its match (learned, not released as an allocation nobody acknowledged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+}
+
+/// What a game's environment carries for the agent (`BERTH_AGENT_RECORD`): which agent
+/// started it (its `state_dir`) and what the agent must know to supervise it. An agent whose
+/// state was lost (a wiped or replaced `state_dir`, a corrupt state file moved away) finds its
+/// running games by it and adopts them, instead of leaving them unmanaged and starting a second
+/// set beside them. Games ignore it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GameRecord {
+    pub state_dir: String,
+    pub fleet_id: Option<u64>,
+    pub management_protocol: ManagementProtocol,
+    pub confirm_allocation: bool,
+    pub profile: Profile,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +131,7 @@ pub enum StateError {
     #[error("cannot read state file {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error(
-        "state file {path} is corrupt ({source}); move it away to start with no instances (running games will then not be re-adopted)"
+        "state file {path} is corrupt ({source}); move it away to start afresh: running games started by this agent are then found by their environment and adopted, with their matches"
     )]
     Corrupt {
         path: PathBuf,
@@ -570,7 +593,32 @@ mod tests {
             allocation: None,
             metadata: Vec::new(),
             reverse_metadata: Vec::new(),
+            recovered: false,
         }
+    }
+
+    /// A game adopted with no record keeps what it is (a 5 from it is its match, a release
+    /// naming any id ends that match) across another restart; the flags are written only when
+    /// set, so every other record reads the same to an older agent.
+    #[test]
+    fn recovered_flags_survive_a_restart_and_are_written_only_when_set() {
+        let plain = serde_json::to_string(&instance("a")).expect("serialise");
+        assert!(!plain.contains("recovered"), "{plain}");
+        let mut adopted = instance("b");
+        adopted.recovered = true;
+        adopted.allocation = Some(PersistedAllocation {
+            id: None,
+            at: 1,
+            game_confirmed: false,
+            recovered: true,
+        });
+        let text = serde_json::to_string(&adopted).expect("serialise");
+        let back: PersistedInstance = serde_json::from_str(&text).expect("read back");
+        assert!(back.recovered, "{text}");
+        assert!(
+            back.allocation
+                .is_some_and(|a| a.recovered && a.id.is_none())
+        );
     }
 
     fn entry(base: u64, alloc: &str) -> JournalEntry {
@@ -582,6 +630,7 @@ mod tests {
                 id: Some(alloc.into()),
                 at: 1,
                 game_confirmed: false,
+                recovered: false,
             }),
             metadata: vec![KeyValue::new("map", "dust")],
             instance: None,

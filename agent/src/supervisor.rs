@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::ports::{PortError, PortPool};
 use crate::process::{self, ExitInfo, SpawnRequest, Spawner};
 use crate::state::{
-    Desired, Journal, PersistedAllocation, PersistedInstance, StateFile, StateWriter,
+    Desired, GameRecord, Journal, PersistedAllocation, PersistedInstance, StateFile, StateWriter,
 };
 use crate::template;
 
@@ -483,6 +483,9 @@ struct Instance {
     /// reports now is an allocation the agent told it of but crashed before writing down (and
     /// so never acknowledged), not one the game made itself.
     adopted_free: bool,
+    /// Found running with no record (see [`GameRecord`]) and no status heard since: a 5 the
+    /// game reports now is its match, which the controller knows.
+    recovered: bool,
     version: u64,
 }
 
@@ -534,6 +537,7 @@ impl Instance {
             release_pending: None,
             game_confirms: false,
             adopted_free: false,
+            recovered: false,
             version: 0,
         }
     }
@@ -603,6 +607,7 @@ impl Instance {
             allocation: self.allocation.clone(),
             metadata: self.metadata.clone(),
             reverse_metadata: self.reverse_metadata.clone(),
+            recovered: self.recovered,
         }
     }
 
@@ -639,6 +644,8 @@ pub struct Supervisor {
     timers_set: u64,
     metrics: Arc<Metrics>,
     spawner: Spawner,
+    /// `state_dir` as games' records name it (see [`GameRecord`]).
+    record_dir: String,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -671,7 +678,12 @@ impl Supervisor {
             state.seq,
             metrics.journal_write_failures.clone(),
         );
+        let record_dir = std::fs::canonicalize(&config.state_dir)
+            .unwrap_or_else(|_| config.state_dir.clone())
+            .to_string_lossy()
+            .into_owned();
         let mut sup = Self {
+            record_dir,
             ports: PortPool::new(config.game_ports.clone(), config.management_ports.clone()),
             host,
             config,
@@ -730,6 +742,7 @@ impl Supervisor {
                 metadata: p.metadata,
                 reverse_metadata: p.reverse_metadata,
                 allocation: p.allocation,
+                recovered: p.recovered,
                 ..Instance::new(
                     p.id.clone(),
                     p.fleet_id,
@@ -769,7 +782,7 @@ impl Supervisor {
                     inst.status = if inst.allocation.is_some() {
                         InstanceStatus::Allocated
                     } else {
-                        inst.adopted_free = true;
+                        inst.adopted_free = !inst.recovered;
                         InstanceStatus::Starting
                     };
                     // A stop or removal under way lost its timers with the agent: the game
@@ -814,6 +827,7 @@ impl Supervisor {
                 }
             }
         }
+        sup.adopt_orphans();
         let ids: Vec<String> = sup.instances.keys().cloned().collect();
         for id in ids {
             sup.changed(&id, true);
@@ -825,6 +839,73 @@ impl Supervisor {
 
     pub fn agent_token(&self) -> &str {
         &self.agent_token
+    }
+
+    /// Adopts the running games this agent started that its state does not know: it was lost
+    /// (a wiped or replaced `state_dir`, a corrupt state file moved away) while they ran.
+    /// Left alone they would run unmanaged, invisible to the controller, while a second set
+    /// was started beside them. Each one's environment carries what the agent needs (see
+    /// [`GameRecord`]); its allocation, if it is in a match, is learned from the game itself
+    /// when its link is up, and the controller still holds its id.
+    fn adopt_orphans(&mut self) {
+        let known: HashSet<&str> = self.instances.keys().map(String::as_str).collect();
+        let uid = self
+            .config
+            .run_as
+            .as_ref()
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |r| r.uid);
+        let orphans = process::find_orphans(&known, uid);
+        for o in orphans {
+            let record: GameRecord = match serde_json::from_str(&o.record) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(instance_id = %o.id, pid = o.process.pid, error = %e, "a game's BERTH_AGENT_RECORD cannot be read; not adopted");
+                    continue;
+                }
+            };
+            if record.state_dir != self.record_dir {
+                continue;
+            }
+            let (port, management_port) = (o.port, o.management_port);
+            tracing::warn!(instance_id = %o.id, pid = o.process.pid, port, "adopted a running game this agent had no record of (its state was lost); a match it runs is learned from the game");
+            self.metrics.readopted.inc();
+            self.ports.mark_used(port);
+            self.ports.mark_used(management_port);
+            let now = unix_now();
+            let mut inst = Instance::new(
+                o.id.clone(),
+                record.fleet_id,
+                record.management_protocol,
+                record.confirm_allocation,
+                record.profile,
+                port,
+                management_port,
+            );
+            inst.run = 1;
+            inst.pid = Some(o.process.pid);
+            inst.start_time = o.process.start_time;
+            inst.started_at = Some(now);
+            inst.pid_changed_at = Some(now);
+            inst.run_started = Some(Instant::now());
+            inst.state = RuntimeState::Running;
+            inst.recovered = true;
+            if inst.is_arcus() {
+                // Not offered until the game says whether it is in a match.
+                inst.status = InstanceStatus::Starting;
+            } else {
+                // A game without Arcus cannot say whether it is in a match: it is taken to
+                // be, until a release (naming any allocation) or its exit ends it.
+                inst.status = InstanceStatus::Allocated;
+                inst.allocation = Some(PersistedAllocation {
+                    id: None,
+                    at: now,
+                    game_confirmed: false,
+                    recovered: true,
+                });
+            }
+            self.instances.insert(o.id.clone(), inst);
+            self.watch(&o.id, o.process);
+        }
     }
 
     /// Runs until `shutdown` fires. Games are left running; the state is written first.
@@ -1130,6 +1211,17 @@ impl Supervisor {
             (
                 "BERTH_HOST_ID".into(),
                 host.host_id.unwrap_or(0).to_string(),
+            ),
+            (
+                "BERTH_AGENT_RECORD".into(),
+                serde_json::to_string(&GameRecord {
+                    state_dir: self.record_dir.clone(),
+                    fleet_id: inst.fleet_id,
+                    management_protocol: inst.protocol,
+                    confirm_allocation: inst.confirm_allocation,
+                    profile: inst.profile.clone(),
+                })
+                .unwrap_or_default(),
             ),
         ];
         let mut env_err = None;
@@ -1624,6 +1716,7 @@ impl Supervisor {
             id: req.allocation_id.clone(),
             at: now,
             game_confirmed: false,
+            recovered: false,
         };
         if !confirmed_later {
             // On disk before the game hears of it: refused here, it is refused for good.
@@ -1675,8 +1768,10 @@ impl Supervisor {
             .instances
             .get_mut(id)
             .ok_or_else(|| InstanceError::NotFound(id.to_owned()))?;
+        // A match learned from an adopted game has no id here; the controller holds it.
         if let (Some(want), Some(alloc)) = (&req.allocation_id, &inst.allocation)
             && alloc.id.as_ref() != Some(want)
+            && !(alloc.id.is_none() && alloc.recovered)
         {
             return Err(InstanceError::Invalid(format!(
                 "allocationId {want} is not the instance's allocation ({}); nothing was released",
@@ -1894,6 +1989,7 @@ impl Supervisor {
                                 id: p.allocation_id,
                                 at: unix_now(),
                                 game_confirmed: true,
+                                recovered: false,
                             });
                             self.changed(id, true);
                             self.answer_journaled(p.reply, id);
@@ -1907,13 +2003,18 @@ impl Supervisor {
                         visible = false;
                     }
                     (5, _) => {
-                        // The game allocated itself (e.g. players joined directly): it is
+                        // The game allocated itself (e.g. players joined directly), or a game
+                        // found with no record is in the match the controller holds: it is
                         // not free, whatever the controller thinks.
+                        if inst.recovered {
+                            tracing::info!(instance_id = %id, "an adopted game is in a match; it stays allocated");
+                        }
                         inst.status = InstanceStatus::Allocated;
                         inst.allocation = Some(PersistedAllocation {
                             id: None,
                             at: unix_now(),
                             game_confirmed: true,
+                            recovered: inst.recovered,
                         });
                     }
                     (3, InstanceStatus::Online) => inst.status = InstanceStatus::Starting,
@@ -1923,6 +2024,8 @@ impl Supervisor {
                         return;
                     }
                 }
+                // Only an adopted game's first status can be the match the controller holds.
+                inst.recovered = false;
             }
         }
         if grace {

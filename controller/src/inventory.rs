@@ -2011,10 +2011,18 @@ impl Inventory {
         // from each other at every registration. The agent's own token, kept in its state
         // across restarts, tells a restart from another agent; another agent gets the name
         // once the host it belonged to has gone silent (a reinstalled machine, say).
+        //
+        // An agent at the host's own address is not another agent: registration first called
+        // it there (`check_advertised`) and it answered with this token, so the agent that
+        // registered the host before is no longer there (its state was lost or reinstalled,
+        // and it restarted). It takes the host over at once, with the games it adopted.
         let existing = self.hosts.values().find(|h| h.rec.name == req.host_name);
+        let same_address = existing
+            .is_some_and(|h| h.rec.advertise_url == req.advertise_url.trim_end_matches('/'));
         if let Some(h) = existing
             && h.reachable
             && h.rec.agent_token != req.agent_token
+            && !same_address
         {
             return Err(invalid(format!(
                 "hostName {:?} is host {} of another agent, which is alive (reached at {}, heard from {} ms ago); give this agent its own host_name in agent.toml, or stop the other one: this one is accepted once the other has been silent for {} ms",
@@ -2052,6 +2060,11 @@ impl Inventory {
                 )));
             }
             tracing::warn!(host_id = h.rec.id, old_name = %h.rec.name, host_name = %req.host_name, "host renamed by its agent");
+        }
+        if let Some(h) = existing
+            && h.rec.agent_token != req.agent_token
+        {
+            tracing::warn!(host_id = h.rec.id, host_name = %h.rec.name, same_address, "host taken over by an agent with a new token (its state_dir was lost or replaced, or the machine was reinstalled)");
         }
         let existing = existing
             .or(renamed)

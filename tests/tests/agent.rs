@@ -502,6 +502,96 @@ async fn agent_sigkill_three_times_readopts_games() {
     }
 }
 
+/// An agent whose state is lost while its games run (its `state_dir` wiped or replaced, a
+/// corrupt state file moved away) finds them by the record in their environment and adopts
+/// them: the same processes and ports, no second set; a match in progress stays allocated
+/// (learned from the game) and a release naming the allocation's id, which the controller
+/// still holds, reaches the game; an idle game is offered again. Another agent's games on the
+/// same machine are left to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_state_was_lost_adopts_its_running_games() {
+    let mut agent = AgentProcess::start_new("lost-state").await;
+    let (busy, idle) = (new_id("l-busy"), new_id("l-idle"));
+    for id in [&busy, &idle] {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let busy_before = agent.wait_online(&busy).await;
+    let idle_before = agent.wait_online(&idle).await;
+    agent
+        .post(
+            &format!("/v1/instances/{busy}/allocate"),
+            &json!({"metadata": kv(&[("map", "dust")]), "allocationId": "match-1"}),
+        )
+        .await
+        .expect(200);
+    agent.wait_allocation_persisted(&busy).await;
+    let other = AgentProcess::start_new("lost-state-other").await;
+    let theirs = new_id("l-theirs");
+    other.deploy_sample(&theirs, 0, 0).await;
+    let theirs_pid = pid_of(&other.wait_online(&theirs).await);
+
+    agent.kill9();
+    std::fs::remove_dir_all(agent.state_dir()).expect("wipe the agent's state_dir");
+    agent.start().await;
+    let b = agent
+        .wait_instance(&busy, "adopted in its match", |i| {
+            i["status"] == 5 && i["arcusConnected"] == true
+        })
+        .await;
+    assert_eq!(pid_of(&b), pid_of(&busy_before), "the same process: {b}");
+    assert_eq!(port_of(&b), port_of(&busy_before), "{b}");
+    assert_eq!(b["fleetId"], busy_before["fleetId"], "{b}");
+    assert_eq!(b["profileId"], busy_before["profileId"], "{b}");
+    assert!(b["allocationId"].is_null(), "learned from the game: {b}");
+    let i = agent.wait_online(&idle).await;
+    assert_eq!(pid_of(&i), pid_of(&idle_before), "the same process: {i}");
+    let listed = agent.get("/v1/instances").await.expect(200).json;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(2),
+        "its two games, not the other agent's: {listed}"
+    );
+    for id in [&busy, &idle, &theirs] {
+        assert_eq!(count_instance_processes(id), 1, "{id} runs once");
+    }
+    assert_eq!(
+        log_records(
+            &agent,
+            "adopted a running game this agent had no record of (its state was lost); a match it runs is learned from the game",
+            &busy
+        )
+        .len(),
+        1
+    );
+
+    let allocate = async |id: &str| {
+        agent
+            .post(&format!("/v1/instances/{id}/allocate"), &json!({}))
+            .await
+    };
+    allocate(&busy)
+        .await
+        .assert_error(422, "INSTANCE_ALREADY_ALLOCATED", Some(76006));
+    allocate(&idle).await.expect(200);
+    agent
+        .post(
+            &format!("/v1/instances/{busy}/deallocate"),
+            &json!({"allocationId": "match-1"}),
+        )
+        .await
+        .expect(200);
+    wait_game_info(port_of(&b), "released", |i| i["allocated"] == false).await;
+    agent.wait_online(&busy).await;
+
+    // Now in the new state: a plain restart re-adopts them as ever.
+    agent.kill9();
+    agent.start().await;
+    let again = agent.wait_online(&busy).await;
+    assert_eq!(pid_of(&again), pid_of(&busy_before), "{again}");
+    let theirs_now = other.wait_online(&theirs).await;
+    assert_eq!(pid_of(&theirs_now), theirs_pid, "{theirs_now}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn game_dying_while_agent_down_is_restarted() {
     let mut agent = AgentProcess::start_new("died-while-down").await;

@@ -1543,6 +1543,88 @@ async fn a_renamed_agent_keeps_its_host_and_its_games() {
     assert!(listed.iter().all(|i| host_of(i) == 1), "{listed:?}");
 }
 
+/// An agent whose `state_dir` is wiped while its games run (a reinstall, a corrupt state file
+/// moved away) comes back with a new agent token, takes its host over once the old
+/// registration has gone silent, and brings its running games with it: the same instances,
+/// processes and match, no second set deployed beside them, and the matchmaker's release
+/// reaches the game.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_state_was_wiped_keeps_its_host_games_and_matches() {
+    let c = ControllerProcess::start_new("ctl-wiped").await;
+    c.sample_fleet(7, 456, 2, 0, &[]).await;
+    let mut agent = c.spawn_agent("ctl-wiped", "wiped-bm").await;
+    let before = c.wait_online(7, 2).await;
+    let held = c.allocate_ok(7, "").await;
+    wait_game_info(port_of(&held), "allocated", |i| i["allocated"] == true).await;
+    let pids: BTreeMap<String, u32> = before.iter().map(|i| (id_of(i), pid_of(i))).collect();
+
+    agent.kill9();
+    std::fs::remove_dir_all(agent.state_dir()).expect("wipe the agent's state_dir");
+    agent.start().await;
+    // At once, though the old registration is not yet silent: the agent answered at the
+    // host's own address with its new token, so the old one is not there any more.
+    wait_for(
+        "the agent with a new token registered",
+        TIMEOUT,
+        async || {
+            (registrations(&agent) == 2)
+                .then_some(())
+                .ok_or(agent.log())
+        },
+    )
+    .await;
+    assert!(
+        !agent.log().contains("cannot register"),
+        "not refused: {}",
+        agent.log()
+    );
+    assert!(
+        c.log()
+            .contains("host taken over by an agent with a new token")
+    );
+    let host = c
+        .wait_host("wiped-bm", "its games adopted", |h| {
+            h["reachable"] == true && h["instancesByStatus"]["online"] == 1
+        })
+        .await;
+    assert_eq!(host["id"], 1, "{host}");
+    assert_eq!(c.hosts().await.len(), 1);
+    let listed = c
+        .wait_instances("?applicationId=7", "both games", |l| l.len() == 2)
+        .await;
+    for i in &listed {
+        assert_eq!(pids.get(&id_of(i)), Some(&pid_of(i)), "the same game: {i}");
+    }
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["status"], 5, "{kept}");
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    for id in pids.keys() {
+        assert_eq!(count_instance_processes(id), 1, "{id} runs once");
+    }
+    let deploys = metric(
+        &c.metrics().await,
+        "berth_controller_reconcile_deploys_total",
+        "",
+    );
+    assert_eq!(
+        deploys,
+        Some(2.0),
+        "no second set: {:?}",
+        agent.instances().await
+    );
+
+    c.matchmaker(
+        Method::POST,
+        &format!("/v1/instances/{}/deallocate", id_of(&held)),
+        Some(&json!({"allocationId": held["allocationId"]})),
+    )
+    .await
+    .expect(200);
+    wait_game_info(port_of(&held), "released", |i| i["allocated"] == false).await;
+    let again = c.allocate_when_offered(7, &json!({}), &[]).await;
+    assert!(pids.contains_key(&id_of(&again)), "{again}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Fleet sizing
 
