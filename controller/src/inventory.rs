@@ -2226,7 +2226,7 @@ impl Inventory {
             reregister: !host.synced,
             cannot_call: host.not_answering.as_ref().map(|n| {
                 format!(
-                    "{} (since {} s ago); this host's games are not allocated until the controller reaches the agent at {} again",
+                    "{} (for {} s); this host's games are not allocated until the controller reaches the agent at {} again",
                     n.error,
                     n.started.elapsed().as_secs(),
                     host.rec.advertise_url
