@@ -341,9 +341,11 @@ fn env_value<'a>(environ: &'a [u8], key: &str) -> Option<&'a str> {
 /// starting them and before their pid reached its state file (or while the disk took no
 /// writes). A game is the leader of a session of its own, and its environment names its
 /// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
-/// agents on one machine). Of two, the newer is taken. Processes with such an id in a session
-/// whose leader is gone are the remains of a game that ended while the agent was down. One
-/// pass over `/proc`, at start only.
+/// agents on one machine). Of two live ones, the older is the game: a helper that left the
+/// game's session (`setsid`) leads one of its own and came later; a game restarted after its
+/// predecessor ended is the only live one. Processes with such an id in a session whose leader
+/// is gone are the remains of a game that ended while the agent was down. One pass over
+/// `/proc`, at start only.
 pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
     let mut found = Unrecorded::default();
     if ids.is_empty() {
@@ -362,13 +364,16 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
             }
             return;
         }
+        // Started in the same clock tick (10 ms): the lower pid, as pids are handed out
+        // in order.
         if found
             .games
             .get(id)
-            .is_some_and(|p| p.start_time >= s.start_time)
+            .is_some_and(|p| (p.start_time, p.pid) <= (s.start_time, pid))
         {
             return;
         }
+        // `adopt` refuses a process that has ended (a zombie).
         if let Some(p) = adopt(pid, s.start_time) {
             found.games.insert(id.to_owned(), p);
         }
@@ -391,13 +396,14 @@ pub struct Orphan {
 /// Finds running games with an agent's record (`BERTH_AGENT_RECORD`) whose instance is not in
 /// `known`, owned by `uid` (the games' user): candidates for an agent whose state was lost (a
 /// wiped or replaced `state_dir`, a corrupt state file moved away) while they ran; the caller
-/// keeps those whose record names its `state_dir`. A game is a session leader. Of two with one
-/// instance id, the newer. One pass over `/proc`, at start only.
+/// keeps those whose record names its `state_dir`. A game is a session leader; of two live ones
+/// with one instance id, the older (see [`find_unrecorded`]). One pass over `/proc`, at start
+/// only.
 pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Orphan> {
     use std::os::unix::fs::MetadataExt;
     let mut found: HashMap<String, (u64, u32, String, u16, u16)> = HashMap::new();
     scan_games(|pid, s, id, environ| {
-        if s.session != pid || known.contains(id) {
+        if s.session != pid || known.contains(id) || matches!(s.state, 'Z' | 'X') {
             return;
         }
         let port = |key| env_value(environ, key).and_then(|p| p.parse::<u16>().ok());
@@ -415,7 +421,10 @@ pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Or
         {
             return;
         }
-        if found.get(id).is_some_and(|(t, ..)| *t >= s.start_time) {
+        if found
+            .get(id)
+            .is_some_and(|(t, p, ..)| (*t, *p) <= (s.start_time, pid))
+        {
             return;
         }
         let record = record.to_owned();
@@ -772,20 +781,16 @@ mod tests {
                 .expect("a test process")
         };
         let mut game = start(&id, true);
+        wait_leading(game.id());
+        // A helper the game started that left its session: it leads one of its own, later.
+        let mut helper = later(game.id(), || start(&id, true));
         // Of ours, but in the test runner's session: neither its game nor a remain of one.
         let mut child = start(&id, false);
         let mut stranger = start(&other, true);
+        wait_leading(helper.id());
         let ids = std::collections::HashSet::from([id.as_str()]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let found = loop {
-            // `setsid` execs `sleep` once it leads its session.
-            let found = find_unrecorded(&ids);
-            if found.games.contains_key(&id) || std::time::Instant::now() > deadline {
-                break found;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        for p in [&mut game, &mut child, &mut stranger] {
+        let found = find_unrecorded(&ids);
+        for p in [&mut game, &mut helper, &mut child, &mut stranger] {
             let _ = p.kill();
             let _ = p.wait();
         }
@@ -794,6 +799,77 @@ mod tests {
         assert!(
             found.remains.iter().all(|(i, _)| *i == id),
             "none of the stranger's: {found:?}"
+        );
+    }
+
+    /// A process started by `spawn` in a later clock tick than `first` (retried until it is),
+    /// so that the two cannot be told apart by their pids alone.
+    fn later(first: u32, spawn: impl Fn() -> std::process::Child) -> std::process::Child {
+        let first = stat(first).expect("the first process").start_time;
+        loop {
+            let mut p = spawn();
+            if stat(p.id()).is_some_and(|s| s.start_time > first) {
+                return p;
+            }
+            let _ = p.kill();
+            let _ = p.wait();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits until `setsid` has made `pid` the leader of its own session (it then execs).
+    fn wait_leading(pid: u32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stat(pid).is_none_or(|s| s.session != pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never led a session"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Leading its session, `setsid` execs `sleep`; its environment stays.
+    }
+
+    /// An agent that lost its state finds the games whose record it wrote: the game, not a
+    /// helper that left its session, and not a game of an instance it knows.
+    #[test]
+    fn orphans_are_found_by_their_record() {
+        let (id, known_id) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let start = |id: &str| {
+            Command::new("setsid")
+                .args(["sleep", "30"])
+                .env("BERTH_INSTANCE_ID", id)
+                .env("BERTH_PORT", "20001")
+                .env("BERTH_MANAGEMENT_PORT", "30001")
+                .env("BERTH_AGENT_RECORD", r#"{"stateDir":"/var/lib/x"}"#)
+                .spawn()
+                .expect("a test process")
+        };
+        let mut game = start(&id);
+        wait_leading(game.id());
+        let mut helper = later(game.id(), || start(&id));
+        let mut known = start(&known_id);
+        wait_leading(helper.id());
+        wait_leading(known.id());
+        let uid = nix::unistd::geteuid().as_raw();
+        let found = find_orphans(&std::collections::HashSet::from([known_id.as_str()]), uid);
+        let other_user = find_orphans(&std::collections::HashSet::new(), uid + 1);
+        for p in [&mut game, &mut helper, &mut known] {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let ours: Vec<&Orphan> = found.iter().filter(|o| o.id == id).collect();
+        assert_eq!(ours.len(), 1, "{found:?}");
+        assert_eq!(ours[0].process.pid, game.id(), "{found:?}");
+        assert_eq!((ours[0].port, ours[0].management_port), (20001, 30001));
+        assert_eq!(ours[0].record, r#"{"stateDir":"/var/lib/x"}"#);
+        assert!(found.iter().all(|o| o.id != known_id), "{found:?}");
+        assert!(
+            other_user.iter().all(|o| o.id != id),
+            "another user's games are not ours: {other_user:?}"
         );
     }
 
