@@ -342,10 +342,10 @@ fn env_value<'a>(environ: &'a [u8], key: &str) -> Option<&'a str> {
 /// writes). A game is the leader of a session of its own, and its environment names its
 /// instance (`BERTH_INSTANCE_ID`, which instance ids, UUIDs, make unique even with several
 /// agents on one machine). Of two live ones, the older is the game: a helper that left the
-/// game's session (`setsid`) leads one of its own and came later; a game restarted after its
-/// predecessor ended is the only live one. Processes with such an id in a session whose leader
-/// is gone are the remains of a game that ended while the agent was down. One pass over
-/// `/proc`, at start only.
+/// game's session (`setsid`) leads one of its own and came later (one left by a game that
+/// ended while the agent ran was killed then, see [`kill_leavers`]). Processes with such an id
+/// in a session whose leader is gone are the remains of a game that ended while the agent was
+/// down. One pass over `/proc`, at start only.
 pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
     let mut found = Unrecorded::default();
     if ids.is_empty() {
@@ -447,6 +447,51 @@ pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Or
 /// Kills one process [`find_unrecorded`] found left over from an ended game.
 pub fn kill_remain(pid: u32) {
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// A game that ended, and the clock tick (as `/proc` start times count them) by which it had.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub id: String,
+    /// The game's own start time: whatever it started came later.
+    pub started: u64,
+    /// Now, when its end was seen; its restart comes later (the first after 250 ms).
+    pub by: u64,
+}
+
+/// Kills what ended games left outside their process group, which [`kill_group_remains`]
+/// misses: processes with a game's instance id that started during its run and left its
+/// session (`setsid`, a daemon's double fork), holding its ports and files against the
+/// restart. A process that started after the end seen is a restart's, and is left. One pass
+/// over `/proc`; returns the pids killed, with their instance.
+pub fn kill_leavers(ended: &[Ended]) -> Vec<(String, u32)> {
+    let mut killed = Vec::new();
+    if ended.is_empty() {
+        return killed;
+    }
+    scan_games(|pid, s, id, _| {
+        let left = ended
+            .iter()
+            .any(|e| e.id == id && (e.started..=e.by).contains(&s.start_time));
+        if left && !matches!(s.state, 'Z' | 'X') {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            killed.push((id.to_owned(), pid));
+        }
+    });
+    killed
+}
+
+/// The clock tick now, as `/proc/<pid>/stat` counts start times (since boot); `None` when
+/// `/proc/uptime` cannot be read.
+pub fn now_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)? as f64;
+    // Rounded up: a process started in this tick is counted as before the end.
+    Some((secs * per_sec).ceil() as u64)
 }
 
 pub fn stat(pid: u32) -> Option<Stat> {

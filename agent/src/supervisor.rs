@@ -866,6 +866,7 @@ impl Supervisor {
             if record.state_dir != self.record_dir {
                 continue;
             }
+
             let (port, management_port) = (o.port, o.management_port);
             tracing::warn!(instance_id = %o.id, pid = o.process.pid, port, "adopted a running game this agent had no record of (its state was lost); a match it runs is learned from the game");
             self.metrics.readopted.inc();
@@ -1421,6 +1422,20 @@ impl Supervisor {
         tracing::info!(instance_id = %id, pid = ?inst.pid, exit = ?exit, "game exited");
         if let Some(pid) = inst.pid {
             process::kill_group_remains(pid);
+            // A pass over /proc, off this task; the restart comes 250 ms or more later, and
+            // a process started after `by` is left.
+            if let Some(by) = process::now_ticks() {
+                let ended = [process::Ended {
+                    id: id.to_owned(),
+                    started: inst.start_time,
+                    by,
+                }];
+                tokio::task::spawn_blocking(move || {
+                    for (instance_id, pid) in process::kill_leavers(&ended) {
+                        tracing::warn!(%instance_id, pid, "killed a process the game had started outside its process group (setsid); it would have outlived the game");
+                    }
+                });
+            }
         }
         inst.pid = None;
         inst.exit = Some(exit);

@@ -931,6 +931,89 @@ async fn a_crashed_game_leaves_no_helper_behind() {
         .await;
 }
 
+/// A helper that left its game's session (`setsid`, as a daemon's double fork does) is not in
+/// the game's process group, which the agent kills when the game ends; it is found by the
+/// instance id in its environment and killed too, when the game crashes and when it is
+/// removed. The restart, which carries the same id, is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_that_left_the_games_session_goes_with_the_game() {
+    let agent = AgentProcess::start_new("game-leaver").await;
+    let id = new_id("s");
+    let marker = format!("{}", 200_000 + std::process::id() % 100_000);
+    let mut profile = sample_game_profile("sample-leaver", 7, 0, 0);
+    let args: Vec<String> = profile["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let game = profile["executable"]
+        .as_str()
+        .expect("executable")
+        .to_owned();
+    profile["executable"] = json!("/bin/sh");
+    profile["args"] = json!([
+        "-c",
+        format!("setsid sleep {marker} & exec {game} {}", args.join(" "))
+    ]);
+    agent.deploy(&deploy_body(&id, profile)).await;
+    let before = agent.wait_online(&id).await;
+    let helper = wait_for("the helper in a session of its own", TIMEOUT, async || {
+        let pid = *berth_e2e::pids_with_arg(&marker).first().ok_or(())?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(drop)?;
+        // After the command's closing parenthesis: state, ppid, process group, session.
+        let after = stat.rsplit_once(')').ok_or(())?.1;
+        let session: u32 = after
+            .split_whitespace()
+            .nth(3)
+            .ok_or(())?
+            .parse()
+            .map_err(drop)?;
+        (session == pid).then_some(pid).ok_or(())
+    })
+    .await;
+
+    signal(pid_of(&before), Signal::SIGKILL).expect("SIGKILL the game");
+    wait_for("the helper to be gone", TIMEOUT, async || {
+        (!pid_alive(helper)).then_some(())
+    })
+    .await;
+    let after = agent
+        .wait_instance(&id, "restarted, online", |i| {
+            i["pid"]
+                .as_u64()
+                .is_some_and(|p| p != u64::from(pid_of(&before)))
+                && i["status"] == 4
+        })
+        .await;
+    assert_eq!(count_instance_processes(&id), 1, "{after}");
+    assert_eq!(
+        log_records(
+            &agent,
+            "killed a process the game had started outside its process group (setsid); it would have outlived the game",
+            &id
+        )
+        .len(),
+        1
+    );
+    let second = wait_for("the restart's helper", TIMEOUT, async || {
+        berth_e2e::pids_with_arg(&marker).first().copied().ok_or(())
+    })
+    .await;
+    assert_ne!(second, helper);
+    // The restart and its own helper started after the first game's end, so the pass over
+    // /proc that killed the first helper left them.
+    assert!(pid_alive(pid_of(&after)) && pid_alive(second));
+    agent
+        .delete(&format!("/v1/instances/{id}?force=true"))
+        .await
+        .expect(200);
+    wait_for("the restart's helper gone with it", TIMEOUT, async || {
+        (!pid_alive(second)).then_some(())
+    })
+    .await;
+}
+
 /// A second agent started on a running agent's state directory (another listen port, so the
 /// port does not stop it) exits at once, naming the running agent's pid and the lock file, and
 /// touches nothing: the games keep their process and their Arcus link to the first agent.
