@@ -31,6 +31,19 @@ fn log_records(agent: &AgentProcess, message: &str, id: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Allocates instance `id` on the agent with `metadata` and `allocation_id`, and waits until the
+/// game has confirmed it (status 5) and the agent has it on disk.
+async fn allocate_confirmed(agent: &AgentProcess, id: &str, metadata: &Value, allocation_id: &str) {
+    agent
+        .post(
+            &format!("/v1/instances/{id}/allocate"),
+            &json!({"metadata": metadata, "allocationId": allocation_id}),
+        )
+        .await
+        .expect(200);
+    agent.wait_allocation_persisted(id).await;
+}
+
 /// A unique instance id (instance ids also find game processes in /proc, across parallel
 /// tests).
 fn new_id(prefix: &str) -> String {
@@ -426,14 +439,7 @@ async fn agent_sigkill_three_times_readopts_games() {
         .map(|n| kv(&[("match", &format!("m{n}")), ("players", "8")]))
         .collect();
     for n in 0..2 {
-        agent
-            .post(
-                &format!("/v1/instances/{}/allocate", ids[n]),
-                &json!({"metadata": metadata[n], "allocationId": format!("alloc-{n}")}),
-            )
-            .await
-            .expect(200);
-        agent.wait_allocation_persisted(&ids[n]).await;
+        allocate_confirmed(&agent, &ids[n], &metadata[n], &format!("alloc-{n}")).await;
     }
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     agent.wait_pids_persisted(&id_refs).await;
@@ -517,14 +523,7 @@ async fn an_agent_whose_state_was_lost_adopts_its_running_games() {
     }
     let busy_before = agent.wait_online(&busy).await;
     let idle_before = agent.wait_online(&idle).await;
-    agent
-        .post(
-            &format!("/v1/instances/{busy}/allocate"),
-            &json!({"metadata": kv(&[("map", "dust")]), "allocationId": "match-1"}),
-        )
-        .await
-        .expect(200);
-    agent.wait_allocation_persisted(&busy).await;
+    allocate_confirmed(&agent, &busy, &kv(&[("map", "dust")]), "match-1").await;
     let other = AgentProcess::start_new("lost-state-other").await;
     let theirs = new_id("l-theirs");
     other.deploy_sample(&theirs, 0, 0).await;
@@ -600,14 +599,7 @@ async fn game_dying_while_agent_down_is_restarted() {
     let before = agent.wait_online(&id).await;
     let old_pid = pid_of(&before);
     // The match dies with the game: the restarted game must come back free.
-    agent
-        .post(
-            &format!("/v1/instances/{id}/allocate"),
-            &json!({"metadata": kv(&[("map", "inferno")]), "allocationId": "alloc-f"}),
-        )
-        .await
-        .expect(200);
-    agent.wait_allocation_persisted(&id).await;
+    allocate_confirmed(&agent, &id, &kv(&[("map", "inferno")]), "alloc-f").await;
     agent.wait_pids_persisted(&[&id]).await;
 
     agent.kill9();
@@ -651,14 +643,7 @@ async fn match_ended_while_agent_down_is_free_after_the_restart() {
     let before = agent.wait_online(&id).await;
     let (pid, port) = (pid_of(&before), port_of(&before));
     agent.wait_pids_persisted(&[&id]).await;
-    agent
-        .post(
-            &format!("/v1/instances/{id}/allocate"),
-            &json!({"metadata": kv(&[("map", "mirage")]), "allocationId": "alloc-g"}),
-        )
-        .await
-        .expect(200);
-    agent.wait_allocation_persisted(&id).await;
+    allocate_confirmed(&agent, &id, &kv(&[("map", "mirage")]), "alloc-g").await;
 
     agent.kill9();
     wait_game_info(port, "the match over, with no agent to tell", |i| {
@@ -851,17 +836,19 @@ async fn a_killed_spawner_is_replaced_and_no_game_exit_goes_unseen() {
     agent.wait_online(&late).await;
 }
 
-/// A game that crashes leaves nothing behind: a helper it started (here a `sleep` from the
-/// shell that then became the game) would otherwise live on, holding whatever the game gave it
-/// (its ports, its Arcus listener) against the restart. It is killed with the game's process
-/// group when the game exits, or at the agent's start when the game ended while the agent
-/// was down, and the restart comes up alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_game_leaves_no_helper_behind() {
-    let mut agent = AgentProcess::start_new("game-remains").await;
-    let id = new_id("h");
-    let marker = format!("{}", 100_000 + std::process::id() % 100_000);
-    let mut profile = sample_game_profile("sample-helper", 7, 0, 0);
+/// Waits until instance `id` runs a process other than `old_pid` and is online again.
+async fn wait_restarted(agent: &AgentProcess, id: &str, old_pid: u32) -> Value {
+    agent
+        .wait_instance(id, "restarted, online", |i| {
+            i["pid"].as_u64().is_some_and(|p| p != u64::from(old_pid)) && i["status"] == 4
+        })
+        .await
+}
+
+/// The sample game's profile run through a shell that first starts `helper` in the background
+/// and then becomes the game (`exec`): a game with a helper process of its own.
+fn sample_with_helper(profile_id: &str, helper: &str) -> Value {
+    let mut profile = sample_game_profile(profile_id, 7, 0, 0);
     let args: Vec<String> = profile["args"]
         .as_array()
         .expect("args")
@@ -873,10 +860,21 @@ async fn a_crashed_game_leaves_no_helper_behind() {
         .expect("executable")
         .to_owned();
     profile["executable"] = json!("/bin/sh");
-    profile["args"] = json!([
-        "-c",
-        format!("sleep {marker} & exec {game} {}", args.join(" "))
-    ]);
+    profile["args"] = json!(["-c", format!("{helper} & exec {game} {}", args.join(" "))]);
+    profile
+}
+
+/// A game that crashes leaves nothing behind: a helper it started (here a `sleep` from the
+/// shell that then became the game) would otherwise live on, holding whatever the game gave it
+/// (its ports, its Arcus listener) against the restart. It is killed with the game's process
+/// group when the game exits, or at the agent's start when the game ended while the agent
+/// was down, and the restart comes up alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_game_leaves_no_helper_behind() {
+    let mut agent = AgentProcess::start_new("game-remains").await;
+    let id = new_id("h");
+    let marker = format!("{}", 100_000 + std::process::id() % 100_000);
+    let profile = sample_with_helper("sample-helper", &format!("sleep {marker}"));
     agent.deploy(&deploy_body(&id, profile)).await;
     let before = agent.wait_online(&id).await;
     let helper = wait_for("the helper", TIMEOUT, async || {
@@ -885,14 +883,7 @@ async fn a_crashed_game_leaves_no_helper_behind() {
     .await;
 
     signal(pid_of(&before), Signal::SIGKILL).expect("SIGKILL the game");
-    let after = agent
-        .wait_instance(&id, "restarted, online", |i| {
-            i["pid"]
-                .as_u64()
-                .is_some_and(|p| p != u64::from(pid_of(&before)))
-                && i["status"] == 4
-        })
-        .await;
+    let after = wait_restarted(&agent, &id, pid_of(&before)).await;
     wait_for("the old helper to be gone", TIMEOUT, async || {
         (!pid_alive(helper)).then_some(())
     })
@@ -920,11 +911,7 @@ async fn a_crashed_game_leaves_no_helper_behind() {
         (!pid_alive(helper)).then_some(())
     })
     .await;
-    let again = agent
-        .wait_instance(&id, "restarted, online", |i| {
-            i["pid"].as_u64().is_some_and(|p| p != u64::from(leader)) && i["status"] == 4
-        })
-        .await;
+    let again = wait_restarted(&agent, &id, leader).await;
     assert_eq!(count_instance_processes(&id), 1, "{again}");
     let _ = agent
         .delete(&format!("/v1/instances/{id}?force=true"))
@@ -940,22 +927,7 @@ async fn a_helper_that_left_the_games_session_goes_with_the_game() {
     let agent = AgentProcess::start_new("game-leaver").await;
     let id = new_id("s");
     let marker = format!("{}", 200_000 + std::process::id() % 100_000);
-    let mut profile = sample_game_profile("sample-leaver", 7, 0, 0);
-    let args: Vec<String> = profile["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(|a| a.as_str().map(str::to_owned))
-        .collect();
-    let game = profile["executable"]
-        .as_str()
-        .expect("executable")
-        .to_owned();
-    profile["executable"] = json!("/bin/sh");
-    profile["args"] = json!([
-        "-c",
-        format!("setsid sleep {marker} & exec {game} {}", args.join(" "))
-    ]);
+    let profile = sample_with_helper("sample-leaver", &format!("setsid sleep {marker}"));
     agent.deploy(&deploy_body(&id, profile)).await;
     let before = agent.wait_online(&id).await;
     let helper = wait_for("the helper in a session of its own", TIMEOUT, async || {
@@ -978,14 +950,7 @@ async fn a_helper_that_left_the_games_session_goes_with_the_game() {
         (!pid_alive(helper)).then_some(())
     })
     .await;
-    let after = agent
-        .wait_instance(&id, "restarted, online", |i| {
-            i["pid"]
-                .as_u64()
-                .is_some_and(|p| p != u64::from(pid_of(&before)))
-                && i["status"] == 4
-        })
-        .await;
+    let after = wait_restarted(&agent, &id, pid_of(&before)).await;
     assert_eq!(count_instance_processes(&id), 1, "{after}");
     assert_eq!(
         log_records(
