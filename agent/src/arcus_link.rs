@@ -36,6 +36,7 @@ const BURST_PAUSE: Duration = Duration::from_millis(50);
 /// match sent there would wait for a server that does not run) until it sends again. The link
 /// itself stays open until [`LINK_TIMEOUT`], as the protocol says.
 const SILENT_AFTER: Duration = Duration::from_millis(HEALTH_INTERVAL.as_millis() as u64 * 3 / 2);
+const OVERDUE_RECHECK: Duration = Duration::from_millis(100);
 
 /// What the link needs to know about its instance.
 #[derive(Debug)]
@@ -231,6 +232,9 @@ async fn session(
     let quiet = sleep_until(last_frame + SILENT_AFTER);
     tokio::pin!(quiet);
     let mut silent = false;
+    // Found overdue once: looked at again a moment later, so that frames already waiting in the
+    // socket (this task did not run: the agent was stopped or starved) are read first.
+    let mut overdue = false;
     let closed = |reason: String| Outcome::Closed {
         handshake_done: true,
         reason,
@@ -292,8 +296,13 @@ async fn session(
             () = &mut quiet, if !silent => {
                 let due = last_frame + SILENT_AFTER;
                 if due > Instant::now() {
+                    overdue = false;
                     quiet.as_mut().reset(due);
+                } else if !overdue {
+                    overdue = true;
+                    quiet.as_mut().reset(Instant::now() + OVERDUE_RECHECK);
                 } else {
+                    overdue = false;
                     silent = true;
                     let reason = format!(
                         "the game has sent nothing on its Arcus link for {:.1} s (it must send a health frame every {} s): it is not offered for allocation until it sends again",

@@ -1207,6 +1207,52 @@ async fn a_frozen_game_is_not_allocated_until_it_sends_again() {
     assert_eq!(allocated["status"], 5, "{allocated}");
 }
 
+/// An agent that did not run for longer than a game may be silent (stopped, its VM paused,
+/// starved of CPU) finds the game's frames waiting in the socket when it runs again: it reads
+/// them before it judges the game, so no game is called silent, nor taken out of the pool,
+/// for the agent's own pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_paused_past_the_silence_limit_does_not_call_its_games_silent() {
+    let agent = AgentProcess::start_new("paused-agent").await;
+    // Several links, each with its own chance to judge before it reads.
+    let ids: Vec<String> = (0..4).map(|n| new_id(&format!("p{n}"))).collect();
+    for id in &ids {
+        agent.deploy_sample(id, 0, 0).await;
+    }
+    let mut ports = Vec::new();
+    for id in &ids {
+        ports.push(port_of(&agent.wait_online(id).await));
+    }
+    let pid = agent.pid().expect("the agent runs");
+    signal(pid, Signal::SIGSTOP).expect("SIGSTOP the agent");
+    // The fault itself: a pause longer than the 7.5 s a linked game may go without a frame.
+    tokio::time::sleep(Duration::from_millis(8_500)).await;
+    signal(pid, Signal::SIGCONT).expect("SIGCONT the agent");
+    for (id, port) in ids.iter().zip(&ports) {
+        // Sent on the same link after the pause: once the game has it, its link task has run.
+        agent
+            .post(
+                &format!("/v1/instances/{id}/metadata"),
+                &json!({"metadata": kv(&[("after", "pause")])}),
+            )
+            .await
+            .expect(200);
+        wait_game_info(*port, "the metadata sent after the pause", |i| {
+            i["metadata"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|kv| kv["key"] == "after"))
+        })
+        .await;
+        let i = agent.instance(id).await;
+        assert_eq!(i["arcusConnected"], true, "{i}");
+        assert!(
+            log_records(&agent, "the game does not answer", id).is_empty(),
+            "{}",
+            agent.log()
+        );
+    }
+}
+
 /// ARCUS.md §6: never more than `MAX_BURST` frames to a game that has not answered. A game
 /// that reports 4 and then stays silent gets the first `MAX_BURST` commands at once, and the
 /// rest only after the link's pause (50 ms).
