@@ -305,9 +305,10 @@ pub struct Unrecorded {
     pub remains: Vec<(String, u32)>,
 }
 
-/// Visits every process whose environment names an instance (`BERTH_INSTANCE_ID`): its pid,
-/// stat, instance id and whole environment. One pass over `/proc`.
-fn scan_games(mut visit: impl FnMut(u32, &Stat, &str, &[u8])) {
+/// Visits every process that `wanted` keeps by its stat and whose environment names an
+/// instance (`BERTH_INSTANCE_ID`): its pid, stat, instance id and whole environment. One pass
+/// over `/proc`; an environment is read only for a process `wanted` keeps.
+fn scan_games(wanted: impl Fn(u32, &Stat) -> bool, mut visit: impl FnMut(u32, &Stat, &str, &[u8])) {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -319,7 +320,9 @@ fn scan_games(mut visit: impl FnMut(u32, &Stat, &str, &[u8])) {
         else {
             continue;
         };
-        let Some(s) = stat(pid) else { continue };
+        let Some(s) = stat(pid).filter(|s| wanted(pid, s)) else {
+            continue;
+        };
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
@@ -351,33 +354,36 @@ pub fn find_unrecorded(ids: &std::collections::HashSet<&str>) -> Unrecorded {
     if ids.is_empty() {
         return found;
     }
-    scan_games(|pid, s, id, _| {
-        if !ids.contains(id) {
-            return;
-        }
-        if s.session != pid {
-            // Its session's leader (the game that started it) is gone, not merely elsewhere;
-            // a leader not yet reaped by whoever inherited it is gone too.
-            let leader = stat(s.session);
-            if leader.is_none_or(|l| l.session != s.session || matches!(l.state, 'Z' | 'X')) {
-                found.remains.push((id.to_owned(), pid));
+    scan_games(
+        |_, _| true,
+        |pid, s, id, _| {
+            if !ids.contains(id) {
+                return;
             }
-            return;
-        }
-        // Started in the same clock tick (10 ms): the lower pid, as pids are handed out
-        // in order.
-        if found
-            .games
-            .get(id)
-            .is_some_and(|p| (p.start_time, p.pid) <= (s.start_time, pid))
-        {
-            return;
-        }
-        // `adopt` refuses a process that has ended (a zombie).
-        if let Some(p) = adopt(pid, s.start_time) {
-            found.games.insert(id.to_owned(), p);
-        }
-    });
+            if s.session != pid {
+                // Its session's leader (the game that started it) is gone, not merely elsewhere;
+                // a leader not yet reaped by whoever inherited it is gone too.
+                let leader = stat(s.session);
+                if leader.is_none_or(|l| l.session != s.session || matches!(l.state, 'Z' | 'X')) {
+                    found.remains.push((id.to_owned(), pid));
+                }
+                return;
+            }
+            // Started in the same clock tick (10 ms): the lower pid, as pids are handed out
+            // in order.
+            if found
+                .games
+                .get(id)
+                .is_some_and(|p| (p.start_time, p.pid) <= (s.start_time, pid))
+            {
+                return;
+            }
+            // `adopt` refuses a process that has ended (a zombie).
+            if let Some(p) = adopt(pid, s.start_time) {
+                found.games.insert(id.to_owned(), p);
+            }
+        },
+    );
     found
 }
 
@@ -402,8 +408,9 @@ pub struct Orphan {
 pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Orphan> {
     use std::os::unix::fs::MetadataExt;
     let mut found: HashMap<String, (u64, u32, String, u16, u16)> = HashMap::new();
-    scan_games(|pid, s, id, environ| {
-        if s.session != pid || known.contains(id) || matches!(s.state, 'Z' | 'X') {
+    let leader = |pid: u32, s: &Stat| s.session == pid && !matches!(s.state, 'Z' | 'X');
+    scan_games(leader, |pid, s, id, environ| {
+        if known.contains(id) {
             return;
         }
         let port = |key| env_value(environ, key).and_then(|p| p.parse::<u16>().ok());
@@ -469,11 +476,17 @@ pub fn kill_leavers(ended: &[Ended]) -> Vec<(String, u32)> {
     if ended.is_empty() {
         return killed;
     }
-    scan_games(|pid, s, id, _| {
+    let during = |_: u32, s: &Stat| {
+        !matches!(s.state, 'Z' | 'X')
+            && ended
+                .iter()
+                .any(|e| (e.started..=e.by).contains(&s.start_time))
+    };
+    scan_games(during, |pid, s, id, _| {
         let left = ended
             .iter()
             .any(|e| e.id == id && (e.started..=e.by).contains(&s.start_time));
-        if left && !matches!(s.state, 'Z' | 'X') {
+        if left {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             killed.push((id.to_owned(), pid));
         }
