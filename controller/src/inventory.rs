@@ -2017,6 +2017,30 @@ impl Inventory {
         // registered the host before is no longer there (its state was lost or reinstalled,
         // and it restarted). It takes the host over at once, with the games it adopted.
         let existing = self.hosts.values().find(|h| h.rec.name == req.host_name);
+        // An agent renamed onto the name of another host would take that host over and leave
+        // its own behind: its games reported under a host they are not attributed to (and so
+        // ignored), the other host's removed, and a second set deployed beside its games.
+        // Names are unique, so it must wait for the name to be free.
+        if let Some(h) = existing
+            && h.rec.agent_token != req.agent_token
+            && let Some(own) = self
+                .hosts
+                .values()
+                .find(|o| o.rec.agent_token == req.agent_token)
+        {
+            return Err(invalid(format!(
+                "this agent is host {} ({:?}), and hostName {:?} is host {}, another machine's ({}, heard from {} ms ago); two hosts cannot share a name. Give this agent back its name in agent.toml, or, if host {} is gone for good, delete it (berthctl hosts delete {}) and this agent is accepted as host {} under the new name",
+                own.rec.id,
+                own.rec.name,
+                req.host_name,
+                h.rec.id,
+                h.rec.advertise_url,
+                h.last_heartbeat.elapsed().as_millis(),
+                h.rec.id,
+                h.rec.id,
+                own.rec.id,
+            )));
+        }
         let same_address = existing
             .is_some_and(|h| h.rec.advertise_url == req.advertise_url.trim_end_matches('/'));
         if let Some(h) = existing

@@ -1543,6 +1543,61 @@ async fn a_renamed_agent_keeps_its_host_and_its_games() {
     assert!(listed.iter().all(|i| host_of(i) == 1), "{listed:?}");
 }
 
+/// An agent renamed onto the name of another host (a typo, a hostname reused) would take that
+/// host over and leave its own behind, with its games: it is refused, saying which host holds
+/// the name and what to do. Once that host is deleted, it is accepted as its own host under the
+/// new name, with its games and their match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renamed_onto_another_hosts_name_waits_for_the_name() {
+    let c = ControllerProcess::start_new("ctl-name-clash").await;
+    c.sample_fleet(7, 456, 1, 0, &[]).await;
+    let mut mover = c.spawn_agent("ctl-name-clash", "mover").await;
+    c.wait_online(7, 1).await;
+    let held = c.allocate_ok(7, "").await;
+    let mut gone = c.spawn_agent("ctl-name-clash", "taken").await;
+    c.wait_host("taken", "registered", |h| h["id"] == 2).await;
+    gone.kill9();
+    c.wait_host("taken", "silent", |h| h["reachable"] == false)
+        .await;
+
+    mover.kill9();
+    mover.rename("taken");
+    mover.start().await;
+    let refusal = wait_for("the refusal", TIMEOUT, async || {
+        let log = mover.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("cannot register") && l.contains("two hosts cannot share a name"))
+            .map(str::to_owned);
+        line.ok_or(())
+    })
+    .await;
+    assert!(
+        refusal.contains("berthctl hosts delete 2") && refusal.contains("this agent is host 1"),
+        "{refusal}"
+    );
+    let hosts = c.hosts().await;
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    assert_eq!(
+        hosts[1]["name"], "taken",
+        "host 2 keeps its name: {hosts:?}"
+    );
+
+    c.admin(Method::DELETE, "/v1/hosts/2", None)
+        .await
+        .expect(200);
+    let renamed = c
+        .wait_host("taken", "host 1 under the new name", |h| {
+            h["id"] == 1 && h["reachable"] == true
+        })
+        .await;
+    assert_eq!(renamed["instances"], 1, "{renamed}");
+    let kept = c.instance(&id_of(&held)).await;
+    assert_eq!(kept["allocationId"], held["allocationId"], "{kept}");
+    assert_eq!(pid_of(&kept), pid_of(&held), "the same game: {kept}");
+    assert_eq!(c.hosts().await.len(), 1);
+}
+
 /// An agent whose `state_dir` is wiped while its games run (a reinstall, a corrupt state file
 /// moved away) comes back with a new agent token, takes its host over once the old
 /// registration has gone silent, and brings its running games with it: the same instances,
