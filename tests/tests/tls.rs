@@ -319,29 +319,23 @@ async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
     // The fixtures' notAfter: 2126-10-31T13:36:21Z.
     assert_eq!(expiry, Some(4_949_127_381.0), "{}", m.text);
 
-    // 2. Each daemon moves to a certificate from the new CA.
+    // 2. Each daemon moves to a certificate from the new CA. Allocation works across the
+    // kept-alive link, which the controller opened with its certificate from the old CA.
     a.replace_tls("rogue", &["ca", "rogue-ca"]);
     assert!(a.hangup().await.contains("reloaded"));
+    allocate_and_release(&c).await;
     c.replace_tls("rogue", &["ca", "rogue-ca"]);
     assert!(c.hangup().await.contains("reloaded"));
     assert_eq!(reaches(&trusts_new, &agent_healthz).await, Ok(200));
     assert_eq!(reaches(&trusts_new, &controller_healthz).await, Ok(200));
-    // Allocation still works across the kept-alive links.
-    allocate_and_release(&c).await;
 
-    // 3. The old CA is dropped: its certificates are refused from then on.
+    // 3. The old CA is dropped: its certificates are refused from then on. The controller's
+    // kept-alive link to the agent (used a moment ago; a link idle for 5 s is dropped) was
+    // opened with a certificate from the old CA: the agent refuses the next call on it and
+    // closes it, and the controller sends the call again on a new connection, showing its new
+    // certificate. No call fails.
     a.replace_tls("rogue", &["rogue-ca"]);
     assert!(a.hangup().await.contains("reloaded"));
-    c.replace_tls("rogue", &["rogue-ca"]);
-    assert!(c.hangup().await.contains("reloaded"));
-    refused_for(&shows_old, &agent_healthz, "UnknownCA").await;
-    c.set_http(shows_new.clone());
-    reaches(&shows_old, &heartbeat)
-        .await
-        .expect_err("the old CA is gone from the controller too");
-    // The controller's kept-alive link to the agent was opened with a certificate from the
-    // old CA: the agent refuses the next call on it and closes it, and the controller sends
-    // the call again on a new connection, showing its new certificate. No call fails.
     let mark = a.log().len();
     allocate_and_release(&c).await;
     let since = &a.log()[mark..];
@@ -349,6 +343,13 @@ async fn certificates_and_cas_rotate_on_sighup_without_a_restart() {
         since.contains("AGENT_UNAUTHENTICATED") && since.contains("reloaded its [tls] files"),
         "the agent did not refuse the link opened with the old certificate:\n{since}"
     );
+    c.replace_tls("rogue", &["rogue-ca"]);
+    assert!(c.hangup().await.contains("reloaded"));
+    refused_for(&shows_old, &agent_healthz, "UnknownCA").await;
+    c.set_http(shows_new.clone());
+    reaches(&shows_old, &heartbeat)
+        .await
+        .expect_err("the old CA is gone from the controller too");
 
     // The agent was never restarted: its client side must now show the new certificate. A
     // controller restarted on the new files (trusting only the new CA) hears from it again
