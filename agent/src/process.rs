@@ -407,6 +407,7 @@ pub struct Orphan {
 /// only.
 pub fn find_orphans(known: &std::collections::HashSet<&str>, uid: u32) -> Vec<Orphan> {
     use std::os::unix::fs::MetadataExt;
+    // By instance id: the candidate's start time, with what the orphan will hold.
     let mut found: HashMap<String, (u64, u32, String, u16, u16)> = HashMap::new();
     let leader = |pid: u32, s: &Stat| s.session == pid && !matches!(s.state, 'Z' | 'X');
     scan_games(leader, |pid, s, id, environ| {
@@ -466,29 +467,20 @@ pub struct Ended {
     pub by: u64,
 }
 
-/// Kills what ended games left outside their process group, which [`kill_group_remains`]
-/// misses: processes with a game's instance id that started during its run and left its
-/// session (`setsid`, a daemon's double fork), holding its ports and files against the
-/// restart. A process that started after the end seen is a restart's, and is left. One pass
-/// over `/proc`; returns the pids killed, with their instance.
-pub fn kill_leavers(ended: &[Ended]) -> Vec<(String, u32)> {
+/// Kills what an ended game left outside its process group, which [`kill_group_remains`]
+/// misses: processes with its instance id that started during its run and left its session
+/// (`setsid`, a daemon's double fork), holding its ports and files against the restart. A
+/// process that started after the end seen is a restart's, and is left. One pass over
+/// `/proc`; returns the pids killed.
+pub fn kill_leavers(ended: &Ended) -> Vec<u32> {
     let mut killed = Vec::new();
-    if ended.is_empty() {
-        return killed;
-    }
     let during = |_: u32, s: &Stat| {
-        !matches!(s.state, 'Z' | 'X')
-            && ended
-                .iter()
-                .any(|e| (e.started..=e.by).contains(&s.start_time))
+        !matches!(s.state, 'Z' | 'X') && (ended.started..=ended.by).contains(&s.start_time)
     };
-    scan_games(during, |pid, s, id, _| {
-        let left = ended
-            .iter()
-            .any(|e| e.id == id && (e.started..=e.by).contains(&s.start_time));
-        if left {
+    scan_games(during, |pid, _, id, _| {
+        if id == ended.id {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            killed.push((id.to_owned(), pid));
+            killed.push(pid);
         }
     });
     killed

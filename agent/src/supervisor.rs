@@ -1425,14 +1425,14 @@ impl Supervisor {
             // A pass over /proc, off this task; the restart comes 250 ms or more later, and
             // a process started after `by` is left.
             if let Some(by) = process::now_ticks() {
-                let ended = [process::Ended {
+                let ended = process::Ended {
                     id: id.to_owned(),
                     started: inst.start_time,
                     by,
-                }];
+                };
                 tokio::task::spawn_blocking(move || {
-                    for (instance_id, pid) in process::kill_leavers(&ended) {
-                        tracing::warn!(%instance_id, pid, "killed a process the game had started outside its process group (setsid); it would have outlived the game");
+                    for pid in process::kill_leavers(&ended) {
+                        tracing::warn!(instance_id = %ended.id, pid, "killed a process the game had started outside its process group (setsid); it would have outlived the game");
                     }
                 });
             }

@@ -466,8 +466,7 @@ impl Host {
 /// matchmaker the call's timeout) until a probe gets an answer.
 #[derive(Debug)]
 struct NotAnswering {
-    /// When the first call failed (Unix seconds, for listings).
-    since: u64,
+    /// When the first call failed.
     started: Instant,
     error: String,
     next_probe: Instant,
@@ -1312,7 +1311,10 @@ impl Inventory {
             instances: counts.iter().sum(),
             instances_by_status: by_status,
             agent_error: h.not_answering.as_ref().map(|n| n.error.clone()),
-            agent_error_since: h.not_answering.as_ref().map(|n| rfc3339(n.since)),
+            agent_error_since: h
+                .not_answering
+                .as_ref()
+                .map(|n| rfc3339(unix_now().saturating_sub(n.started.elapsed().as_secs()))),
         }
     }
 
@@ -2860,7 +2862,6 @@ impl Inventory {
         tracing::warn!(host_id, host_name = %h.rec.name, error, "the controller cannot call this host's agent; its instances are not allocated until a probe gets an answer");
         let now = Instant::now();
         h.not_answering = Some(Box::new(NotAnswering {
-            since: unix_now(),
             started: now,
             error: error.to_owned(),
             next_probe: now + PROBE_FIRST,

@@ -2633,11 +2633,23 @@ pub async fn wait_game_info(port: u16, desc: &str, pred: impl Fn(&Value) -> bool
 // ---------------------------------------------------------------------------------------------
 // Processes
 
+/// The fields of `/proc/<pid>/stat` after the command's name (state, ppid, process group,
+/// session, …), if the pid exists. The name (field 2) may hold spaces and parentheses; the
+/// rest follows the last ')'.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The state letter of `/proc/<pid>/stat` (`R`, `S`, `Z`, …), if the pid exists.
 pub fn process_state(pid: u32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name (field 2) may hold spaces and parentheses; the state follows the last ')'.
-    text[text.rfind(')')? + 1..].trim_start().chars().next()
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The session a process belongs to, if the pid exists.
+pub fn session_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(3)?.parse().ok()
 }
 
 /// Whether `pid` is a live process (a zombie is dead, only not yet reaped).
@@ -2707,15 +2719,7 @@ pub fn count_instance_processes(instance_id: &str) -> usize {
 pub fn children_of(parent: u32) -> Vec<u32> {
     all_pids()
         .into_iter()
-        .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|t| {
-                    let rest = &t[t.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
+        .filter(|&pid| stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent))
         .filter(|&pid| pid_alive(pid))
         .collect()
 }

@@ -932,16 +932,9 @@ async fn a_helper_that_left_the_games_session_goes_with_the_game() {
     let before = agent.wait_online(&id).await;
     let helper = wait_for("the helper in a session of its own", TIMEOUT, async || {
         let pid = *berth_e2e::pids_with_arg(&marker).first().ok_or(())?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(drop)?;
-        // After the command's closing parenthesis: state, ppid, process group, session.
-        let after = stat.rsplit_once(')').ok_or(())?.1;
-        let session: u32 = after
-            .split_whitespace()
-            .nth(3)
-            .ok_or(())?
-            .parse()
-            .map_err(drop)?;
-        (session == pid).then_some(pid).ok_or(())
+        (berth_e2e::session_of(pid) == Some(pid))
+            .then_some(pid)
+            .ok_or(())
     })
     .await;
 
